@@ -1,0 +1,155 @@
+//! Turns envelope calls (`op`, request JSON) into typed trait calls and back, catching panics.
+//! The exported plugin and the test kit both go through here, so a vendor's tests exercise what
+//! really crosses the boundary.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+
+use crate::host::{HostBackend, HostServices, panic_message, with_current};
+use crate::manifest::{API_VERSION, Manifest};
+use crate::protocol::{ErrorKind, Operation, PROTOCOL_VERSION, ProviderError};
+use crate::provider::{PaymentProvider, ProviderContext};
+
+/// Protocol versions this SDK can serve.
+pub const SUPPORTED_PROTOCOLS: &[u32] = &[PROTOCOL_VERSION];
+
+/// What the host sends to instantiate a provider (JSON over the envelope).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceConfig {
+    /// The operator's id for this instance.
+    pub instance_id: String,
+    /// The negotiated protocol version.
+    pub protocol: u32,
+    /// The `[providers.<id>.options]` table, as JSON.
+    #[serde(default)]
+    pub options: Value,
+    /// The config file's folder.
+    #[serde(default)]
+    pub config_dir: String,
+    /// The most verbose level the host wants forwarded (`info`, `debug`, …).
+    #[serde(default)]
+    pub log_level: String,
+}
+
+/// A live provider with the host services it was given.
+pub(crate) struct Instance<P> {
+    provider: P,
+    host: HostServices,
+}
+
+/// The plugin's manifest with the SDK-owned fields made truthful.
+pub(crate) fn manifest<P: PaymentProvider>() -> Result<Manifest, ProviderError> {
+    let mut manifest = catch_unwind(P::manifest).map_err(panicked)?;
+    manifest.api_version = API_VERSION.to_owned();
+    manifest.protocols = SUPPORTED_PROTOCOLS.to_vec();
+    Ok(manifest)
+}
+
+/// Builds an instance from the host's [`InstanceConfig`] JSON.
+pub(crate) fn instantiate<P: PaymentProvider>(
+    config: &InstanceConfig,
+    backend: Arc<dyn HostBackend>,
+) -> Result<Instance<P>, ProviderError> {
+    if !SUPPORTED_PROTOCOLS.contains(&config.protocol) {
+        return Err(ProviderError::invalid_request(format!(
+            "protocol version {} is not served by this plugin (it serves {:?})",
+            config.protocol, SUPPORTED_PROTOCOLS
+        )));
+    }
+    let host = HostServices::new(backend);
+    let options: P::Options = deserialize_at("options", config.options.clone())
+        .map_err(|e| ProviderError { kind: ErrorKind::InvalidOptions, ..e })?;
+    let ctx = ProviderContext {
+        instance_id: config.instance_id.clone(),
+        protocol: config.protocol,
+        config_dir: PathBuf::from(&config.config_dir),
+        host: host.clone(),
+    };
+    let provider = with_current(&host, || {
+        catch_unwind(AssertUnwindSafe(|| P::new(options, ctx))).map_err(panicked)
+    })??;
+    Ok(Instance { provider, host })
+}
+
+/// Serves one envelope call.
+pub(crate) fn dispatch<P: PaymentProvider>(
+    instance: &Instance<P>,
+    op: &str,
+    request: &str,
+) -> Result<String, ProviderError> {
+    with_current(&instance.host, || {
+        catch_unwind(AssertUnwindSafe(|| {
+            dispatch_unguarded(&instance.provider, op, request)
+        }))
+        .map_err(panicked)?
+    })
+}
+
+fn dispatch_unguarded<P: PaymentProvider>(
+    p: &P,
+    op: &str,
+    request: &str,
+) -> Result<String, ProviderError> {
+    if let Some(name) = op.strip_prefix("x.") {
+        let payload: Value = parse_request(request)?;
+        return to_json(&p.custom(name, payload)?);
+    }
+    let Some(operation) = Operation::from_wire(op) else {
+        return Err(ProviderError::unsupported(op));
+    };
+    match operation {
+        Operation::Initiate => to_json(&p.initiate(parse_request(request)?)?),
+        Operation::Update => to_json(&p.update(parse_request(request)?)?),
+        Operation::Authorize => to_json(&p.authorize(parse_request(request)?)?),
+        Operation::Capture => to_json(&p.capture(parse_request(request)?)?),
+        Operation::Refund => to_json(&p.refund(parse_request(request)?)?),
+        Operation::Cancel => to_json(&p.cancel(parse_request(request)?)?),
+        Operation::Delete => to_json(&p.delete(parse_request(request)?)?),
+        Operation::Retrieve => to_json(&p.retrieve(parse_request(request)?)?),
+        Operation::ParseWebhook => to_json(&p.parse_webhook(parse_request(request)?)?),
+    }
+}
+
+fn parse_request<T: DeserializeOwned>(request: &str) -> Result<T, ProviderError> {
+    let mut de = serde_json::Deserializer::from_str(request);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        ProviderError::invalid_request(format!("request: {}", e.inner())).param(path)
+    })?;
+    Ok(value)
+}
+
+/// Deserializes `value`, naming the failing key's path under `root` (`options.api_key`).
+pub(crate) fn deserialize_at<'de, T, D>(root: &str, value: D) -> Result<T, ProviderError>
+where
+    T: DeserializeOwned,
+    D: Deserializer<'de, Error = serde_json::Error>,
+{
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let param = if path == "." || path.is_empty() {
+            root.to_owned()
+        } else {
+            format!("{root}.{path}")
+        };
+        ProviderError::invalid_options(format!("{param}: {}", e.inner())).param(param)
+    })
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<String, ProviderError> {
+    serde_json::to_string(value)
+        .map_err(|e| ProviderError::internal(format!("could not serialize the response: {e}")))
+}
+
+fn panicked(payload: Box<dyn std::any::Any + Send>) -> ProviderError {
+    ProviderError::new(
+        ErrorKind::Panic,
+        format!("provider panicked: {}", panic_message(&*payload)),
+    )
+}

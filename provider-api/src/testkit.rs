@@ -1,0 +1,342 @@
+//! Test kit for vendors: run a provider in-process through the same JSON envelope, panic guard and
+//! options check the host uses, with a host whose clock you control and whose logs you can read.
+//!
+//! ```
+//! use payhost_provider_api::testkit::TestHost;
+//! # use payhost_provider_api::*;
+//! # struct Free;
+//! # impl PaymentProvider for Free {
+//! #     type Options = serde_json::Value;
+//! #     fn manifest() -> Manifest { Manifest::new("free", "Free", "1.0.0") }
+//! #     fn new(_: serde_json::Value, _: ProviderContext) -> Result<Self, ProviderError> { Ok(Free) }
+//! #     fn initiate(&self, _: InitiateRequest) -> Result<ProviderResponse, ProviderError> { Ok(ProviderResponse::processed()) }
+//! #     fn authorize(&self, _: AuthorizeRequest) -> Result<ProviderResponse, ProviderError> { Ok(ProviderResponse::processed()) }
+//! #     fn capture(&self, _: CaptureRequest) -> Result<ProviderResponse, ProviderError> { Ok(ProviderResponse::processed()) }
+//! #     fn refund(&self, _: RefundRequest) -> Result<ProviderResponse, ProviderError> { Ok(ProviderResponse::processed()) }
+//! #     fn cancel(&self, _: CancelRequest) -> Result<ProviderResponse, ProviderError> { Ok(ProviderResponse::processed()) }
+//! #     fn retrieve(&self, _: RetrieveRequest) -> Result<RetrieveResponse, ProviderError> { unimplemented!() }
+//! # }
+//! let host = TestHost::new();
+//! let provider = host.instantiate::<Free>(serde_json::json!({})).unwrap();
+//! let answer = provider.authorize(&TestHost::authorize_request("ps_1", 1000, "eur")).unwrap();
+//! assert_eq!(answer.outcome, Outcome::Processed);
+//! payhost_provider_api::testkit::check_conformance::<Free>(&host, serde_json::json!({})).unwrap();
+//! ```
+
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::dispatch::{self, Instance, InstanceConfig};
+use crate::host::{HostBackend, LogRecord, ops, system_now_unix_ms};
+use crate::manifest::Manifest;
+use crate::protocol::*;
+use crate::provider::PaymentProvider;
+
+/// A host for tests: records log records, and has a clock that stands still unless advanced.
+#[derive(Clone)]
+pub struct TestHost {
+    inner: Arc<TestBackend>,
+}
+
+struct TestBackend {
+    clock_ms: AtomicI64,
+    logs: Mutex<Vec<LogRecord>>,
+}
+
+impl HostBackend for TestBackend {
+    fn call(&self, op: &str, request: &str) -> Result<String, String> {
+        match op {
+            ops::CLOCK_NOW => Ok(format!(
+                "{{\"unix_ms\":{}}}",
+                self.clock_ms.load(Ordering::SeqCst)
+            )),
+            ops::LOG => {
+                let record: LogRecord = serde_json::from_str(request).map_err(|e| e.to_string())?;
+                self.logs.lock().unwrap_or_else(|e| e.into_inner()).push(record);
+                Ok("null".into())
+            }
+            other => Err(format!("unsupported host service `{other}`")),
+        }
+    }
+}
+
+impl Default for TestHost {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestHost {
+    /// A host whose clock reads the current time and then stands still.
+    pub fn new() -> Self {
+        TestHost {
+            inner: Arc::new(TestBackend {
+                clock_ms: AtomicI64::new(system_now_unix_ms()),
+                logs: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// Moves the clock forward.
+    pub fn advance_ms(&self, ms: i64) {
+        self.inner.clock_ms.fetch_add(ms, Ordering::SeqCst);
+    }
+
+    /// The clock's reading.
+    pub fn now_unix_ms(&self) -> i64 {
+        self.inner.clock_ms.load(Ordering::SeqCst)
+    }
+
+    /// Every record logged so far through [`crate::HostServices::log`].
+    pub fn logs(&self) -> Vec<LogRecord> {
+        self.inner
+            .logs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Instantiates `P` with these options as the host would (instance id `test`, config folder
+    /// the current directory). `Err` is what the operator would see at load.
+    pub fn instantiate<P: PaymentProvider>(
+        &self,
+        options: Value,
+    ) -> Result<TestProvider<P>, ProviderError> {
+        self.instantiate_as::<P>("test", options)
+    }
+
+    /// Like [`TestHost::instantiate`], with an instance id of your choice.
+    pub fn instantiate_as<P: PaymentProvider>(
+        &self,
+        instance_id: &str,
+        options: Value,
+    ) -> Result<TestProvider<P>, ProviderError> {
+        let config = InstanceConfig {
+            instance_id: instance_id.to_owned(),
+            protocol: PROTOCOL_VERSION,
+            options,
+            config_dir: std::env::current_dir()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
+            log_level: "trace".into(),
+        };
+        let instance = dispatch::instantiate::<P>(&config, self.inner.clone())?;
+        Ok(TestProvider {
+            instance,
+            _p: PhantomData,
+        })
+    }
+
+    /// An initiate request with fresh ids.
+    pub fn initiate_request(session_id: &str, amount: i64, currency: &str) -> InitiateRequest {
+        InitiateRequest {
+            session_id: session_id.into(),
+            idempotency_key: fresh_key("init"),
+            amount,
+            currency_code: currency.into(),
+            context: Value::Null,
+            data: Value::Null,
+            deadline_unix_ms: None,
+        }
+    }
+
+    /// An authorize request with a fresh idempotency key.
+    pub fn authorize_request(session_id: &str, amount: i64, currency: &str) -> AuthorizeRequest {
+        AuthorizeRequest {
+            session_id: session_id.into(),
+            idempotency_key: fresh_key("auth"),
+            amount,
+            currency_code: currency.into(),
+            context: Value::Null,
+            data: Value::Null,
+            deadline_unix_ms: None,
+        }
+    }
+
+    /// A capture request with a fresh idempotency key.
+    pub fn capture_request(session_id: &str, amount: i64, currency: &str) -> CaptureRequest {
+        CaptureRequest {
+            session_id: session_id.into(),
+            payment_id: format!("pay_{session_id}"),
+            idempotency_key: fresh_key("capt"),
+            amount,
+            currency_code: currency.into(),
+            data: Value::Null,
+            deadline_unix_ms: None,
+        }
+    }
+
+    /// A refund request with a fresh idempotency key.
+    pub fn refund_request(session_id: &str, amount: i64, currency: &str) -> RefundRequest {
+        RefundRequest {
+            session_id: session_id.into(),
+            payment_id: format!("pay_{session_id}"),
+            idempotency_key: fresh_key("ref"),
+            amount,
+            currency_code: currency.into(),
+            data: Value::Null,
+            reason: None,
+            deadline_unix_ms: None,
+        }
+    }
+
+    /// A cancel request with a fresh idempotency key.
+    pub fn cancel_request(session_id: &str, amount: i64, currency: &str) -> CancelRequest {
+        CancelRequest {
+            session_id: session_id.into(),
+            payment_id: None,
+            idempotency_key: fresh_key("cancel"),
+            amount,
+            currency_code: currency.into(),
+            data: Value::Null,
+            deadline_unix_ms: None,
+        }
+    }
+
+    /// A retrieve request, asking about `attempt` when given.
+    pub fn retrieve_request(
+        session_id: &str,
+        amount: i64,
+        currency: &str,
+        attempt: Option<AttemptRef>,
+    ) -> RetrieveRequest {
+        RetrieveRequest {
+            session_id: session_id.into(),
+            payment_id: None,
+            idempotency_key: fresh_key("retr"),
+            amount,
+            currency_code: currency.into(),
+            data: Value::Null,
+            attempt,
+            deadline_unix_ms: None,
+        }
+    }
+}
+
+fn fresh_key(prefix: &str) -> String {
+    static COUNTER: AtomicI64 = AtomicI64::new(0);
+    format!(
+        "test_{prefix}_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// A provider instance under test. Every call is serialized to JSON and back, exactly as across
+/// the real boundary, so a type that does not round-trip fails here first.
+pub struct TestProvider<P> {
+    instance: Instance<P>,
+    _p: PhantomData<fn() -> P>,
+}
+
+impl<P: PaymentProvider> TestProvider<P> {
+    /// Calls an operation by wire name with a raw JSON request and returns raw JSON.
+    pub fn call_raw(&self, op: &str, request: &str) -> Result<String, ProviderError> {
+        dispatch::dispatch(&self.instance, op, request)
+    }
+
+    fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        op: Operation,
+        request: &Req,
+    ) -> Result<Resp, ProviderError> {
+        let json = serde_json::to_string(request)
+            .map_err(|e| ProviderError::internal(format!("request did not serialize: {e}")))?;
+        let answer = self.call_raw(op.as_str(), &json)?;
+        serde_json::from_str(&answer).map_err(|e| {
+            ProviderError::internal(format!("the {op} response does not read back: {e}"))
+        })
+    }
+
+    /// Initiates.
+    pub fn initiate(&self, r: &InitiateRequest) -> Result<ProviderResponse, ProviderError> {
+        self.call(Operation::Initiate, r)
+    }
+    /// Updates.
+    pub fn update(&self, r: &UpdateRequest) -> Result<ProviderResponse, ProviderError> {
+        self.call(Operation::Update, r)
+    }
+    /// Authorizes.
+    pub fn authorize(&self, r: &AuthorizeRequest) -> Result<ProviderResponse, ProviderError> {
+        self.call(Operation::Authorize, r)
+    }
+    /// Captures.
+    pub fn capture(&self, r: &CaptureRequest) -> Result<ProviderResponse, ProviderError> {
+        self.call(Operation::Capture, r)
+    }
+    /// Refunds.
+    pub fn refund(&self, r: &RefundRequest) -> Result<ProviderResponse, ProviderError> {
+        self.call(Operation::Refund, r)
+    }
+    /// Cancels.
+    pub fn cancel(&self, r: &CancelRequest) -> Result<ProviderResponse, ProviderError> {
+        self.call(Operation::Cancel, r)
+    }
+    /// Deletes.
+    pub fn delete(&self, r: &DeleteRequest) -> Result<ProviderResponse, ProviderError> {
+        self.call(Operation::Delete, r)
+    }
+    /// Retrieves.
+    pub fn retrieve(&self, r: &RetrieveRequest) -> Result<RetrieveResponse, ProviderError> {
+        self.call(Operation::Retrieve, r)
+    }
+    /// Parses a webhook.
+    pub fn parse_webhook(&self, r: &WebhookRequest) -> Result<WebhookEvent, ProviderError> {
+        self.call(Operation::ParseWebhook, r)
+    }
+    /// Calls a custom `x.<name>` operation.
+    pub fn custom(&self, name: &str, payload: &Value) -> Result<Value, ProviderError> {
+        let answer = self.call_raw(&format!("x.{name}"), &payload.to_string())?;
+        serde_json::from_str(&answer)
+            .map_err(|e| ProviderError::internal(format!("x.{name} answered bad JSON: {e}")))
+    }
+}
+
+/// Checks what every provider must do to be loaded and driven by payhost: a valid manifest, a
+/// clean instantiation with `options`, `unsupported` for unknown operations, `invalid_request`
+/// naming the field for malformed requests, and answers that survive the JSON round trip.
+/// `Err` lists every failure found.
+pub fn check_conformance<P: PaymentProvider>(host: &TestHost, options: Value) -> Result<(), String> {
+    let mut failures = Vec::new();
+    match dispatch::manifest::<P>() {
+        Ok(m) => {
+            if let Err(e) = Manifest::validate(&m) {
+                failures.push(format!("manifest: {e}"));
+            }
+        }
+        Err(e) => failures.push(format!("manifest(): {e}")),
+    }
+    let provider = match host.instantiate::<P>(options) {
+        Ok(p) => p,
+        Err(e) => {
+            failures.push(format!("instantiate with the given options: {e}"));
+            return Err(failures.join("\n"));
+        }
+    };
+    match provider.call_raw("no_such_operation", "{}") {
+        Err(e) if e.kind == ErrorKind::Unsupported => {}
+        other => failures.push(format!(
+            "an unknown operation must answer `unsupported`, got {other:?}"
+        )),
+    }
+    match provider.call_raw("authorize", r#"{"session_id": 5}"#) {
+        Err(e) if e.kind == ErrorKind::InvalidRequest && e.param.is_some() => {}
+        other => failures.push(format!(
+            "a malformed authorize must answer `invalid_request` naming the field, got {other:?}"
+        )),
+    }
+    let init = TestHost::initiate_request("ps_conformance", 1000, "eur");
+    if let Err(e) = provider.initiate(&init) {
+        failures.push(format!("initiate of a plain 10.00 EUR payment failed: {e}"));
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("\n"))
+    }
+}
