@@ -122,9 +122,8 @@ fn install_forwarding(host: &HostServices, level: &str) {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let subscriber = ForwardingSubscriber::new(host.clone(), parse_level_filter(level));
-        let _ = tracing_core::dispatcher::set_global_default(tracing_core::Dispatch::new(
-            subscriber,
-        ));
+        let _ =
+            tracing_core::dispatcher::set_global_default(tracing_core::Dispatch::new(subscriber));
         let fallback = host.clone();
         std::panic::set_hook(Box::new(move |info| report_panic(&fallback, info)));
     });
@@ -154,9 +153,11 @@ impl HostBackend for RemoteHost {
 }
 
 fn error_json(e: &ProviderError) -> RString {
-    RString::from(serde_json::to_string(e).unwrap_or_else(|_| {
-        r#"{"kind":"internal","message":"unserializable error"}"#.to_owned()
-    }))
+    RString::from(
+        serde_json::to_string(e).unwrap_or_else(|_| {
+            r#"{"kind":"internal","message":"unserializable error"}"#.to_owned()
+        }),
+    )
 }
 
 /// Generates the exported root module of a provider plugin. Use it once, in the plugin crate
@@ -183,7 +184,9 @@ macro_rules! export_provider {
                 // SAFETY: the constructor builds a `PluginModuleRef`, the module type given here,
                 // and the layout is checked by the host at load.
                 unsafe {
-                    $crate::__private::LibHeader::from_constructor::<$crate::__private::PluginModuleRef>(
+                    $crate::__private::LibHeader::from_constructor::<
+                        $crate::__private::PluginModuleRef,
+                    >(
                         __payhost_erased_module,
                         $crate::__private::CheckTypeLayout::Yes,
                     )
@@ -228,9 +231,7 @@ pub fn open_plugin(path: &std::path::Path) -> Result<PluginModuleRef, OpenError>
         LibraryError::InvalidAbiHeader(h) => OpenError::Incompatible {
             plugin_version: "unknown".into(),
             host_version: host_version.clone(),
-            report: format!(
-                "it was built with an incompatible abi_stable (its header: {h:?})"
-            ),
+            report: format!("it was built with an incompatible abi_stable (its header: {h:?})"),
         },
         other => OpenError::NotAPlugin(other.to_string()),
     })?;

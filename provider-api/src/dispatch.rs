@@ -63,8 +63,11 @@ pub(crate) fn instantiate<P: PaymentProvider>(
         )));
     }
     let host = HostServices::new(backend);
-    let options: P::Options = deserialize_at("options", config.options.clone())
-        .map_err(|e| ProviderError { kind: ErrorKind::InvalidOptions, ..e })?;
+    let options: P::Options =
+        deserialize_at("options", config.options.clone()).map_err(|e| ProviderError {
+            kind: ErrorKind::InvalidOptions,
+            ..e
+        })?;
     let ctx = ProviderContext {
         instance_id: config.instance_id.clone(),
         protocol: config.protocol,

@@ -164,7 +164,8 @@ impl Visit for FieldCollector {
         if field.name() == "message" {
             self.message = text;
         } else {
-            self.fields.insert(field.name().to_owned(), Value::String(text));
+            self.fields
+                .insert(field.name().to_owned(), Value::String(text));
         }
     }
     fn record_str(&mut self, field: &Field, value: &str) {

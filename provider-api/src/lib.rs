@@ -91,6 +91,7 @@ pub mod envelope {
 pub mod __private {
     pub use crate::abi::{PluginModuleRef, root_module};
     pub use abi_stable::library::{
-        CheckTypeLayout, LibHeader, RootModuleResult, __call_root_module_loader as call_root_module_loader,
+        __call_root_module_loader as call_root_module_loader, CheckTypeLayout, LibHeader,
+        RootModuleResult,
     };
 }

@@ -141,8 +141,18 @@ mod tests {
 
     #[test]
     fn validation_names_the_bad_field() {
-        assert!(Manifest::new("Bad Id", "X", "1.0.0").validate().unwrap_err().contains("id"));
-        assert!(Manifest::new("ok", "X", "1.0").validate().unwrap_err().contains("version"));
+        assert!(
+            Manifest::new("Bad Id", "X", "1.0.0")
+                .validate()
+                .unwrap_err()
+                .contains("id")
+        );
+        assert!(
+            Manifest::new("ok", "X", "1.0")
+                .validate()
+                .unwrap_err()
+                .contains("version")
+        );
         assert!(Manifest::new("ok", "X", "1.0.0-beta.1").validate().is_ok());
     }
 

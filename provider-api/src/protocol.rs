@@ -85,6 +85,46 @@ impl std::fmt::Display for Operation {
     }
 }
 
+/// A request type: names its operation and its response, and carries the host's deadline.
+pub trait Request: Serialize + serde::de::DeserializeOwned {
+    /// The operation this request is for.
+    const OPERATION: Operation;
+    /// What the provider answers.
+    type Response: Serialize + serde::de::DeserializeOwned;
+    /// Sets when the host stops waiting (Unix milliseconds).
+    fn set_deadline(&mut self, deadline_unix_ms: i64);
+}
+
+macro_rules! request {
+    ($($req:ty => $op:ident, $resp:ty;)*) => {$(
+        impl Request for $req {
+            const OPERATION: Operation = Operation::$op;
+            type Response = $resp;
+            fn set_deadline(&mut self, deadline_unix_ms: i64) {
+                self.deadline_unix_ms = Some(deadline_unix_ms);
+            }
+        }
+    )*};
+}
+
+request! {
+    InitiateRequest => Initiate, ProviderResponse;
+    UpdateRequest => Update, ProviderResponse;
+    AuthorizeRequest => Authorize, ProviderResponse;
+    CaptureRequest => Capture, ProviderResponse;
+    RefundRequest => Refund, ProviderResponse;
+    CancelRequest => Cancel, ProviderResponse;
+    DeleteRequest => Delete, ProviderResponse;
+    RetrieveRequest => Retrieve, RetrieveResponse;
+}
+
+impl Request for WebhookRequest {
+    const OPERATION: Operation = Operation::ParseWebhook;
+    type Response = WebhookEvent;
+    /// Webhooks are parsed locally and carry no deadline.
+    fn set_deadline(&mut self, _deadline_unix_ms: i64) {}
+}
+
 /// Start a payment with the provider.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InitiateRequest {

@@ -8,9 +8,9 @@ use serde_json::Value;
 use crate::host::HostServices;
 use crate::manifest::Manifest;
 use crate::protocol::{
-    AuthorizeRequest, CancelRequest, CaptureRequest, DeleteRequest, InitiateRequest,
-    ProviderError, ProviderResponse, RefundRequest, RetrieveRequest, RetrieveResponse,
-    UpdateRequest, WebhookEvent, WebhookRequest,
+    AuthorizeRequest, CancelRequest, CaptureRequest, DeleteRequest, InitiateRequest, ProviderError,
+    ProviderResponse, RefundRequest, RetrieveRequest, RetrieveResponse, UpdateRequest,
+    WebhookEvent, WebhookRequest,
 };
 
 /// What the host hands a provider when it instantiates it.

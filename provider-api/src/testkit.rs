@@ -27,8 +27,6 @@ use std::marker::PhantomData;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::dispatch::{self, Instance, InstanceConfig};
@@ -57,7 +55,10 @@ impl HostBackend for TestBackend {
             )),
             ops::LOG => {
                 let record: LogRecord = serde_json::from_str(request).map_err(|e| e.to_string())?;
-                self.logs.lock().unwrap_or_else(|e| e.into_inner()).push(record);
+                self.logs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(record);
                 Ok("null".into())
             }
             other => Err(format!("unsupported host service `{other}`")),
@@ -240,13 +241,11 @@ impl<P: PaymentProvider> TestProvider<P> {
         dispatch::dispatch(&self.instance, op, request)
     }
 
-    fn call<Req: Serialize, Resp: DeserializeOwned>(
-        &self,
-        op: Operation,
-        request: &Req,
-    ) -> Result<Resp, ProviderError> {
+    /// Calls the operation of `request`'s type, through the JSON envelope.
+    pub fn call<R: Request>(&self, request: &R) -> Result<R::Response, ProviderError> {
         let json = serde_json::to_string(request)
             .map_err(|e| ProviderError::internal(format!("request did not serialize: {e}")))?;
+        let op = R::OPERATION;
         let answer = self.call_raw(op.as_str(), &json)?;
         serde_json::from_str(&answer).map_err(|e| {
             ProviderError::internal(format!("the {op} response does not read back: {e}"))
@@ -255,39 +254,39 @@ impl<P: PaymentProvider> TestProvider<P> {
 
     /// Initiates.
     pub fn initiate(&self, r: &InitiateRequest) -> Result<ProviderResponse, ProviderError> {
-        self.call(Operation::Initiate, r)
+        self.call(r)
     }
     /// Updates.
     pub fn update(&self, r: &UpdateRequest) -> Result<ProviderResponse, ProviderError> {
-        self.call(Operation::Update, r)
+        self.call(r)
     }
     /// Authorizes.
     pub fn authorize(&self, r: &AuthorizeRequest) -> Result<ProviderResponse, ProviderError> {
-        self.call(Operation::Authorize, r)
+        self.call(r)
     }
     /// Captures.
     pub fn capture(&self, r: &CaptureRequest) -> Result<ProviderResponse, ProviderError> {
-        self.call(Operation::Capture, r)
+        self.call(r)
     }
     /// Refunds.
     pub fn refund(&self, r: &RefundRequest) -> Result<ProviderResponse, ProviderError> {
-        self.call(Operation::Refund, r)
+        self.call(r)
     }
     /// Cancels.
     pub fn cancel(&self, r: &CancelRequest) -> Result<ProviderResponse, ProviderError> {
-        self.call(Operation::Cancel, r)
+        self.call(r)
     }
     /// Deletes.
     pub fn delete(&self, r: &DeleteRequest) -> Result<ProviderResponse, ProviderError> {
-        self.call(Operation::Delete, r)
+        self.call(r)
     }
     /// Retrieves.
     pub fn retrieve(&self, r: &RetrieveRequest) -> Result<RetrieveResponse, ProviderError> {
-        self.call(Operation::Retrieve, r)
+        self.call(r)
     }
     /// Parses a webhook.
     pub fn parse_webhook(&self, r: &WebhookRequest) -> Result<WebhookEvent, ProviderError> {
-        self.call(Operation::ParseWebhook, r)
+        self.call(r)
     }
     /// Calls a custom `x.<name>` operation.
     pub fn custom(&self, name: &str, payload: &Value) -> Result<Value, ProviderError> {
@@ -301,7 +300,10 @@ impl<P: PaymentProvider> TestProvider<P> {
 /// clean instantiation with `options`, `unsupported` for unknown operations, `invalid_request`
 /// naming the field for malformed requests, and answers that survive the JSON round trip.
 /// `Err` lists every failure found.
-pub fn check_conformance<P: PaymentProvider>(host: &TestHost, options: Value) -> Result<(), String> {
+pub fn check_conformance<P: PaymentProvider>(
+    host: &TestHost,
+    options: Value,
+) -> Result<(), String> {
     let mut failures = Vec::new();
     match dispatch::manifest::<P>() {
         Ok(m) => {

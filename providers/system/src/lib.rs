@@ -109,7 +109,9 @@ mod tests {
     fn a_whole_flow_is_processed() {
         let host = TestHost::new();
         let p = host.instantiate::<SystemProvider>(json!({})).unwrap();
-        let ok = |r: Result<ProviderResponse, ProviderError>| assert_eq!(r.unwrap().outcome, Outcome::Processed);
+        let ok = |r: Result<ProviderResponse, ProviderError>| {
+            assert_eq!(r.unwrap().outcome, Outcome::Processed)
+        };
         ok(p.initiate(&TestHost::initiate_request("ps_1", 1500, "eur")));
         ok(p.authorize(&TestHost::authorize_request("ps_1", 1500, "eur")));
         ok(p.capture(&TestHost::capture_request("ps_1", 1000, "eur")));
@@ -130,14 +132,21 @@ mod tests {
 
     #[test]
     fn a_lost_attempt_is_reported_as_never_made() {
-        let p = TestHost::new().instantiate::<SystemProvider>(json!({})).unwrap();
+        let p = TestHost::new()
+            .instantiate::<SystemProvider>(json!({}))
+            .unwrap();
         let attempt = AttemptRef {
             operation: Operation::Capture,
             idempotency_key: "k".into(),
             amount: 100,
         };
         let answer = p
-            .retrieve(&TestHost::retrieve_request("ps_1", 100, "eur", Some(attempt)))
+            .retrieve(&TestHost::retrieve_request(
+                "ps_1",
+                100,
+                "eur",
+                Some(attempt),
+            ))
             .unwrap();
         assert!(matches!(answer.attempt, Some(Outcome::NotAttempted { .. })));
     }

@@ -1,0 +1,38 @@
+//! # payhost
+//!
+//! The payment-session host as a library: read a [`Config`], load its provider plugins with a
+//! [`Loader`], and call them through [`Provider`] — off the async runtime, under a deadline and a
+//! concurrency limit, with unknown outcomes kept apart from failures.
+//!
+//! ```no_run
+//! # async fn run() -> anyhow::Result<()> {
+//! let config = payhost::Config::from_file("config/payhost.toml")?;
+//! let report = payhost::Loader::new(&config).load_all(&config);
+//! for failure in &report.failures {
+//!     eprintln!("{}: {}", failure.id, failure.error);
+//! }
+//! let system = report.providers.get("system").expect("configured");
+//! let answer = system
+//!     .call(payhost_provider_api::AuthorizeRequest {
+//!         session_id: "ps_1".into(),
+//!         idempotency_key: "ps_1:authorize:1".into(),
+//!         amount: 1500,
+//!         currency_code: "eur".into(),
+//!         context: serde_json::Value::Null,
+//!         data: serde_json::Value::Null,
+//!         deadline_unix_ms: None,
+//!     })
+//!     .await?;
+//! println!("{:?}", answer.outcome);
+//! # Ok(()) }
+//! ```
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod plugins;
+pub mod provider;
+
+pub use config::{Config, ConfigError, ConfigErrorKind, LibrarySource, ProviderSettings};
+pub use plugins::{Inspection, LoadError, LoadFailure, LoadReport, Loader, Providers};
+pub use provider::{CallError, Clock, LibraryInfo, Provider, SystemClock};

@@ -1,0 +1,306 @@
+//! The `payhost` command: `check`, `inspect` and `serve`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use payhost::config::LogFormat;
+use payhost::{Config, Inspection, LoadReport, Loader};
+use payhost_provider_api::Capabilities;
+use tracing_subscriber::EnvFilter;
+
+/// The payment-session host.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load and instantiate every enabled provider of a config and report on each.
+    /// Exits 0 only if all loaded.
+    Check {
+        /// The config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one library's manifest, with no config.
+    Inspect {
+        /// A library file, or a bare library name looked up in --plugin-dir.
+        library: PathBuf,
+        /// Where bare names are looked up (default: the payhost executable's folder).
+        #[arg(long)]
+        plugin_dir: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start the host.
+    Serve {
+        /// The config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+/// Exit code for a config that cannot be used.
+const EXIT_CONFIG: u8 = 2;
+/// Exit code for providers that failed to load.
+const EXIT_PROVIDERS: u8 = 1;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config, json } => check(&config, json),
+        Command::Inspect {
+            library,
+            plugin_dir,
+            json,
+        } => inspect(&library, plugin_dir, json),
+        Command::Serve { config } => serve(&config),
+    }
+}
+
+fn load_config(path: &PathBuf) -> Result<Config, ExitCode> {
+    Config::from_file(path).map_err(|e| {
+        eprintln!("error[{}]: {e}", e.kind.code());
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn init_logging(level: &str, format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+fn check(path: &PathBuf, json: bool) -> ExitCode {
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    // Only problems are logged while checking; the report is the output.
+    init_logging("warn,payhost::provider=warn", config.log.format);
+    let report = Loader::new(&config).load_all(&config);
+    let disabled: Vec<&str> = config
+        .providers
+        .iter()
+        .filter(|p| !p.enabled)
+        .map(|p| p.id.as_str())
+        .collect();
+    if json {
+        println!("{}", check_json(&config, &report, &disabled));
+    } else {
+        print_check(&config, &report, &disabled);
+    }
+    if report.failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_PROVIDERS)
+    }
+}
+
+fn capability_names(c: &Capabilities) -> Vec<&'static str> {
+    [
+        (c.partial_capture, "partial_capture"),
+        (c.multiple_captures, "multiple_captures"),
+        (c.partial_refund, "partial_refund"),
+        (c.update_amount, "update_amount"),
+        (c.async_authorization, "async_authorization"),
+        (c.webhooks, "webhooks"),
+    ]
+    .into_iter()
+    .filter_map(|(on, name)| on.then_some(name))
+    .collect()
+}
+
+fn print_check(config: &Config, report: &LoadReport, disabled: &[&str]) {
+    println!("config {}", config.path.display());
+    for p in report.providers.iter() {
+        let m = p.manifest();
+        println!("ok    {}", p.id());
+        println!("      provider      {} ({}) {}", m.name, m.id, m.version);
+        println!(
+            "      api           provider-api {}, protocol {}",
+            m.api_version,
+            p.protocol()
+        );
+        println!(
+            "      capabilities  {}",
+            capability_names(&m.capabilities).join(", ")
+        );
+        println!(
+            "      limits        timeout {} ms, max {} concurrent calls",
+            p.timeout().as_millis(),
+            p.max_concurrency()
+        );
+        println!("      library       {}", p.library().path.display());
+        println!("      sha256        {}", p.library().sha256);
+    }
+    for f in &report.failures {
+        println!("FAIL  {}", f.id);
+        for line in f.error.to_string().lines() {
+            println!("      {line}");
+        }
+        println!("      code          {}", f.error.code());
+    }
+    for id in disabled {
+        println!("off   {id} (enabled = false)");
+    }
+    println!(
+        "{} loaded, {} failed, {} disabled",
+        report.providers.len(),
+        report.failures.len(),
+        disabled.len()
+    );
+}
+
+fn check_json(config: &Config, report: &LoadReport, disabled: &[&str]) -> serde_json::Value {
+    let loaded: Vec<_> = report
+        .providers
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "id": p.id(),
+                "manifest": p.manifest(),
+                "protocol": p.protocol(),
+                "library": p.library().path,
+                "sha256": p.library().sha256,
+                "timeout_ms": p.timeout().as_millis() as u64,
+                "max_concurrency": p.max_concurrency(),
+            })
+        })
+        .collect();
+    let failed: Vec<_> = report
+        .failures
+        .iter()
+        .map(|f| serde_json::json!({"id": f.id, "code": f.error.code(), "message": f.error.to_string()}))
+        .collect();
+    serde_json::json!({
+        "config": config.path,
+        "loaded": loaded,
+        "failed": failed,
+        "disabled": disabled,
+    })
+}
+
+fn inspect(library: &PathBuf, plugin_dir: Option<PathBuf>, json: bool) -> ExitCode {
+    init_logging("warn", LogFormat::Text);
+    let loader = match plugin_dir {
+        Some(dir) => Loader::with_plugin_dir(dir),
+        None => Loader::with_plugin_dir(
+            std::env::current_exe()
+                .ok()
+                .and_then(|e| e.parent().map(Into::into))
+                .unwrap_or_else(|| PathBuf::from(".")),
+        ),
+    };
+    match loader.inspect(library) {
+        Ok(i) if json => {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "manifest": i.manifest,
+                    "protocol": i.protocol,
+                    "library": i.library.path,
+                    "sha256": i.library.sha256,
+                })
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(i) => {
+            print_inspection(&i);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error[{}]: {e}", e.code());
+            ExitCode::from(EXIT_PROVIDERS)
+        }
+    }
+}
+
+fn print_inspection(i: &Inspection) {
+    let m = &i.manifest;
+    println!("id            {}", m.id);
+    println!("name          {}", m.name);
+    println!("version       {}", m.version);
+    if !m.description.is_empty() {
+        println!("description   {}", m.description);
+    }
+    println!("api version   {}", m.api_version);
+    println!(
+        "protocols     {:?} (this host: {})",
+        m.protocols,
+        i.protocol
+            .map(|p| format!("speaks {p}"))
+            .unwrap_or_else(|| "none in common".into())
+    );
+    println!(
+        "capabilities  {}",
+        capability_names(&m.capabilities).join(", ")
+    );
+    println!("library       {}", i.library.path.display());
+    println!("sha256        {}", i.library.sha256);
+}
+
+fn serve(path: &PathBuf) -> ExitCode {
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging(&config.log.level, config.log.format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = Loader::new(&config).load_all(&config);
+    tracing::info!(
+        config = %config.path.display(),
+        loaded = report.providers.len(),
+        failed = report.failures.len(),
+        "payhost ready; the HTTP API is not part of this build yet, stop with Ctrl-C or SIGTERM"
+    );
+    runtime.block_on(shutdown_signal());
+    tracing::info!("shutting down: waiting up to 10 s for provider calls in progress");
+    runtime.shutdown_timeout(Duration::from_secs(10));
+    ExitCode::SUCCESS
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,573 @@
+//! Finding, pinning, loading and instantiating provider plugins.
+//!
+//! find (library name → file in the plugin folder) → check (regular file, not group/world
+//! writable, SHA-256 pin) → open (abi_stable header and layout check, via provider-api) → manifest
+//! (valid, protocol negotiated) → instantiate (options checked by the provider). Each step fails
+//! with its own [`LoadError`] naming the provider and the file.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use payhost_provider_api::envelope::{
+    HostObject_TO, OpenError, PluginModuleRef, RResult, RStr, TD_Opaque, open_plugin,
+};
+use payhost_provider_api::{
+    ErrorKind, InstanceConfig, Manifest, ProviderError, SUPPORTED_PROTOCOLS,
+};
+use sha2::{Digest, Sha256};
+
+use crate::config::{Config, LibrarySource, Location, ProviderSettings};
+use crate::provider::{
+    Clock, HostSide, LibraryInfo, Provider, ProviderParts, SystemClock, read_error,
+};
+
+/// How many lines of abi_stable's layout report an error message shows; the rest is logged at
+/// debug level.
+const REPORT_LINES: usize = 8;
+
+/// Why a provider could not be loaded. [`LoadError::code`] is stable.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LoadError {
+    /// No file where the config says the library is.
+    #[error("library not found: {path} ({hint})")]
+    NotFound {
+        /// Where it was looked for.
+        path: PathBuf,
+        /// How the path was made.
+        hint: String,
+    },
+    /// The file exists but could not be read.
+    #[error("cannot read {path}: {message}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        message: String,
+    },
+    /// Anyone but the owner may write the file: refused, since it is native code run as the host.
+    #[error(
+        "refusing {path}: it is group- or world-writable (mode {mode:o}); run `chmod go-w` on it"
+    )]
+    InsecurePermissions {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The file's SHA-256 is not the pinned one.
+    #[error("refusing {path}: sha256 mismatch: expected {expected}, actual {actual}")]
+    ChecksumMismatch {
+        /// The file.
+        path: PathBuf,
+        /// The pin from the config.
+        expected: String,
+        /// The file's digest.
+        actual: String,
+    },
+    /// The file changed since this process loaded it; the old code is still the one running.
+    #[error(
+        "{path} changed on disk since it was loaded (sha256 {loaded} then, {now} now); install upgrades under a new file name and restart the host"
+    )]
+    ChangedOnDisk {
+        /// The file.
+        path: PathBuf,
+        /// Digest when loaded.
+        loaded: String,
+        /// Digest now.
+        now: String,
+    },
+    /// Not a dynamic library at all.
+    #[error("{path} is not a loadable library: {message}")]
+    NotALibrary {
+        /// The file.
+        path: PathBuf,
+        /// The loader's message.
+        message: String,
+    },
+    /// A library, but not a payhost plugin.
+    #[error("{path} is not a payhost provider plugin: {message}")]
+    NotAPlugin {
+        /// The file.
+        path: PathBuf,
+        /// What is missing.
+        message: String,
+    },
+    /// A plugin whose envelope does not match this host's.
+    #[error(
+        "{path} was built against an incompatible provider-api: plugin {plugin_version}, host {host_version}; rebuild it against provider-api {host_major}.x\n{summary}"
+    )]
+    IncompatibleAbi {
+        /// The file.
+        path: PathBuf,
+        /// provider-api version of the plugin.
+        plugin_version: String,
+        /// provider-api version of this host.
+        host_version: String,
+        /// The host's major version.
+        host_major: String,
+        /// The first lines of abi_stable's report.
+        summary: String,
+        /// abi_stable's whole report.
+        report: String,
+    },
+    /// No protocol version in common.
+    #[error(
+        "{path} speaks protocol versions {plugin:?}, this host speaks {host:?} (plugin built with provider-api {plugin_api}, host {host_api})"
+    )]
+    IncompatibleProtocol {
+        /// The file.
+        path: PathBuf,
+        /// The plugin's versions.
+        plugin: Vec<u32>,
+        /// The host's versions.
+        host: Vec<u32>,
+        /// provider-api version of the plugin.
+        plugin_api: String,
+        /// provider-api version of this host.
+        host_api: String,
+    },
+    /// The manifest is unreadable or invalid.
+    #[error("{path} has a bad manifest: {message}")]
+    BadManifest {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The provider refused its options.
+    #[error("{}provider `{id}` refused its options: {}", location.as_ref().map(|l| format!("{l}: ")).unwrap_or_default(), error.message)]
+    OptionsRejected {
+        /// The provider id.
+        id: String,
+        /// Where the offending key (or the options table) is in the config.
+        location: Option<Location>,
+        /// The provider's error.
+        error: ProviderError,
+    },
+    /// The provider failed to start for another reason (or panicked doing so).
+    #[error("provider `{id}` failed to start: {error}")]
+    InitFailed {
+        /// The provider id.
+        id: String,
+        /// The provider's error.
+        error: ProviderError,
+    },
+}
+
+impl LoadError {
+    /// The stable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            LoadError::NotFound { .. } => "plugin.not_found",
+            LoadError::Io { .. } => "plugin.io",
+            LoadError::InsecurePermissions { .. } => "plugin.insecure_permissions",
+            LoadError::ChecksumMismatch { .. } => "plugin.checksum_mismatch",
+            LoadError::ChangedOnDisk { .. } => "plugin.changed_on_disk",
+            LoadError::NotALibrary { .. } => "plugin.not_a_library",
+            LoadError::NotAPlugin { .. } => "plugin.not_a_plugin",
+            LoadError::IncompatibleAbi { .. } => "plugin.incompatible_abi",
+            LoadError::IncompatibleProtocol { .. } => "plugin.incompatible_protocol",
+            LoadError::BadManifest { .. } => "plugin.bad_manifest",
+            LoadError::OptionsRejected { .. } => "plugin.options_rejected",
+            LoadError::InitFailed { .. } => "plugin.init_failed",
+        }
+    }
+}
+
+/// A provider that failed to load.
+#[derive(Debug, Clone)]
+pub struct LoadFailure {
+    /// The provider id from the config.
+    pub id: String,
+    /// Why.
+    pub error: LoadError,
+}
+
+/// The loaded providers, by id.
+#[derive(Debug, Default, Clone)]
+pub struct Providers {
+    by_id: BTreeMap<String, Arc<Provider>>,
+}
+
+impl Providers {
+    /// The provider with this id.
+    pub fn get(&self, id: &str) -> Option<&Arc<Provider>> {
+        self.by_id.get(id)
+    }
+    /// All of them, in id order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Provider>> {
+        self.by_id.values()
+    }
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+}
+
+/// What loading the config's providers gave.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// The providers that loaded.
+    pub providers: Providers,
+    /// The ones that did not. The others load regardless.
+    pub failures: Vec<LoadFailure>,
+}
+
+/// A library's manifest and provenance, as `payhost inspect` shows it.
+#[derive(Debug, Clone)]
+pub struct Inspection {
+    /// The plugin's manifest.
+    pub manifest: Manifest,
+    /// The file and its digest.
+    pub library: LibraryInfo,
+    /// The protocol this host would speak with it, if any.
+    pub protocol: Option<u32>,
+}
+
+/// Loads plugins.
+pub struct Loader {
+    plugin_dir: PathBuf,
+    plugin_dir_hint: String,
+    clock: Arc<dyn Clock>,
+}
+
+struct LoadedLibrary {
+    module: PluginModuleRef,
+    sha256: String,
+}
+
+/// Every library this process opened, by canonical path. Libraries are never unloaded, and the
+/// same path always yields the code first loaded.
+fn loaded_libraries() -> &'static Mutex<HashMap<PathBuf, Arc<LoadedLibrary>>> {
+    static LIBRARIES: OnceLock<Mutex<HashMap<PathBuf, Arc<LoadedLibrary>>>> = OnceLock::new();
+    LIBRARIES.get_or_init(Default::default)
+}
+
+impl Loader {
+    /// A loader for `config`: its plugin folder, or the payhost executable's folder.
+    pub fn new(config: &Config) -> Loader {
+        let (plugin_dir, plugin_dir_hint) = match &config.plugin_dir {
+            Some(dir) => (dir.clone(), "plugin folder from `[plugins] dir`".to_owned()),
+            None => (
+                default_plugin_dir(),
+                "plugin folder = the payhost executable's folder; set `[plugins] dir` to change it"
+                    .to_owned(),
+            ),
+        };
+        Loader {
+            plugin_dir,
+            plugin_dir_hint,
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// A loader that looks for `library = "name"` in `dir`.
+    pub fn with_plugin_dir(dir: impl Into<PathBuf>) -> Loader {
+        Loader {
+            plugin_dir: dir.into(),
+            plugin_dir_hint: "plugin folder given by the embedder".into(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// Replaces the clock providers see.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Loader {
+        self.clock = clock;
+        self
+    }
+
+    /// The file a `library = "name"` resolves to.
+    pub fn library_path(&self, name: &str) -> PathBuf {
+        self.plugin_dir.join(format!(
+            "{}{name}{}",
+            std::env::consts::DLL_PREFIX,
+            std::env::consts::DLL_SUFFIX
+        ))
+    }
+
+    /// Loads every enabled provider of `config`; a failure is reported and the others load.
+    pub fn load_all(&self, config: &Config) -> LoadReport {
+        let mut report = LoadReport::default();
+        for settings in config.enabled_providers() {
+            match self.load(settings, Some(config)) {
+                Ok(provider) => {
+                    tracing::info!(
+                        provider = %settings.id,
+                        name = %provider.manifest().name,
+                        version = %provider.manifest().version,
+                        api_version = %provider.manifest().api_version,
+                        protocol = provider.protocol(),
+                        library = %provider.library().path.display(),
+                        sha256 = %provider.library().sha256,
+                        "provider loaded"
+                    );
+                    report
+                        .providers
+                        .by_id
+                        .insert(settings.id.clone(), Arc::new(provider));
+                }
+                Err(error) => {
+                    if let LoadError::IncompatibleAbi { report, .. } = &error {
+                        tracing::debug!(provider = %settings.id, "abi_stable's full report:\n{report}");
+                    }
+                    tracing::error!(provider = %settings.id, code = error.code(), "provider not loaded: {error}");
+                    report.failures.push(LoadFailure {
+                        id: settings.id.clone(),
+                        error,
+                    });
+                }
+            }
+        }
+        report
+    }
+
+    /// Loads and instantiates one provider. `config` (when given) points option errors at their
+    /// line in the file.
+    pub fn load(
+        &self,
+        settings: &ProviderSettings,
+        config: Option<&Config>,
+    ) -> Result<Provider, LoadError> {
+        let path = self.resolve(&settings.library)?;
+        let library = open(&path, settings.sha256.as_deref())?;
+        let (manifest, protocol) = read_manifest(&path, &library.module)?;
+        let protocol = protocol.ok_or_else(|| incompatible_protocol(&path, &manifest))?;
+        let instance = InstanceConfig {
+            instance_id: settings.id.clone(),
+            protocol,
+            options: settings.options.clone(),
+            config_dir: config
+                .map(|c| c.dir.display().to_string())
+                .unwrap_or_default(),
+            log_level: tracing::level_filters::LevelFilter::current()
+                .to_string()
+                .to_ascii_lowercase(),
+        };
+        let host = HostObject_TO::from_value(
+            HostSide {
+                provider_id: settings.id.clone(),
+                clock: self.clock.clone(),
+            },
+            TD_Opaque,
+        );
+        let instance_json =
+            serde_json::to_string(&instance).map_err(|e| LoadError::InitFailed {
+                id: settings.id.clone(),
+                error: ProviderError::internal(e.to_string()),
+            })?;
+        let object = match (library.module.new_provider())(RStr::from_str(&instance_json), host) {
+            RResult::ROk(object) => object,
+            RResult::RErr(e) => {
+                let mut error = read_error(&e);
+                if let Some(c) = config {
+                    error.message = c.redact(&error.message);
+                }
+                return Err(if error.kind == ErrorKind::InvalidOptions {
+                    let location = config.and_then(|c| {
+                        let base = format!("providers.{}", settings.id);
+                        let key = error
+                            .param
+                            .as_deref()
+                            .map(|p| format!("{base}.{p}"))
+                            .unwrap_or_else(|| format!("{base}.options"));
+                        c.locate(&key)
+                            .or_else(|| c.locate(&format!("{base}.options")))
+                            .or_else(|| c.locate(&base))
+                    });
+                    LoadError::OptionsRejected {
+                        id: settings.id.clone(),
+                        location,
+                        error,
+                    }
+                } else {
+                    LoadError::InitFailed {
+                        id: settings.id.clone(),
+                        error,
+                    }
+                });
+            }
+        };
+        Ok(Provider::new(ProviderParts {
+            id: settings.id.clone(),
+            manifest,
+            protocol,
+            library: LibraryInfo {
+                path,
+                sha256: library.sha256.clone(),
+            },
+            object,
+            max_concurrency: settings.max_concurrency,
+            timeout: settings.timeout,
+            clock: self.clock.clone(),
+        }))
+    }
+
+    /// Opens one library and reads its manifest, without a config or an instance.
+    pub fn inspect(&self, library: &Path) -> Result<Inspection, LoadError> {
+        let path = if library.exists() || library.components().count() > 1 {
+            library.to_owned()
+        } else {
+            self.library_path(&library.display().to_string())
+        };
+        let path = self.resolve(&LibrarySource::Path(path))?;
+        let loaded = open(&path, None)?;
+        let (manifest, protocol) = read_manifest(&path, &loaded.module)?;
+        Ok(Inspection {
+            manifest,
+            library: LibraryInfo {
+                path,
+                sha256: loaded.sha256.clone(),
+            },
+            protocol,
+        })
+    }
+
+    fn resolve(&self, source: &LibrarySource) -> Result<PathBuf, LoadError> {
+        let (path, hint) = match source {
+            LibrarySource::Name(name) => (self.library_path(name), self.plugin_dir_hint.clone()),
+            LibrarySource::Path(p) => (p.clone(), "from `path`".to_owned()),
+        };
+        match std::fs::canonicalize(&path) {
+            Ok(p) => Ok(p),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(LoadError::NotFound { path, hint })
+            }
+            Err(e) => Err(LoadError::Io {
+                path,
+                message: e.to_string(),
+            }),
+        }
+    }
+}
+
+fn default_plugin_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_owned))
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Checks the file and opens it (once per process per path).
+fn open(path: &Path, pin: Option<&str>) -> Result<Arc<LoadedLibrary>, LoadError> {
+    let io = |e: std::io::Error| LoadError::Io {
+        path: path.to_owned(),
+        message: e.to_string(),
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_file() {
+        return Err(LoadError::NotALibrary {
+            path: path.to_owned(),
+            message: "not a regular file".into(),
+        });
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o022 != 0 {
+            return Err(LoadError::InsecurePermissions {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+    }
+    let sha256 = hex::encode(Sha256::digest(std::fs::read(path).map_err(io)?));
+    if let Some(expected) = pin
+        && expected != sha256
+    {
+        return Err(LoadError::ChecksumMismatch {
+            path: path.to_owned(),
+            expected: expected.to_owned(),
+            actual: sha256,
+        });
+    }
+    let mut libraries = loaded_libraries().lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(loaded) = libraries.get(path) {
+        if loaded.sha256 != sha256 {
+            return Err(LoadError::ChangedOnDisk {
+                path: path.to_owned(),
+                loaded: loaded.sha256.clone(),
+                now: sha256,
+            });
+        }
+        return Ok(loaded.clone());
+    }
+    let module = open_plugin(path).map_err(|e| match e {
+        OpenError::NotALibrary(message) => LoadError::NotALibrary {
+            path: path.to_owned(),
+            message,
+        },
+        OpenError::NotAPlugin(message) => LoadError::NotAPlugin {
+            path: path.to_owned(),
+            message,
+        },
+        OpenError::Init(message) => LoadError::NotAPlugin {
+            path: path.to_owned(),
+            message: format!("its root module failed to initialize: {message}"),
+        },
+        OpenError::Incompatible {
+            plugin_version,
+            host_version,
+            report,
+        } => {
+            let lines: Vec<&str> = report.lines().filter(|l| !l.trim().is_empty()).collect();
+            let mut summary = lines
+                .iter()
+                .take(REPORT_LINES)
+                .map(|l| format!("  | {l}"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            if lines.len() > REPORT_LINES {
+                summary.push_str(&format!(
+                    "\n  | … {} more lines at log level debug",
+                    lines.len() - REPORT_LINES
+                ));
+            }
+            LoadError::IncompatibleAbi {
+                path: path.to_owned(),
+                host_major: host_version.split('.').next().unwrap_or("?").to_owned(),
+                plugin_version,
+                host_version,
+                summary,
+                report,
+            }
+        }
+    })?;
+    let loaded = Arc::new(LoadedLibrary { module, sha256 });
+    libraries.insert(path.to_owned(), loaded.clone());
+    Ok(loaded)
+}
+
+fn read_manifest(
+    path: &Path,
+    module: &PluginModuleRef,
+) -> Result<(Manifest, Option<u32>), LoadError> {
+    let bad = |message: String| LoadError::BadManifest {
+        path: path.to_owned(),
+        message,
+    };
+    let json = match (module.manifest())() {
+        RResult::ROk(json) => json,
+        RResult::RErr(e) => return Err(bad(read_error(&e).to_string())),
+    };
+    let manifest: Manifest =
+        serde_json::from_str(json.as_str()).map_err(|e| bad(format!("unreadable: {e}")))?;
+    manifest.validate().map_err(bad)?;
+    let protocol = manifest.negotiate(SUPPORTED_PROTOCOLS);
+    Ok((manifest, protocol))
+}
+
+fn incompatible_protocol(path: &Path, manifest: &Manifest) -> LoadError {
+    LoadError::IncompatibleProtocol {
+        path: path.to_owned(),
+        plugin: manifest.protocols.clone(),
+        host: SUPPORTED_PROTOCOLS.to_vec(),
+        plugin_api: manifest.api_version.clone(),
+        host_api: payhost_provider_api::API_VERSION.to_owned(),
+    }
+}

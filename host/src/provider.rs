@@ -1,0 +1,363 @@
+//! A loaded provider instance and how the host calls it: off the async runtime, under a deadline
+//! and a concurrency limit, with every failure mode kept apart (DESIGN.md §2, §4).
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use payhost_provider_api::envelope::{HostObject, ProviderBox, RResult, RStr, RString};
+use payhost_provider_api::{
+    ErrorKind, LogRecord, Manifest, Operation, ProviderError, Request, host_ops,
+};
+use tokio::sync::Semaphore;
+
+/// The host's clock, shared with providers through host services; tests can replace it.
+pub trait Clock: Send + Sync + 'static {
+    /// Now, in Unix milliseconds.
+    fn now_unix_ms(&self) -> i64;
+}
+
+/// The system clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_unix_ms(&self) -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    }
+}
+
+/// Where a provider's code came from, for `payhost check` and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LibraryInfo {
+    /// The library file.
+    pub path: PathBuf,
+    /// Its SHA-256, lower-case hex.
+    pub sha256: String,
+}
+
+/// Why a provider call did not produce the provider's answer.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CallError {
+    /// Nothing was sent to the provider (no concurrency slot before the deadline, a request that
+    /// did not serialize): retrying with the same idempotency key is safe.
+    #[error("not attempted: {reason}")]
+    NotAttempted {
+        /// Why.
+        reason: String,
+    },
+    /// The call may or may not have taken effect: it overran its deadline, or its answer could not
+    /// be read. It must be reconciled through retrieve, never assumed failed.
+    #[error("outcome unknown: {reason}")]
+    Unknown {
+        /// Why.
+        reason: String,
+    },
+    /// The provider answered with an error (a panic inside it is one, of kind `panic`).
+    #[error("{0}")]
+    Provider(ProviderError),
+}
+
+impl CallError {
+    /// The stable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            CallError::NotAttempted { .. } => "provider.not_attempted",
+            CallError::Unknown { .. } => "provider.outcome_unknown",
+            CallError::Provider(e) => match e.kind {
+                ErrorKind::Panic => "provider.panic",
+                _ => "provider.error",
+            },
+        }
+    }
+
+    /// Whether money may have moved: an unknown outcome, or a panic in the middle of a call.
+    pub fn outcome_is_unknown(&self) -> bool {
+        match self {
+            CallError::Unknown { .. } => true,
+            CallError::Provider(e) => e.kind == ErrorKind::Panic,
+            CallError::NotAttempted { .. } => false,
+        }
+    }
+}
+
+/// A provider instance, ready to be called.
+pub struct Provider {
+    id: String,
+    manifest: Manifest,
+    protocol: u32,
+    library: LibraryInfo,
+    object: Arc<ProviderBox>,
+    permits: Arc<Semaphore>,
+    max_concurrency: usize,
+    timeout: Duration,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provider")
+            .field("id", &self.id)
+            .field("manifest", &self.manifest)
+            .field("protocol", &self.protocol)
+            .field("library", &self.library)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything [`Provider::new`] needs; built by the loader.
+pub(crate) struct ProviderParts {
+    pub(crate) id: String,
+    pub(crate) manifest: Manifest,
+    pub(crate) protocol: u32,
+    pub(crate) library: LibraryInfo,
+    pub(crate) object: ProviderBox,
+    pub(crate) max_concurrency: usize,
+    pub(crate) timeout: Duration,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+impl Provider {
+    pub(crate) fn new(parts: ProviderParts) -> Provider {
+        Provider {
+            id: parts.id,
+            manifest: parts.manifest,
+            protocol: parts.protocol,
+            library: parts.library,
+            object: Arc::new(parts.object),
+            permits: Arc::new(Semaphore::new(parts.max_concurrency)),
+            max_concurrency: parts.max_concurrency,
+            timeout: parts.timeout,
+            clock: parts.clock,
+        }
+    }
+
+    /// The operator's id for this provider.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    /// What the plugin says about itself.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+    /// The negotiated protocol version.
+    pub fn protocol(&self) -> u32 {
+        self.protocol
+    }
+    /// Where the code came from.
+    pub fn library(&self) -> &LibraryInfo {
+        &self.library
+    }
+    /// The deadline of one call.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+    /// How many calls may run at once.
+    pub fn max_concurrency(&self) -> usize {
+        self.max_concurrency
+    }
+    /// Calls running now (including ones that overran their deadline and have not returned).
+    pub fn calls_in_progress(&self) -> usize {
+        self.max_concurrency - self.permits.available_permits()
+    }
+
+    /// Calls the operation of `request`'s type under the provider's deadline.
+    pub async fn call<R: Request>(&self, request: R) -> Result<R::Response, CallError> {
+        self.call_with_timeout(request, self.timeout).await
+    }
+
+    /// Calls with an explicit deadline (reconciliation uses its own). The deadline covers waiting
+    /// for a concurrency slot (then nothing was sent: [`CallError::NotAttempted`]) and the call
+    /// itself (then the outcome is [`CallError::Unknown`]). A call that overran keeps running on its
+    /// thread and keeps its slot until it returns; its answer is dropped.
+    pub async fn call_with_timeout<R: Request>(
+        &self,
+        mut request: R,
+        timeout: Duration,
+    ) -> Result<R::Response, CallError> {
+        let op = R::OPERATION;
+        let started = Instant::now();
+        let deadline = started + timeout;
+        request.set_deadline(self.clock.now_unix_ms() + timeout.as_millis() as i64);
+        let json = serde_json::to_string(&request).map_err(|e| CallError::NotAttempted {
+            reason: format!("the {op} request did not serialize: {e}"),
+        })?;
+        let permit = tokio::time::timeout_at(deadline.into(), self.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| CallError::NotAttempted {
+                reason: format!(
+                    "all {} call slots of provider `{}` stayed busy for {} ms",
+                    self.max_concurrency,
+                    self.id,
+                    timeout.as_millis()
+                ),
+            })?
+            .map_err(|_| CallError::NotAttempted {
+                reason: "the provider is shutting down".into(),
+            })?;
+        let object = self.object.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let answer = object.call(RStr::from_str(op.as_str()), RStr::from_str(&json));
+            drop(permit);
+            answer
+        });
+        let result = match tokio::time::timeout_at(deadline.into(), task).await {
+            Err(_) => Err(CallError::Unknown {
+                reason: format!("no answer within {} ms", timeout.as_millis()),
+            }),
+            Ok(Err(join)) => Err(CallError::Unknown {
+                reason: format!("the call's thread failed: {join}"),
+            }),
+            Ok(Ok(RResult::ROk(answer))) => {
+                serde_json::from_str(answer.as_str()).map_err(|e| CallError::Unknown {
+                    reason: format!("the {op} answer could not be read: {e}"),
+                })
+            }
+            Ok(Ok(RResult::RErr(error))) => Err(CallError::Provider(read_error(&error))),
+        };
+        log_call(&self.id, op, started.elapsed(), &result);
+        result
+    }
+
+    /// Calls the operation of `request`'s type on the current thread, bypassing the deadline and
+    /// the concurrency limit. For benchmarks and tools; the engine never uses it.
+    pub fn call_blocking<R: Request>(&self, request: &R) -> Result<R::Response, CallError> {
+        let json = serde_json::to_string(request).map_err(|e| CallError::NotAttempted {
+            reason: e.to_string(),
+        })?;
+        match self
+            .object
+            .call(RStr::from_str(R::OPERATION.as_str()), RStr::from_str(&json))
+        {
+            RResult::ROk(answer) => {
+                serde_json::from_str(answer.as_str()).map_err(|e| CallError::Unknown {
+                    reason: e.to_string(),
+                })
+            }
+            RResult::RErr(error) => Err(CallError::Provider(read_error(&error))),
+        }
+    }
+
+    /// Calls a provider-specific `x.<name>` operation (diagnostics, test helpers).
+    pub async fn call_custom(
+        &self,
+        name: &str,
+        payload: serde_json::Value,
+    ) -> Result<serde_json::Value, CallError> {
+        let object = self.object.clone();
+        let op = format!("x.{name}");
+        let json = payload.to_string();
+        let task = tokio::task::spawn_blocking(move || {
+            object.call(RStr::from_str(&op), RStr::from_str(&json))
+        });
+        match tokio::time::timeout(self.timeout, task).await {
+            Err(_) => Err(CallError::Unknown {
+                reason: format!("no answer within {} ms", self.timeout.as_millis()),
+            }),
+            Ok(Err(join)) => Err(CallError::Unknown {
+                reason: join.to_string(),
+            }),
+            Ok(Ok(RResult::ROk(answer))) => {
+                serde_json::from_str(answer.as_str()).map_err(|e| CallError::Unknown {
+                    reason: e.to_string(),
+                })
+            }
+            Ok(Ok(RResult::RErr(error))) => Err(CallError::Provider(read_error(&error))),
+        }
+    }
+
+    /// Whether the provider declares the ability an operation needs; the engine refuses up front
+    /// what it cannot do.
+    pub fn supports(&self, op: Operation) -> bool {
+        match op {
+            Operation::ParseWebhook => self.manifest.capabilities.webhooks,
+            _ => true,
+        }
+    }
+}
+
+/// Reads a provider's error JSON; an unreadable one is an internal error quoting it.
+pub(crate) fn read_error(json: &RString) -> ProviderError {
+    serde_json::from_str(json.as_str()).unwrap_or_else(|_| {
+        ProviderError::internal(format!(
+            "the provider returned an unreadable error: {}",
+            json.as_str()
+        ))
+    })
+}
+
+fn log_call<T>(id: &str, op: Operation, elapsed: Duration, result: &Result<T, CallError>) {
+    let ms = elapsed.as_secs_f64() * 1000.0;
+    match result {
+        Ok(_) => {
+            tracing::debug!(provider = id, operation = %op, elapsed_ms = ms, "provider call answered")
+        }
+        Err(e @ CallError::Provider(pe)) if pe.kind == ErrorKind::Panic => {
+            tracing::error!(provider = id, operation = %op, elapsed_ms = ms, code = e.code(), "provider call panicked: {e}")
+        }
+        Err(e) => {
+            tracing::warn!(provider = id, operation = %op, elapsed_ms = ms, code = e.code(), "provider call failed: {e}")
+        }
+    }
+}
+
+/// The host side of host services for one provider instance: tags logs with the provider id.
+pub(crate) struct HostSide {
+    pub(crate) provider_id: String,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+impl HostObject for HostSide {
+    fn call(&self, op: RStr<'_>, request: RStr<'_>) -> RResult<RString, RString> {
+        // A panic must not unwind into the plugin's frames.
+        match catch_unwind(AssertUnwindSafe(|| {
+            self.serve(op.as_str(), request.as_str())
+        })) {
+            Ok(Ok(answer)) => RResult::ROk(RString::from(answer)),
+            Ok(Err(message)) => RResult::RErr(RString::from(message)),
+            Err(_) => RResult::RErr(RString::from("the host service panicked")),
+        }
+    }
+}
+
+impl HostSide {
+    fn serve(&self, op: &str, request: &str) -> Result<String, String> {
+        match op {
+            host_ops::CLOCK_NOW => Ok(format!("{{\"unix_ms\":{}}}", self.clock.now_unix_ms())),
+            host_ops::LOG => {
+                let record: LogRecord =
+                    serde_json::from_str(request).map_err(|e| format!("bad log record: {e}"))?;
+                emit(&self.provider_id, &record);
+                Ok("null".into())
+            }
+            other => Err(format!("unsupported host service `{other}`")),
+        }
+    }
+}
+
+/// Emits a provider's log record into the host's `tracing`, tagged with the provider id.
+fn emit(provider: &str, r: &LogRecord) {
+    let fields = if r.fields.is_empty() {
+        String::new()
+    } else {
+        serde_json::Value::Object(r.fields.clone()).to_string()
+    };
+    let (target, message) = (r.target.as_str(), r.message.as_str());
+    macro_rules! at {
+        ($level:ident) => {
+            tracing::$level!(target: "payhost::provider", provider, plugin_target = target, fields = %fields, "{message}")
+        };
+    }
+    match r.level.as_str() {
+        "error" => at!(error),
+        "warn" => at!(warn),
+        "debug" => at!(debug),
+        "trace" => at!(trace),
+        _ => at!(info),
+    }
+}
