@@ -1,0 +1,163 @@
+//! Helpers for the end-to-end tests: build the real plugins and the `payhost` binary once, find
+//! them, and write throw-away configs.
+
+#![allow(missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use payhost::{Config, LoadReport, Loader};
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the workspace")
+        .to_owned()
+}
+
+/// The profile folder the tests were built into (`target/debug`), where the plugins are too.
+pub fn artifacts() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test-binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in target/<profile>/deps")
+        .to_owned()
+}
+
+/// Builds the host binary, the providers and the fixtures (a no-op when up to date), once per
+/// test process. Cargo's own lock makes concurrent test processes wait for each other.
+pub fn ensure_built() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = artifacts();
+        let profile = match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev".to_owned(),
+            Some(other) => other.to_owned(),
+        };
+        let target = dir.parent().expect("target dir").to_owned();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = Command::new(cargo)
+            .current_dir(workspace())
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "payhost",
+                "-p",
+                "payhost-provider-system",
+                "-p",
+                "payhost-provider-sandbox",
+                "-p",
+                "payhost-fixture-incompatible",
+                "-p",
+                "payhost-fixture-future-protocol",
+                "--profile",
+                &profile,
+                "--target-dir",
+            ])
+            .arg(&target)
+            .output()
+            .expect("run cargo build");
+        assert!(
+            out.status.success(),
+            "building the plugins failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+/// The built library file of a crate (`payhost_provider_system` → `…/libpayhost_provider_system.so`).
+pub fn library(name: &str) -> PathBuf {
+    ensure_built();
+    artifacts().join(format!(
+        "{}{name}{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ))
+}
+
+/// The `payhost` binary.
+pub fn payhost_bin() -> PathBuf {
+    ensure_built();
+    artifacts().join(format!("payhost{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// Runs `payhost` with these arguments and an environment without `PAYHOST_*`/`SANDBOX_*`.
+pub fn payhost(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(payhost_bin());
+    c.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PAYHOST_") || k.starts_with("SANDBOX_") || k == "RUST_LOG" {
+            c.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run payhost")
+}
+
+/// A scratch folder with a config in it.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        Scratch {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    /// Writes `payhost.toml`, with `{plugins}` replaced by the plugin folder and `{state}` by a
+    /// state folder inside the scratch folder; returns its path.
+    pub fn config(&self, text: &str) -> PathBuf {
+        let path = self.dir.path().join("payhost.toml");
+        let text = text
+            .replace("{plugins}", &artifacts().display().to_string())
+            .replace("{state}", &self.dir.path().join("state").display().to_string());
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    /// Writes the config and loads its providers in-process.
+    pub fn load(&self, text: &str) -> (Config, LoadReport) {
+        ensure_built();
+        let path = self.config(text);
+        let config = Config::from_file_with_env(&path, |_| None).expect("valid config");
+        let report = Loader::new(&config).load_all(&config);
+        (config, report)
+    }
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A config with the system and sandbox providers (sandbox with a short timeout).
+pub const BOTH: &str = r#"
+[plugins]
+dir = "{plugins}"
+
+[providers.system]
+library = "payhost_provider_system"
+
+[providers.sandbox]
+library = "payhost_provider_sandbox"
+timeout_ms = 500
+max_concurrency = 4
+
+[providers.sandbox.options]
+state_dir = "{state}"
+webhook_secret = "whsec_test_secret"
+"#;
+
+/// Text of an output stream.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}

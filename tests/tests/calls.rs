@@ -1,0 +1,200 @@
+//! Calling real plugins through the library API: panics, deadlines, concurrency limits, logs.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use payhost::CallError;
+use payhost_e2e::{BOTH, Scratch};
+use payhost_provider_api::{AuthorizeRequest, ErrorKind, InitiateRequest, Outcome};
+use serde_json::{Value, json};
+
+fn authorize(session: &str, key: &str, data: Value) -> AuthorizeRequest {
+    AuthorizeRequest {
+        session_id: session.into(),
+        idempotency_key: key.into(),
+        amount: 1000,
+        currency_code: "eur".into(),
+        context: Value::Null,
+        data,
+        deadline_unix_ms: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_panics_in_authorize_gives_a_typed_error_and_the_next_call_works() {
+    let s = Scratch::new();
+    let (_config, report) = s.load(BOTH);
+    let sandbox = report.providers.get("sandbox").unwrap();
+
+    let err = sandbox
+        .call(authorize("ps_panic", "k1", json!({"sandbox": {"authorize": "panic"}})))
+        .await
+        .unwrap_err();
+    match &err {
+        CallError::Provider(e) => {
+            assert_eq!(e.kind, ErrorKind::Panic);
+            assert!(e.message.contains("panic requested for authorize"), "{e}");
+        }
+        other => panic!("expected a panic error, got {other:?}"),
+    }
+    assert_eq!(err.code(), "provider.panic");
+    assert!(err.outcome_is_unknown(), "a panic mid-call may have moved money");
+
+    let ok = sandbox
+        .call(authorize("ps_panic", "k2", Value::Null))
+        .await
+        .unwrap();
+    assert_eq!(ok.outcome, Outcome::Processed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_past_its_deadline_comes_back_unknown_promptly() {
+    let s = Scratch::new();
+    let (_config, report) = s.load(BOTH); // sandbox timeout_ms = 500
+    let sandbox = report.providers.get("sandbox").unwrap();
+    let started = Instant::now();
+    let err = sandbox
+        .call(authorize(
+            "ps_slow",
+            "slow-1",
+            json!({"sandbox": {"authorize": {"delay_ms": 3000}}}),
+        ))
+        .await
+        .unwrap_err();
+    let elapsed = started.elapsed();
+    assert!(matches!(err, CallError::Unknown { .. }), "{err:?}");
+    assert!(err.to_string().contains("500 ms"), "{err}");
+    assert!(
+        elapsed >= Duration::from_millis(500) && elapsed < Duration::from_millis(500 + 400),
+        "took {elapsed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overrunning_call_keeps_its_slot_so_the_limit_holds_and_later_calls_are_not_attempted() {
+    let s = Scratch::new();
+    let (_config, report) = s.load(&BOTH.replace("max_concurrency = 4", "max_concurrency = 1"));
+    let sandbox = report.providers.get("sandbox").unwrap();
+    let slow = sandbox.call(authorize(
+        "ps_busy",
+        "busy-1",
+        json!({"sandbox": {"authorize": {"delay_ms": 1500}}}),
+    ));
+    let err = slow.await.unwrap_err();
+    assert!(matches!(err, CallError::Unknown { .. }));
+    assert_eq!(sandbox.calls_in_progress(), 1, "the overrunning call still runs");
+
+    let err = sandbox
+        .call(authorize("ps_busy2", "busy-2", Value::Null))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CallError::NotAttempted { .. }), "{err:?}");
+    assert!(!err.outcome_is_unknown());
+
+    // Once the slow call returns, its slot is free again.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(sandbox.calls_in_progress(), 0);
+    let ok = sandbox
+        .call(authorize("ps_busy2", "busy-3", Value::Null))
+        .await
+        .unwrap();
+    assert_eq!(ok.outcome, Outcome::Processed);
+}
+
+/// Collects formatted log lines.
+#[derive(Clone, Default)]
+struct Lines(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_providers_tracing_events_reach_the_host_tagged_with_the_provider_id() {
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // Global: the provider is called from the runtime's blocking threads.
+    tracing::subscriber::set_global_default(subscriber).expect("no other subscriber in this test");
+    {
+        let s = Scratch::new();
+        // Two instances of one library with different options: each logs under its own id.
+        let (_c, report) = s.load(&format!(
+            "{BOTH}\n[providers.sandbox_eu]\nlibrary = \"payhost_provider_sandbox\"\n[providers.sandbox_eu.options]\nstate_dir = \"{{state}}\"\nwebhook_secret = \"whsec_eu_secret\"\n"
+        ));
+        assert!(report.failures.is_empty(), "{:?}", report.failures);
+        assert_eq!(report.providers.len(), 3);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let eu = report.providers.get("sandbox_eu").unwrap();
+            eu.call(authorize("ps_log", "log-1", json!({"sandbox": {"authorize": "panic"}})))
+                .await
+                .unwrap_err();
+        });
+    }
+    let out = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+    let ready: Vec<&str> = out.lines().filter(|l| l.contains("sandbox ready")).collect();
+    assert!(
+        ready.iter().any(|l| l.contains("provider=\"sandbox\"") || l.contains("provider=sandbox ")),
+        "{out}"
+    );
+    assert!(ready.iter().any(|l| l.contains("sandbox_eu")), "{out}");
+    let panic_line = out
+        .lines()
+        .find(|l| l.contains("provider panicked: sandbox: panic requested"))
+        .unwrap_or_else(|| panic!("the panic was not reported through the host:\n{out}"));
+    assert!(panic_line.contains("sandbox_eu"), "{panic_line}");
+    assert!(panic_line.contains("ERROR"), "{panic_line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_system_provider_answers_across_the_boundary() {
+    let s = Scratch::new();
+    let (_config, report) = s.load(BOTH);
+    let system = report.providers.get("system").unwrap();
+    let answer = system
+        .call(InitiateRequest {
+            session_id: "ps_sys".into(),
+            idempotency_key: "init-1".into(),
+            amount: 500,
+            currency_code: "usd".into(),
+            context: Value::Null,
+            data: Value::Null,
+            deadline_unix_ms: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(answer.outcome, Outcome::Processed);
+    let err = system
+        .call(authorize("ps_sys", "a-0", Value::Null).with_amount(0))
+        .await
+        .unwrap_err();
+    match err {
+        CallError::Provider(e) => {
+            assert_eq!(e.kind, ErrorKind::InvalidRequest);
+            assert_eq!(e.param.as_deref(), Some("amount"));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+trait WithAmount {
+    fn with_amount(self, amount: i64) -> Self;
+}
+
+impl WithAmount for AuthorizeRequest {
+    fn with_amount(mut self, amount: i64) -> Self {
+        self.amount = amount;
+        self
+    }
+}
