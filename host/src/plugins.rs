@@ -515,19 +515,7 @@ fn open(path: &Path, pin: Option<&str>) -> Result<Arc<LoadedLibrary>, LoadError>
             host_version,
             report,
         } => {
-            let lines: Vec<&str> = report.lines().filter(|l| !l.trim().is_empty()).collect();
-            let mut summary = lines
-                .iter()
-                .take(REPORT_LINES)
-                .map(|l| format!("  | {l}"))
-                .collect::<Vec<_>>()
-                .join("\n");
-            if lines.len() > REPORT_LINES {
-                summary.push_str(&format!(
-                    "\n  | … {} more lines at log level debug",
-                    lines.len() - REPORT_LINES
-                ));
-            }
+            let summary = summarize_report(&report);
             LoadError::IncompatibleAbi {
                 path: path.to_owned(),
                 host_major: host_version.split('.').next().unwrap_or("?").to_owned(),
@@ -541,6 +529,31 @@ fn open(path: &Path, pin: Option<&str>) -> Result<Arc<LoadedLibrary>, LoadError>
     let loaded = Arc::new(LoadedLibrary { module, sha256 });
     libraries.insert(path.to_owned(), loaded.clone());
     Ok(loaded)
+}
+
+/// The lines of abi_stable's report that say what differs (its `Error:` entries with their
+/// expected/found values), else its first lines; at most [`REPORT_LINES`], each prefixed `  | `.
+fn summarize_report(report: &str) -> String {
+    let lines: Vec<&str> = report.lines().filter(|l| !l.trim().is_empty()).collect();
+    let mut picked = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim_start().starts_with("Error:") {
+            picked.extend(lines[i..].iter().take(5).copied());
+        }
+    }
+    if picked.is_empty() {
+        picked = lines.clone();
+    }
+    let mut summary = picked
+        .iter()
+        .take(REPORT_LINES)
+        .map(|l| format!("  | {l}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    if lines.len() > REPORT_LINES {
+        summary.push_str("\n  | (abi_stable's full report is logged at debug level)");
+    }
+    summary
 }
 
 fn read_manifest(

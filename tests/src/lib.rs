@@ -118,7 +118,10 @@ impl Scratch {
         let path = self.dir.path().join("payhost.toml");
         let text = text
             .replace("{plugins}", &artifacts().display().to_string())
-            .replace("{state}", &self.dir.path().join("state").display().to_string());
+            .replace(
+                "{state}",
+                &self.dir.path().join("state").display().to_string(),
+            );
         std::fs::write(&path, text).expect("write config");
         path
     }

@@ -27,7 +27,11 @@ async fn a_provider_that_panics_in_authorize_gives_a_typed_error_and_the_next_ca
     let sandbox = report.providers.get("sandbox").unwrap();
 
     let err = sandbox
-        .call(authorize("ps_panic", "k1", json!({"sandbox": {"authorize": "panic"}})))
+        .call(authorize(
+            "ps_panic",
+            "k1",
+            json!({"sandbox": {"authorize": "panic"}}),
+        ))
         .await
         .unwrap_err();
     match &err {
@@ -38,7 +42,10 @@ async fn a_provider_that_panics_in_authorize_gives_a_typed_error_and_the_next_ca
         other => panic!("expected a panic error, got {other:?}"),
     }
     assert_eq!(err.code(), "provider.panic");
-    assert!(err.outcome_is_unknown(), "a panic mid-call may have moved money");
+    assert!(
+        err.outcome_is_unknown(),
+        "a panic mid-call may have moved money"
+    );
 
     let ok = sandbox
         .call(authorize("ps_panic", "k2", Value::Null))
@@ -82,7 +89,11 @@ async fn an_overrunning_call_keeps_its_slot_so_the_limit_holds_and_later_calls_a
     ));
     let err = slow.await.unwrap_err();
     assert!(matches!(err, CallError::Unknown { .. }));
-    assert_eq!(sandbox.calls_in_progress(), 1, "the overrunning call still runs");
+    assert_eq!(
+        sandbox.calls_in_progress(),
+        1,
+        "the overrunning call still runs"
+    );
 
     let err = sandbox
         .call(authorize("ps_busy2", "busy-2", Value::Null))
@@ -134,18 +145,30 @@ fn a_providers_tracing_events_reach_the_host_tagged_with_the_provider_id() {
         ));
         assert!(report.failures.is_empty(), "{:?}", report.failures);
         assert_eq!(report.providers.len(), 3);
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let eu = report.providers.get("sandbox_eu").unwrap();
-            eu.call(authorize("ps_log", "log-1", json!({"sandbox": {"authorize": "panic"}})))
-                .await
-                .unwrap_err();
+            eu.call(authorize(
+                "ps_log",
+                "log-1",
+                json!({"sandbox": {"authorize": "panic"}}),
+            ))
+            .await
+            .unwrap_err();
         });
     }
     let out = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
-    let ready: Vec<&str> = out.lines().filter(|l| l.contains("sandbox ready")).collect();
+    let ready: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("sandbox ready"))
+        .collect();
     assert!(
-        ready.iter().any(|l| l.contains("provider=\"sandbox\"") || l.contains("provider=sandbox ")),
+        ready
+            .iter()
+            .any(|l| l.contains("provider=\"sandbox\"") || l.contains("provider=sandbox ")),
         "{out}"
     );
     assert!(ready.iter().any(|l| l.contains("sandbox_eu")), "{out}");

@@ -22,7 +22,10 @@ fn check_loads_the_system_and_sandbox_plugins_and_shows_their_provenance() {
         "sha256",
         "2 loaded, 0 failed, 0 disabled",
     ] {
-        assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
     }
     assert!(!stdout.contains("whsec_test_secret"), "{stdout}");
 }
@@ -31,7 +34,10 @@ fn check_loads_the_system_and_sandbox_plugins_and_shows_their_provenance() {
 fn check_json_reports_manifests_and_digests() {
     let s = Scratch::new();
     let config = s.config(BOTH);
-    let out = payhost(&["check", "--json", "--config", config.to_str().unwrap()], &[]);
+    let out = payhost(
+        &["check", "--json", "--config", config.to_str().unwrap()],
+        &[],
+    );
     assert!(out.status.success());
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let loaded = report["loaded"].as_array().unwrap();
@@ -75,15 +81,22 @@ fn a_text_file_is_refused_as_not_a_library() {
 
 #[test]
 fn a_system_library_is_refused_as_not_a_payhost_plugin() {
-    let libz = ["/usr/lib/x86_64-linux-gnu/libz.so.1", "/lib/x86_64-linux-gnu/libz.so.1", "/usr/lib/libz.so.1"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .expect("libz is on every Debian machine");
+    let libz = [
+        "/usr/lib/x86_64-linux-gnu/libz.so.1",
+        "/lib/x86_64-linux-gnu/libz.so.1",
+        "/usr/lib/libz.so.1",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())
+    .expect("libz is on every Debian machine");
     let out = payhost(&["inspect", libz], &[]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
     assert!(stderr.contains("plugin.not_a_plugin"), "{stderr}");
-    assert!(stderr.contains("is not a payhost provider plugin"), "{stderr}");
+    assert!(
+        stderr.contains("is not a payhost provider plugin"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -97,16 +110,25 @@ fn an_incompatible_plugin_is_refused_and_the_others_still_load() {
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("FAIL  old"), "{stdout}");
     assert!(stdout.contains("plugin.incompatible_abi"), "{stdout}");
-    assert!(stdout.contains("libpayhost_fixture_incompatible.so"), "{stdout}");
+    assert!(
+        stdout.contains("libpayhost_fixture_incompatible.so"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("plugin 1.9.0, host 1.1.0"),
         "both versions must be named:\n{stdout}"
     );
-    assert!(stdout.contains("ok    system") && stdout.contains("ok    sandbox"), "{stdout}");
+    assert!(
+        stdout.contains("ok    system") && stdout.contains("ok    sandbox"),
+        "{stdout}"
+    );
     assert!(stdout.contains("2 loaded, 1 failed"), "{stdout}");
     // Only the first lines of abi_stable's report are shown.
     let report_lines = stdout.lines().filter(|l| l.contains("  | ")).count();
-    assert!((1..=9).contains(&report_lines), "{report_lines} lines:\n{stdout}");
+    assert!(
+        (1..=9).contains(&report_lines),
+        "{report_lines} lines:\n{stdout}"
+    );
 }
 
 #[test]
@@ -119,7 +141,10 @@ fn a_plugin_with_no_protocol_in_common_is_refused_naming_both() {
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout.contains("plugin.incompatible_protocol"), "{stdout}");
-    assert!(stdout.contains("[99]") && stdout.contains("[1]"), "{stdout}");
+    assert!(
+        stdout.contains("[99]") && stdout.contains("[1]"),
+        "{stdout}"
+    );
     assert!(stdout.contains("2 loaded, 1 failed"), "{stdout}");
 }
 
@@ -205,7 +230,9 @@ fn options_a_provider_refuses_point_at_their_line() {
 fn a_sha256_mismatch_shows_expected_and_actual() {
     let pin = "0".repeat(64);
     let (code, out) = check(
-        &format!("[plugins]\ndir = \"{{plugins}}\"\n[providers.system]\nlibrary = \"payhost_provider_system\"\nsha256 = \"{pin}\"\n"),
+        &format!(
+            "[plugins]\ndir = \"{{plugins}}\"\n[providers.system]\nlibrary = \"payhost_provider_system\"\nsha256 = \"{pin}\"\n"
+        ),
         &[],
     );
     assert_eq!(code, Some(1), "{out}");
@@ -217,14 +244,24 @@ fn a_sha256_mismatch_shows_expected_and_actual() {
 #[test]
 fn a_correct_sha256_pin_loads() {
     let bytes = std::fs::read(library("payhost_provider_system")).unwrap();
-    let out = payhost(&["inspect", library("payhost_provider_system").to_str().unwrap(), "--json"], &[]);
+    let out = payhost(
+        &[
+            "inspect",
+            library("payhost_provider_system").to_str().unwrap(),
+            "--json",
+        ],
+        &[],
+    );
     let digest = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["sha256"]
         .as_str()
         .unwrap()
         .to_owned();
     assert!(!bytes.is_empty());
     let (code, out) = check(
-        &format!("[plugins]\ndir = \"{{plugins}}\"\n[providers.system]\nlibrary = \"payhost_provider_system\"\nsha256 = \"{}\"\n", digest.to_uppercase()),
+        &format!(
+            "[plugins]\ndir = \"{{plugins}}\"\n[providers.system]\nlibrary = \"payhost_provider_system\"\nsha256 = \"{}\"\n",
+            digest.to_uppercase()
+        ),
         &[],
     );
     assert_eq!(code, Some(0), "{out}");
@@ -269,10 +306,7 @@ fn a_disabled_provider_is_not_loaded() {
 #[test]
 fn the_example_config_checks_out_of_the_box() {
     let config = payhost_e2e::workspace().join("config/payhost.toml");
-    let out = payhost(
-        &["check", "--config", config.to_str().unwrap()],
-        &[],
-    );
+    let out = payhost(&["check", "--config", config.to_str().unwrap()], &[]);
     assert!(
         out.status.success(),
         "{}{}",

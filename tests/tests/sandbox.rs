@@ -133,7 +133,11 @@ async fn a_plain_card_is_authorized_captured_in_parts_and_refunded_in_parts() {
     let truth = f.sandbox.call(retrieve("ps_ok", None)).await.unwrap();
     assert_eq!(truth.status, RemoteStatus::Captured);
     assert_eq!(
-        (truth.amount_authorized, truth.amount_captured, truth.amount_refunded),
+        (
+            truth.amount_authorized,
+            truth.amount_captured,
+            truth.amount_refunded
+        ),
         (Some(2000), Some(2000), Some(2000))
     );
 }
@@ -147,7 +151,11 @@ async fn declining_cards_are_declined_with_their_codes() {
     ] {
         let session = format!("ps_{code}");
         let data = start(&f, &session, json!({ "card_number": card })).await;
-        let r = f.sandbox.call(auth(&session, &format!("{session}:a"), &data)).await.unwrap();
+        let r = f
+            .sandbox
+            .call(auth(&session, &format!("{session}:a"), &data))
+            .await
+            .unwrap();
         match r.outcome {
             Outcome::Declined { code: Some(c), .. } => assert_eq!(c, code),
             other => panic!("{other:?}"),
@@ -170,7 +178,11 @@ async fn a_3ds_card_requires_more_then_authorizes_on_the_next_authorize() {
         other => panic!("{other:?}"),
     }
     assert_eq!(
-        f.sandbox.call(retrieve("ps_3ds", None)).await.unwrap().status,
+        f.sandbox
+            .call(retrieve("ps_3ds", None))
+            .await
+            .unwrap()
+            .status,
         RemoteStatus::RequiresMore
     );
     let second = f.sandbox.call(auth("ps_3ds", "a2", &data)).await.unwrap();
@@ -184,7 +196,11 @@ async fn a_pending_authorization_completes_with_a_signed_webhook() {
     let r = f.sandbox.call(auth("ps_pend", "a1", &data)).await.unwrap();
     assert_eq!(r.outcome, Outcome::Pending);
     assert_eq!(
-        f.sandbox.call(retrieve("ps_pend", None)).await.unwrap().status,
+        f.sandbox
+            .call(retrieve("ps_pend", None))
+            .await
+            .unwrap()
+            .status,
         RemoteStatus::Pending
     );
 
@@ -210,7 +226,11 @@ async fn a_pending_authorization_completes_with_a_signed_webhook() {
     assert_eq!(event.amount, Some(2000));
     assert!(event.event_id.starts_with("evt_"));
     assert_eq!(
-        f.sandbox.call(retrieve("ps_pend", None)).await.unwrap().status,
+        f.sandbox
+            .call(retrieve("ps_pend", None))
+            .await
+            .unwrap()
+            .status,
         RemoteStatus::Authorized
     );
 
@@ -224,7 +244,10 @@ async fn a_pending_authorization_completes_with_a_signed_webhook() {
         })
         .await
         .unwrap_err();
-    assert!(matches!(forged, CallError::Provider(ref e) if e.kind == ErrorKind::InvalidSignature), "{forged:?}");
+    assert!(
+        matches!(forged, CallError::Provider(ref e) if e.kind == ErrorKind::InvalidSignature),
+        "{forged:?}"
+    );
     // Replayed long after it was signed.
     let stale = f
         .sandbox
@@ -246,7 +269,9 @@ async fn a_pending_authorization_completes_with_a_signed_webhook() {
         })
         .await
         .unwrap_err();
-    assert!(matches!(unsigned, CallError::Provider(ref e) if e.kind == ErrorKind::InvalidSignature));
+    assert!(
+        matches!(unsigned, CallError::Provider(ref e) if e.kind == ErrorKind::InvalidSignature)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,7 +280,10 @@ async fn a_webhook_signed_with_another_secret_is_refused() {
     let other = sandbox_with(&BOTH.replace("whsec_test_secret", "whsec_someone_else"));
     let hook = other
         .sandbox
-        .call_custom("webhook", json!({"session_id": "ps_x", "type": "payment.captured", "amount": 5}))
+        .call_custom(
+            "webhook",
+            json!({"session_id": "ps_x", "type": "payment.captured", "amount": 5}),
+        )
         .await
         .unwrap();
     let err = f
@@ -283,7 +311,11 @@ async fn not_attempted_records_nothing_and_retrieve_says_so() {
         .await
         .unwrap();
     assert!(matches!(truth.attempt, Some(Outcome::NotAttempted { .. })));
-    assert_eq!(truth.status, RemoteStatus::Pending, "initiated, never authorized");
+    assert_eq!(
+        truth.status,
+        RemoteStatus::Pending,
+        "initiated, never authorized"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,12 +353,28 @@ async fn a_repeated_key_replays_the_first_result_and_a_reused_key_is_refused() {
     let f = sandbox();
     let data = start(&f, "ps_idem", Value::Null).await;
     f.sandbox.call(auth("ps_idem", "a1", &data)).await.unwrap();
-    let first = f.sandbox.call(capture("ps_idem", "c1", 1200)).await.unwrap();
-    let replay = f.sandbox.call(capture("ps_idem", "c1", 1200)).await.unwrap();
+    let first = f
+        .sandbox
+        .call(capture("ps_idem", "c1", 1200))
+        .await
+        .unwrap();
+    let replay = f
+        .sandbox
+        .call(capture("ps_idem", "c1", 1200))
+        .await
+        .unwrap();
     assert_eq!(first, replay);
     let truth = f.sandbox.call(retrieve("ps_idem", None)).await.unwrap();
-    assert_eq!(truth.amount_captured, Some(1200), "captured once, not twice");
-    let reused = f.sandbox.call(capture("ps_idem", "c1", 300)).await.unwrap_err();
+    assert_eq!(
+        truth.amount_captured,
+        Some(1200),
+        "captured once, not twice"
+    );
+    let reused = f
+        .sandbox
+        .call(capture("ps_idem", "c1", 300))
+        .await
+        .unwrap_err();
     match reused {
         CallError::Provider(e) => assert_eq!(e.code.as_deref(), Some("idempotency_key_reused")),
         other => panic!("{other:?}"),
@@ -339,7 +387,10 @@ async fn the_ledger_survives_a_restart_and_retrieve_answers_truthfully() {
     let (_c, report) = scratch.load(BOTH);
     let first = report.providers.get("sandbox").unwrap().clone();
     first.call(init("ps_crash", Value::Null)).await.unwrap();
-    first.call(auth("ps_crash", "a1", &Value::Null)).await.unwrap();
+    first
+        .call(auth("ps_crash", "a1", &Value::Null))
+        .await
+        .unwrap();
     first.call(capture("ps_crash", "c1", 800)).await.unwrap();
 
     // A new instance on the same state folder (as after a host restart) sees what happened.
@@ -370,7 +421,12 @@ async fn a_delay_is_honoured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_requested_processor_error_is_retryable_and_a_panic_is_caught() {
     let f = sandbox();
-    let data = start(&f, "ps_err", json!({"sandbox": {"capture": "error", "refund": "panic"}})).await;
+    let data = start(
+        &f,
+        "ps_err",
+        json!({"sandbox": {"capture": "error", "refund": "panic"}}),
+    )
+    .await;
     f.sandbox.call(auth("ps_err", "a1", &data)).await.unwrap();
     let mut c = capture("ps_err", "c1", 100);
     c.data = data.clone();
@@ -393,7 +449,10 @@ async fn a_requested_processor_error_is_retryable_and_a_panic_is_caught() {
 async fn cancel_releases_an_authorization_and_blocks_later_captures() {
     let f = sandbox();
     let data = start(&f, "ps_cancel", Value::Null).await;
-    f.sandbox.call(auth("ps_cancel", "a1", &data)).await.unwrap();
+    f.sandbox
+        .call(auth("ps_cancel", "a1", &data))
+        .await
+        .unwrap();
     let r = f
         .sandbox
         .call(CancelRequest {
@@ -408,10 +467,18 @@ async fn cancel_releases_an_authorization_and_blocks_later_captures() {
         .await
         .unwrap();
     assert_eq!(r.outcome, Outcome::Processed);
-    let err = f.sandbox.call(capture("ps_cancel", "c1", 100)).await.unwrap_err();
+    let err = f
+        .sandbox
+        .call(capture("ps_cancel", "c1", 100))
+        .await
+        .unwrap_err();
     assert_eq!(conflict_code(err), "payment_not_capturable");
     assert_eq!(
-        f.sandbox.call(retrieve("ps_cancel", None)).await.unwrap().status,
+        f.sandbox
+            .call(retrieve("ps_cancel", None))
+            .await
+            .unwrap()
+            .status,
         RemoteStatus::Canceled
     );
 }

@@ -52,11 +52,14 @@ fn build_all(root: &Path) -> Result<(), String> {
 
 fn run(root: &Path, args: &[String]) -> Result<(), String> {
     build_all(root)?;
-    let exe = root.join("target/debug").join(format!("payhost{}", std::env::consts::EXE_SUFFIX));
+    let exe = root
+        .join("target/debug")
+        .join(format!("payhost{}", std::env::consts::EXE_SUFFIX));
     let mut c = Command::new(exe);
     c.current_dir(root);
     if args.is_empty() {
-        c.args(["serve", "--config"]).arg(PathBuf::from("config/payhost.toml"));
+        c.args(["serve", "--config"])
+            .arg(PathBuf::from("config/payhost.toml"));
     } else {
         c.args(args);
     }
@@ -66,7 +69,8 @@ fn run(root: &Path, args: &[String]) -> Result<(), String> {
 fn test(root: &Path, args: &[String]) -> Result<(), String> {
     build_all(root)?;
     let mut c = cargo(root);
-    c.args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(args);
+    c.args(["nextest", "run", "--workspace", "--no-fail-fast"])
+        .args(args);
     status(c)?;
     let mut c = cargo(root);
     c.args(["test", "--workspace", "--doc"]);

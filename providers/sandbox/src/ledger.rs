@@ -195,8 +195,8 @@ impl Locked<'_> {
 
     /// Records an effect; once this returns, the sandbox "did" it.
     pub fn record(&mut self, entry: Entry) -> Result<(), ProviderError> {
-        let mut line = serde_json::to_string(&entry)
-            .map_err(|e| ProviderError::internal(e.to_string()))?;
+        let mut line =
+            serde_json::to_string(&entry).map_err(|e| ProviderError::internal(e.to_string()))?;
         line.push('\n');
         // One write of a whole line, in append mode: concurrent writers never interleave.
         self.file.write_all(line.as_bytes()).map_err(io_error)?;

@@ -306,14 +306,17 @@ impl PaymentProvider for SandboxProvider {
             .param("options.webhook_secret"));
         }
         if options.webhook_tolerance_s <= 0 {
-            return Err(ProviderError::invalid_options(
-                "webhook_tolerance_s must be positive",
-            )
-            .param("options.webhook_tolerance_s"));
+            return Err(
+                ProviderError::invalid_options("webhook_tolerance_s must be positive")
+                    .param("options.webhook_tolerance_s"),
+            );
         }
         let dir = ctx.resolve_path(&options.state_dir);
-        let ledger = Ledger::open(&dir, &ctx.instance_id, options.fsync)
-            .map_err(|e| ProviderError { param: Some("options.state_dir".into()), ..e })?;
+        let ledger =
+            Ledger::open(&dir, &ctx.instance_id, options.fsync).map_err(|e| ProviderError {
+                param: Some("options.state_dir".into()),
+                ..e
+            })?;
         tracing::info!(ledger = %ledger.path().display(), "sandbox ready");
         Ok(SandboxProvider {
             ledger,
@@ -637,7 +640,14 @@ impl PaymentProvider for SandboxProvider {
                 } else {
                     "payment.failed"
                 };
-                Ok(self.webhook(&event_id, kind, &s.session_id, Some(amount), Some(currency), None))
+                Ok(self.webhook(
+                    &event_id,
+                    kind,
+                    &s.session_id,
+                    Some(amount),
+                    Some(currency),
+                    None,
+                ))
             }
             // Signs an arbitrary event, changing nothing (for duplicate and ordering tests).
             "webhook" => {
@@ -663,7 +673,8 @@ impl PaymentProvider for SandboxProvider {
                 self.ledger.with(|l| {
                     let mut entries = l.entries_of(&session_id);
                     entries.sort_by_key(|e| e.at_unix_ms);
-                    serde_json::to_value(entries).map_err(|e| ProviderError::internal(e.to_string()))
+                    serde_json::to_value(entries)
+                        .map_err(|e| ProviderError::internal(e.to_string()))
                 })
             }
             other => Err(ProviderError::unsupported(&format!("x.{other}"))),
@@ -703,7 +714,11 @@ impl SandboxProvider {
 }
 
 fn or_unknown(status: &str) -> &str {
-    if status.is_empty() { "unknown to the sandbox" } else { status }
+    if status.is_empty() {
+        "unknown to the sandbox"
+    } else {
+        status
+    }
 }
 
 export_provider!(SandboxProvider);
