@@ -610,14 +610,10 @@ fn interpolate_value(
 ) {
     let span = value.span();
     match value.get_mut() {
-        DeValue::String(s) => {
-            if s.contains('$') {
-                match interpolate(s, env, secrets) {
-                    Ok(new) => *s = new.into(),
-                    Err(message) => errors.push((span, path.to_owned(), message)),
-                }
-            }
-        }
+        DeValue::String(s) if s.contains('$') => match interpolate(s, env, secrets) {
+            Ok(new) => *s = new.into(),
+            Err(message) => errors.push((span, path.to_owned(), message)),
+        },
         DeValue::Table(t) => interpolate_table(t, path, env, secrets, errors),
         DeValue::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {

@@ -1,6 +1,6 @@
 //! The `payhost` command: `check`, `inspect` and `serve`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -67,7 +67,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_config(path: &PathBuf) -> Result<Config, ExitCode> {
+fn load_config(path: &Path) -> Result<Config, ExitCode> {
     Config::from_file(path).map_err(|e| {
         eprintln!("error[{}]: {e}", e.kind.code());
         ExitCode::from(EXIT_CONFIG)
@@ -85,7 +85,7 @@ fn init_logging(level: &str, format: LogFormat) {
     };
 }
 
-fn check(path: &PathBuf, json: bool) -> ExitCode {
+fn check(path: &Path, json: bool) -> ExitCode {
     let config = match load_config(path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -195,7 +195,7 @@ fn check_json(config: &Config, report: &LoadReport, disabled: &[&str]) -> serde_
     })
 }
 
-fn inspect(library: &PathBuf, plugin_dir: Option<PathBuf>, json: bool) -> ExitCode {
+fn inspect(library: &Path, plugin_dir: Option<PathBuf>, json: bool) -> ExitCode {
     init_logging("warn", LogFormat::Text);
     let loader = match plugin_dir {
         Some(dir) => Loader::with_plugin_dir(dir),
@@ -254,7 +254,7 @@ fn print_inspection(i: &Inspection) {
     println!("sha256        {}", i.library.sha256);
 }
 
-fn serve(path: &PathBuf) -> ExitCode {
+fn serve(path: &Path) -> ExitCode {
     let config = match load_config(path) {
         Ok(c) => c,
         Err(code) => return code,

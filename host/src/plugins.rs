@@ -5,6 +5,10 @@
 //! (valid, protocol negotiated) → instantiate (options checked by the provider). Each step fails
 //! with its own [`LoadError`] naming the provider and the file.
 
+// Loading is a cold path, once per provider at start-up; its errors carry everything an operator
+// needs (paths, both versions, the layout report) rather than being boxed for size.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -241,10 +245,44 @@ struct LoadedLibrary {
     sha256: String,
 }
 
+/// A library in the cache, with the identity of its file when `sha256` was computed; the digest
+/// is reused while the identity holds.
+struct Cached {
+    library: Arc<LoadedLibrary>,
+    identity: FileIdentity,
+}
+
+/// What changes when a file is replaced or rewritten: device, inode, size, modification time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl FileIdentity {
+    fn of(meta: &std::fs::Metadata) -> FileIdentity {
+        #[cfg(unix)]
+        let (dev, ino) = {
+            use std::os::unix::fs::MetadataExt;
+            (meta.dev(), meta.ino())
+        };
+        #[cfg(not(unix))]
+        let (dev, ino) = (0, 0);
+        FileIdentity {
+            dev,
+            ino,
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        }
+    }
+}
+
 /// Every library this process opened, by canonical path. Libraries are never unloaded, and the
 /// same path always yields the code first loaded.
-fn loaded_libraries() -> &'static Mutex<HashMap<PathBuf, Arc<LoadedLibrary>>> {
-    static LIBRARIES: OnceLock<Mutex<HashMap<PathBuf, Arc<LoadedLibrary>>>> = OnceLock::new();
+fn loaded_libraries() -> &'static Mutex<HashMap<PathBuf, Cached>> {
+    static LIBRARIES: OnceLock<Mutex<HashMap<PathBuf, Cached>>> = OnceLock::new();
     LIBRARIES.get_or_init(Default::default)
 }
 
@@ -476,7 +514,14 @@ fn open(path: &Path, pin: Option<&str>) -> Result<Arc<LoadedLibrary>, LoadError>
             });
         }
     }
-    let sha256 = hex::encode(Sha256::digest(std::fs::read(path).map_err(io)?));
+    let identity = FileIdentity::of(&meta);
+    let mut libraries = loaded_libraries().lock().unwrap_or_else(|e| e.into_inner());
+    // Hashing dominates a load (milliseconds for a release build); a file already loaded and
+    // unchanged since keeps its digest.
+    let sha256 = match libraries.get(path) {
+        Some(c) if c.identity == identity => c.library.sha256.clone(),
+        _ => hex::encode(Sha256::digest(std::fs::read(path).map_err(io)?)),
+    };
     if let Some(expected) = pin
         && expected != sha256
     {
@@ -486,16 +531,16 @@ fn open(path: &Path, pin: Option<&str>) -> Result<Arc<LoadedLibrary>, LoadError>
             actual: sha256,
         });
     }
-    let mut libraries = loaded_libraries().lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(loaded) = libraries.get(path) {
-        if loaded.sha256 != sha256 {
+    if let Some(cached) = libraries.get_mut(path) {
+        if cached.library.sha256 != sha256 {
             return Err(LoadError::ChangedOnDisk {
                 path: path.to_owned(),
-                loaded: loaded.sha256.clone(),
+                loaded: cached.library.sha256.clone(),
                 now: sha256,
             });
         }
-        return Ok(loaded.clone());
+        cached.identity = identity;
+        return Ok(cached.library.clone());
     }
     let module = open_plugin(path).map_err(|e| match e {
         OpenError::NotALibrary(message) => LoadError::NotALibrary {
@@ -527,7 +572,13 @@ fn open(path: &Path, pin: Option<&str>) -> Result<Arc<LoadedLibrary>, LoadError>
         }
     })?;
     let loaded = Arc::new(LoadedLibrary { module, sha256 });
-    libraries.insert(path.to_owned(), loaded.clone());
+    libraries.insert(
+        path.to_owned(),
+        Cached {
+            library: loaded.clone(),
+            identity,
+        },
+    );
     Ok(loaded)
 }
 

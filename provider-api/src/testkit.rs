@@ -102,6 +102,12 @@ impl TestHost {
             .clone()
     }
 
+    /// Host services backed by this test host, to build a provider's [`crate::ProviderContext`]
+    /// by hand in a unit test.
+    pub fn services(&self) -> crate::HostServices {
+        crate::HostServices::new(self.inner.clone())
+    }
+
     /// Instantiates `P` with these options as the host would (instance id `test`, config folder
     /// the current directory). `Err` is what the operator would see at load.
     pub fn instantiate<P: PaymentProvider>(

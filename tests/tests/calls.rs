@@ -221,3 +221,33 @@ impl WithAmount for AuthorizeRequest {
         self
     }
 }
+
+#[test]
+fn a_library_replaced_on_disk_after_loading_is_refused_until_restart() {
+    use payhost::config::{LibrarySource, ProviderSettings};
+    let s = Scratch::new();
+    let path = s.dir.path().join("libswap.so");
+    std::fs::copy(payhost_e2e::library("payhost_provider_system"), &path).unwrap();
+    let settings = ProviderSettings {
+        id: "swap".into(),
+        library: LibrarySource::Path(path.clone()),
+        enabled: true,
+        sha256: None,
+        timeout: Duration::from_secs(5),
+        max_concurrency: 1,
+        options: json!({}),
+    };
+    let loader = payhost::Loader::with_plugin_dir(s.dir.path());
+    let first = loader.load(&settings, None).unwrap();
+    // A second instance of the unchanged file reuses the loaded library.
+    let again = loader.load(&settings, None).unwrap();
+    assert_eq!(first.library(), again.library());
+
+    // Replace the file by rename (as an upgrade should not: same name), never in place.
+    let other = s.dir.path().join("libother.so");
+    std::fs::copy(payhost_e2e::library("payhost_provider_sandbox"), &other).unwrap();
+    std::fs::rename(&other, &path).unwrap();
+    let err = loader.load(&settings, None).unwrap_err();
+    assert_eq!(err.code(), "plugin.changed_on_disk");
+    assert!(err.to_string().contains(&first.library().sha256), "{err}");
+}

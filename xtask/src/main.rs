@@ -1,7 +1,7 @@
 //! Repository commands, so that the README's two commands stay one line each:
 //! - `cargo xtask run [-- <payhost args>]`: build the host and every plugin, then run
 //!   `payhost serve --config config/payhost.toml` (or the given arguments);
-//! - `cargo xtask test`: build everything, then run every test (nextest, then doctests).
+//! - `cargo xtask test`: build everything, then run every test (doctests, then nextest).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
