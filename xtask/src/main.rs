@@ -68,11 +68,12 @@ fn run(root: &Path, args: &[String]) -> Result<(), String> {
 
 fn test(root: &Path, args: &[String]) -> Result<(), String> {
     build_all(root)?;
+    // Doctests first (nextest does not run them), so the run closes on nextest's summary.
+    let mut c = cargo(root);
+    c.args(["test", "--workspace", "--doc", "--quiet"]);
+    status(c)?;
     let mut c = cargo(root);
     c.args(["nextest", "run", "--workspace", "--no-fail-fast"])
         .args(args);
-    status(c)?;
-    let mut c = cargo(root);
-    c.args(["test", "--workspace", "--doc"]);
     status(c)
 }
