@@ -125,3 +125,105 @@ async fn a_plugin_built_against_provider_api_1_0_loads_and_works_in_todays_host(
     let inspected = Loader::new(&config).inspect(&library).unwrap();
     assert_eq!(inspected.manifest.id, "system");
 }
+
+/// Builds today's system provider against today's provider-api renumbered 1.99.0 (a future minor
+/// release with the same envelope and protocol); returns the library file.
+fn build_future_plugin() -> PathBuf {
+    let root = workspace();
+    let target = artifacts().parent().unwrap().join("compat");
+    let src = target.join("src-future");
+    let _ = std::fs::remove_dir_all(&src);
+    for dir in ["provider-api/src", "providers/system/src"] {
+        std::fs::create_dir_all(src.join(dir)).unwrap();
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), src.join(dir).join(entry.file_name())).unwrap();
+        }
+    }
+    let api_manifest = std::fs::read_to_string(root.join("provider-api/Cargo.toml")).unwrap();
+    let renumbered = api_manifest.replacen(
+        &format!("version = \"{API_VERSION}\""),
+        "version = \"1.99.0\"",
+        1,
+    );
+    assert_ne!(
+        api_manifest, renumbered,
+        "provider-api's version line moved"
+    );
+    std::fs::write(src.join("provider-api/Cargo.toml"), renumbered).unwrap();
+    std::fs::copy(
+        root.join("providers/system/Cargo.toml"),
+        src.join("providers/system/Cargo.toml"),
+    )
+    .unwrap();
+    std::fs::copy(root.join("README.md"), src.join("README.md")).unwrap();
+    std::fs::copy(root.join("Cargo.lock"), src.join("Cargo.lock")).unwrap();
+    let workspace_manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let start = workspace_manifest.find("members = [").unwrap();
+    let end = workspace_manifest[start..].find("]\n").unwrap() + start + 2;
+    let mut manifest = workspace_manifest.clone();
+    manifest.replace_range(
+        start..end,
+        "members = [\"provider-api\", \"providers/system\"]\n",
+    );
+    let manifest = manifest
+        .lines()
+        .filter(|l| !l.starts_with("default-members"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace(
+            &format!("version = \"{API_VERSION}\" }}"),
+            "version = \"1.99.0\" }",
+        );
+    std::fs::write(src.join("Cargo.toml"), manifest).unwrap();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(&src)
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "payhost-provider-system",
+            "--target-dir",
+        ])
+        .arg(target.join("future"))
+        .output()
+        .expect("cargo build of the future plugin");
+    assert!(
+        out.status.success(),
+        "building the future plugin failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    target.join("future/debug").join(format!(
+        "{}payhost_provider_system{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_built_against_a_newer_provider_api_loads_while_they_share_a_protocol() {
+    let library = build_future_plugin();
+    let s = Scratch::new();
+    let (_config, report) = s.load(&format!(
+        "[providers.new_system]\npath = \"{}\"\n",
+        library.display()
+    ));
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    let new = report.providers.get("new_system").unwrap();
+    assert_eq!(new.manifest().api_version, "1.99.0");
+    assert_eq!(new.protocol(), 1);
+    let answer = new
+        .call(AuthorizeRequest {
+            session_id: "ps_new".into(),
+            idempotency_key: "new-a1".into(),
+            amount: 99,
+            currency_code: "jpy".into(),
+            context: Value::Null,
+            data: Value::Null,
+            deadline_unix_ms: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(answer.outcome, Outcome::Processed);
+}
