@@ -30,9 +30,13 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod domain;
+pub mod engine;
 pub mod plugins;
 pub mod provider;
+pub mod store;
 
+pub use engine::{EngineError, Host};
 pub use config::{Config, ConfigError, ConfigErrorKind, LibrarySource, ProviderSettings};
 pub use plugins::{Inspection, LoadError, LoadFailure, LoadReport, Loader, Providers};
 pub use provider::{CallError, Clock, LibraryInfo, Provider, SystemClock};

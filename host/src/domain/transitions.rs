@@ -1,0 +1,200 @@
+//! The transition tables: the only code that decides a status. A provider's answer is an input
+//! here, never the new status by itself, and terminal states never move back.
+
+use payhost_provider_api::{Outcome, WebhookAction};
+
+use super::{CollectionStatus, Payment, PaymentSession, SessionStatus};
+
+/// What may happen to a session.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SessionInput<'a> {
+    /// The caller asks to authorize.
+    Authorize,
+    /// The caller asks to update amount, cart or context.
+    Update,
+    /// The caller asks to delete the session.
+    Delete,
+    /// The provider answered an authorize.
+    Authorized(&'a Outcome),
+    /// A webhook or a sync reported this.
+    Reported(WebhookAction),
+}
+
+/// The table's verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Allowed; the status becomes (or stays) this.
+    To(SessionStatus),
+    /// Allowed, nothing changes.
+    Unchanged,
+    /// Not applied: a late or out-of-order report about a session that has moved on. Logged.
+    Ignored(&'static str),
+    /// Refused: the caller asked for something this status does not allow.
+    Refused(String),
+}
+
+/// The session transition table.
+pub fn session(status: SessionStatus, input: SessionInput<'_>) -> Step {
+    use SessionInput as I;
+    use SessionStatus as S;
+    let open = matches!(status, S::Pending | S::RequiresMore);
+    match (status, input) {
+        (S::Pending | S::RequiresMore, I::Authorize | I::Update | I::Delete) => Step::Unchanged,
+        (S::Authorized, I::Authorize) => Step::Unchanged, // idempotent: already authorized
+        (_, I::Authorize | I::Update | I::Delete) => Step::Refused(format!(
+            "a session that is {} cannot be {}",
+            status.as_str(),
+            match input {
+                I::Authorize => "authorized",
+                I::Update => "updated",
+                _ => "deleted",
+            }
+        )),
+
+        (S::Pending | S::RequiresMore, I::Authorized(outcome)) => match outcome {
+            Outcome::Processed => Step::To(S::Authorized),
+            Outcome::RequiresMore { .. } => Step::To(S::RequiresMore),
+            Outcome::Pending => Step::To(S::Pending),
+            Outcome::Declined { .. } => Step::To(S::Error),
+            Outcome::NotAttempted { .. } | Outcome::Unknown { .. } => Step::Unchanged,
+        },
+        (_, I::Authorized(_)) => Step::Ignored("an authorize answer for a session that moved on"),
+
+        (_, I::Reported(action)) if open => match action {
+            WebhookAction::Authorized | WebhookAction::Captured => Step::To(S::Authorized),
+            WebhookAction::Failed => Step::To(S::Error),
+            WebhookAction::Canceled => Step::To(S::Canceled),
+            WebhookAction::RequiresMore => Step::To(S::RequiresMore),
+            WebhookAction::Pending | WebhookAction::NotSupported => Step::Unchanged,
+        },
+        (_, I::Reported(_)) => Step::Ignored("the session is in a terminal state"),
+    }
+}
+
+/// What may happen to a payment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PaymentInput {
+    /// Capture this much.
+    Capture(i64),
+    /// Refund this much.
+    Refund(i64),
+    /// Cancel (void).
+    Cancel,
+}
+
+/// Checks a payment operation against the payment's amounts and state; `Err` says why not.
+/// (The database enforces the same sums; this gives the clear message first.)
+pub fn payment(p: &Payment, input: PaymentInput) -> Result<(), String> {
+    let captured = p.captured_amount();
+    let refunded = p.refunded_amount();
+    if p.canceled_at.is_some() {
+        return Err("the payment is canceled".into());
+    }
+    match input {
+        PaymentInput::Capture(amount) => {
+            if captured.checked_add(amount).is_none_or(|t| t > p.amount) {
+                Err(format!(
+                    "capturing {amount} would exceed the authorized {} ({captured} already captured)",
+                    p.amount
+                ))
+            } else {
+                Ok(())
+            }
+        }
+        PaymentInput::Refund(amount) => {
+            if refunded.checked_add(amount).is_none_or(|t| t > captured) {
+                Err(format!(
+                    "refunding {amount} would exceed what was captured, {captured} ({refunded} already refunded)"
+                ))
+            } else {
+                Ok(())
+            }
+        }
+        PaymentInput::Cancel => {
+            if captured > 0 {
+                Err("a payment with captures cannot be canceled; refund it instead".into())
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A collection's status, derived.
+pub fn collection(
+    amount: i64,
+    sessions: &[PaymentSession],
+    payments: &[Payment],
+) -> (CollectionStatus, i64, i64, i64) {
+    let live: Vec<&Payment> = payments.iter().filter(|p| p.canceled_at.is_none()).collect();
+    let authorized: i64 = live.iter().map(|p| p.amount).sum();
+    let captured: i64 = payments.iter().map(|p| p.captured_amount()).sum();
+    let refunded: i64 = payments.iter().map(|p| p.refunded_amount()).sum();
+    let status = if !payments.is_empty() && live.is_empty() {
+        CollectionStatus::Canceled
+    } else if captured >= amount {
+        CollectionStatus::Completed
+    } else if authorized >= amount {
+        CollectionStatus::Authorized
+    } else if authorized > 0 {
+        CollectionStatus::PartiallyAuthorized
+    } else if sessions.iter().any(|s| {
+        matches!(
+            s.status,
+            SessionStatus::Pending | SessionStatus::RequiresMore
+        ) && s.is_initiated
+    }) {
+        CollectionStatus::Awaiting
+    } else {
+        CollectionStatus::NotPaid
+    };
+    (status, authorized, captured, refunded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use SessionStatus as S;
+
+    #[test]
+    fn terminal_session_states_never_move_back() {
+        for terminal in [S::Authorized, S::Error, S::Canceled] {
+            for action in [
+                WebhookAction::Pending,
+                WebhookAction::Authorized,
+                WebhookAction::Failed,
+                WebhookAction::RequiresMore,
+                WebhookAction::Canceled,
+            ] {
+                assert!(matches!(
+                    session(terminal, SessionInput::Reported(action)),
+                    Step::Ignored(_)
+                ));
+            }
+            assert!(matches!(
+                session(terminal, SessionInput::Authorized(&Outcome::Pending)),
+                Step::Ignored(_)
+            ));
+        }
+    }
+
+    #[test]
+    fn an_answer_is_an_input_not_the_status() {
+        assert_eq!(
+            session(S::Pending, SessionInput::Authorized(&Outcome::Processed)),
+            Step::To(S::Authorized)
+        );
+        let declined = Outcome::Declined { code: None, message: String::new() };
+        assert_eq!(
+            session(S::RequiresMore, SessionInput::Authorized(&declined)),
+            Step::To(S::Error)
+        );
+        let unknown = Outcome::Unknown { reason: String::new() };
+        assert_eq!(
+            session(S::Pending, SessionInput::Authorized(&unknown)),
+            Step::Unchanged
+        );
+        assert!(matches!(session(S::Error, SessionInput::Authorize), Step::Refused(_)));
+        assert_eq!(session(S::Authorized, SessionInput::Authorize), Step::Unchanged);
+    }
+}

@@ -1,0 +1,144 @@
+//! What callers send to the engine, and what authorize returns. Field names are Medusa's.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::domain::{Payment, PaymentSession};
+
+/// Create a payment collection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewCollection {
+    /// Amount owed, minor units.
+    pub amount: i64,
+    /// ISO 4217 code.
+    pub currency_code: String,
+    /// The embedder's metadata.
+    #[serde(default)]
+    pub metadata: Value,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Create a payment session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewSession {
+    /// The collection it pays.
+    pub payment_collection_id: String,
+    /// The operator's provider id.
+    pub provider_id: String,
+    /// The embedder's cart.
+    #[serde(default)]
+    pub cart_id: Option<String>,
+    /// The cart snapshot.
+    #[serde(default)]
+    pub cart: Value,
+    /// The cart's context for the provider.
+    #[serde(default)]
+    pub context: Value,
+    /// Initial provider data.
+    #[serde(default)]
+    pub data: Value,
+    /// Amount; default the collection's.
+    #[serde(default)]
+    pub amount: Option<i64>,
+    /// Currency; must be the collection's if given.
+    #[serde(default)]
+    pub currency_code: Option<String>,
+    /// The embedder's metadata.
+    #[serde(default)]
+    pub metadata: Value,
+    /// Initiate with the provider now (default); false creates a placeholder (Medusa v1).
+    #[serde(default = "yes")]
+    pub initiate: bool,
+}
+
+/// Change a session.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionUpdate {
+    /// New amount.
+    #[serde(default)]
+    pub amount: Option<i64>,
+    /// New cart snapshot.
+    #[serde(default)]
+    pub cart: Option<Value>,
+    /// New context.
+    #[serde(default)]
+    pub context: Option<Value>,
+    /// Provider data to merge in.
+    #[serde(default)]
+    pub data: Option<Value>,
+    /// New metadata.
+    #[serde(default)]
+    pub metadata: Option<Value>,
+}
+
+/// Authorize a session.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizeInput {
+    /// The cart's context now (ip, user agent…).
+    #[serde(default)]
+    pub context: Option<Value>,
+    /// Provider data to merge in (a payment method, a 3-D Secure result…).
+    #[serde(default)]
+    pub data: Option<Value>,
+}
+
+/// Capture a payment.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureInput {
+    /// Amount; default what remains uncaptured.
+    #[serde(default)]
+    pub amount: Option<i64>,
+}
+
+/// Refund a payment.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefundInput {
+    /// Amount; default everything captured and not refunded.
+    #[serde(default)]
+    pub amount: Option<i64>,
+    /// Why.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// A provider's decline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decline {
+    /// The provider's code (`card_declined`…).
+    pub code: Option<String>,
+    /// Its message.
+    pub message: String,
+}
+
+/// What authorize gives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuthorizeResult {
+    /// The session after the call.
+    pub payment_session: PaymentSession,
+    /// Its payment, once authorized.
+    pub payment: Option<Payment>,
+    /// What the customer must do, when the provider requires more.
+    pub next_action: Option<Value>,
+    /// Why it was declined, when it was.
+    pub decline: Option<Decline>,
+}
+
+impl AuthorizeResult {
+    pub(crate) fn of(payment_session: PaymentSession, payment: Option<Payment>) -> Self {
+        AuthorizeResult {
+            payment_session,
+            payment,
+            next_action: None,
+            decline: None,
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! Settling attempts whose outcome is open: at start-up, periodically with a backoff, and by an
+//! operator when the backoff runs out. The provider's `retrieve` is asked about the attempt's
+//! idempotency key; only a definitive answer settles it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use payhost_provider_api::Outcome;
+use serde::Serialize;
+
+use super::{EngineError, Host, not_found};
+use crate::domain::{Attempt, AttemptState, Resolution};
+use crate::store::WriteOp;
+
+/// How the reconciler paces itself.
+#[derive(Debug, Clone)]
+pub struct ReconcileSettings {
+    /// Delay before the first check of a fresh unknown attempt.
+    pub first_check_ms: i64,
+    /// Backoff: the n-th check waits `base_backoff_ms × 2^n`, at most `max_backoff_ms`.
+    pub base_backoff_ms: i64,
+    /// Longest wait between checks.
+    pub max_backoff_ms: i64,
+    /// After this many inconclusive checks the attempt waits for an operator.
+    pub max_checks: i64,
+    /// An in-flight attempt older than this belongs to a call that died with its process.
+    pub stale_after_ms: i64,
+    /// How often the background reconciler looks for due attempts.
+    pub interval: Duration,
+}
+
+impl Default for ReconcileSettings {
+    fn default() -> Self {
+        ReconcileSettings {
+            first_check_ms: 500,
+            base_backoff_ms: 1_000,
+            max_backoff_ms: 300_000,
+            max_checks: 12,
+            stale_after_ms: 120_000,
+            interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What one reconciliation pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ReconcileReport {
+    /// Attempts settled (succeeded or failed).
+    pub settled: usize,
+    /// Attempts asked about, still open.
+    pub still_open: usize,
+    /// Attempts that now wait for an operator.
+    pub needs_operator: usize,
+}
+
+/// How an operator settles an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResolveAs {
+    /// It took effect at the processor.
+    Succeeded,
+    /// It did not.
+    Failed,
+}
+
+impl Host {
+    /// Start-up recovery: every in-flight attempt belonged to a process that is gone (this store
+    /// has one host), so it becomes unknown and is asked about now; idempotency keys left
+    /// without a response are released. Returns what the first pass settled.
+    pub async fn recover(&self) -> Result<ReconcileReport, EngineError> {
+        let now = self.now();
+        let mut ops = vec![WriteOp::ReleasePendingKeys];
+        for mut a in self.store.open_attempts().await? {
+            if a.state == AttemptState::InFlight {
+                a.state = AttemptState::Unknown;
+                a.next_check_at = Some(now);
+                a.updated_at = now;
+                ops.push(WriteOp::UpdateAttempt(a));
+            }
+        }
+        self.store.write(ops).await?;
+        self.reconcile_due().await
+    }
+
+    /// One pass over the attempts that are due.
+    pub async fn reconcile_due(&self) -> Result<ReconcileReport, EngineError> {
+        let now = self.now();
+        let mut report = ReconcileReport::default();
+        for a in self.store.open_attempts().await? {
+            if !is_due(&a, now, self.reconcile.stale_after_ms) {
+                continue;
+            }
+            match self.reconcile_attempt(&a.id.0).await {
+                Ok(AttemptState::Succeeded | AttemptState::Failed) => report.settled += 1,
+                Ok(AttemptState::NeedsOperator) => report.needs_operator += 1,
+                Ok(_) => report.still_open += 1,
+                Err(e) => {
+                    tracing::warn!(attempt = %a.id, code = e.code(), "reconciling failed: {e}");
+                    report.still_open += 1;
+                }
+            }
+        }
+        if report != ReconcileReport::default() {
+            tracing::info!(?report, "reconciliation pass");
+        }
+        Ok(report)
+    }
+
+    /// Asks the provider about one open attempt and settles it if the answer is definitive;
+    /// otherwise backs off (and after the last check leaves it to an operator).
+    pub async fn reconcile_attempt(&self, id: &str) -> Result<AttemptState, EngineError> {
+        let attempt = self
+            .store
+            .attempt(id)
+            .await?
+            .ok_or_else(|| not_found("attempt", id))?;
+        let _guard = self.locks.lock(&attempt.entity()).await;
+        let mut attempt = self
+            .store
+            .attempt(id)
+            .await?
+            .ok_or_else(|| not_found("attempt", id))?;
+        if !attempt.state.is_open() {
+            return Ok(attempt.state);
+        }
+        let answer = self.ask_about(&attempt).await;
+        match answer {
+            Ok(outcome) if !matches!(outcome, Outcome::Unknown { .. }) => {
+                tracing::info!(attempt = %attempt.id, operation = %attempt.operation, outcome = outcome.name(), "attempt reconciled");
+                let entity = attempt.id.0.clone();
+                self.settle(attempt, outcome, None, None).await?;
+                let settled = self
+                    .store
+                    .attempt(&entity)
+                    .await?
+                    .map_or(AttemptState::Unknown, |a| a.state);
+                Ok(settled)
+            }
+            other => {
+                let now = self.now();
+                attempt.checks += 1;
+                let wait = (self.reconcile.base_backoff_ms << attempt.checks.min(20))
+                    .min(self.reconcile.max_backoff_ms);
+                attempt.state = if attempt.checks >= self.reconcile.max_checks {
+                    AttemptState::NeedsOperator
+                } else {
+                    AttemptState::Unknown
+                };
+                attempt.next_check_at = Some(now + wait);
+                attempt.updated_at = now;
+                if let Err(e) = &other {
+                    attempt.error = Some(serde_json::Value::String(format!("retrieve: {e}")));
+                }
+                if attempt.state == AttemptState::NeedsOperator {
+                    tracing::error!(attempt = %attempt.id, operation = %attempt.operation, "attempt still unknown after {} checks; an operator must resolve it (payhost attempts resolve)", attempt.checks);
+                }
+                let state = attempt.state;
+                self.store.write(vec![WriteOp::UpdateAttempt(attempt)]).await?;
+                Ok(state)
+            }
+        }
+    }
+
+    /// Runs [`Host::reconcile_due`] every `interval` until the returned task is aborted.
+    pub fn spawn_reconciler(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let host = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(host.reconcile.interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = host.reconcile_due().await {
+                    tracing::warn!(code = e.code(), "reconciliation pass failed: {e}");
+                }
+            }
+        })
+    }
+
+    /// An operator settles an open attempt: recorded with who, when and why, and applied like a
+    /// provider's answer (succeeded: as processed; failed: as never made).
+    pub async fn resolve_attempt(
+        &self,
+        id: &str,
+        as_: ResolveAs,
+        by: &str,
+        note: &str,
+    ) -> Result<Attempt, EngineError> {
+        let attempt = self
+            .store
+            .attempt(id)
+            .await?
+            .ok_or_else(|| not_found("attempt", id))?;
+        let _guard = self.locks.lock(&attempt.entity()).await;
+        let attempt = self
+            .store
+            .attempt(id)
+            .await?
+            .ok_or_else(|| not_found("attempt", id))?;
+        if !attempt.state.is_open() {
+            return Err(EngineError::InvalidTransition(format!(
+                "attempt {id} is already settled ({})",
+                attempt.state.as_str()
+            )));
+        }
+        if by.trim().is_empty() || note.trim().is_empty() {
+            return Err(EngineError::invalid(
+                "note",
+                "say who resolves the attempt and why",
+            ));
+        }
+        let outcome = match as_ {
+            ResolveAs::Succeeded => Outcome::Processed,
+            ResolveAs::Failed => Outcome::NotAttempted {
+                reason: format!("resolved as failed by {by}: {note}"),
+            },
+        };
+        let resolution = Resolution {
+            by: by.to_owned(),
+            note: note.to_owned(),
+            at: self.now(),
+        };
+        self.settle(attempt, outcome, None, Some(resolution)).await?;
+        tracing::warn!(attempt = id, by, note, "attempt resolved by an operator");
+        self.store
+            .attempt(id)
+            .await?
+            .ok_or_else(|| not_found("attempt", id))
+    }
+}
+
+/// Whether an attempt is open and due for a check now.
+fn is_due(a: &Attempt, now: i64, stale_after_ms: i64) -> bool {
+    match a.state {
+        AttemptState::Unknown => a.next_check_at.is_none_or(|t| t <= now),
+        AttemptState::InFlight => a.updated_at + stale_after_ms <= now,
+        _ => false,
+    }
+}

@@ -1,0 +1,151 @@
+//! Storage behind one trait. The engine speaks in domain writes ([`WriteOp`]) applied atomically,
+//! and domain reads; only the drivers know SQL. SQLite ([`sqlite`]) is the embedded default;
+//! PostgreSQL will be a second driver passing the same tests.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::domain::{
+    Attempt, Capture, CollectionId, Payment, PaymentCollection, PaymentId, PaymentSession, Refund,
+    SessionId, Timestamp,
+};
+
+/// One write; a `Vec<WriteOp>` is applied all or nothing.
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    /// A new collection.
+    InsertCollection(PaymentCollection),
+    /// A new session.
+    InsertSession(PaymentSession),
+    /// Replaces a session whose stored version is `expected_version` (else
+    /// [`StoreError::VersionConflict`]); the stored version becomes `session.version`.
+    UpdateSession {
+        /// The new row.
+        session: PaymentSession,
+        /// The version read before.
+        expected_version: i64,
+    },
+    /// Selects a session and unselects every other of its cart and of its collection.
+    SelectSession(SessionId),
+    /// Records an attempt. At most one open attempt per session or payment
+    /// (else [`StoreError::AttemptOpen`]).
+    InsertAttempt(Attempt),
+    /// Replaces an attempt (by id).
+    UpdateAttempt(Attempt),
+    /// A new payment (its captures and refunds are inserted separately).
+    InsertPayment(Payment),
+    /// Replaces a payment's own fields (data, captured_at, canceled_at, version) if its stored
+    /// version is `expected_version`.
+    UpdatePayment {
+        /// The new row.
+        payment: Payment,
+        /// The version read before.
+        expected_version: i64,
+    },
+    /// A capture of a payment. The store refuses one that breaks Σcaptures ≤ amount or comes
+    /// after a cancel ([`StoreError::Invariant`]).
+    InsertCapture(PaymentId, Capture),
+    /// A refund of a payment. The store refuses one that breaks Σrefunds ≤ Σcaptures.
+    InsertRefund(PaymentId, Refund),
+    /// Claims a client idempotency key (else [`StoreError::KeyExists`]).
+    ClaimKey {
+        /// The key.
+        key: String,
+        /// Which operation it was used for.
+        operation: String,
+        /// Hash of the request it came with.
+        request_hash: String,
+        /// When.
+        at: Timestamp,
+    },
+    /// Stores the response of a claimed key.
+    CompleteKey {
+        /// The key.
+        key: String,
+        /// The response to replay.
+        response: Value,
+    },
+    /// Forgets a claimed key whose operation failed without effect.
+    ReleaseKey(String),
+    /// Forgets every claimed key without a response (their processes are gone).
+    ReleasePendingKeys,
+}
+
+/// A stored client idempotency key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredKey {
+    /// The operation it was used for.
+    pub operation: String,
+    /// Hash of the request it came with.
+    pub request_hash: String,
+    /// The response, once complete.
+    pub response: Option<Value>,
+}
+
+/// A storage failure. [`StoreError::code`] is stable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The row changed since it was read (another operation won the race).
+    #[error("{0} changed concurrently; retry")]
+    VersionConflict(String),
+    /// The session or payment already has an open attempt.
+    #[error("{0} already has an operation in progress")]
+    AttemptOpen(String),
+    /// The idempotency key is taken.
+    #[error("idempotency key `{0}` is already in use")]
+    KeyExists(String),
+    /// A database constraint guarding a money invariant refused the write.
+    #[error("refused by the database: {0}")]
+    Invariant(String),
+    /// The database failed or is unreachable.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    /// The stable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StoreError::VersionConflict(_) => "store.version_conflict",
+            StoreError::AttemptOpen(_) => "store.attempt_open",
+            StoreError::KeyExists(_) => "store.key_exists",
+            StoreError::Invariant(_) => "store.invariant",
+            StoreError::Unavailable(_) => "store.unavailable",
+        }
+    }
+}
+
+/// Storage of collections, sessions, payments, attempts and idempotency keys.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies `ops` atomically and durably: once this returns `Ok`, a crash or power loss does not
+    /// undo them.
+    async fn write(&self, ops: Vec<WriteOp>) -> Result<(), StoreError>;
+    /// A collection.
+    async fn collection(&self, id: &CollectionId) -> Result<Option<PaymentCollection>, StoreError>;
+    /// A session.
+    async fn session(&self, id: &SessionId) -> Result<Option<PaymentSession>, StoreError>;
+    /// Sessions of a cart, oldest first.
+    async fn sessions_by_cart(&self, cart_id: &str) -> Result<Vec<PaymentSession>, StoreError>;
+    /// Sessions of a collection, oldest first.
+    async fn sessions_by_collection(
+        &self,
+        id: &CollectionId,
+    ) -> Result<Vec<PaymentSession>, StoreError>;
+    /// A payment with its captures and refunds.
+    async fn payment(&self, id: &PaymentId) -> Result<Option<Payment>, StoreError>;
+    /// The payment of a session, if authorized.
+    async fn payment_of_session(&self, id: &SessionId) -> Result<Option<Payment>, StoreError>;
+    /// Payments of a collection.
+    async fn payments_by_collection(&self, id: &CollectionId) -> Result<Vec<Payment>, StoreError>;
+    /// An attempt.
+    async fn attempt(&self, id: &str) -> Result<Option<Attempt>, StoreError>;
+    /// Every attempt of a session or payment, oldest first.
+    async fn attempts_of(&self, entity: &str) -> Result<Vec<Attempt>, StoreError>;
+    /// Every open attempt (in flight, unknown, needs operator), oldest first.
+    async fn open_attempts(&self) -> Result<Vec<Attempt>, StoreError>;
+    /// A client idempotency key.
+    async fn key(&self, key: &str) -> Result<Option<StoredKey>, StoreError>;
+}

@@ -1,0 +1,772 @@
+//! The embedded SQLite store: WAL, `synchronous = FULL` (a write that returned survives power
+//! loss), and group commit — one writer thread takes every write waiting in its queue, applies
+//! each in its own savepoint inside one transaction, and commits them with one fsync, so
+//! concurrent operations share the disk's flush instead of queueing behind one another.
+//! Readers use their own connections (WAL lets them read while the writer writes).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use super::{Store, StoreError, StoredKey, WriteOp};
+use crate::domain::*;
+
+/// The schema, one migration per entry, applied in order and recorded in `schema_migrations`.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE payment_collections (
+    id TEXT PRIMARY KEY,
+    amount INTEGER NOT NULL CHECK (amount > 0),
+    currency_code TEXT NOT NULL CHECK (length(currency_code) = 3),
+    metadata TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE payment_sessions (
+    id TEXT PRIMARY KEY,
+    payment_collection_id TEXT NOT NULL REFERENCES payment_collections(id),
+    cart_id TEXT,
+    cart TEXT NOT NULL,
+    context TEXT NOT NULL,
+    provider_id TEXT NOT NULL,
+    is_selected INTEGER NOT NULL CHECK (is_selected IN (0, 1)),
+    is_initiated INTEGER NOT NULL CHECK (is_initiated IN (0, 1)),
+    status TEXT NOT NULL CHECK (status IN ('pending','requires_more','authorized','error','canceled')),
+    data TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL UNIQUE,
+    amount INTEGER NOT NULL CHECK (amount > 0),
+    currency_code TEXT NOT NULL CHECK (length(currency_code) = 3),
+    payment_authorized_at INTEGER,
+    metadata TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    version INTEGER NOT NULL
+);
+CREATE INDEX payment_sessions_cart ON payment_sessions(cart_id);
+CREATE INDEX payment_sessions_collection ON payment_sessions(payment_collection_id);
+-- Terminal session states never move back.
+CREATE TRIGGER payment_sessions_terminal BEFORE UPDATE OF status ON payment_sessions
+WHEN OLD.status IN ('authorized','error','canceled') AND NEW.status <> OLD.status
+BEGIN
+    SELECT RAISE(ABORT, 'invariant: a terminal session status cannot change');
+END;
+
+CREATE TABLE payments (
+    id TEXT PRIMARY KEY,
+    payment_session_id TEXT NOT NULL UNIQUE REFERENCES payment_sessions(id),
+    payment_collection_id TEXT NOT NULL REFERENCES payment_collections(id),
+    provider_id TEXT NOT NULL,
+    amount INTEGER NOT NULL CHECK (amount > 0),
+    currency_code TEXT NOT NULL CHECK (length(currency_code) = 3),
+    data TEXT NOT NULL,
+    captured_at INTEGER,
+    canceled_at INTEGER,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    version INTEGER NOT NULL
+);
+CREATE INDEX payments_collection ON payments(payment_collection_id);
+CREATE TRIGGER payments_cancel_uncaptured BEFORE UPDATE OF canceled_at ON payments
+WHEN NEW.canceled_at IS NOT NULL AND OLD.canceled_at IS NULL
+BEGIN
+    SELECT RAISE(ABORT, 'invariant: a payment with captures cannot be canceled')
+    WHERE EXISTS (SELECT 1 FROM captures WHERE payment_id = NEW.id);
+END;
+CREATE TRIGGER payments_never_uncancel BEFORE UPDATE OF canceled_at ON payments
+WHEN OLD.canceled_at IS NOT NULL AND (NEW.canceled_at IS NULL OR NEW.canceled_at <> OLD.canceled_at)
+BEGIN
+    SELECT RAISE(ABORT, 'invariant: a canceled payment stays canceled');
+END;
+
+CREATE TABLE captures (
+    id TEXT PRIMARY KEY,
+    payment_id TEXT NOT NULL REFERENCES payments(id),
+    amount INTEGER NOT NULL CHECK (amount > 0),
+    attempt_id TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX captures_payment ON captures(payment_id);
+CREATE TRIGGER captures_within_amount BEFORE INSERT ON captures
+BEGIN
+    SELECT RAISE(ABORT, 'invariant: captures would exceed the payment amount')
+    WHERE (SELECT COALESCE(SUM(amount), 0) FROM captures WHERE payment_id = NEW.payment_id)
+          + NEW.amount > (SELECT amount FROM payments WHERE id = NEW.payment_id);
+    SELECT RAISE(ABORT, 'invariant: a canceled payment cannot be captured')
+    WHERE (SELECT canceled_at FROM payments WHERE id = NEW.payment_id) IS NOT NULL;
+END;
+
+CREATE TABLE refunds (
+    id TEXT PRIMARY KEY,
+    payment_id TEXT NOT NULL REFERENCES payments(id),
+    amount INTEGER NOT NULL CHECK (amount > 0),
+    reason TEXT,
+    attempt_id TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX refunds_payment ON refunds(payment_id);
+CREATE TRIGGER refunds_within_captures BEFORE INSERT ON refunds
+BEGIN
+    SELECT RAISE(ABORT, 'invariant: refunds would exceed captures')
+    WHERE (SELECT COALESCE(SUM(amount), 0) FROM refunds WHERE payment_id = NEW.payment_id)
+          + NEW.amount > (SELECT COALESCE(SUM(amount), 0) FROM captures WHERE payment_id = NEW.payment_id);
+    SELECT RAISE(ABORT, 'invariant: a canceled payment cannot be refunded')
+    WHERE (SELECT canceled_at FROM payments WHERE id = NEW.payment_id) IS NOT NULL;
+END;
+-- Captures and refunds are money that moved: never changed, never deleted.
+CREATE TRIGGER captures_immutable BEFORE UPDATE ON captures
+BEGIN SELECT RAISE(ABORT, 'invariant: captures are immutable'); END;
+CREATE TRIGGER captures_kept BEFORE DELETE ON captures
+BEGIN SELECT RAISE(ABORT, 'invariant: captures are never deleted'); END;
+CREATE TRIGGER refunds_immutable BEFORE UPDATE ON refunds
+BEGIN SELECT RAISE(ABORT, 'invariant: refunds are immutable'); END;
+CREATE TRIGGER refunds_kept BEFORE DELETE ON refunds
+BEGIN SELECT RAISE(ABORT, 'invariant: refunds are never deleted'); END;
+
+CREATE TABLE attempts (
+    id TEXT PRIMARY KEY,
+    entity_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    payment_id TEXT,
+    provider_id TEXT NOT NULL,
+    operation TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    currency_code TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL CHECK (state IN ('in_flight','succeeded','failed','unknown','needs_operator')),
+    outcome TEXT,
+    error TEXT,
+    reason TEXT,
+    checks INTEGER NOT NULL,
+    next_check_at INTEGER,
+    resolution TEXT,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+-- At most one open attempt per session or payment: two racing operations cannot both call.
+CREATE UNIQUE INDEX attempts_one_open ON attempts(entity_id)
+    WHERE state IN ('in_flight','unknown','needs_operator');
+CREATE INDEX attempts_entity ON attempts(entity_id);
+-- Failed and succeeded attempts are history: kept, and never reopened.
+CREATE TRIGGER attempts_kept BEFORE DELETE ON attempts
+BEGIN SELECT RAISE(ABORT, 'invariant: attempts are never deleted'); END;
+CREATE TRIGGER attempts_closed_stay_closed BEFORE UPDATE OF state ON attempts
+WHEN OLD.state IN ('succeeded','failed') AND NEW.state <> OLD.state
+BEGIN SELECT RAISE(ABORT, 'invariant: a settled attempt cannot change'); END;
+
+CREATE TABLE idempotency_keys (
+    key TEXT PRIMARY KEY,
+    operation TEXT NOT NULL,
+    request_hash TEXT NOT NULL,
+    response TEXT,
+    created_at INTEGER NOT NULL
+);
+"#,
+)];
+
+/// How many waiting writes one commit takes at most.
+const MAX_BATCH: usize = 128;
+/// Reader connections kept open.
+const READERS: usize = 4;
+
+type Job = (Vec<WriteOp>, oneshot::Sender<Result<(), StoreError>>);
+
+/// The SQLite store.
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: std::sync::mpsc::Sender<Job>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.path).finish()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn connect(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(unavailable)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(unavailable)?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+    )
+    .map_err(unavailable)?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (creating) the database at `path` and applies pending migrations.
+    pub fn open(path: impl AsRef<Path>) -> Result<SqliteStore, StoreError> {
+        let path = path.as_ref().to_owned();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let mut conn = connect(&path)?;
+        migrate(&mut conn)?;
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("payhost-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(unavailable)?;
+        let mut readers = Vec::with_capacity(READERS);
+        for _ in 0..READERS {
+            readers.push(connect(&path)?);
+        }
+        Ok(SqliteStore {
+            path,
+            writer: tx,
+            readers: Arc::new(Mutex::new(readers)),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let readers = self.readers.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let conn = match conn {
+                Some(c) => c,
+                None => connect(&path)?,
+            };
+            let result = f(&conn).map_err(unavailable);
+            let mut pool = readers.lock().unwrap_or_else(|e| e.into_inner());
+            if pool.len() < READERS {
+                pool.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(unavailable)?
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(unavailable)?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+    )
+    .map_err(unavailable)?;
+    let current: i64 = tx
+        .query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(unavailable)?;
+    let newest = MIGRATIONS.last().map_or(0, |m| m.0);
+    if current > newest {
+        return Err(StoreError::Unavailable(format!(
+            "the database schema is version {current}, newer than this payhost ({newest}); upgrade payhost"
+        )));
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        tx.execute_batch(sql)
+            .map_err(|e| StoreError::Unavailable(format!("migration {version} failed: {e}")))?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
+            params![version, crate::provider::Clock::now_unix_ms(&crate::provider::SystemClock)],
+        )
+        .map_err(unavailable)?;
+    }
+    tx.commit().map_err(unavailable)
+}
+
+fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(jobs.len());
+        let outcome = (|| -> rusqlite::Result<()> {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            for (ops, _) in &jobs {
+                tx.execute_batch("SAVEPOINT job")?;
+                match apply(&tx, ops) {
+                    Ok(()) => {
+                        tx.execute_batch("RELEASE job")?;
+                        results.push(Ok(()));
+                    }
+                    Err(e) => {
+                        tx.execute_batch("ROLLBACK TO job; RELEASE job")?;
+                        results.push(Err(e));
+                    }
+                }
+            }
+            tx.commit()
+        })();
+        match outcome {
+            Ok(()) => {
+                for ((_, reply), result) in jobs.into_iter().zip(results) {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(e) => {
+                for (_, reply) in jobs {
+                    let _ = reply.send(Err(unavailable(&e)));
+                }
+            }
+        }
+    }
+}
+
+fn json(v: &Value) -> String {
+    v.to_string()
+}
+
+fn classify(e: rusqlite::Error, what: &str) -> StoreError {
+    let text = e.to_string();
+    if text.contains("invariant:") {
+        return StoreError::Invariant(
+            text.split("invariant:").nth(1).unwrap_or(&text).trim().to_owned(),
+        );
+    }
+    if text.contains("UNIQUE constraint failed: attempts.entity_id") {
+        return StoreError::AttemptOpen(what.to_owned());
+    }
+    if text.contains("UNIQUE constraint failed: idempotency_keys.key") {
+        return StoreError::KeyExists(what.to_owned());
+    }
+    if text.contains("constraint failed") {
+        return StoreError::Invariant(format!("{what}: {text}"));
+    }
+    unavailable(text)
+}
+
+fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreError> {
+    for op in ops {
+        match op {
+            WriteOp::InsertCollection(c) => {
+                tx.execute(
+                    "INSERT INTO payment_collections (id, amount, currency_code, metadata, created_at, updated_at) VALUES (?1,?2,?3,?4,?5,?6)",
+                    params![c.id.0, c.amount, c.currency_code.code(), json(&c.metadata), c.created_at, c.updated_at],
+                )
+                .map_err(|e| classify(e, c.id.as_str()))?;
+            }
+            WriteOp::InsertSession(s) => {
+                tx.execute(
+                    "INSERT INTO payment_sessions (id, payment_collection_id, cart_id, cart, context, provider_id, is_selected, is_initiated, status, data, idempotency_key, amount, currency_code, payment_authorized_at, metadata, created_at, updated_at, version) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18)",
+                    params![s.id.0, s.payment_collection_id.0, s.cart_id, json(&s.cart), json(&s.context), s.provider_id, s.is_selected, s.is_initiated, s.status.as_str(), json(&s.data), s.idempotency_key, s.amount, s.currency_code.code(), s.payment_authorized_at, json(&s.metadata), s.created_at, s.updated_at, s.version],
+                )
+                .map_err(|e| classify(e, s.id.as_str()))?;
+            }
+            WriteOp::UpdateSession {
+                session: s,
+                expected_version,
+            } => {
+                let n = tx
+                    .execute(
+                        "UPDATE payment_sessions SET cart_id=?2, cart=?3, context=?4, is_selected=?5, is_initiated=?6, status=?7, data=?8, amount=?9, payment_authorized_at=?10, metadata=?11, updated_at=?12, version=?13 WHERE id=?1 AND version=?14",
+                        params![s.id.0, s.cart_id, json(&s.cart), json(&s.context), s.is_selected, s.is_initiated, s.status.as_str(), json(&s.data), s.amount, s.payment_authorized_at, json(&s.metadata), s.updated_at, s.version, expected_version],
+                    )
+                    .map_err(|e| classify(e, s.id.as_str()))?;
+                if n == 0 {
+                    return Err(StoreError::VersionConflict(s.id.0.clone()));
+                }
+            }
+            WriteOp::SelectSession(id) => {
+                tx.execute(
+                    "UPDATE payment_sessions SET is_selected = (id = ?1), version = version + 1 WHERE id = ?1 OR (is_selected = 1 AND (payment_collection_id = (SELECT payment_collection_id FROM payment_sessions WHERE id = ?1) OR (cart_id IS NOT NULL AND cart_id = (SELECT cart_id FROM payment_sessions WHERE id = ?1))))",
+                    params![id.0],
+                )
+                .map_err(|e| classify(e, id.as_str()))?;
+            }
+            WriteOp::InsertAttempt(a) => {
+                tx.execute(
+                    "INSERT INTO attempts (id, entity_id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18)",
+                    params![a.id.0, a.entity(), a.session_id.0, a.payment_id.as_ref().map(|p| &p.0), a.provider_id, a.operation.as_str(), a.amount, a.currency_code.code(), a.idempotency_key, a.state.as_str(), a.outcome.as_ref().map(json), a.error.as_ref().map(json), a.reason, a.checks, a.next_check_at, a.resolution.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()), a.created_at, a.updated_at],
+                )
+                .map_err(|e| classify(e, &a.entity()))?;
+            }
+            WriteOp::UpdateAttempt(a) => {
+                tx.execute(
+                    "UPDATE attempts SET state=?2, outcome=?3, error=?4, checks=?5, next_check_at=?6, resolution=?7, updated_at=?8 WHERE id=?1",
+                    params![a.id.0, a.state.as_str(), a.outcome.as_ref().map(json), a.error.as_ref().map(json), a.checks, a.next_check_at, a.resolution.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()), a.updated_at],
+                )
+                .map_err(|e| classify(e, a.id.as_str()))?;
+            }
+            WriteOp::InsertPayment(p) => {
+                tx.execute(
+                    "INSERT INTO payments (id, payment_session_id, payment_collection_id, provider_id, amount, currency_code, data, captured_at, canceled_at, created_at, updated_at, version) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)",
+                    params![p.id.0, p.payment_session_id.0, p.payment_collection_id.0, p.provider_id, p.amount, p.currency_code.code(), json(&p.data), p.captured_at, p.canceled_at, p.created_at, p.updated_at, p.version],
+                )
+                .map_err(|e| classify(e, p.id.as_str()))?;
+            }
+            WriteOp::UpdatePayment {
+                payment: p,
+                expected_version,
+            } => {
+                let n = tx
+                    .execute(
+                        "UPDATE payments SET data=?2, captured_at=?3, canceled_at=?4, updated_at=?5, version=?6 WHERE id=?1 AND version=?7",
+                        params![p.id.0, json(&p.data), p.captured_at, p.canceled_at, p.updated_at, p.version, expected_version],
+                    )
+                    .map_err(|e| classify(e, p.id.as_str()))?;
+                if n == 0 {
+                    return Err(StoreError::VersionConflict(p.id.0.clone()));
+                }
+            }
+            WriteOp::InsertCapture(payment, c) => {
+                tx.execute(
+                    "INSERT INTO captures (id, payment_id, amount, attempt_id, created_at) VALUES (?1,?2,?3,?4,?5)",
+                    params![c.id.0, payment.0, c.amount, c.attempt_id.0, c.created_at],
+                )
+                .map_err(|e| classify(e, payment.as_str()))?;
+            }
+            WriteOp::InsertRefund(payment, r) => {
+                tx.execute(
+                    "INSERT INTO refunds (id, payment_id, amount, reason, attempt_id, created_at) VALUES (?1,?2,?3,?4,?5,?6)",
+                    params![r.id.0, payment.0, r.amount, r.reason, r.attempt_id.0, r.created_at],
+                )
+                .map_err(|e| classify(e, payment.as_str()))?;
+            }
+            WriteOp::ClaimKey {
+                key,
+                operation,
+                request_hash,
+                at,
+            } => {
+                tx.execute(
+                    "INSERT INTO idempotency_keys (key, operation, request_hash, response, created_at) VALUES (?1,?2,?3,NULL,?4)",
+                    params![key, operation, request_hash, at],
+                )
+                .map_err(|e| classify(e, key))?;
+            }
+            WriteOp::CompleteKey { key, response } => {
+                tx.execute(
+                    "UPDATE idempotency_keys SET response = ?2 WHERE key = ?1",
+                    params![key, json(response)],
+                )
+                .map_err(|e| classify(e, key))?;
+            }
+            WriteOp::ReleaseKey(key) => {
+                tx.execute(
+                    "DELETE FROM idempotency_keys WHERE key = ?1 AND response IS NULL",
+                    params![key],
+                )
+                .map_err(|e| classify(e, key))?;
+            }
+            WriteOp::ReleasePendingKeys => {
+                tx.execute("DELETE FROM idempotency_keys WHERE response IS NULL", [])
+                    .map_err(|e| classify(e, "idempotency keys"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_json(text: String) -> Value {
+    serde_json::from_str(&text).unwrap_or(Value::Null)
+}
+
+fn currency(code: String) -> rusqlite::Result<Currency> {
+    Currency::parse(&code).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Text,
+            format!("unknown currency `{code}` in the database").into(),
+        )
+    })
+}
+
+fn bad(what: &str, value: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Text,
+        format!("unknown {what} `{value}` in the database").into(),
+    )
+}
+
+const SESSION_COLUMNS: &str = "id, payment_collection_id, cart_id, cart, context, provider_id, is_selected, is_initiated, status, data, idempotency_key, amount, currency_code, payment_authorized_at, metadata, created_at, updated_at, version";
+
+fn session_row(r: &Row<'_>) -> rusqlite::Result<PaymentSession> {
+    let status: String = r.get(8)?;
+    Ok(PaymentSession {
+        id: SessionId(r.get(0)?),
+        payment_collection_id: CollectionId(r.get(1)?),
+        cart_id: r.get(2)?,
+        cart: parse_json(r.get(3)?),
+        context: parse_json(r.get(4)?),
+        provider_id: r.get(5)?,
+        is_selected: r.get(6)?,
+        is_initiated: r.get(7)?,
+        status: SessionStatus::parse(&status).ok_or_else(|| bad("session status", &status))?,
+        data: parse_json(r.get(9)?),
+        idempotency_key: r.get(10)?,
+        amount: r.get(11)?,
+        currency_code: currency(r.get(12)?)?,
+        payment_authorized_at: r.get(13)?,
+        metadata: parse_json(r.get(14)?),
+        created_at: r.get(15)?,
+        updated_at: r.get(16)?,
+        version: r.get(17)?,
+    })
+}
+
+const PAYMENT_COLUMNS: &str = "id, payment_session_id, payment_collection_id, provider_id, amount, currency_code, data, captured_at, canceled_at, created_at, updated_at, version";
+
+fn payment_row(r: &Row<'_>) -> rusqlite::Result<Payment> {
+    Ok(Payment {
+        id: PaymentId(r.get(0)?),
+        payment_session_id: SessionId(r.get(1)?),
+        payment_collection_id: CollectionId(r.get(2)?),
+        provider_id: r.get(3)?,
+        amount: r.get(4)?,
+        currency_code: currency(r.get(5)?)?,
+        data: parse_json(r.get(6)?),
+        captures: Vec::new(),
+        refunds: Vec::new(),
+        captured_at: r.get(7)?,
+        canceled_at: r.get(8)?,
+        created_at: r.get(9)?,
+        updated_at: r.get(10)?,
+        version: r.get(11)?,
+    })
+}
+
+fn with_movements(conn: &Connection, mut p: Payment) -> rusqlite::Result<Payment> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, amount, attempt_id, created_at FROM captures WHERE payment_id = ?1 ORDER BY created_at, id",
+    )?;
+    p.captures = stmt
+        .query_map([&p.id.0], |r| {
+            Ok(Capture {
+                id: CaptureId(r.get(0)?),
+                amount: r.get(1)?,
+                attempt_id: AttemptId(r.get(2)?),
+                created_at: r.get(3)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, amount, reason, attempt_id, created_at FROM refunds WHERE payment_id = ?1 ORDER BY created_at, id",
+    )?;
+    p.refunds = stmt
+        .query_map([&p.id.0], |r| {
+            Ok(Refund {
+                id: RefundId(r.get(0)?),
+                amount: r.get(1)?,
+                reason: r.get(2)?,
+                attempt_id: AttemptId(r.get(3)?),
+                created_at: r.get(4)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(p)
+}
+
+const ATTEMPT_COLUMNS: &str = "id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at";
+
+fn attempt_row(r: &Row<'_>) -> rusqlite::Result<Attempt> {
+    let operation: String = r.get(4)?;
+    let state: String = r.get(8)?;
+    let resolution: Option<String> = r.get(14)?;
+    Ok(Attempt {
+        id: AttemptId(r.get(0)?),
+        session_id: SessionId(r.get(1)?),
+        payment_id: r.get::<_, Option<String>>(2)?.map(PaymentId),
+        provider_id: r.get(3)?,
+        operation: Operation::from_wire(&operation).ok_or_else(|| bad("operation", &operation))?,
+        amount: r.get(5)?,
+        currency_code: currency(r.get(6)?)?,
+        idempotency_key: r.get(7)?,
+        state: AttemptState::parse(&state).ok_or_else(|| bad("attempt state", &state))?,
+        outcome: r.get::<_, Option<String>>(9)?.map(parse_json),
+        error: r.get::<_, Option<String>>(10)?.map(parse_json),
+        reason: r.get(11)?,
+        checks: r.get(12)?,
+        next_check_at: r.get(13)?,
+        resolution: resolution.and_then(|t| serde_json::from_str(&t).ok()),
+        created_at: r.get(15)?,
+        updated_at: r.get(16)?,
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn write(&self, ops: Vec<WriteOp>) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send((ops, tx))
+            .map_err(|_| StoreError::Unavailable("the SQLite writer thread stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("the SQLite writer thread stopped".into()))?
+    }
+
+    async fn collection(&self, id: &CollectionId) -> Result<Option<PaymentCollection>, StoreError> {
+        let id = id.0.clone();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT id, amount, currency_code, metadata, created_at, updated_at FROM payment_collections WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok(PaymentCollection {
+                        id: CollectionId(r.get(0)?),
+                        amount: r.get(1)?,
+                        currency_code: currency(r.get(2)?)?,
+                        metadata: parse_json(r.get(3)?),
+                        created_at: r.get(4)?,
+                        updated_at: r.get(5)?,
+                    })
+                },
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn session(&self, id: &SessionId) -> Result<Option<PaymentSession>, StoreError> {
+        let id = id.0.clone();
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {SESSION_COLUMNS} FROM payment_sessions WHERE id = ?1"
+            ))?
+            .query_row([id], session_row)
+            .optional()
+        })
+        .await
+    }
+
+    async fn sessions_by_cart(&self, cart_id: &str) -> Result<Vec<PaymentSession>, StoreError> {
+        let cart_id = cart_id.to_owned();
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {SESSION_COLUMNS} FROM payment_sessions WHERE cart_id = ?1 ORDER BY created_at, id"
+            ))?
+            .query_map([cart_id], session_row)?
+            .collect()
+        })
+        .await
+    }
+
+    async fn sessions_by_collection(
+        &self,
+        id: &CollectionId,
+    ) -> Result<Vec<PaymentSession>, StoreError> {
+        let id = id.0.clone();
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {SESSION_COLUMNS} FROM payment_sessions WHERE payment_collection_id = ?1 ORDER BY created_at, id"
+            ))?
+            .query_map([id], session_row)?
+            .collect()
+        })
+        .await
+    }
+
+    async fn payment(&self, id: &PaymentId) -> Result<Option<Payment>, StoreError> {
+        let id = id.0.clone();
+        self.read(move |c| {
+            let p = c
+                .prepare_cached(&format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = ?1"))?
+                .query_row([id], payment_row)
+                .optional()?;
+            p.map(|p| with_movements(c, p)).transpose()
+        })
+        .await
+    }
+
+    async fn payment_of_session(&self, id: &SessionId) -> Result<Option<Payment>, StoreError> {
+        let id = id.0.clone();
+        self.read(move |c| {
+            let p = c
+                .prepare_cached(&format!(
+                    "SELECT {PAYMENT_COLUMNS} FROM payments WHERE payment_session_id = ?1"
+                ))?
+                .query_row([id], payment_row)
+                .optional()?;
+            p.map(|p| with_movements(c, p)).transpose()
+        })
+        .await
+    }
+
+    async fn payments_by_collection(&self, id: &CollectionId) -> Result<Vec<Payment>, StoreError> {
+        let id = id.0.clone();
+        self.read(move |c| {
+            let payments: Vec<Payment> = c
+                .prepare_cached(&format!(
+                    "SELECT {PAYMENT_COLUMNS} FROM payments WHERE payment_collection_id = ?1 ORDER BY created_at, id"
+                ))?
+                .query_map([id], payment_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            payments.into_iter().map(|p| with_movements(c, p)).collect()
+        })
+        .await
+    }
+
+    async fn attempt(&self, id: &str) -> Result<Option<Attempt>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |c| {
+            c.prepare_cached(&format!("SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE id = ?1"))?
+                .query_row([id], attempt_row)
+                .optional()
+        })
+        .await
+    }
+
+    async fn attempts_of(&self, entity: &str) -> Result<Vec<Attempt>, StoreError> {
+        let entity = entity.to_owned();
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE entity_id = ?1 ORDER BY created_at, id"
+            ))?
+            .query_map([entity], attempt_row)?
+            .collect()
+        })
+        .await
+    }
+
+    async fn open_attempts(&self) -> Result<Vec<Attempt>, StoreError> {
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE state IN ('in_flight','unknown','needs_operator') ORDER BY created_at, id"
+            ))?
+            .query_map([], attempt_row)?
+            .collect()
+        })
+        .await
+    }
+
+    async fn key(&self, key: &str) -> Result<Option<StoredKey>, StoreError> {
+        let key = key.to_owned();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT operation, request_hash, response FROM idempotency_keys WHERE key = ?1",
+                [key],
+                |r| {
+                    Ok(StoredKey {
+                        operation: r.get(0)?,
+                        request_hash: r.get(1)?,
+                        response: r.get::<_, Option<String>>(2)?.map(parse_json),
+                    })
+                },
+            )
+            .optional()
+        })
+        .await
+    }
+}
