@@ -36,7 +36,7 @@ pub mod plugins;
 pub mod provider;
 pub mod store;
 
-pub use engine::{EngineError, Host};
 pub use config::{Config, ConfigError, ConfigErrorKind, LibrarySource, ProviderSettings};
+pub use engine::{EngineError, Host};
 pub use plugins::{Inspection, LoadError, LoadFailure, LoadReport, Loader, Providers};
 pub use provider::{CallError, Clock, LibraryInfo, Provider, SystemClock};

@@ -47,6 +47,42 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// List the attempts whose outcome is open, or settle one (`attempts resolve`).
+    Attempts {
+        /// The config file.
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<AttemptsAction>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AttemptsAction {
+    /// Settle an open attempt after checking with the processor by hand. Recorded with who, when
+    /// and why.
+    Resolve {
+        /// The attempt id (`att_…`).
+        id: String,
+        /// What happened at the processor.
+        #[arg(long = "as", value_enum)]
+        outcome: Resolved,
+        /// Why you know (a dashboard reference, a ticket).
+        #[arg(long)]
+        note: String,
+        /// Who resolves it (default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Resolved {
+    Succeeded,
+    Failed,
 }
 
 /// Exit code for a config that cannot be used.
@@ -64,6 +100,17 @@ fn main() -> ExitCode {
             json,
         } => inspect(&library, plugin_dir, json),
         Command::Serve { config } => serve(&config),
+        Command::Attempts {
+            config,
+            json,
+            action,
+        } => {
+            let Some(config) = config else {
+                eprintln!("error: --config <file> is required");
+                return ExitCode::from(EXIT_CONFIG);
+            };
+            attempts(&config, json, action)
+        }
     }
 }
 
@@ -271,13 +318,26 @@ fn serve(path: &Path) -> ExitCode {
         }
     };
     let report = Loader::new(&config).load_all(&config);
+    let host = match runtime.block_on(payhost::Host::open(&config, report.providers)) {
+        Ok(host) => std::sync::Arc::new(host),
+        Err(e) => {
+            tracing::error!("cannot open the host: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let reconciler = {
+        let _entered = runtime.enter();
+        host.spawn_reconciler()
+    };
     tracing::info!(
         config = %config.path.display(),
-        loaded = report.providers.len(),
+        storage = %config.storage.url,
+        loaded = host.providers().len(),
         failed = report.failures.len(),
         "payhost ready; the HTTP API is not part of this build yet, stop with Ctrl-C or SIGTERM"
     );
     runtime.block_on(shutdown_signal());
+    reconciler.abort();
     tracing::info!("shutting down: waiting up to 10 s for provider calls in progress");
     runtime.shutdown_timeout(Duration::from_secs(10));
     ExitCode::SUCCESS
@@ -303,4 +363,117 @@ async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+fn attempts(path: &Path, json: bool, action: Option<AttemptsAction>) -> ExitCode {
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging("warn", config.log.format);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let store = match payhost::engine::open_store(&config).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        // No providers: listing and resolving never call one.
+        let host = payhost::Host::new(store, payhost::Providers::default());
+        match action {
+            None => match host.open_attempts().await {
+                Ok(list) if json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&list).unwrap_or_default()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(list) => {
+                    print_attempts(&list);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error[{}]: {e}", e.code());
+                    ExitCode::FAILURE
+                }
+            },
+            Some(AttemptsAction::Resolve {
+                id,
+                outcome,
+                note,
+                by,
+            }) => {
+                let by = by
+                    .or_else(|| std::env::var("USER").ok())
+                    .unwrap_or_else(|| "operator".into());
+                let as_ = match outcome {
+                    Resolved::Succeeded => payhost::engine::ResolveAs::Succeeded,
+                    Resolved::Failed => payhost::engine::ResolveAs::Failed,
+                };
+                match host.resolve_attempt(&id, as_, &by, &note).await {
+                    Ok(a) if json => {
+                        println!("{}", serde_json::to_string_pretty(&a).unwrap_or_default());
+                        ExitCode::SUCCESS
+                    }
+                    Ok(a) => {
+                        println!(
+                            "{} {} {} {} resolved as {} by {}",
+                            a.id,
+                            a.operation,
+                            a.amount,
+                            a.currency_code,
+                            a.state.as_str(),
+                            by
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error[{}]: {e}", e.code());
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+        }
+    })
+}
+
+fn print_attempts(list: &[payhost::domain::Attempt]) {
+    if list.is_empty() {
+        println!("no open attempts");
+        return;
+    }
+    for a in list {
+        println!(
+            "{}  {:<14} {:<9} {} {}  session {}{}  provider {}  checks {}{}",
+            a.id,
+            a.state.as_str(),
+            a.operation.as_str(),
+            a.amount,
+            a.currency_code,
+            a.session_id,
+            a.payment_id
+                .as_ref()
+                .map(|p| format!("  payment {p}"))
+                .unwrap_or_default(),
+            a.provider_id,
+            a.checks,
+            a.error
+                .as_ref()
+                .map(|e| format!("  last error: {e}"))
+                .unwrap_or_default(),
+        );
+    }
+    println!("{} open", list.len());
 }

@@ -164,3 +164,52 @@ webhook_secret = "whsec_test_secret"
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
+
+/// A config with both providers and a SQLite store in the scratch folder.
+pub const HOST: &str = r#"
+[storage]
+url = "sqlite://{dir}/payhost.db"
+
+[plugins]
+dir = "{plugins}"
+
+[providers.system]
+library = "payhost_provider_system"
+
+[providers.sandbox]
+library = "payhost_provider_sandbox"
+timeout_ms = 400
+max_concurrency = 16
+
+[providers.sandbox.options]
+state_dir = "{state}"
+webhook_secret = "whsec_test_secret"
+"#;
+
+impl Scratch {
+    /// Writes `text` (with `{dir}` as the scratch folder) and opens a host on it, with a
+    /// reconciler that checks unknown attempts at once.
+    pub async fn host(&self, text: &str) -> std::sync::Arc<payhost::Host> {
+        ensure_built();
+        let text = text.replace("{dir}", &self.dir.path().display().to_string());
+        let path = self.config(&text);
+        let config = Config::from_file_with_env(&path, |_| None).expect("valid config");
+        let report = Loader::new(&config).load_all(&config);
+        assert!(report.failures.is_empty(), "{:?}", report.failures);
+        let host = payhost::Host::open(&config, report.providers)
+            .await
+            .expect("host opens");
+        std::sync::Arc::new(host.with_reconcile(payhost::engine::ReconcileSettings {
+            first_check_ms: 0,
+            base_backoff_ms: 0,
+            max_checks: 3,
+            stale_after_ms: 60_000,
+            ..Default::default()
+        }))
+    }
+
+    /// The config file written by [`Scratch::host`].
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("payhost.toml")
+    }
+}

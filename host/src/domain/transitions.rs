@@ -126,7 +126,10 @@ pub fn collection(
     sessions: &[PaymentSession],
     payments: &[Payment],
 ) -> (CollectionStatus, i64, i64, i64) {
-    let live: Vec<&Payment> = payments.iter().filter(|p| p.canceled_at.is_none()).collect();
+    let live: Vec<&Payment> = payments
+        .iter()
+        .filter(|p| p.canceled_at.is_none())
+        .collect();
     let authorized: i64 = live.iter().map(|p| p.amount).sum();
     let captured: i64 = payments.iter().map(|p| p.captured_amount()).sum();
     let refunded: i64 = payments.iter().map(|p| p.refunded_amount()).sum();
@@ -184,17 +187,28 @@ mod tests {
             session(S::Pending, SessionInput::Authorized(&Outcome::Processed)),
             Step::To(S::Authorized)
         );
-        let declined = Outcome::Declined { code: None, message: String::new() };
+        let declined = Outcome::Declined {
+            code: None,
+            message: String::new(),
+        };
         assert_eq!(
             session(S::RequiresMore, SessionInput::Authorized(&declined)),
             Step::To(S::Error)
         );
-        let unknown = Outcome::Unknown { reason: String::new() };
+        let unknown = Outcome::Unknown {
+            reason: String::new(),
+        };
         assert_eq!(
             session(S::Pending, SessionInput::Authorized(&unknown)),
             Step::Unchanged
         );
-        assert!(matches!(session(S::Error, SessionInput::Authorize), Step::Refused(_)));
-        assert_eq!(session(S::Authorized, SessionInput::Authorize), Step::Unchanged);
+        assert!(matches!(
+            session(S::Error, SessionInput::Authorize),
+            Step::Refused(_)
+        ));
+        assert_eq!(
+            session(S::Authorized, SessionInput::Authorize),
+            Step::Unchanged
+        );
     }
 }

@@ -62,7 +62,9 @@ pub enum EngineError {
     #[error("provider `{0}` is not loaded")]
     ProviderNotLoaded(String),
     /// An earlier money operation's outcome is still unknown; nothing new until it resolves.
-    #[error("the outcome of {operation} attempt {attempt_id} is not known yet; no new money operation until it is reconciled (or resolved with `payhost attempts resolve`)")]
+    #[error(
+        "the outcome of {operation} attempt {attempt_id} is not known yet; no new money operation until it is reconciled (or resolved with `payhost attempts resolve`)"
+    )]
     AttemptUnresolved {
         /// The open attempt.
         attempt_id: String,
@@ -229,35 +231,38 @@ pub enum OpenError {
     Recover(#[from] EngineError),
 }
 
+/// Opens the store `config.storage.url` names (migrations applied).
+pub async fn open_store(config: &crate::Config) -> Result<Arc<dyn Store>, OpenError> {
+    let url = &config.storage.url;
+    let Some(path) = url.strip_prefix("sqlite://") else {
+        return Err(OpenError::Storage(format!(
+            "`{}` is not supported by this build (use sqlite://<file>)",
+            url.split("://").next().unwrap_or(url)
+        )));
+    };
+    if path.is_empty() {
+        return Err(OpenError::Storage("sqlite:// needs a file path".into()));
+    }
+    let path = config.dir.join(path);
+    let store = tokio::task::spawn_blocking(move || crate::store::sqlite::SqliteStore::open(path))
+        .await
+        .map_err(|e| OpenError::Storage(e.to_string()))??;
+    Ok(Arc::new(store))
+}
+
 impl Host {
     /// Opens the store of `config`, takes `providers`, and recovers: in-flight attempts of a
     /// previous run are reconciled before the host is returned.
     pub async fn open(config: &crate::Config, providers: Providers) -> Result<Host, OpenError> {
-        let url = &config.storage.url;
-        let store: Arc<dyn Store> = if let Some(path) = url.strip_prefix("sqlite://") {
-            if path.is_empty() {
-                return Err(OpenError::Storage("sqlite:// needs a file path".into()));
-            }
-            let path = config.dir.join(path);
-            let store = tokio::task::spawn_blocking(move || {
-                crate::store::sqlite::SqliteStore::open(path)
-            })
-            .await
-            .map_err(|e| OpenError::Storage(e.to_string()))??;
-            Arc::new(store)
-        } else {
-            return Err(OpenError::Storage(format!(
-                "`{}` is not supported by this build (use sqlite://<file>)",
-                url.split("://").next().unwrap_or(url)
-            )));
-        };
+        let store = open_store(config).await?;
         let max_timeout = providers
             .iter()
             .map(|p| p.timeout().as_millis() as i64)
             .max()
             .unwrap_or(0);
         let host = Host::new(store, providers).with_reconcile(ReconcileSettings {
-            stale_after_ms: (2 * max_timeout + 10_000).max(ReconcileSettings::default().stale_after_ms),
+            stale_after_ms: (2 * max_timeout + 10_000)
+                .max(ReconcileSettings::default().stale_after_ms),
             ..ReconcileSettings::default()
         });
         let report = host.recover().await?;
@@ -345,7 +350,10 @@ impl Host {
     }
 
     /// Sessions of a cart, oldest first.
-    pub async fn sessions_of_cart(&self, cart_id: &str) -> Result<Vec<PaymentSession>, EngineError> {
+    pub async fn sessions_of_cart(
+        &self,
+        cart_id: &str,
+    ) -> Result<Vec<PaymentSession>, EngineError> {
         Ok(self.store.sessions_by_cart(cart_id).await?)
     }
 
@@ -462,7 +470,9 @@ impl Host {
     ) -> Result<PaymentCollection, EngineError> {
         self.idempotent(idempotency_key, "create_collection", &input, || async {
             let money = Money::new(input.amount, &input.currency_code).map_err(|e| match e {
-                MoneyError::UnknownCurrency(_) => EngineError::invalid("currency_code", e.to_string()),
+                MoneyError::UnknownCurrency(_) => {
+                    EngineError::invalid("currency_code", e.to_string())
+                }
                 _ => EngineError::invalid("amount", e.to_string()),
             })?;
             let now = self.now();
@@ -502,7 +512,10 @@ impl Host {
             self.provider(&input.provider_id)?;
             if let Some(code) = &input.currency_code {
                 let currency = Currency::parse(code).ok_or_else(|| {
-                    EngineError::invalid("currency_code", format!("`{code}` is not an ISO 4217 currency code"))
+                    EngineError::invalid(
+                        "currency_code",
+                        format!("`{code}` is not an ISO 4217 currency code"),
+                    )
                 })?;
                 if currency != collection.currency_code {
                     return Err(EngineError::invalid(
@@ -520,7 +533,10 @@ impl Host {
             if let Some(cart) = &input.cart_id
                 && (cart.is_empty() || cart.len() > 255)
             {
-                return Err(EngineError::invalid("cart_id", "must be 1 to 255 characters"));
+                return Err(EngineError::invalid(
+                    "cart_id",
+                    "must be 1 to 255 characters",
+                ));
             }
             let now = self.now();
             let session = PaymentSession {
@@ -566,7 +582,10 @@ impl Host {
         self.initiate_locked(session).await
     }
 
-    async fn initiate_locked(&self, mut session: PaymentSession) -> Result<PaymentSession, EngineError> {
+    async fn initiate_locked(
+        &self,
+        mut session: PaymentSession,
+    ) -> Result<PaymentSession, EngineError> {
         if let Step::Refused(why) = transitions::session(session.status, SessionInput::Update) {
             return Err(EngineError::InvalidTransition(why));
         }
@@ -607,99 +626,107 @@ impl Host {
         input: SessionUpdate,
         idempotency_key: Option<&str>,
     ) -> Result<PaymentSession, EngineError> {
-        self.idempotent(idempotency_key, &format!("update_session:{id}"), &input, || async {
-            let _guard = self.locks.lock(id).await;
-            let mut session = self.session(id).await?;
-            if let Step::Refused(why) = transitions::session(session.status, SessionInput::Update) {
-                return Err(EngineError::InvalidTransition(why));
-            }
-            self.refuse_if_open(session.id.as_str()).await?;
-            let expected = session.version;
-            let amount_changed = match input.amount {
-                Some(a) => {
-                    Money::of(a, session.currency_code)
-                        .map_err(|e| EngineError::invalid("amount", e.to_string()))?;
-                    a != session.amount
+        self.idempotent(
+            idempotency_key,
+            &format!("update_session:{id}"),
+            &input,
+            || async {
+                let _guard = self.locks.lock(id).await;
+                let mut session = self.session(id).await?;
+                if let Step::Refused(why) =
+                    transitions::session(session.status, SessionInput::Update)
+                {
+                    return Err(EngineError::InvalidTransition(why));
                 }
-                None => false,
-            };
-            if let Some(a) = input.amount {
-                session.amount = a;
-            }
-            if let Some(cart) = &input.cart {
-                session.cart = cart.clone();
-            }
-            if let Some(context) = &input.context {
-                session.context = context.clone();
-            }
-            if let Some(data) = &input.data {
-                session.data = merge(&session.data, data);
-            }
-            if let Some(metadata) = &input.metadata {
-                session.metadata = metadata.clone();
-            }
-            if session.is_initiated {
-                let provider = self.provider(&session.provider_id)?;
-                let key = format!("{}:update:{}", session.idempotency_key, session.version);
-                let response = if amount_changed && !provider.manifest().capabilities.update_amount {
-                    // Recreate: forget the old payment at the provider, start a new one.
-                    definitive(
-                        provider
-                            .call(DeleteRequest {
-                                session_id: session.id.0.clone(),
-                                idempotency_key: format!("{key}:delete"),
-                                amount: session.amount,
-                                currency_code: session.currency_code.code().to_owned(),
-                                data: session.data.clone(),
-                                deadline_unix_ms: None,
-                            })
-                            .await,
-                        "delete",
-                    )?;
-                    definitive(
-                        provider
-                            .call(InitiateRequest {
-                                session_id: session.id.0.clone(),
-                                idempotency_key: format!("{key}:initiate"),
-                                amount: session.amount,
-                                currency_code: session.currency_code.code().to_owned(),
-                                context: session.context.clone(),
-                                data: session.data.clone(),
-                                deadline_unix_ms: None,
-                            })
-                            .await,
-                        "initiate",
-                    )?
-                } else {
-                    definitive(
-                        provider
-                            .call(UpdateRequest {
-                                session_id: session.id.0.clone(),
-                                idempotency_key: key,
-                                amount: session.amount,
-                                currency_code: session.currency_code.code().to_owned(),
-                                context: session.context.clone(),
-                                data: session.data.clone(),
-                                deadline_unix_ms: None,
-                            })
-                            .await,
-                        "update",
-                    )?
+                self.refuse_if_open(session.id.as_str()).await?;
+                let expected = session.version;
+                let amount_changed = match input.amount {
+                    Some(a) => {
+                        Money::of(a, session.currency_code)
+                            .map_err(|e| EngineError::invalid("amount", e.to_string()))?;
+                        a != session.amount
+                    }
+                    None => false,
                 };
-                if let Some(data) = response.data {
-                    session.data = data;
+                if let Some(a) = input.amount {
+                    session.amount = a;
                 }
-            }
-            session.version += 1;
-            session.updated_at = self.now();
-            self.store
-                .write(vec![WriteOp::UpdateSession {
-                    session: session.clone(),
-                    expected_version: expected,
-                }])
-                .await?;
-            Ok(session)
-        })
+                if let Some(cart) = &input.cart {
+                    session.cart = cart.clone();
+                }
+                if let Some(context) = &input.context {
+                    session.context = context.clone();
+                }
+                if let Some(data) = &input.data {
+                    session.data = merge(&session.data, data);
+                }
+                if let Some(metadata) = &input.metadata {
+                    session.metadata = metadata.clone();
+                }
+                if session.is_initiated {
+                    let provider = self.provider(&session.provider_id)?;
+                    let key = format!("{}:update:{}", session.idempotency_key, session.version);
+                    let response =
+                        if amount_changed && !provider.manifest().capabilities.update_amount {
+                            // Recreate: forget the old payment at the provider, start a new one.
+                            definitive(
+                                provider
+                                    .call(DeleteRequest {
+                                        session_id: session.id.0.clone(),
+                                        idempotency_key: format!("{key}:delete"),
+                                        amount: session.amount,
+                                        currency_code: session.currency_code.code().to_owned(),
+                                        data: session.data.clone(),
+                                        deadline_unix_ms: None,
+                                    })
+                                    .await,
+                                "delete",
+                            )?;
+                            definitive(
+                                provider
+                                    .call(InitiateRequest {
+                                        session_id: session.id.0.clone(),
+                                        idempotency_key: format!("{key}:initiate"),
+                                        amount: session.amount,
+                                        currency_code: session.currency_code.code().to_owned(),
+                                        context: session.context.clone(),
+                                        data: session.data.clone(),
+                                        deadline_unix_ms: None,
+                                    })
+                                    .await,
+                                "initiate",
+                            )?
+                        } else {
+                            definitive(
+                                provider
+                                    .call(UpdateRequest {
+                                        session_id: session.id.0.clone(),
+                                        idempotency_key: key,
+                                        amount: session.amount,
+                                        currency_code: session.currency_code.code().to_owned(),
+                                        context: session.context.clone(),
+                                        data: session.data.clone(),
+                                        deadline_unix_ms: None,
+                                    })
+                                    .await,
+                                "update",
+                            )?
+                        };
+                    if let Some(data) = response.data {
+                        session.data = data;
+                    }
+                }
+                session.version += 1;
+                session.updated_at = self.now();
+                self.store
+                    .write(vec![WriteOp::UpdateSession {
+                        session: session.clone(),
+                        expected_version: expected,
+                    }])
+                    .await?;
+                Ok(session)
+            },
+        )
         .await
     }
 
@@ -707,7 +734,10 @@ impl Host {
     /// unselected). A placeholder is initiated on selection.
     pub async fn select_session(&self, id: &str) -> Result<PaymentSession, EngineError> {
         let session = self.session(id).await?;
-        if matches!(session.status, SessionStatus::Error | SessionStatus::Canceled) {
+        if matches!(
+            session.status,
+            SessionStatus::Error | SessionStatus::Canceled
+        ) {
             return Err(EngineError::InvalidTransition(format!(
                 "a session that is {} cannot be selected",
                 session.status.as_str()
@@ -825,62 +855,70 @@ impl Host {
         input: AuthorizeInput,
         idempotency_key: Option<&str>,
     ) -> Result<AuthorizeResult, EngineError> {
-        self.idempotent(idempotency_key, &format!("authorize:{id}"), &input, || async {
-            let _guard = self.locks.lock(id).await;
-            let mut session = self.session(id).await?;
-            match transitions::session(session.status, SessionInput::Authorize) {
-                Step::Refused(why) => return Err(EngineError::InvalidTransition(why)),
-                _ if session.status == SessionStatus::Authorized => {
-                    let payment = self.store.payment_of_session(&session.id).await?;
-                    return Ok(AuthorizeResult::of(session, payment));
+        self.idempotent(
+            idempotency_key,
+            &format!("authorize:{id}"),
+            &input,
+            || async {
+                let _guard = self.locks.lock(id).await;
+                let mut session = self.session(id).await?;
+                match transitions::session(session.status, SessionInput::Authorize) {
+                    Step::Refused(why) => return Err(EngineError::InvalidTransition(why)),
+                    _ if session.status == SessionStatus::Authorized => {
+                        let payment = self.store.payment_of_session(&session.id).await?;
+                        return Ok(AuthorizeResult::of(session, payment));
+                    }
+                    _ => {}
                 }
-                _ => {}
-            }
-            self.refuse_if_open(session.id.as_str()).await?;
-            let provider = self.provider(&session.provider_id)?.clone();
-            if !session.is_initiated {
-                session = self.initiate_locked(session).await?;
-            }
-            if let Some(context) = &input.context {
-                session.context = context.clone();
-            }
-            if let Some(data) = &input.data {
-                session.data = merge(&session.data, data);
-            }
-            let attempt = self.new_attempt(&session, None, Operation::Authorize, session.amount, None);
-            let expected = session.version;
-            session.version += 1;
-            session.updated_at = self.now();
-            self.begin(
-                &attempt,
-                WriteOp::UpdateSession {
-                    session: session.clone(),
-                    expected_version: expected,
-                },
-            )
-            .await?;
-            let answer = provider
-                .call(AuthorizeRequest {
-                    session_id: session.id.0.clone(),
-                    idempotency_key: attempt.idempotency_key.clone(),
-                    amount: session.amount,
-                    currency_code: session.currency_code.code().to_owned(),
-                    context: session.context.clone(),
-                    data: session.data.clone(),
-                    deadline_unix_ms: None,
-                })
-                .await;
-            let outcome = self.after_call(attempt, answer).await?;
-            let session = self.session(id).await?;
-            let payment = self.store.payment_of_session(&session.id).await?;
-            let mut result = AuthorizeResult::of(session, payment);
-            match outcome {
-                Outcome::RequiresMore { next_action } => result.next_action = Some(next_action),
-                Outcome::Declined { code, message } => result.decline = Some(Decline { code, message }),
-                _ => {}
-            }
-            Ok(result)
-        })
+                self.refuse_if_open(session.id.as_str()).await?;
+                let provider = self.provider(&session.provider_id)?.clone();
+                if !session.is_initiated {
+                    session = self.initiate_locked(session).await?;
+                }
+                if let Some(context) = &input.context {
+                    session.context = context.clone();
+                }
+                if let Some(data) = &input.data {
+                    session.data = merge(&session.data, data);
+                }
+                let attempt =
+                    self.new_attempt(&session, None, Operation::Authorize, session.amount, None);
+                let expected = session.version;
+                session.version += 1;
+                session.updated_at = self.now();
+                self.begin(
+                    &attempt,
+                    WriteOp::UpdateSession {
+                        session: session.clone(),
+                        expected_version: expected,
+                    },
+                )
+                .await?;
+                let answer = provider
+                    .call(AuthorizeRequest {
+                        session_id: session.id.0.clone(),
+                        idempotency_key: attempt.idempotency_key.clone(),
+                        amount: session.amount,
+                        currency_code: session.currency_code.code().to_owned(),
+                        context: session.context.clone(),
+                        data: session.data.clone(),
+                        deadline_unix_ms: None,
+                    })
+                    .await;
+                let outcome = self.after_call(attempt, answer).await?;
+                let session = self.session(id).await?;
+                let payment = self.store.payment_of_session(&session.id).await?;
+                let mut result = AuthorizeResult::of(session, payment);
+                match outcome {
+                    Outcome::RequiresMore { next_action } => result.next_action = Some(next_action),
+                    Outcome::Declined { code, message } => {
+                        result.decline = Some(Decline { code, message })
+                    }
+                    _ => {}
+                }
+                Ok(result)
+            },
+        )
         .await
     }
 
@@ -896,12 +934,12 @@ impl Host {
         match answer {
             Ok(response) => {
                 let outcome = response.outcome.clone();
-                self.settle(attempt, outcome.clone(), response.data, None).await?;
+                self.settle(attempt, outcome.clone(), response.data, None)
+                    .await?;
                 match outcome {
-                    Outcome::Unknown { reason } => Err(EngineError::OutcomeUnknown {
-                        attempt_id,
-                        reason,
-                    }),
+                    Outcome::Unknown { reason } => {
+                        Err(EngineError::OutcomeUnknown { attempt_id, reason })
+                    }
                     Outcome::NotAttempted { reason } => Err(EngineError::NotAttempted { reason }),
                     other => Ok(other),
                 }
@@ -911,7 +949,9 @@ impl Host {
                 attempt.error = serde_json::to_value(e.to_string()).ok();
                 attempt.next_check_at = Some(self.now() + self.reconcile.first_check_ms);
                 attempt.updated_at = self.now();
-                self.store.write(vec![WriteOp::UpdateAttempt(attempt)]).await?;
+                self.store
+                    .write(vec![WriteOp::UpdateAttempt(attempt)])
+                    .await?;
                 tracing::warn!(attempt = %attempt_id, "provider outcome unknown: {e}");
                 Err(EngineError::OutcomeUnknown {
                     attempt_id,
@@ -925,7 +965,9 @@ impl Host {
                     other => Value::String(other.to_string()),
                 });
                 attempt.updated_at = self.now();
-                self.store.write(vec![WriteOp::UpdateAttempt(attempt)]).await?;
+                self.store
+                    .write(vec![WriteOp::UpdateAttempt(attempt)])
+                    .await?;
                 Err(match e {
                     CallError::NotAttempted { reason } => EngineError::NotAttempted { reason },
                     CallError::Provider(pe) => EngineError::Provider(pe),
@@ -952,7 +994,9 @@ impl Host {
         attempt.state = moved(&outcome);
         if attempt.state == AttemptState::Unknown {
             attempt.next_check_at = Some(now + self.reconcile.first_check_ms);
-            self.store.write(vec![WriteOp::UpdateAttempt(attempt)]).await?;
+            self.store
+                .write(vec![WriteOp::UpdateAttempt(attempt)])
+                .await?;
             return Ok(());
         }
         let mut ops = Vec::new();
@@ -1082,6 +1126,8 @@ impl Host {
     ) -> Result<Payment, EngineError> {
         let _guard = self.locks.lock(id).await;
         let mut payment = self.payment(id).await?;
+        // An open outcome comes first: until it resolves, the amounts below are not the truth.
+        self.refuse_if_open(payment.id.as_str()).await?;
         let session = self
             .store
             .session(&payment.payment_session_id)
@@ -1130,7 +1176,6 @@ impl Host {
             }
             _ => {}
         }
-        self.refuse_if_open(payment.id.as_str()).await?;
         let attempt = self.new_attempt(&session, Some(&payment), operation, amount, reason.clone());
         let expected = payment.version;
         payment.version += 1;
@@ -1237,9 +1282,12 @@ impl Host {
         id: &str,
         idempotency_key: Option<&str>,
     ) -> Result<Payment, EngineError> {
-        self.idempotent(idempotency_key, &format!("cancel:{id}"), &Value::Null, || {
-            self.payment_op(id, Operation::Cancel, None, None)
-        })
+        self.idempotent(
+            idempotency_key,
+            &format!("cancel:{id}"),
+            &Value::Null,
+            || self.payment_op(id, Operation::Cancel, None, None),
+        )
         .await
     }
 
@@ -1296,7 +1344,10 @@ impl Host {
         if session.provider_id != provider_id {
             return Err(EngineError::invalid(
                 "session_id",
-                format!("session {session_id} belongs to provider `{}`", session.provider_id),
+                format!(
+                    "session {session_id} belongs to provider `{}`",
+                    session.provider_id
+                ),
             ));
         }
         self.apply_report(session_id, event.action).await.map(Some)
@@ -1331,18 +1382,21 @@ impl Host {
 
     /// The provider's answer to an earlier attempt.
     async fn ask_about(&self, attempt: &Attempt) -> Result<Outcome, CallError> {
-        let provider = self
-            .providers
-            .get(&attempt.provider_id)
-            .ok_or_else(|| CallError::NotAttempted {
-                reason: format!("provider `{}` is not loaded", attempt.provider_id),
-            })?;
+        let provider =
+            self.providers
+                .get(&attempt.provider_id)
+                .ok_or_else(|| CallError::NotAttempted {
+                    reason: format!("provider `{}` is not loaded", attempt.provider_id),
+                })?;
         let truth = provider
             .call_with_timeout(
                 RetrieveRequest {
                     session_id: attempt.session_id.0.clone(),
                     payment_id: attempt.payment_id.as_ref().map(|p| p.0.clone()),
-                    idempotency_key: format!("{}:retrieve:{}", attempt.idempotency_key, attempt.checks),
+                    idempotency_key: format!(
+                        "{}:retrieve:{}",
+                        attempt.idempotency_key, attempt.checks
+                    ),
                     amount: attempt.amount,
                     currency_code: attempt.currency_code.code().to_owned(),
                     data: Value::Null,

@@ -154,7 +154,9 @@ impl Host {
                     tracing::error!(attempt = %attempt.id, operation = %attempt.operation, "attempt still unknown after {} checks; an operator must resolve it (payhost attempts resolve)", attempt.checks);
                 }
                 let state = attempt.state;
-                self.store.write(vec![WriteOp::UpdateAttempt(attempt)]).await?;
+                self.store
+                    .write(vec![WriteOp::UpdateAttempt(attempt)])
+                    .await?;
                 Ok(state)
             }
         }
@@ -218,7 +220,8 @@ impl Host {
             note: note.to_owned(),
             at: self.now(),
         };
-        self.settle(attempt, outcome, None, Some(resolution)).await?;
+        self.settle(attempt, outcome, None, Some(resolution))
+            .await?;
         tracing::warn!(attempt = id, by, note, "attempt resolved by an operator");
         self.store
             .attempt(id)

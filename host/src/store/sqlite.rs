@@ -184,7 +184,9 @@ pub struct SqliteStore {
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore").field("path", &self.path).finish()
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -285,7 +287,10 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             .map_err(|e| StoreError::Unavailable(format!("migration {version} failed: {e}")))?;
         tx.execute(
             "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
-            params![version, crate::provider::Clock::now_unix_ms(&crate::provider::SystemClock)],
+            params![
+                version,
+                crate::provider::Clock::now_unix_ms(&crate::provider::SystemClock)
+            ],
         )
         .map_err(unavailable)?;
     }
@@ -342,7 +347,11 @@ fn classify(e: rusqlite::Error, what: &str) -> StoreError {
     let text = e.to_string();
     if text.contains("invariant:") {
         return StoreError::Invariant(
-            text.split("invariant:").nth(1).unwrap_or(&text).trim().to_owned(),
+            text.split("invariant:")
+                .nth(1)
+                .unwrap_or(&text)
+                .trim()
+                .to_owned(),
         );
     }
     if text.contains("UNIQUE constraint failed: attempts.entity_id") {
@@ -682,7 +691,9 @@ impl Store for SqliteStore {
         let id = id.0.clone();
         self.read(move |c| {
             let p = c
-                .prepare_cached(&format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = ?1"))?
+                .prepare_cached(&format!(
+                    "SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = ?1"
+                ))?
                 .query_row([id], payment_row)
                 .optional()?;
             p.map(|p| with_movements(c, p)).transpose()
@@ -721,9 +732,11 @@ impl Store for SqliteStore {
     async fn attempt(&self, id: &str) -> Result<Option<Attempt>, StoreError> {
         let id = id.to_owned();
         self.read(move |c| {
-            c.prepare_cached(&format!("SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE id = ?1"))?
-                .query_row([id], attempt_row)
-                .optional()
+            c.prepare_cached(&format!(
+                "SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE id = ?1"
+            ))?
+            .query_row([id], attempt_row)
+            .optional()
         })
         .await
     }

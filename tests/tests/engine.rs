@@ -1,0 +1,840 @@
+//! The lifecycle engine through the library API, on the durable SQLite store, with the real
+//! plugins.
+
+use std::sync::Arc;
+
+use payhost::domain::{AttemptState, CollectionStatus, PaymentStatus, SessionStatus};
+use payhost::engine::*;
+use payhost::{EngineError, Host};
+use payhost_e2e::{HOST, Scratch, payhost, text};
+use serde_json::{Value, json};
+
+async fn collection(host: &Host, amount: i64, currency: &str) -> String {
+    host.create_collection(
+        NewCollection {
+            amount,
+            currency_code: currency.into(),
+            metadata: Value::Null,
+        },
+        None,
+    )
+    .await
+    .unwrap()
+    .id
+    .0
+}
+
+fn new_session(collection: &str, provider: &str, data: Value) -> NewSession {
+    NewSession {
+        payment_collection_id: collection.into(),
+        provider_id: provider.into(),
+        cart_id: Some("cart_1".into()),
+        cart: json!({"email": "c@example.com"}),
+        context: json!({"ip": "203.0.113.7"}),
+        data,
+        amount: None,
+        currency_code: None,
+        metadata: Value::Null,
+        initiate: true,
+    }
+}
+
+async fn sandbox_entries(host: &Host, session: &str, op: &str) -> usize {
+    let ledger = host
+        .providers()
+        .get("sandbox")
+        .unwrap()
+        .call_custom("ledger", json!({ "session_id": session }))
+        .await
+        .unwrap();
+    ledger
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["op"] == op && e["response"]["outcome"]["status"] == "processed")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_system_payment_is_authorized_captured_in_parts_and_refunded_in_parts() {
+    let s = Scratch::new();
+    let host = s.host(HOST).await;
+    let col = collection(&host, 1500, "EUR").await;
+    assert_eq!(
+        host.collection(&col).await.unwrap().status,
+        CollectionStatus::NotPaid
+    );
+    let session = host
+        .create_session(new_session(&col, "system", Value::Null), None)
+        .await
+        .unwrap();
+    assert!(session.is_initiated);
+    assert_eq!(session.status, SessionStatus::Pending);
+    assert_eq!(session.amount, 1500);
+    assert_eq!(session.currency_code.code(), "eur");
+    assert_eq!(
+        host.collection(&col).await.unwrap().status,
+        CollectionStatus::Awaiting
+    );
+
+    let result = host
+        .authorize_session(&session.id.0, AuthorizeInput::default(), None)
+        .await
+        .unwrap();
+    assert_eq!(result.payment_session.status, SessionStatus::Authorized);
+    assert!(result.payment_session.payment_authorized_at.is_some());
+    let payment = result.payment.unwrap();
+    assert_eq!(payment.amount, 1500);
+    assert_eq!(
+        host.collection(&col).await.unwrap().status,
+        CollectionStatus::Authorized
+    );
+
+    let p = host
+        .capture_payment(&payment.id.0, CaptureInput { amount: Some(1000) }, None)
+        .await
+        .unwrap();
+    assert_eq!(p.status(), PaymentStatus::PartiallyCaptured);
+    let p = host
+        .capture_payment(&payment.id.0, CaptureInput::default(), None)
+        .await
+        .unwrap();
+    assert_eq!(p.captured_amount(), 1500);
+    assert!(p.captured_at.is_some());
+    assert_eq!(
+        host.collection(&col).await.unwrap().status,
+        CollectionStatus::Completed
+    );
+
+    let over = host
+        .capture_payment(&payment.id.0, CaptureInput { amount: Some(1) }, None)
+        .await
+        .unwrap_err();
+    assert_eq!(over.code(), "invalid_transition", "{over}");
+
+    host.refund_payment(
+        &payment.id.0,
+        RefundInput {
+            amount: Some(200),
+            reason: Some("damaged".into()),
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    let p = host
+        .refund_payment(
+            &payment.id.0,
+            RefundInput {
+                amount: Some(300),
+                reason: None,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(p.refunded_amount(), 500);
+    assert_eq!(p.status(), PaymentStatus::PartiallyRefunded);
+    assert_eq!(p.refunds[0].reason.as_deref(), Some("damaged"));
+    let over = host
+        .refund_payment(
+            &payment.id.0,
+            RefundInput {
+                amount: Some(1001),
+                reason: None,
+            },
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(over.code(), "invalid_transition");
+    assert!(
+        over.to_string().contains("would exceed what was captured"),
+        "{over}"
+    );
+    let p = host
+        .refund_payment(&payment.id.0, RefundInput::default(), None)
+        .await
+        .unwrap();
+    assert_eq!(p.status(), PaymentStatus::Refunded);
+
+    // Every money call left a settled attempt, none open.
+    assert!(host.open_attempts().await.unwrap().is_empty());
+    let attempts = host.attempts_of(&payment.id.0).await.unwrap();
+    assert_eq!(attempts.len(), 5);
+    assert!(attempts.iter().all(|a| a.state == AttemptState::Succeeded));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requires_more_returns_the_next_action_and_the_next_authorize_completes() {
+    let s = Scratch::new();
+    let host = s.host(HOST).await;
+    let col = collection(&host, 4200, "usd").await;
+    let session = host
+        .create_session(
+            new_session(&col, "sandbox", json!({"card_number": "4000002500003155"})),
+            None,
+        )
+        .await
+        .unwrap();
+    let first = host
+        .authorize_session(&session.id.0, AuthorizeInput::default(), None)
+        .await
+        .unwrap();
+    assert_eq!(first.payment_session.status, SessionStatus::RequiresMore);
+    assert_eq!(first.next_action.unwrap()["type"], "redirect");
+    assert!(first.payment.is_none());
+    let second = host
+        .authorize_session(&session.id.0, AuthorizeInput::default(), None)
+        .await
+        .unwrap();
+    assert_eq!(second.payment_session.status, SessionStatus::Authorized);
+    assert!(second.payment.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_authorization_completes_by_webhook_and_a_late_pending_changes_nothing() {
+    let s = Scratch::new();
+    let host = s.host(HOST).await;
+    let col = collection(&host, 999, "eur").await;
+    let session = host
+        .create_session(
+            new_session(
+                &col,
+                "sandbox",
+                json!({"sandbox": {"authorize": "pending"}}),
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+    let r = host
+        .authorize_session(&session.id.0, AuthorizeInput::default(), None)
+        .await
+        .unwrap();
+    assert_eq!(r.payment_session.status, SessionStatus::Pending);
+    assert!(
+        host.open_attempts().await.unwrap().is_empty(),
+        "pending is an answer, not an open outcome"
+    );
+
+    let sandbox = host.providers().get("sandbox").unwrap().clone();
+    let hook = sandbox
+        .call_custom("settle", json!({"session_id": session.id.0}))
+        .await
+        .unwrap();
+    let event = sandbox
+        .call(payhost_provider_api::WebhookRequest {
+            body: hook["body"].as_str().unwrap().into(),
+            headers: serde_json::from_value(hook["headers"].clone()).unwrap(),
+            received_at_unix_ms: payhost::Clock::now_unix_ms(&payhost::SystemClock),
+        })
+        .await
+        .unwrap();
+    let applied = host
+        .apply_webhook("sandbox", &event)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(applied.status, SessionStatus::Authorized);
+    assert!(host.collection(&col).await.unwrap().payments.len() == 1);
+
+    // Out of order: a "pending" after "authorized" is ignored; the session does not move back.
+    let late = host
+        .apply_report(&session.id.0, payhost_provider_api::WebhookAction::Pending)
+        .await
+        .unwrap();
+    assert_eq!(late.status, SessionStatus::Authorized);
+    let failed = host
+        .apply_report(&session.id.0, payhost_provider_api::WebhookAction::Failed)
+        .await
+        .unwrap();
+    assert_eq!(failed.status, SessionStatus::Authorized);
+    // Applying the same event twice creates no second payment.
+    host.apply_webhook("sandbox", &event).await.unwrap();
+    assert_eq!(host.collection(&col).await.unwrap().payments.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decline_leaves_the_session_in_error_for_good() {
+    let s = Scratch::new();
+    let host = s.host(HOST).await;
+    let col = collection(&host, 500, "gbp").await;
+    let session = host
+        .create_session(
+            new_session(&col, "sandbox", json!({"card_number": "4000000000000002"})),
+            None,
+        )
+        .await
+        .unwrap();
+    let r = host
+        .authorize_session(&session.id.0, AuthorizeInput::default(), None)
+        .await
+        .unwrap();
+    assert_eq!(r.payment_session.status, SessionStatus::Error);
+    assert_eq!(r.decline.unwrap().code.as_deref(), Some("card_declined"));
+    let again = host
+        .authorize_session(&session.id.0, AuthorizeInput::default(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), "invalid_transition");
+    let attempts = host.attempts_of(&session.id.0).await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].state, AttemptState::Failed, "kept, not deleted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_give_clear_errors_and_change_nothing() {
+    let s = Scratch::new();
+    let host = s.host(HOST).await;
+    let bad = |amount: i64, currency: &str| NewCollection {
+        amount,
+        currency_code: currency.into(),
+        metadata: Value::Null,
+    };
+    for (input, field, needle) in [
+        (bad(100, "xyz"), "currency_code", "ISO 4217"),
+        (bad(0, "eur"), "amount", "positive"),
+        (bad(-10, "eur"), "amount", "positive"),
+        (bad(i64::MAX, "eur"), "amount", "too large"),
+    ] {
+        match host.create_collection(input, None).await.unwrap_err() {
+            EngineError::InvalidInput { field: f, message } => {
+                assert_eq!(f, field);
+                assert!(message.contains(needle), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let col = collection(&host, 1000, "jpy").await;
+    let mut wrong_currency = new_session(&col, "system", Value::Null);
+    wrong_currency.currency_code = Some("eur".into());
+    let e = host.create_session(wrong_currency, None).await.unwrap_err();
+    assert!(e.to_string().contains("currency mismatch"), "{e}");
+    let mut zero = new_session(&col, "system", Value::Null);
+    zero.amount = Some(0);
+    assert_eq!(
+        host.create_session(zero, None).await.unwrap_err().code(),
+        "invalid_input"
+    );
+    let e = host
+        .create_session(new_session(&col, "stripe", Value::Null), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "provider_not_loaded");
+    let e = host
+        .create_session(new_session("paycol_nope", "system", Value::Null), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "not_found");
+    assert!(
+        host.collection(&col)
+            .await
+            .unwrap()
+            .payment_sessions
+            .is_empty(),
+        "nothing changed"
+    );
+    assert_eq!(
+        host.session("ps_missing").await.unwrap_err().code(),
+        "not_found"
+    );
+    assert_eq!(
+        host.payment("not-an-id").await.unwrap_err().code(),
+        "not_found"
+    );
+
+    let session = host
+        .create_session(new_session(&col, "system", Value::Null), None)
+        .await
+        .unwrap();
+    let payment = host
+        .authorize_session(&session.id.0, AuthorizeInput::default(), None)
+        .await
+        .unwrap()
+        .payment
+        .unwrap();
+    for amount in [0, -1, 1001] {
+        let e = host
+            .capture_payment(
+                &payment.id.0,
+                CaptureInput {
+                    amount: Some(amount),
+                },
+                None,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e.code(), "invalid_input" | "invalid_transition"),
+            "{e}"
+        );
+    }
+    let refund = host
+        .refund_payment(
+            &payment.id.0,
+            RefundInput {
+                amount: Some(1),
+                reason: None,
+            },
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refund.code(), "invalid_transition");
+    let p = host.payment(&payment.id.0).await.unwrap();
+    assert!(p.captures.is_empty() && p.refunds.is_empty());
+    assert_eq!(
+        host.attempts_of(&payment.id.0).await.unwrap().len(),
+        0,
+        "refused before any attempt"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_replays_its_result_and_refuses_another_request() {
+    let s = Scratch::new();
+    let host = s.host(HOST).await;
+    let col = collection(&host, 2500, "eur").await;
+    let session = host
+        .create_session(new_session(&col, "sandbox", Value::Null), Some("create-1"))
+        .await
+        .unwrap();
+    let replay = host
+        .create_session(new_session(&col, "sandbox", Value::Null), Some("create-1"))
+        .await
+        .unwrap();
+    assert_eq!(session, replay);
+    let payment = host
+        .authorize_session(&session.id.0, AuthorizeInput::default(), Some("auth-1"))
+        .await
+        .unwrap()
+        .payment
+        .unwrap();
+    let first = host
+        .capture_payment(
+            &payment.id.0,
+            CaptureInput { amount: Some(700) },
+            Some("cap-1"),
+        )
+        .await
+        .unwrap();
+    let second = host
+        .capture_payment(
+            &payment.id.0,
+            CaptureInput { amount: Some(700) },
+            Some("cap-1"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(first, second);
+    assert_eq!(
+        host.payment(&payment.id.0).await.unwrap().captured_amount(),
+        700
+    );
+    assert_eq!(sandbox_entries(&host, &session.id.0, "capture").await, 1);
+
+    let mismatch = host
+        .capture_payment(
+            &payment.id.0,
+            CaptureInput { amount: Some(800) },
+            Some("cap-1"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(mismatch.code(), "idempotency_mismatch");
+    let other_op = host
+        .refund_payment(
+            &payment.id.0,
+            RefundInput {
+                amount: Some(700),
+                reason: None,
+            },
+            Some("cap-1"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(other_op.code(), "idempotency_mismatch");
+    assert_eq!(
+        host.payment(&payment.id.0).await.unwrap().captured_amount(),
+        700
+    );
+
+    // A failed request releases its key: the retry runs again.
+    let e = host
+        .capture_payment(
+            &payment.id.0,
+            CaptureInput { amount: Some(5000) },
+            Some("cap-2"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "invalid_transition");
+    let ok = host
+        .capture_payment(
+            &payment.id.0,
+            CaptureInput { amount: Some(5000) },
+            Some("cap-2"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(ok.code(), "invalid_transition");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_authorizes_of_one_session_call_the_provider_once() {
+    let s = Scratch::new();
+    let host = s.host(HOST).await;
+    let col = collection(&host, 3000, "eur").await;
+    let session = host
+        .create_session(
+            new_session(
+                &col,
+                "sandbox",
+                json!({"sandbox": {"authorize": {"delay_ms": 100}}}),
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let host = host.clone();
+        let id = session.id.0.clone();
+        tasks.push(tokio::spawn(async move {
+            host.authorize_session(&id, AuthorizeInput::default(), None)
+                .await
+        }));
+    }
+    let mut payments = Vec::new();
+    for t in tasks {
+        let r = t.await.unwrap().unwrap();
+        assert_eq!(r.payment_session.status, SessionStatus::Authorized);
+        payments.push(r.payment.unwrap().id);
+    }
+    payments.dedup();
+    assert_eq!(payments.len(), 1, "one payment for all");
+    assert_eq!(sandbox_entries(&host, &session.id.0, "authorize").await, 1);
+    assert_eq!(host.attempts_of(&session.id.0).await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_outcome_blocks_money_operations_until_reconciled() {
+    let s = Scratch::new();
+    let host = s.host(HOST).await;
+    let col = collection(&host, 1200, "eur").await;
+    let session = host
+        .create_session(
+            new_session(&col, "sandbox", json!({"card_number": "4000000000000119"})),
+            None,
+        )
+        .await
+        .unwrap();
+    let e = host
+        .authorize_session(&session.id.0, AuthorizeInput::default(), None)
+        .await
+        .unwrap_err();
+    let EngineError::OutcomeUnknown { attempt_id, .. } = &e else {
+        panic!("{e:?}")
+    };
+    assert!(attempt_id.starts_with("att_"));
+    assert_eq!(
+        host.session(&session.id.0).await.unwrap().status,
+        SessionStatus::Pending
+    );
+    let blocked = host
+        .authorize_session(&session.id.0, AuthorizeInput::default(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(blocked.code(), "attempt_unresolved", "{blocked}");
+    assert!(blocked.to_string().contains(attempt_id.as_str()));
+    let deleted = host.delete_session(&session.id.0).await.unwrap_err();
+    assert_eq!(deleted.code(), "attempt_unresolved");
+
+    let report = host.reconcile_due().await.unwrap();
+    assert_eq!(report.settled, 1, "{report:?}");
+    let session = host.session(&session.id.0).await.unwrap();
+    assert_eq!(
+        session.status,
+        SessionStatus::Authorized,
+        "the processor did authorize"
+    );
+    assert_eq!(host.collection(&col).await.unwrap().payments.len(), 1);
+    assert_eq!(sandbox_entries(&host, &session.id.0, "authorize").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capture_that_times_out_is_recorded_once_after_reconciling() {
+    let s = Scratch::new();
+    let host = s.host(HOST).await; // sandbox timeout 400 ms
+    let col = collection(&host, 1000, "eur").await;
+    // The capture is slow: the sandbox still captures, after the host gave up waiting.
+    let session = host
+        .create_session(
+            new_session(
+                &col,
+                "sandbox",
+                json!({"sandbox": {"capture": {"delay_ms": 900}}}),
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+    let payment = host
+        .authorize_session(&session.id.0, AuthorizeInput::default(), None)
+        .await
+        .unwrap()
+        .payment
+        .unwrap();
+    let e = host
+        .update_session(&session.id.0, SessionUpdate::default(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        "invalid_transition",
+        "an authorized session cannot be updated"
+    );
+    let e = host
+        .capture_payment(&payment.id.0, CaptureInput { amount: Some(600) }, None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "outcome_unknown", "{e}");
+    let blocked = host
+        .refund_payment(&payment.id.0, RefundInput::default(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(blocked.code(), "attempt_unresolved");
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let report = host.reconcile_due().await.unwrap();
+    assert_eq!(report.settled, 1, "{report:?}");
+    let p = host.payment(&payment.id.0).await.unwrap();
+    assert_eq!(p.captured_amount(), 600);
+    assert_eq!(sandbox_entries(&host, &session.id.0, "capture").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_lists_and_resolves_an_open_attempt_from_the_command_line() {
+    let s = Scratch::new();
+    let host = s.host(HOST).await;
+    let col = collection(&host, 800, "eur").await;
+    let session = host
+        .create_session(
+            new_session(&col, "sandbox", json!({"card_number": "4000000000000119"})),
+            None,
+        )
+        .await
+        .unwrap();
+    let EngineError::OutcomeUnknown { attempt_id, .. } = host
+        .authorize_session(&session.id.0, AuthorizeInput::default(), None)
+        .await
+        .unwrap_err()
+    else {
+        panic!()
+    };
+    let config = s.config_path();
+    let out = payhost(&["attempts", "--config", config.to_str().unwrap()], &[]);
+    let listing = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        listing.contains(&attempt_id)
+            && listing.contains("unknown")
+            && listing.contains("authorize"),
+        "{listing}"
+    );
+
+    let out = payhost(
+        &[
+            "attempts",
+            "resolve",
+            &attempt_id,
+            "--as",
+            "succeeded",
+            "--note",
+            "seen in the PSP dashboard",
+            "--by",
+            "ops@example",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let attempt = host.attempts_of(&session.id.0).await.unwrap().remove(0);
+    assert_eq!(attempt.state, AttemptState::Succeeded);
+    let resolution = attempt.resolution.unwrap();
+    assert_eq!(resolution.by, "ops@example");
+    assert_eq!(resolution.note, "seen in the PSP dashboard");
+    assert_eq!(
+        host.session(&session.id.0).await.unwrap().status,
+        SessionStatus::Authorized
+    );
+
+    let again = payhost(
+        &[
+            "attempts",
+            "resolve",
+            &attempt_id,
+            "--as",
+            "failed",
+            "--note",
+            "x",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(!again.status.success());
+    assert!(text(&again.stderr).contains("already settled"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_voids_a_payment_and_the_database_refuses_captures_after_it() {
+    let s = Scratch::new();
+    let host = s.host(HOST).await;
+    let col = collection(&host, 1000, "eur").await;
+    let session = host
+        .create_session(new_session(&col, "sandbox", Value::Null), None)
+        .await
+        .unwrap();
+    let payment = host
+        .authorize_session(&session.id.0, AuthorizeInput::default(), None)
+        .await
+        .unwrap()
+        .payment
+        .unwrap();
+    let p = host.cancel_payment(&payment.id.0, None).await.unwrap();
+    assert_eq!(p.status(), PaymentStatus::Canceled);
+    assert_eq!(
+        host.collection(&col).await.unwrap().status,
+        CollectionStatus::Canceled
+    );
+    let e = host
+        .capture_payment(&payment.id.0, CaptureInput::default(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "invalid_transition");
+
+    // Below the engine, the database holds the invariants too.
+    let capture = payhost::domain::Capture {
+        id: payhost::domain::CaptureId::generate(),
+        amount: 100,
+        attempt_id: payhost::domain::AttemptId::generate(),
+        created_at: 0,
+    };
+    let e = host
+        .store()
+        .write(vec![payhost::store::WriteOp::InsertCapture(
+            payment.id.clone(),
+            capture,
+        )])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "store.invariant", "{e}");
+    let refund = payhost::domain::Refund {
+        id: payhost::domain::RefundId::generate(),
+        amount: 1,
+        reason: None,
+        attempt_id: payhost::domain::AttemptId::generate(),
+        created_at: 0,
+    };
+    let e = host
+        .store()
+        .write(vec![payhost::store::WriteOp::InsertRefund(
+            payment.id.clone(),
+            refund,
+        )])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "store.invariant");
+    let mut back = host.session(&session.id.0).await.unwrap();
+    let expected = back.version;
+    back.status = SessionStatus::Pending;
+    back.version += 1;
+    let e = host
+        .store()
+        .write(vec![payhost::store::WriteOp::UpdateSession {
+            session: back,
+            expected_version: expected,
+        }])
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("terminal"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_session_is_selected_per_cart_and_placeholders_initiate_on_selection() {
+    let s = Scratch::new();
+    let host = s.host(HOST).await;
+    let col = collection(&host, 1000, "eur").await;
+    let mut placeholder = new_session(&col, "sandbox", Value::Null);
+    placeholder.initiate = false;
+    let a = host.create_session(placeholder, None).await.unwrap();
+    assert!(!a.is_initiated);
+    let b = host
+        .create_session(new_session(&col, "system", Value::Null), None)
+        .await
+        .unwrap();
+    let a = host.select_session(&a.id.0).await.unwrap();
+    assert!(a.is_selected && a.is_initiated, "initiated when selected");
+    let b = host.select_session(&b.id.0).await.unwrap();
+    assert!(b.is_selected);
+    let by_cart = host.sessions_of_cart("cart_1").await.unwrap();
+    assert_eq!(by_cart.len(), 2);
+    assert_eq!(by_cart.iter().filter(|s| s.is_selected).count(), 1);
+    assert_eq!(host.sessions_of_collection(&col).await.unwrap().len(), 2);
+
+    let updated = host
+        .update_session(
+            &b.id.0,
+            SessionUpdate {
+                amount: Some(900),
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated.amount, 900);
+    let deleted = host.delete_session(&a.id.0).await.unwrap();
+    assert_eq!(deleted.status, SessionStatus::Canceled);
+    let e = host
+        .authorize_session(&a.id.0, AuthorizeInput::default(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "invalid_transition");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_survives_reopening_the_store() {
+    let s = Scratch::new();
+    let (col, payment) = {
+        let host = s.host(HOST).await;
+        let col = collection(&host, 1000, "eur").await;
+        let session = host
+            .create_session(new_session(&col, "system", Value::Null), None)
+            .await
+            .unwrap();
+        let payment = host
+            .authorize_session(&session.id.0, AuthorizeInput::default(), None)
+            .await
+            .unwrap()
+            .payment
+            .unwrap();
+        host.capture_payment(&payment.id.0, CaptureInput { amount: Some(400) }, None)
+            .await
+            .unwrap();
+        (col, payment.id.0)
+    };
+    let host: Arc<Host> = s.host(HOST).await;
+    assert_eq!(host.payment(&payment).await.unwrap().captured_amount(), 400);
+    assert_eq!(
+        host.collection(&col).await.unwrap().status,
+        CollectionStatus::Authorized
+    );
+}
