@@ -733,6 +733,7 @@ impl Host {
     /// Selects a session: the one selected for its cart and for its collection (the others are
     /// unselected). A placeholder is initiated on selection.
     pub async fn select_session(&self, id: &str) -> Result<PaymentSession, EngineError> {
+        let guard = self.locks.lock(id).await;
         let session = self.session(id).await?;
         if matches!(
             session.status,
@@ -746,6 +747,7 @@ impl Host {
         self.store
             .write(vec![WriteOp::SelectSession(session.id.clone())])
             .await?;
+        drop(guard);
         if !session.is_initiated && session.status == SessionStatus::Pending {
             return self.initiate_session(id).await;
         }
@@ -979,8 +981,33 @@ impl Host {
 
     /// Applies a definitive `outcome` of `attempt` and its effects in one write. Used after a call,
     /// by the reconciler, and by an operator's resolution. An `unknown` outcome keeps the attempt
-    /// open for the reconciler.
+    /// open for the reconciler. A concurrent change of the entity (a selection, another host's
+    /// write) makes it read again and retry: an outcome once known is not dropped.
     async fn settle(
+        &self,
+        attempt: Attempt,
+        outcome: Outcome,
+        data: Option<Value>,
+        resolution: Option<Resolution>,
+    ) -> Result<(), EngineError> {
+        let mut tries = 0;
+        loop {
+            let result = self
+                .settle_once(
+                    attempt.clone(),
+                    outcome.clone(),
+                    data.clone(),
+                    resolution.clone(),
+                )
+                .await;
+            match result {
+                Err(EngineError::Store(StoreError::VersionConflict(_))) if tries < 8 => tries += 1,
+                other => return other,
+            }
+        }
+    }
+
+    async fn settle_once(
         &self,
         mut attempt: Attempt,
         outcome: Outcome,
@@ -1092,8 +1119,8 @@ impl Host {
             _ => {}
         }
         ops.insert(0, WriteOp::UpdateAttempt(attempt));
-        self.store.write(ops).await?;
-        Ok(())
+        // Raw store errors: `settle` retries a version conflict.
+        self.store.write(ops).await.map_err(EngineError::Store)
     }
 
     fn payment_for(&self, session: &PaymentSession, now: Timestamp) -> Payment {
