@@ -54,6 +54,8 @@ pub fn ensure_built() {
                 "payhost-fixture-incompatible",
                 "-p",
                 "payhost-fixture-future-protocol",
+                "-p",
+                "payhost-e2e",
                 "--profile",
                 &profile,
                 "--target-dir",

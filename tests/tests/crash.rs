@@ -1,0 +1,125 @@
+//! A process running payment flows is SIGKILLed at random points, many times, and restarted
+//! each time (start-up recovery reconciles what the dead one left in flight). At the end every
+//! operation that returned success is there, no attempt is left open, the invariants hold, and
+//! the sandbox's ledger agrees with payhost on every authorization, capture and refund.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use payhost::domain::{AttemptState, SessionStatus};
+use payhost_e2e::{HOST, Scratch, artifacts, ensure_built};
+use serde_json::json;
+
+const ROUNDS: usize = 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_survive_sigkill_at_random_points() {
+    ensure_built();
+    let scratch = Scratch::new();
+    let config = HOST.replace("{dir}", &scratch.dir.path().display().to_string());
+    let path = scratch.config(&config);
+    let seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let mut rng = seed;
+    let mut confirmed: Vec<String> = Vec::new();
+    for round in 0..ROUNDS {
+        let mut child = Command::new(artifacts().join("crashloop"))
+            .arg(&path)
+            .arg((seed + round as u64).to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn crashloop");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let started = Instant::now();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(line) if line == "READY" => break,
+                Ok(_) => {}
+                Err(e) => panic!("round {round}: crashloop did not start ({e}); seed {seed}"),
+            }
+        }
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let run_for = Duration::from_millis(20 + (rng >> 33) % 400);
+        std::thread::sleep(run_for);
+        child.kill().expect("SIGKILL");
+        child.wait().unwrap();
+        reader.join().unwrap();
+        let lines: Vec<String> = rx.try_iter().collect();
+        assert!(started.elapsed() < Duration::from_secs(60));
+        confirmed.extend(lines.into_iter().filter(|l| l.starts_with("OK ")));
+    }
+    assert!(
+        confirmed.iter().any(|l| l.starts_with("OK captured")),
+        "the runs were too short to capture anything; seed {seed}"
+    );
+
+    // Restart once more, in-process, and let recovery and the reconciler finish.
+    let host = scratch.host(HOST).await;
+    for _ in 0..6 {
+        host.reconcile_due().await.unwrap();
+    }
+    let open = host.open_attempts().await.unwrap();
+    assert!(open.is_empty(), "left open: {open:?}; seed {seed}");
+
+    let sandbox = host.providers().get("sandbox").unwrap().clone();
+    let mut sessions = 0;
+    for line in &confirmed {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words[1] {
+            "collection" => {
+                host.collection(words[2]).await.unwrap();
+            }
+            "session" => {
+                sessions += 1;
+                let session = host.session(words[2]).await.unwrap();
+                let view = host.collection(words[3]).await.unwrap();
+                let payment = view.payments.iter().find(|p| p.payment_session_id == session.id);
+                for p in &view.payments {
+                    assert!(p.captured_amount() <= p.amount && p.refunded_amount() <= p.captured_amount());
+                }
+                assert_eq!(payment.is_some(), session.status == SessionStatus::Authorized);
+                let ledger = sandbox.call_custom("ledger", json!({"session_id": session.id.0})).await.unwrap();
+                let sum = |op: &str| -> i64 {
+                    ledger
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .filter(|e| e["op"] == op && e["response"]["outcome"]["status"] == "processed")
+                        .map(|e| e["amount"].as_i64().unwrap())
+                        .sum()
+                };
+                assert_eq!(sum("authorize") > 0, session.status == SessionStatus::Authorized, "{line}; seed {seed}");
+                assert_eq!(sum("capture"), payment.map_or(0, |p| p.captured_amount()), "{line}; seed {seed}");
+                assert_eq!(sum("refund"), payment.map_or(0, |p| p.refunded_amount()), "{line}; seed {seed}");
+                for a in host.attempts_of(&session.id.0).await.unwrap() {
+                    assert!(matches!(a.state, AttemptState::Succeeded | AttemptState::Failed));
+                }
+            }
+            "authorized" => {
+                let session = host.session(words[2]).await.unwrap();
+                assert_eq!(session.status, SessionStatus::Authorized, "{line}");
+                host.payment(words[3]).await.unwrap();
+            }
+            "captured" => {
+                let p = host.payment(words[2]).await.unwrap();
+                assert!(p.captured_amount() >= words[3].parse::<i64>().unwrap(), "{line}");
+            }
+            "refunded" => {
+                let p = host.payment(words[2]).await.unwrap();
+                assert!(p.refunded_amount() >= words[3].parse::<i64>().unwrap(), "{line}");
+            }
+            other => panic!("unexpected line kind {other}"),
+        }
+    }
+    assert!(sessions > ROUNDS, "too few flows ran ({sessions}); seed {seed}");
+}
