@@ -37,6 +37,11 @@ pub mod provider;
 pub mod store;
 
 pub use config::{Config, ConfigError, ConfigErrorKind, LibrarySource, ProviderSettings};
+/// The README's examples (a provider, an embedder), compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeExamples;
+
 pub use engine::{EngineError, Host};
 pub use plugins::{Inspection, LoadError, LoadFailure, LoadReport, Loader, Providers};
 pub use provider::{CallError, Clock, LibraryInfo, Provider, SystemClock};

@@ -75,11 +75,6 @@ pub use manifest::{API_VERSION, Capabilities, Manifest};
 pub use protocol::*;
 pub use provider::{PaymentProvider, ProviderContext};
 
-/// The README's "write your own provider" example, compiled as a doctest so it stays true.
-#[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
-struct ReadmeExample;
-
 /// The envelope types the host needs to load plugins. Not for vendors: a provider never needs
 /// them, and using them directly gives up the SDK's panic guard and version negotiation.
 pub mod envelope {

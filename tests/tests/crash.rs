@@ -20,7 +20,10 @@ async fn flows_survive_sigkill_at_random_points() {
     let scratch = Scratch::new();
     let config = HOST.replace("{dir}", &scratch.dir.path().display().to_string());
     let path = scratch.config(&config);
-    let seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
     let mut rng = seed;
     let mut confirmed: Vec<String> = Vec::new();
     for round in 0..ROUNDS {
@@ -48,7 +51,9 @@ async fn flows_survive_sigkill_at_random_points() {
                 Err(e) => panic!("round {round}: crashloop did not start ({e}); seed {seed}"),
             }
         }
-        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let run_for = Duration::from_millis(20 + (rng >> 33) % 400);
         std::thread::sleep(run_for);
         child.kill().expect("SIGKILL");
@@ -83,26 +88,55 @@ async fn flows_survive_sigkill_at_random_points() {
                 sessions += 1;
                 let session = host.session(words[2]).await.unwrap();
                 let view = host.collection(words[3]).await.unwrap();
-                let payment = view.payments.iter().find(|p| p.payment_session_id == session.id);
+                let payment = view
+                    .payments
+                    .iter()
+                    .find(|p| p.payment_session_id == session.id);
                 for p in &view.payments {
-                    assert!(p.captured_amount() <= p.amount && p.refunded_amount() <= p.captured_amount());
+                    assert!(
+                        p.captured_amount() <= p.amount
+                            && p.refunded_amount() <= p.captured_amount()
+                    );
                 }
-                assert_eq!(payment.is_some(), session.status == SessionStatus::Authorized);
-                let ledger = sandbox.call_custom("ledger", json!({"session_id": session.id.0})).await.unwrap();
+                assert_eq!(
+                    payment.is_some(),
+                    session.status == SessionStatus::Authorized
+                );
+                let ledger = sandbox
+                    .call_custom("ledger", json!({"session_id": session.id.0}))
+                    .await
+                    .unwrap();
                 let sum = |op: &str| -> i64 {
                     ledger
                         .as_array()
                         .unwrap()
                         .iter()
-                        .filter(|e| e["op"] == op && e["response"]["outcome"]["status"] == "processed")
+                        .filter(|e| {
+                            e["op"] == op && e["response"]["outcome"]["status"] == "processed"
+                        })
                         .map(|e| e["amount"].as_i64().unwrap())
                         .sum()
                 };
-                assert_eq!(sum("authorize") > 0, session.status == SessionStatus::Authorized, "{line}; seed {seed}");
-                assert_eq!(sum("capture"), payment.map_or(0, |p| p.captured_amount()), "{line}; seed {seed}");
-                assert_eq!(sum("refund"), payment.map_or(0, |p| p.refunded_amount()), "{line}; seed {seed}");
+                assert_eq!(
+                    sum("authorize") > 0,
+                    session.status == SessionStatus::Authorized,
+                    "{line}; seed {seed}"
+                );
+                assert_eq!(
+                    sum("capture"),
+                    payment.map_or(0, |p| p.captured_amount()),
+                    "{line}; seed {seed}"
+                );
+                assert_eq!(
+                    sum("refund"),
+                    payment.map_or(0, |p| p.refunded_amount()),
+                    "{line}; seed {seed}"
+                );
                 for a in host.attempts_of(&session.id.0).await.unwrap() {
-                    assert!(matches!(a.state, AttemptState::Succeeded | AttemptState::Failed));
+                    assert!(matches!(
+                        a.state,
+                        AttemptState::Succeeded | AttemptState::Failed
+                    ));
                 }
             }
             "authorized" => {
@@ -112,14 +146,23 @@ async fn flows_survive_sigkill_at_random_points() {
             }
             "captured" => {
                 let p = host.payment(words[2]).await.unwrap();
-                assert!(p.captured_amount() >= words[3].parse::<i64>().unwrap(), "{line}");
+                assert!(
+                    p.captured_amount() >= words[3].parse::<i64>().unwrap(),
+                    "{line}"
+                );
             }
             "refunded" => {
                 let p = host.payment(words[2]).await.unwrap();
-                assert!(p.refunded_amount() >= words[3].parse::<i64>().unwrap(), "{line}");
+                assert!(
+                    p.refunded_amount() >= words[3].parse::<i64>().unwrap(),
+                    "{line}"
+                );
             }
             other => panic!("unexpected line kind {other}"),
         }
     }
-    assert!(sessions > ROUNDS, "too few flows ran ({sessions}); seed {seed}");
+    assert!(
+        sessions > ROUNDS,
+        "too few flows ran ({sessions}); seed {seed}"
+    );
 }

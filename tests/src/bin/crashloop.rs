@@ -13,7 +13,10 @@ struct Lcg(u64);
 
 impl Lcg {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         self.0 >> 33
     }
     fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
@@ -35,7 +38,14 @@ async fn main() {
     loop {
         let amount = 1000 + (rng.next() % 4000) as i64;
         let Ok(col) = host
-            .create_collection(NewCollection { amount, currency_code: "eur".into(), metadata: Value::Null }, None)
+            .create_collection(
+                NewCollection {
+                    amount,
+                    currency_code: "eur".into(),
+                    metadata: Value::Null,
+                },
+                None,
+            )
             .await
         else {
             continue;
@@ -68,20 +78,38 @@ async fn main() {
             Err(_) => continue,
         };
         println!("OK session {} {}", session.id, col.id);
-        let Ok(result) = host.authorize_session(&session.id.0, AuthorizeInput::default(), None).await else {
+        let Ok(result) = host
+            .authorize_session(&session.id.0, AuthorizeInput::default(), None)
+            .await
+        else {
             continue;
         };
-        let Some(payment) = result.payment else { continue };
+        let Some(payment) = result.payment else {
+            continue;
+        };
         println!("OK authorized {} {}", session.id, payment.id);
         let half = payment.amount / 2;
-        if let Ok(p) = host.capture_payment(&payment.id.0, CaptureInput { amount: Some(half) }, None).await {
-            println!("OK captured {} {}", p.id, p.captured_amount());
-        }
-        if let Ok(p) = host.capture_payment(&payment.id.0, CaptureInput::default(), None).await {
+        if let Ok(p) = host
+            .capture_payment(&payment.id.0, CaptureInput { amount: Some(half) }, None)
+            .await
+        {
             println!("OK captured {} {}", p.id, p.captured_amount());
         }
         if let Ok(p) = host
-            .refund_payment(&payment.id.0, RefundInput { amount: Some(payment.amount / 3), reason: None }, None)
+            .capture_payment(&payment.id.0, CaptureInput::default(), None)
+            .await
+        {
+            println!("OK captured {} {}", p.id, p.captured_amount());
+        }
+        if let Ok(p) = host
+            .refund_payment(
+                &payment.id.0,
+                RefundInput {
+                    amount: Some(payment.amount / 3),
+                    reason: None,
+                },
+                None,
+            )
             .await
         {
             println!("OK refunded {} {}", p.id, p.refunded_amount());

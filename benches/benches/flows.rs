@@ -1,0 +1,159 @@
+//! Complete payment flows through the library API on the durable SQLite store, with the system
+//! provider: create collection → create session → authorize → capture (7 durable commits per
+//! flow). Reports flows/s, p50/p99 flow latency and peak memory at concurrency 1 and 16, and the
+//! disk's own limit (durable 4 KiB appends per second) for comparison.
+//!
+//! `cargo bench -p payhost-benches --bench flows`
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use payhost::engine::*;
+use payhost::{Config, Host, Loader};
+use serde_json::Value;
+
+const COMMITS_PER_FLOW: f64 = 7.0;
+
+async fn flow(host: &Host) -> Duration {
+    let started = Instant::now();
+    let col = host
+        .create_collection(
+            NewCollection {
+                amount: 2500,
+                currency_code: "eur".into(),
+                metadata: Value::Null,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let session = host
+        .create_session(
+            NewSession {
+                payment_collection_id: col.id.0,
+                provider_id: "system".into(),
+                cart_id: Some("cart_bench".into()),
+                cart: Value::Null,
+                context: Value::Null,
+                data: Value::Null,
+                amount: None,
+                currency_code: None,
+                metadata: Value::Null,
+                initiate: true,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let payment = host
+        .authorize_session(&session.id.0, AuthorizeInput::default(), None)
+        .await
+        .unwrap()
+        .payment
+        .unwrap();
+    host.capture_payment(&payment.id.0, CaptureInput::default(), None)
+        .await
+        .unwrap();
+    started.elapsed()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Durable 4 KiB appends per second on the folder's disk: the ceiling for un-batched commits.
+fn disk_syncs_per_second(dir: &std::path::Path) -> f64 {
+    let path = dir.join("fsync-probe");
+    let mut file = std::fs::File::create(&path).unwrap();
+    let block = [7u8; 4096];
+    let n = 200;
+    let started = Instant::now();
+    for _ in 0..n {
+        file.write_all(&block).unwrap();
+        file.sync_data().unwrap();
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    drop(file);
+    let _ = std::fs::remove_file(path);
+    rate
+}
+
+async fn run(host: Arc<Host>, concurrency: usize, flows: usize) -> (f64, Vec<Duration>) {
+    let started = Instant::now();
+    let per_task = flows / concurrency;
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let host = host.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(per_task);
+                for _ in 0..per_task {
+                    latencies.push(flow(&host).await);
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(flows);
+    for t in tasks {
+        latencies.extend(t.await.unwrap());
+    }
+    let rate = latencies.len() as f64 / started.elapsed().as_secs_f64();
+    latencies.sort();
+    (rate, latencies)
+}
+
+fn main() {
+    payhost_e2e::ensure_built();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("payhost.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\nurl = \"sqlite://{}/bench.db\"\n[plugins]\ndir = \"{}\"\n[providers.system]\nlibrary = \"payhost_provider_system\"\nmax_concurrency = 64\n",
+            dir.path().display(),
+            payhost_e2e::artifacts().display()
+        ),
+    )
+    .unwrap();
+    let config = Config::from_file(&config).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let syncs = disk_syncs_per_second(dir.path());
+    println!(
+        "disk: {syncs:.0} durable 4 KiB appends/s → at most {:.0} flows/s without shared commits",
+        syncs / COMMITS_PER_FLOW
+    );
+    runtime.block_on(async {
+        let report = Loader::new(&config).load_all(&config);
+        let host = Arc::new(Host::open(&config, report.providers).await.unwrap());
+        run(host.clone(), 4, 40).await; // warm-up
+        for (concurrency, flows) in [(1, 200), (16, 1600)] {
+            let (rate, latencies) = run(host.clone(), concurrency, flows).await;
+            println!(
+                "concurrency {concurrency:>2}: {rate:>7.1} flows/s ({:.0} commits/s)  p50 {:>6.2} ms  p99 {:>6.2} ms  n={}",
+                rate * COMMITS_PER_FLOW,
+                percentile(&latencies, 0.50).as_secs_f64() * 1e3,
+                percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+                latencies.len()
+            );
+        }
+    });
+    println!("peak memory (VmHWM): {:.1} MiB", peak_rss_mib());
+}
