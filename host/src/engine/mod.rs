@@ -586,9 +586,7 @@ impl Host {
         &self,
         mut session: PaymentSession,
     ) -> Result<PaymentSession, EngineError> {
-        if let Step::Refused(why) = transitions::session(session.status, SessionInput::Update) {
-            return Err(EngineError::InvalidTransition(why));
-        }
+        allow(session.status, SessionInput::Update)?;
         let provider = self.provider(&session.provider_id)?;
         let response = provider
             .call(InitiateRequest {
@@ -633,11 +631,7 @@ impl Host {
             || async {
                 let _guard = self.locks.lock(id).await;
                 let mut session = self.session(id).await?;
-                if let Step::Refused(why) =
-                    transitions::session(session.status, SessionInput::Update)
-                {
-                    return Err(EngineError::InvalidTransition(why));
-                }
+                allow(session.status, SessionInput::Update)?;
                 self.refuse_if_open(session.id.as_str()).await?;
                 let expected = session.version;
                 let amount_changed = match input.amount {
@@ -759,9 +753,7 @@ impl Host {
     pub async fn delete_session(&self, id: &str) -> Result<PaymentSession, EngineError> {
         let _guard = self.locks.lock(id).await;
         let mut session = self.session(id).await?;
-        if let Step::Refused(why) = transitions::session(session.status, SessionInput::Delete) {
-            return Err(EngineError::InvalidTransition(why));
-        }
+        allow(session.status, SessionInput::Delete)?;
         self.refuse_if_open(session.id.as_str()).await?;
         if session.is_initiated {
             let provider = self.provider(&session.provider_id)?;
@@ -1440,6 +1432,14 @@ impl Host {
         Ok(truth.attempt.unwrap_or(Outcome::Unknown {
             reason: "the provider did not report on the attempt".into(),
         }))
+    }
+}
+
+/// Whether the session table allows a caller's command in this status.
+fn allow(status: SessionStatus, command: SessionInput<'_>) -> Result<(), EngineError> {
+    match transitions::session(status, command) {
+        Step::Refused(why) => Err(EngineError::InvalidTransition(why)),
+        _ => Ok(()),
     }
 }
 

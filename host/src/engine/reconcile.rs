@@ -108,17 +108,7 @@ impl Host {
     /// Asks the provider about one open attempt and settles it if the answer is definitive;
     /// otherwise backs off (and after the last check leaves it to an operator).
     pub async fn reconcile_attempt(&self, id: &str) -> Result<AttemptState, EngineError> {
-        let attempt = self
-            .store
-            .attempt(id)
-            .await?
-            .ok_or_else(|| not_found("attempt", id))?;
-        let _guard = self.locks.lock(&attempt.entity()).await;
-        let mut attempt = self
-            .store
-            .attempt(id)
-            .await?
-            .ok_or_else(|| not_found("attempt", id))?;
+        let (_guard, mut attempt) = self.lock_attempt(id).await?;
         if !attempt.state.is_open() {
             return Ok(attempt.state);
         }
@@ -162,6 +152,22 @@ impl Host {
         }
     }
 
+    /// Takes the lock of an attempt's session or payment and reads the attempt under it.
+    async fn lock_attempt(
+        &self,
+        id: &str,
+    ) -> Result<(tokio::sync::MutexGuard<'_, ()>, Attempt), EngineError> {
+        let read = || async {
+            self.store
+                .attempt(id)
+                .await?
+                .ok_or_else(|| not_found("attempt", id))
+        };
+        let entity = read().await?.entity();
+        let guard = self.locks.lock(&entity).await;
+        Ok((guard, read().await?))
+    }
+
     /// Runs [`Host::reconcile_due`] every `interval` until the returned task is aborted.
     pub fn spawn_reconciler(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let host = self.clone();
@@ -186,17 +192,7 @@ impl Host {
         by: &str,
         note: &str,
     ) -> Result<Attempt, EngineError> {
-        let attempt = self
-            .store
-            .attempt(id)
-            .await?
-            .ok_or_else(|| not_found("attempt", id))?;
-        let _guard = self.locks.lock(&attempt.entity()).await;
-        let attempt = self
-            .store
-            .attempt(id)
-            .await?
-            .ok_or_else(|| not_found("attempt", id))?;
+        let (_guard, attempt) = self.lock_attempt(id).await?;
         if !attempt.state.is_open() {
             return Err(EngineError::InvalidTransition(format!(
                 "attempt {id} is already settled ({})",
