@@ -32,6 +32,8 @@
 pub mod config;
 pub mod domain;
 pub mod engine;
+pub mod http;
+pub mod metrics;
 pub mod plugins;
 pub mod provider;
 pub mod store;

@@ -41,11 +41,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Start the host.
+    /// Start the host and its HTTP API.
     Serve {
         /// The config file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Listen address (default: `[server] listen` of the config). Port 0 picks a free port;
+        /// the address is printed as `listening on http://…`.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
     },
     /// List the attempts whose outcome is open, or settle one (`attempts resolve`).
     Attempts {
@@ -99,7 +103,7 @@ fn main() -> ExitCode {
             plugin_dir,
             json,
         } => inspect(&library, plugin_dir, json),
-        Command::Serve { config } => serve(&config),
+        Command::Serve { config, listen } => serve(&config, listen),
         Command::Attempts {
             config,
             json,
@@ -301,12 +305,16 @@ fn print_inspection(i: &Inspection) {
     println!("sha256        {}", i.library.sha256);
 }
 
-fn serve(path: &Path) -> ExitCode {
+fn serve(path: &Path, listen: Option<std::net::SocketAddr>) -> ExitCode {
     let config = match load_config(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
     init_logging(&config.log.level, config.log.format);
+    // Many connections need many descriptors: take what the hard limit allows.
+    if let Err(e) = rlimit::increase_nofile_limit(65_536) {
+        tracing::warn!("could not raise the open-file limit: {e}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -318,6 +326,11 @@ fn serve(path: &Path) -> ExitCode {
         }
     };
     let report = Loader::new(&config).load_all(&config);
+    let failed: Vec<(String, String)> = report
+        .failures
+        .iter()
+        .map(|f| (f.id.clone(), f.error.to_string()))
+        .collect();
     let host = match runtime.block_on(payhost::Host::open(&config, report.providers)) {
         Ok(host) => std::sync::Arc::new(host),
         Err(e) => {
@@ -325,6 +338,17 @@ fn serve(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let address = listen.unwrap_or(config.server.listen);
+    let listener = match runtime.block_on(tokio::net::TcpListener::bind(address)) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("cannot listen on {address}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let bound = listener.local_addr().map_or(address, |a| a);
+    let app = payhost::http::router(payhost::http::AppState::new(host.clone(), failed.clone()))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(1024));
     let reconciler = {
         let _entered = runtime.enter();
         host.spawn_reconciler()
@@ -333,11 +357,19 @@ fn serve(path: &Path) -> ExitCode {
         config = %config.path.display(),
         storage = %config.storage.url,
         loaded = host.providers().len(),
-        failed = report.failures.len(),
-        "payhost ready; the HTTP API is not part of this build yet, stop with Ctrl-C or SIGTERM"
+        failed = failed.len(),
+        "payhost ready on http://{bound}"
     );
-    runtime.block_on(shutdown_signal());
+    println!("listening on http://{bound}");
+    let served = runtime.block_on(async {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+    });
     reconciler.abort();
+    if let Err(e) = served {
+        tracing::error!("the server failed: {e}");
+    }
     tracing::info!("shutting down: waiting up to 10 s for provider calls in progress");
     runtime.shutdown_timeout(Duration::from_secs(10));
     ExitCode::SUCCESS

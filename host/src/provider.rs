@@ -8,8 +8,33 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use payhost_provider_api::envelope::{HostObject, ProviderBox, RResult, RStr, RString};
 use payhost_provider_api::{
-    ErrorKind, LogRecord, Manifest, Operation, ProviderError, Request, host_ops,
+    ErrorKind, LogRecord, Manifest, Operation, ProviderError, ProviderResponse, Request,
+    RetrieveResponse, WebhookEvent, host_ops,
 };
+
+/// A provider's answer, as labelled in metrics.
+pub trait Answer {
+    /// `processed`, `declined`, … for operations; `answered` or `verified` for the others.
+    fn outcome_label(&self) -> &'static str;
+}
+
+impl Answer for ProviderResponse {
+    fn outcome_label(&self) -> &'static str {
+        self.outcome.name()
+    }
+}
+
+impl Answer for RetrieveResponse {
+    fn outcome_label(&self) -> &'static str {
+        "answered"
+    }
+}
+
+impl Answer for WebhookEvent {
+    fn outcome_label(&self) -> &'static str {
+        "verified"
+    }
+}
 use tokio::sync::Semaphore;
 
 /// The host's clock, shared with providers through host services; tests can replace it.
@@ -167,7 +192,10 @@ impl Provider {
     }
 
     /// Calls the operation of `request`'s type under the provider's deadline.
-    pub async fn call<R: Request>(&self, request: R) -> Result<R::Response, CallError> {
+    pub async fn call<R: Request>(&self, request: R) -> Result<R::Response, CallError>
+    where
+        R::Response: Answer,
+    {
         self.call_with_timeout(request, self.timeout).await
     }
 
@@ -179,7 +207,10 @@ impl Provider {
         &self,
         mut request: R,
         timeout: Duration,
-    ) -> Result<R::Response, CallError> {
+    ) -> Result<R::Response, CallError>
+    where
+        R::Response: Answer,
+    {
         let op = R::OPERATION;
         let started = Instant::now();
         let deadline = started + timeout;
@@ -291,7 +322,18 @@ pub(crate) fn read_error(json: &RString) -> ProviderError {
     })
 }
 
-fn log_call<T>(id: &str, op: Operation, elapsed: Duration, result: &Result<T, CallError>) {
+fn log_call<T: Answer>(id: &str, op: Operation, elapsed: Duration, result: &Result<T, CallError>) {
+    let label = match result {
+        Ok(answer) => answer.outcome_label(),
+        Err(CallError::NotAttempted { .. }) => "not_attempted",
+        Err(CallError::Unknown { .. }) => "unknown",
+        Err(CallError::Provider(e)) if e.kind == ErrorKind::Panic => "panic",
+        Err(CallError::Provider(_)) => "error",
+    };
+    crate::metrics::global()
+        .provider_calls
+        .with_label_values(&[id, op.as_str(), label])
+        .observe(elapsed.as_secs_f64());
     let ms = elapsed.as_secs_f64() * 1000.0;
     match result {
         Ok(_) => {

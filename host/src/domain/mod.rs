@@ -14,7 +14,7 @@ pub use payhost_provider_api::Operation;
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $prefix:literal) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
         #[serde(transparent)]
         pub struct $name(pub String);
 
@@ -65,13 +65,14 @@ id_type!(/// An attempt id (`att_…`).
 pub type Timestamp = i64;
 
 /// What a cart or order owes, paid through one or more sessions.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PaymentCollection {
     /// `paycol_…`.
     pub id: CollectionId,
     /// Amount owed, minor units.
     pub amount: i64,
     /// Its currency.
+    #[schema(value_type = String, example = "eur")]
     pub currency_code: Currency,
     /// The embedder's metadata.
     pub metadata: Value,
@@ -82,7 +83,7 @@ pub struct PaymentCollection {
 }
 
 /// A collection with its status, which is derived from its sessions and payments, never stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CollectionView {
     /// The collection.
     #[serde(flatten)]
@@ -102,7 +103,7 @@ pub struct CollectionView {
 }
 
 /// A collection's status (Medusa's names).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CollectionStatus {
     /// Nothing started.
@@ -120,7 +121,7 @@ pub enum CollectionStatus {
 }
 
 /// A session's status (Medusa's names).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SessionStatus {
     /// Created or initiated, not authorized.
@@ -162,7 +163,7 @@ impl SessionStatus {
 }
 
 /// A payment session (Medusa's PaymentSession).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PaymentSession {
     /// `ps_…`.
     pub id: SessionId,
@@ -189,6 +190,7 @@ pub struct PaymentSession {
     /// Amount, minor units.
     pub amount: i64,
     /// Currency.
+    #[schema(value_type = String, example = "eur")]
     pub currency_code: Currency,
     /// When authorized.
     pub payment_authorized_at: Option<Timestamp>,
@@ -203,7 +205,7 @@ pub struct PaymentSession {
 }
 
 /// A payment's status, derived from its amounts and cancelation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PaymentStatus {
     /// Authorized, nothing captured.
@@ -221,7 +223,7 @@ pub enum PaymentStatus {
 }
 
 /// One capture.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Capture {
     /// `capt_…`.
     pub id: CaptureId,
@@ -234,7 +236,7 @@ pub struct Capture {
 }
 
 /// One refund.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Refund {
     /// `ref_…`.
     pub id: RefundId,
@@ -249,7 +251,7 @@ pub struct Refund {
 }
 
 /// An authorized session promoted.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Payment {
     /// `pay_…`.
     pub id: PaymentId,
@@ -262,6 +264,7 @@ pub struct Payment {
     /// Authorized amount.
     pub amount: i64,
     /// Currency.
+    #[schema(value_type = String, example = "eur")]
     pub currency_code: Currency,
     /// The provider's data.
     pub data: Value,
@@ -310,7 +313,7 @@ impl Payment {
 }
 
 /// Where an attempt stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AttemptState {
     /// Recorded, provider called, outcome not yet recorded (or the host died meanwhile).
@@ -358,7 +361,7 @@ impl AttemptState {
 }
 
 /// How an operator settled an attempt.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Resolution {
     /// Who.
     pub by: String,
@@ -369,7 +372,7 @@ pub struct Resolution {
 }
 
 /// One money-moving provider call, recorded before it is made (DESIGN.md §4).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Attempt {
     /// `att_…`.
     pub id: AttemptId,
@@ -380,10 +383,12 @@ pub struct Attempt {
     /// The provider.
     pub provider_id: String,
     /// What was asked.
+    #[schema(value_type = String, example = "capture")]
     pub operation: Operation,
     /// Amount asked, minor units.
     pub amount: i64,
     /// Currency.
+    #[schema(value_type = String, example = "eur")]
     pub currency_code: Currency,
     /// The idempotency key sent to the provider.
     pub idempotency_key: String,

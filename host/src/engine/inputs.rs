@@ -6,7 +6,7 @@ use serde_json::Value;
 use crate::domain::{Payment, PaymentSession};
 
 /// Create a payment collection.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewCollection {
     /// Amount owed, minor units.
@@ -23,7 +23,7 @@ fn yes() -> bool {
 }
 
 /// Create a payment session.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewSession {
     /// The collection it pays.
@@ -57,7 +57,7 @@ pub struct NewSession {
 }
 
 /// Change a session.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SessionUpdate {
     /// New amount.
@@ -78,7 +78,7 @@ pub struct SessionUpdate {
 }
 
 /// Authorize a session.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuthorizeInput {
     /// The cart's context now (ip, user agent…).
@@ -90,7 +90,7 @@ pub struct AuthorizeInput {
 }
 
 /// Capture a payment.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CaptureInput {
     /// Amount; default what remains uncaptured.
@@ -99,7 +99,7 @@ pub struct CaptureInput {
 }
 
 /// Refund a payment.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefundInput {
     /// Amount; default everything captured and not refunded.
@@ -111,7 +111,7 @@ pub struct RefundInput {
 }
 
 /// A provider's decline.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Decline {
     /// The provider's code (`card_declined`…).
     pub code: Option<String>,
@@ -120,7 +120,7 @@ pub struct Decline {
 }
 
 /// What authorize gives.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuthorizeResult {
     /// The session after the call.
     pub payment_session: PaymentSession,
@@ -139,6 +139,27 @@ impl AuthorizeResult {
             payment,
             next_action: None,
             decline: None,
+        }
+    }
+}
+
+/// What receiving a webhook did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WebhookReceipt {
+    /// The provider's event id.
+    pub event_id: String,
+    /// The session it named, if any.
+    pub session_id: Option<String>,
+    /// Whether it was a duplicate of an event already applied (and so changed nothing).
+    pub duplicate: bool,
+}
+
+impl WebhookReceipt {
+    pub(crate) fn of(event: &payhost_provider_api::WebhookEvent, duplicate: bool) -> Self {
+        WebhookReceipt {
+            event_id: event.event_id.clone(),
+            session_id: event.session_id.clone(),
+            duplicate,
         }
     }
 }

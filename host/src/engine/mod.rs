@@ -106,6 +106,9 @@ pub enum EngineError {
     /// The provider answered with an error.
     #[error("provider error: {0}")]
     Provider(ProviderError),
+    /// A webhook whose signature did not verify; nothing was changed.
+    #[error("webhook not verified: {0}")]
+    Unverified(String),
     /// Storage failed.
     #[error("{0}")]
     Store(StoreError),
@@ -127,6 +130,7 @@ impl EngineError {
             EngineError::OutcomeUnknown { .. } => "outcome_unknown",
             EngineError::NotAttempted { .. } => "not_attempted",
             EngineError::Provider(_) => "provider_error",
+            EngineError::Unverified(_) => "unverified",
             EngineError::Store(e) => e.code(),
         }
     }
@@ -1348,6 +1352,85 @@ impl Host {
         });
         self.store.write(ops).await?;
         Ok(session)
+    }
+
+    /// Receives a webhook: the provider verifies and translates it, the event is stored once per
+    /// (provider, event id), and applied through the engine. A duplicate of an applied event is
+    /// acknowledged and changes nothing; an event that could not be applied yet (an operation on
+    /// its session is in flight) is kept and applied when the provider sends it again.
+    pub async fn receive_webhook(
+        &self,
+        provider_id: &str,
+        body: String,
+        headers: Vec<(String, String)>,
+    ) -> Result<WebhookReceipt, EngineError> {
+        let provider = self.provider(provider_id)?.clone();
+        if !provider.manifest().capabilities.webhooks {
+            return Err(EngineError::Unsupported(format!(
+                "provider `{provider_id}` does not take webhooks"
+            )));
+        }
+        let event = provider
+            .call(payhost_provider_api::WebhookRequest {
+                body: body.clone(),
+                headers,
+                received_at_unix_ms: self.now(),
+            })
+            .await
+            .map_err(|e| match e {
+                CallError::Provider(pe)
+                    if pe.kind == payhost_provider_api::ErrorKind::InvalidSignature =>
+                {
+                    EngineError::Unverified(pe.message)
+                }
+                CallError::Provider(pe) => EngineError::invalid("body", pe.message),
+                other => call_error(other),
+            })?;
+        if event.event_id.is_empty() {
+            return Err(EngineError::invalid("body", "the event has no id"));
+        }
+        let action = serde_json::to_value(event.action)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let record = crate::store::WebhookEventRecord {
+            provider_id: provider_id.to_owned(),
+            event_id: event.event_id.clone(),
+            body,
+            session_id: event.session_id.clone(),
+            action,
+            received_at: self.now(),
+            applied_at: None,
+        };
+        match self
+            .store
+            .write(vec![WriteOp::InsertWebhookEvent(record)])
+            .await
+        {
+            Ok(()) => {}
+            Err(StoreError::KeyExists(_)) => {
+                let stored = self
+                    .store
+                    .webhook_event(provider_id, &event.event_id)
+                    .await?;
+                if stored.is_some_and(|s| s.applied_at.is_some()) {
+                    return Ok(WebhookReceipt::of(&event, true));
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        match self.apply_webhook(provider_id, &event).await {
+            Ok(_) | Err(EngineError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        self.store
+            .write(vec![WriteOp::MarkWebhookApplied {
+                provider_id: provider_id.to_owned(),
+                event_id: event.event_id.clone(),
+                at: self.now(),
+            }])
+            .await?;
+        Ok(WebhookReceipt::of(&event, false))
     }
 
     /// Applies a verified webhook event of `provider_id`.

@@ -71,6 +71,36 @@ pub enum WriteOp {
     ReleaseKey(String),
     /// Forgets every claimed key without a response (their processes are gone).
     ReleasePendingKeys,
+    /// Stores a verified webhook (else [`StoreError::KeyExists`] for a duplicate event id).
+    InsertWebhookEvent(WebhookEventRecord),
+    /// Marks a stored webhook as applied.
+    MarkWebhookApplied {
+        /// The provider.
+        provider_id: String,
+        /// The provider's event id.
+        event_id: String,
+        /// When.
+        at: Timestamp,
+    },
+}
+
+/// A verified webhook as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookEventRecord {
+    /// The provider it came to.
+    pub provider_id: String,
+    /// The provider's unique event id.
+    pub event_id: String,
+    /// The raw body.
+    pub body: String,
+    /// The session it names, if any.
+    pub session_id: Option<String>,
+    /// The action it maps to.
+    pub action: String,
+    /// When it arrived.
+    pub received_at: Timestamp,
+    /// When it was applied; `None` until then.
+    pub applied_at: Option<Timestamp>,
 }
 
 /// A stored client idempotency key.
@@ -146,6 +176,12 @@ pub trait Store: Send + Sync + 'static {
     async fn attempts_of(&self, entity: &str) -> Result<Vec<Attempt>, StoreError>;
     /// Every open attempt (in flight, unknown, needs operator), oldest first.
     async fn open_attempts(&self) -> Result<Vec<Attempt>, StoreError>;
+    /// A stored webhook event.
+    async fn webhook_event(
+        &self,
+        provider_id: &str,
+        event_id: &str,
+    ) -> Result<Option<WebhookEventRecord>, StoreError>;
     /// A client idempotency key.
     async fn key(&self, key: &str) -> Result<Option<StoredKey>, StoreError>;
 }

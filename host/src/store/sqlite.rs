@@ -12,13 +12,14 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use super::{Store, StoreError, StoredKey, WriteOp};
+use super::{Store, StoreError, StoredKey, WebhookEventRecord, WriteOp};
 use crate::domain::*;
 
 /// The schema, one migration per entry, applied in order and recorded in `schema_migrations`.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE payment_collections (
     id TEXT PRIMARY KEY,
     amount INTEGER NOT NULL CHECK (amount > 0),
@@ -166,7 +167,24 @@ CREATE TABLE idempotency_keys (
     created_at INTEGER NOT NULL
 );
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+-- Webhooks as received (after verification), applied once per (provider, event id).
+CREATE TABLE webhook_events (
+    provider_id TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    session_id TEXT,
+    action TEXT NOT NULL,
+    received_at INTEGER NOT NULL,
+    applied_at INTEGER,
+    PRIMARY KEY (provider_id, event_id)
+);
+"#,
+    ),
+];
 
 /// How many waiting writes one commit takes at most.
 const MAX_BATCH: usize = 128;
@@ -357,7 +375,9 @@ fn classify(e: rusqlite::Error, what: &str) -> StoreError {
     if text.contains("UNIQUE constraint failed: attempts.entity_id") {
         return StoreError::AttemptOpen(what.to_owned());
     }
-    if text.contains("UNIQUE constraint failed: idempotency_keys.key") {
+    if text.contains("UNIQUE constraint failed: idempotency_keys.key")
+        || text.contains("UNIQUE constraint failed: webhook_events.provider_id")
+    {
         return StoreError::KeyExists(what.to_owned());
     }
     if text.contains("constraint failed") {
@@ -478,6 +498,24 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
                     params![key],
                 )
                 .map_err(|e| classify(e, key))?;
+            }
+            WriteOp::InsertWebhookEvent(e) => {
+                tx.execute(
+                    "INSERT INTO webhook_events (provider_id, event_id, body, session_id, action, received_at, applied_at) VALUES (?1,?2,?3,?4,?5,?6,NULL)",
+                    params![e.provider_id, e.event_id, e.body, e.session_id, e.action, e.received_at],
+                )
+                .map_err(|err| classify(err, &format!("{}/{}", e.provider_id, e.event_id)))?;
+            }
+            WriteOp::MarkWebhookApplied {
+                provider_id,
+                event_id,
+                at,
+            } => {
+                tx.execute(
+                    "UPDATE webhook_events SET applied_at = ?3 WHERE provider_id = ?1 AND event_id = ?2",
+                    params![provider_id, event_id, at],
+                )
+                .map_err(|e| classify(e, event_id))?;
             }
             WriteOp::ReleasePendingKeys => {
                 tx.execute("DELETE FROM idempotency_keys WHERE response IS NULL", [])
@@ -760,6 +798,33 @@ impl Store for SqliteStore {
             ))?
             .query_map([], attempt_row)?
             .collect()
+        })
+        .await
+    }
+
+    async fn webhook_event(
+        &self,
+        provider_id: &str,
+        event_id: &str,
+    ) -> Result<Option<WebhookEventRecord>, StoreError> {
+        let (provider_id, event_id) = (provider_id.to_owned(), event_id.to_owned());
+        self.read(move |c| {
+            c.query_row(
+                "SELECT provider_id, event_id, body, session_id, action, received_at, applied_at FROM webhook_events WHERE provider_id = ?1 AND event_id = ?2",
+                [provider_id, event_id],
+                |r| {
+                    Ok(WebhookEventRecord {
+                        provider_id: r.get(0)?,
+                        event_id: r.get(1)?,
+                        body: r.get(2)?,
+                        session_id: r.get(3)?,
+                        action: r.get(4)?,
+                        received_at: r.get(5)?,
+                        applied_at: r.get(6)?,
+                    })
+                },
+            )
+            .optional()
         })
         .await
     }

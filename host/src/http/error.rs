@@ -1,0 +1,178 @@
+//! One error shape for every HTTP answer: `{"error": {"type", "code", "message", "param"?}}`.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::engine::EngineError;
+
+/// The error envelope.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// The family: `invalid_request_error`, `not_found`, `conflict`, `invalid_state`,
+    /// `idempotency_error`, `payment_declined`, `outcome_pending`, `unauthorized`,
+    /// `provider_error`, `provider_unavailable`, `outcome_unknown`, `api_error`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The stable code.
+    pub code: String,
+    /// What happened and what to do.
+    pub message: String,
+    /// The request field at fault, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub param: Option<String>,
+}
+
+/// An error answer.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+impl ApiError {
+    /// An error with this status, family, code and message.
+    pub fn new(status: StatusCode, kind: &str, code: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            body: ErrorBody {
+                error: ErrorDetail {
+                    kind: kind.into(),
+                    code: code.into(),
+                    message: message.into(),
+                    param: None,
+                },
+            },
+        }
+    }
+
+    /// Names the field at fault.
+    pub fn param(mut self, param: impl Into<String>) -> Self {
+        self.body.error.param = Some(param.into());
+        self
+    }
+
+    /// A 400 about `param`.
+    pub fn bad_request(param: &str, message: impl Into<String>) -> Self {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_input",
+            message,
+        )
+        .param(param)
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let message = e.to_string();
+        let code = e.code();
+        use StatusCode as S;
+        match e {
+            EngineError::NotFound { .. } => ApiError::new(S::NOT_FOUND, "not_found", code, message),
+            EngineError::InvalidInput { field, .. } => {
+                ApiError::new(S::BAD_REQUEST, "invalid_request_error", code, message).param(field)
+            }
+            EngineError::InvalidTransition(_) | EngineError::Unsupported(_) => {
+                ApiError::new(S::UNPROCESSABLE_ENTITY, "invalid_state", code, message)
+            }
+            EngineError::ProviderNotLoaded(_) => ApiError::new(
+                S::UNPROCESSABLE_ENTITY,
+                "invalid_request_error",
+                code,
+                message,
+            )
+            .param("provider_id"),
+            EngineError::AttemptUnresolved { .. } => {
+                ApiError::new(S::CONFLICT, "outcome_pending", code, message)
+            }
+            EngineError::InProgress(_) => ApiError::new(S::CONFLICT, "conflict", code, message),
+            EngineError::IdempotencyMismatch { .. } => {
+                ApiError::new(S::UNPROCESSABLE_ENTITY, "idempotency_error", code, message)
+                    .param("Idempotency-Key")
+            }
+            EngineError::Declined { .. } => {
+                ApiError::new(S::PAYMENT_REQUIRED, "payment_declined", code, message)
+            }
+            EngineError::Unverified(_) => {
+                ApiError::new(S::UNAUTHORIZED, "unauthorized", code, message)
+            }
+            EngineError::Provider(_) => {
+                ApiError::new(S::BAD_GATEWAY, "provider_error", code, message)
+            }
+            EngineError::NotAttempted { .. } => ApiError::new(
+                S::SERVICE_UNAVAILABLE,
+                "provider_unavailable",
+                code,
+                message,
+            ),
+            EngineError::OutcomeUnknown { .. } => {
+                ApiError::new(S::GATEWAY_TIMEOUT, "outcome_unknown", code, message)
+            }
+            EngineError::Store(_) => {
+                tracing::error!(code, "storage error: {message}");
+                ApiError::new(S::SERVICE_UNAVAILABLE, "api_error", code, message)
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+/// The error answers every endpoint may give, for the OpenAPI document.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub(crate) enum ErrorResponses {
+    /// Malformed JSON, a wrong type, a missing or invalid field (`param` names it).
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// A webhook whose signature did not verify.
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// The provider declined.
+    #[response(status = 402)]
+    Declined(ErrorBody),
+    /// No such object.
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+    /// Another operation on the object is in progress, or an earlier outcome is still unknown.
+    #[response(status = 409)]
+    Conflict(ErrorBody),
+    /// The body is too large.
+    #[response(status = 413)]
+    TooLarge(ErrorBody),
+    /// The body is not JSON.
+    #[response(status = 415)]
+    UnsupportedMedia(ErrorBody),
+    /// The object's state does not allow it, or the idempotency key was used for another request.
+    #[response(status = 422)]
+    Unprocessable(ErrorBody),
+    /// The provider answered with an error.
+    #[response(status = 502)]
+    ProviderError(ErrorBody),
+    /// The provider was not reached (safe to retry), or storage is unavailable.
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+    /// The provider did not answer in time: the outcome is unknown and will be reconciled.
+    #[response(status = 504)]
+    OutcomeUnknown(ErrorBody),
+}

@@ -1,0 +1,628 @@
+//! The HTTP API: REST JSON over the whole lifecycle, `POST /hooks/{provider_id}`, and the
+//! operations endpoints. Handlers only translate between HTTP and the engine; they change no
+//! status themselves. [`router`] is an axum `Router` an embedder can nest in its own server.
+
+pub mod error;
+pub mod json;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+
+use crate::domain::*;
+use crate::engine::*;
+use error::{ApiError, ErrorBody, ErrorResponses};
+use json::{ApiJson, IdempotencyKey};
+
+/// Largest API request body.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Largest webhook body.
+pub const MAX_WEBHOOK_BODY: usize = 1024 * 1024;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    host: Arc<Host>,
+    failed_providers: Arc<Vec<(String, String)>>,
+}
+
+impl AppState {
+    /// State over `host`; `failed_providers` (id, message) are reported by `/providers` and
+    /// keep `/ready` false.
+    pub fn new(host: Arc<Host>, failed_providers: Vec<(String, String)>) -> AppState {
+        AppState {
+            host,
+            failed_providers: Arc::new(failed_providers),
+        }
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The whole API as one router: mount it at the root, or nest it under a prefix of your own.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/v1/payment-collections", post(create_collection))
+        .route("/v1/payment-collections/{id}", get(get_collection))
+        .route(
+            "/v1/payment-sessions",
+            post(create_session).get(list_sessions),
+        )
+        .route(
+            "/v1/payment-sessions/{id}",
+            get(get_session).post(update_session).delete(delete_session),
+        )
+        .route("/v1/payment-sessions/{id}/select", post(select_session))
+        .route(
+            "/v1/payment-sessions/{id}/authorize",
+            post(authorize_session),
+        )
+        .route("/v1/payment-sessions/{id}/sync", post(sync_session))
+        .route("/v1/payments/{id}", get(get_payment))
+        .route("/v1/payments/{id}/capture", post(capture_payment))
+        .route("/v1/payments/{id}/refund", post(refund_payment))
+        .route("/v1/payments/{id}/cancel", post(cancel_payment))
+        .route("/v1/attempts", get(list_attempts))
+        .route("/v1/attempts/{id}/resolve", post(resolve_attempt))
+        .route("/v1/providers", get(list_providers))
+        .layer(DefaultBodyLimit::max(MAX_BODY));
+    let hooks = Router::new()
+        .route("/hooks/{provider_id}", post(receive_webhook))
+        .layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY));
+    Router::new()
+        .merge(api)
+        .merge(hooks)
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_json))
+        .fallback(not_found)
+        .layer(middleware::from_fn(observe))
+        .with_state(state)
+}
+
+/// Counts and times every request by its route template.
+async fn observe(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    let m = crate::metrics::global();
+    m.http_requests
+        .with_label_values(&[&method, &route, response.status().as_str()])
+        .inc();
+    m.http_duration
+        .with_label_values(&[&method, &route])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "route_not_found",
+        "no such route; see /openapi.json",
+    )
+}
+
+/// A payment with its derived amounts and status.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PaymentView {
+    /// The payment.
+    #[serde(flatten)]
+    pub payment: Payment,
+    /// Derived status.
+    pub status: PaymentStatus,
+    /// Σ captures.
+    pub captured_amount: i64,
+    /// Σ refunds.
+    pub refunded_amount: i64,
+}
+
+impl From<Payment> for PaymentView {
+    fn from(payment: Payment) -> Self {
+        PaymentView {
+            status: payment.status(),
+            captured_amount: payment.captured_amount(),
+            refunded_amount: payment.refunded_amount(),
+            payment,
+        }
+    }
+}
+
+/// Create a payment collection.
+#[utoipa::path(post, path = "/v1/payment-collections", request_body = NewCollection,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")),
+    responses((status = 201, body = PaymentCollection), ErrorResponses))]
+async fn create_collection(
+    State(s): State<AppState>,
+    IdempotencyKey(key): IdempotencyKey,
+    ApiJson(input): ApiJson<NewCollection>,
+) -> ApiResult<(StatusCode, Json<PaymentCollection>)> {
+    let c = s.host.create_collection(input, key.as_deref()).await?;
+    Ok((StatusCode::CREATED, Json(c)))
+}
+
+/// A payment collection with its derived status, sessions and payments.
+#[utoipa::path(get, path = "/v1/payment-collections/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = CollectionView), ErrorResponses))]
+async fn get_collection(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<CollectionView>> {
+    Ok(Json(s.host.collection(&id).await?))
+}
+
+/// Create a payment session (initiated with its provider unless `initiate` is false).
+#[utoipa::path(post, path = "/v1/payment-sessions", request_body = NewSession,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")),
+    responses((status = 201, body = PaymentSession), ErrorResponses))]
+async fn create_session(
+    State(s): State<AppState>,
+    IdempotencyKey(key): IdempotencyKey,
+    ApiJson(input): ApiJson<NewSession>,
+) -> ApiResult<(StatusCode, Json<PaymentSession>)> {
+    let session = s.host.create_session(input, key.as_deref()).await?;
+    Ok((StatusCode::CREATED, Json(session)))
+}
+
+/// Which sessions to list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct SessionFilter {
+    /// Sessions of this cart.
+    cart_id: Option<String>,
+    /// Sessions of this collection.
+    payment_collection_id: Option<String>,
+}
+
+/// Sessions.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+struct SessionList {
+    /// Oldest first.
+    payment_sessions: Vec<PaymentSession>,
+}
+
+/// List the sessions of a cart or of a collection.
+#[utoipa::path(get, path = "/v1/payment-sessions", params(SessionFilter),
+    responses((status = 200, body = SessionList), ErrorResponses))]
+async fn list_sessions(
+    State(s): State<AppState>,
+    filter: Result<Query<SessionFilter>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<SessionList>> {
+    let Query(filter) = filter.map_err(|e| ApiError::bad_request("query", e.body_text()))?;
+    let payment_sessions = match (filter.cart_id, filter.payment_collection_id) {
+        (Some(cart), None) => s.host.sessions_of_cart(&cart).await?,
+        (None, Some(col)) => s.host.sessions_of_collection(&col).await?,
+        _ => {
+            return Err(ApiError::bad_request(
+                "cart_id",
+                "give exactly one of cart_id and payment_collection_id",
+            ));
+        }
+    };
+    Ok(Json(SessionList { payment_sessions }))
+}
+
+/// A payment session.
+#[utoipa::path(get, path = "/v1/payment-sessions/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = PaymentSession), ErrorResponses))]
+async fn get_session(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<PaymentSession>> {
+    Ok(Json(s.host.session(&id).await?))
+}
+
+/// Update a session's amount, cart, context, data or metadata.
+#[utoipa::path(post, path = "/v1/payment-sessions/{id}", request_body = SessionUpdate,
+    params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")),
+    responses((status = 200, body = PaymentSession), ErrorResponses))]
+async fn update_session(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
+    ApiJson(input): ApiJson<SessionUpdate>,
+) -> ApiResult<Json<PaymentSession>> {
+    Ok(Json(
+        s.host.update_session(&id, input, key.as_deref()).await?,
+    ))
+}
+
+/// Delete a session that was never authorized (kept as `canceled`).
+#[utoipa::path(delete, path = "/v1/payment-sessions/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = PaymentSession), ErrorResponses))]
+async fn delete_session(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<PaymentSession>> {
+    Ok(Json(s.host.delete_session(&id).await?))
+}
+
+/// Select a session for its cart and collection (initiating a placeholder).
+#[utoipa::path(post, path = "/v1/payment-sessions/{id}/select", params(("id" = String, Path)),
+    responses((status = 200, body = PaymentSession), ErrorResponses))]
+async fn select_session(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<PaymentSession>> {
+    Ok(Json(s.host.select_session(&id).await?))
+}
+
+/// Authorize a session. `200` with `next_action` when the customer must act; `402` when declined
+/// (the session is then in `error`).
+#[utoipa::path(post, path = "/v1/payment-sessions/{id}/authorize", request_body = AuthorizeInput,
+    params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")),
+    responses((status = 200, body = AuthorizeResult), ErrorResponses))]
+async fn authorize_session(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
+    ApiJson(input): ApiJson<AuthorizeInput>,
+) -> ApiResult<Json<AuthorizeResult>> {
+    let result = s.host.authorize_session(&id, input, key.as_deref()).await?;
+    if let Some(decline) = &result.decline {
+        return Err(EngineError::Declined {
+            code: decline.code.clone(),
+            message: decline.message.clone(),
+        }
+        .into());
+    }
+    Ok(Json(result))
+}
+
+/// Ask the provider where a session stands and apply it (never backwards).
+#[utoipa::path(post, path = "/v1/payment-sessions/{id}/sync", params(("id" = String, Path)),
+    responses((status = 200, body = PaymentSession), ErrorResponses))]
+async fn sync_session(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<PaymentSession>> {
+    Ok(Json(s.host.sync_session(&id).await?))
+}
+
+/// A payment with its captures and refunds.
+#[utoipa::path(get, path = "/v1/payments/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = PaymentView), ErrorResponses))]
+async fn get_payment(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<PaymentView>> {
+    Ok(Json(s.host.payment(&id).await?.into()))
+}
+
+/// Capture `amount` (default: what remains).
+#[utoipa::path(post, path = "/v1/payments/{id}/capture", request_body = CaptureInput,
+    params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")),
+    responses((status = 200, body = PaymentView), ErrorResponses))]
+async fn capture_payment(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
+    ApiJson(input): ApiJson<CaptureInput>,
+) -> ApiResult<Json<PaymentView>> {
+    Ok(Json(
+        s.host
+            .capture_payment(&id, input, key.as_deref())
+            .await?
+            .into(),
+    ))
+}
+
+/// Refund `amount` (default: everything captured and not refunded).
+#[utoipa::path(post, path = "/v1/payments/{id}/refund", request_body = RefundInput,
+    params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")),
+    responses((status = 200, body = PaymentView), ErrorResponses))]
+async fn refund_payment(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
+    ApiJson(input): ApiJson<RefundInput>,
+) -> ApiResult<Json<PaymentView>> {
+    Ok(Json(
+        s.host
+            .refund_payment(&id, input, key.as_deref())
+            .await?
+            .into(),
+    ))
+}
+
+/// Cancel (void) a payment with no captures.
+#[utoipa::path(post, path = "/v1/payments/{id}/cancel",
+    params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")),
+    responses((status = 200, body = PaymentView), ErrorResponses))]
+async fn cancel_payment(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
+) -> ApiResult<Json<PaymentView>> {
+    Ok(Json(
+        s.host.cancel_payment(&id, key.as_deref()).await?.into(),
+    ))
+}
+
+/// Attempts.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+struct AttemptList {
+    /// Oldest first.
+    attempts: Vec<Attempt>,
+}
+
+/// Attempts whose outcome is open (in flight, unknown, waiting for an operator).
+#[utoipa::path(get, path = "/v1/attempts", responses((status = 200, body = AttemptList), ErrorResponses))]
+async fn list_attempts(State(s): State<AppState>) -> ApiResult<Json<AttemptList>> {
+    Ok(Json(AttemptList {
+        attempts: s.host.open_attempts().await?,
+    }))
+}
+
+/// How an operator settles an attempt.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct Resolve {
+    /// `succeeded` or `failed`.
+    #[serde(rename = "as")]
+    outcome: ResolveOutcome,
+    /// Who resolves it.
+    by: String,
+    /// How they know.
+    note: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum ResolveOutcome {
+    Succeeded,
+    Failed,
+}
+
+/// Settle an open attempt by hand, recorded with who, when and why.
+#[utoipa::path(post, path = "/v1/attempts/{id}/resolve", request_body = Resolve,
+    params(("id" = String, Path)), responses((status = 200, body = Attempt), ErrorResponses))]
+async fn resolve_attempt(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(input): ApiJson<Resolve>,
+) -> ApiResult<Json<Attempt>> {
+    let as_ = match input.outcome {
+        ResolveOutcome::Succeeded => ResolveAs::Succeeded,
+        ResolveOutcome::Failed => ResolveAs::Failed,
+    };
+    Ok(Json(
+        s.host
+            .resolve_attempt(&id, as_, &input.by, &input.note)
+            .await?,
+    ))
+}
+
+/// A provider as the host sees it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+struct ProviderInfo {
+    /// The operator's id.
+    id: String,
+    /// `loaded` or `failed`.
+    health: String,
+    /// The plugin's manifest, when loaded.
+    #[schema(value_type = Object)]
+    manifest: Option<serde_json::Value>,
+    /// The negotiated protocol.
+    protocol: Option<u32>,
+    /// The library file.
+    library: Option<String>,
+    /// Its SHA-256.
+    sha256: Option<String>,
+    /// Calls running now.
+    calls_in_progress: Option<usize>,
+    /// Why it failed to load.
+    error: Option<String>,
+}
+
+/// Providers.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+struct ProviderList {
+    /// In id order, then the failed ones.
+    providers: Vec<ProviderInfo>,
+}
+
+/// The configured providers with their manifests and health.
+#[utoipa::path(get, path = "/v1/providers", responses((status = 200, body = ProviderList), ErrorResponses))]
+async fn list_providers(State(s): State<AppState>) -> Json<ProviderList> {
+    let mut providers: Vec<ProviderInfo> = s
+        .host
+        .providers()
+        .iter()
+        .map(|p| ProviderInfo {
+            id: p.id().to_owned(),
+            health: "loaded".into(),
+            manifest: serde_json::to_value(p.manifest()).ok(),
+            protocol: Some(p.protocol()),
+            library: Some(p.library().path.display().to_string()),
+            sha256: Some(p.library().sha256.clone()),
+            calls_in_progress: Some(p.calls_in_progress()),
+            error: None,
+        })
+        .collect();
+    providers.extend(s.failed_providers.iter().map(|(id, e)| ProviderInfo {
+        id: id.clone(),
+        health: "failed".into(),
+        manifest: None,
+        protocol: None,
+        library: None,
+        sha256: None,
+        calls_in_progress: None,
+        error: Some(e.clone()),
+    }));
+    Json(ProviderList { providers })
+}
+
+/// A provider's webhook: verified by the provider before any 2xx, stored once per event id,
+/// applied through the engine.
+#[utoipa::path(post, path = "/hooks/{provider_id}", params(("provider_id" = String, Path)),
+    request_body(content = String, description = "The provider's raw event"),
+    responses((status = 200, body = WebhookReceipt), ErrorResponses))]
+async fn receive_webhook(
+    State(s): State<AppState>,
+    Path(provider_id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> ApiResult<Json<WebhookReceipt>> {
+    let m = crate::metrics::global();
+    let body = body.map_err(|e| {
+        ApiError::new(
+            e.status(),
+            "invalid_request_error",
+            "invalid_body",
+            e.body_text(),
+        )
+    })?;
+    let body = String::from_utf8(body.to_vec())
+        .map_err(|_| ApiError::bad_request("body", "the webhook body is not UTF-8"))?;
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect();
+    let result = s.host.receive_webhook(&provider_id, body, headers).await;
+    let label = match &result {
+        Ok(r) if r.duplicate => "duplicate",
+        Ok(_) => "applied",
+        Err(e) => e.code(),
+    };
+    m.webhooks.with_label_values(&[&provider_id, label]).inc();
+    match result {
+        Err(EngineError::ProviderNotLoaded(id)) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "provider_not_loaded",
+            format!("no provider `{id}`"),
+        )),
+        other => Ok(Json(other?)),
+    }
+}
+
+/// Liveness.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+struct Health {
+    /// `ok`.
+    status: String,
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/health", responses((status = 200, body = Health)))]
+async fn health() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
+
+/// Readiness.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+struct Readiness {
+    /// Whether the host can serve.
+    ready: bool,
+    /// The store answered.
+    store: bool,
+    /// Providers loaded.
+    providers_loaded: usize,
+    /// Providers that failed to load.
+    providers_failed: Vec<String>,
+}
+
+/// The store is reachable and every enabled provider loaded (`503` otherwise).
+#[utoipa::path(get, path = "/ready", responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
+async fn ready(State(s): State<AppState>) -> Response {
+    let store = s.host.store().key("payhost-readiness-probe").await.is_ok();
+    let r = Readiness {
+        ready: store && s.failed_providers.is_empty(),
+        store,
+        providers_loaded: s.host.providers().len(),
+        providers_failed: s
+            .failed_providers
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect(),
+    };
+    let status = if r.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(r)).into_response()
+}
+
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain", body = String)))]
+async fn metrics(State(s): State<AppState>) -> Response {
+    let m = crate::metrics::global();
+    if let Ok(open) = s.host.open_attempts().await {
+        for state in [
+            AttemptState::InFlight,
+            AttemptState::Unknown,
+            AttemptState::NeedsOperator,
+        ] {
+            let n = open.iter().filter(|a| a.state == state).count();
+            m.attempts_open
+                .with_label_values(&[state.as_str()])
+                .set(n as i64);
+        }
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        m.render(),
+    )
+        .into_response()
+}
+
+/// The OpenAPI document of this API, generated from the code.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "payhost",
+        description = "Payment sessions, payments and their providers."
+    ),
+    paths(
+        create_collection,
+        get_collection,
+        create_session,
+        list_sessions,
+        get_session,
+        update_session,
+        delete_session,
+        select_session,
+        authorize_session,
+        sync_session,
+        get_payment,
+        capture_payment,
+        refund_payment,
+        cancel_payment,
+        list_attempts,
+        resolve_attempt,
+        list_providers,
+        receive_webhook,
+        health,
+        ready,
+        metrics
+    ),
+    components(schemas(ErrorBody, PaymentView))
+)]
+pub struct ApiDoc;
+
+async fn openapi_json() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        ApiDoc::openapi().to_json().unwrap_or_default(),
+    )
+        .into_response()
+}

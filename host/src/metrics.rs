@@ -1,0 +1,105 @@
+//! Prometheus metrics: HTTP requests, provider-call latency by provider, operation and outcome,
+//! and attempts by state. One registry per process; `GET /metrics` renders it.
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// The process's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// `payhost_http_requests_total{method,route,status}`.
+    pub http_requests: IntCounterVec,
+    /// `payhost_http_request_duration_seconds{method,route}`.
+    pub http_duration: HistogramVec,
+    /// `payhost_provider_call_duration_seconds{provider,operation,outcome}`.
+    pub provider_calls: HistogramVec,
+    /// `payhost_attempts_open{state}`, refreshed at every scrape.
+    pub attempts_open: IntGaugeVec,
+    /// `payhost_webhooks_total{provider,result}`.
+    pub webhooks: IntCounterVec,
+}
+
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl Metrics {
+    fn new() -> Metrics {
+        let registry = Registry::new();
+        let http_requests = IntCounterVec::new(
+            Opts::new(
+                "payhost_http_requests_total",
+                "HTTP requests by route and status",
+            ),
+            &["method", "route", "status"],
+        )
+        .expect("valid metric");
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "payhost_http_request_duration_seconds",
+                "HTTP request latency by route",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["method", "route"],
+        )
+        .expect("valid metric");
+        let provider_calls = HistogramVec::new(
+            HistogramOpts::new(
+                "payhost_provider_call_duration_seconds",
+                "Provider call latency by provider, operation and outcome",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["provider", "operation", "outcome"],
+        )
+        .expect("valid metric");
+        let attempts_open = IntGaugeVec::new(
+            Opts::new(
+                "payhost_attempts_open",
+                "Attempts whose outcome is open, by state",
+            ),
+            &["state"],
+        )
+        .expect("valid metric");
+        let webhooks = IntCounterVec::new(
+            Opts::new(
+                "payhost_webhooks_total",
+                "Webhooks received, by provider and result",
+            ),
+            &["provider", "result"],
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(http_duration.clone()),
+            Box::new(provider_calls.clone()),
+            Box::new(attempts_open.clone()),
+            Box::new(webhooks.clone()),
+        ] {
+            registry.register(c).expect("metric registered once");
+        }
+        Metrics {
+            registry,
+            http_requests,
+            http_duration,
+            provider_calls,
+            attempts_open,
+            webhooks,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// The process's metrics.
+pub fn global() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
