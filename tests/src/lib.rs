@@ -56,6 +56,8 @@ pub fn ensure_built() {
                 "payhost-fixture-future-protocol",
                 "-p",
                 "payhost-e2e",
+                "-p",
+                "payhost-example-embed",
                 "--profile",
                 &profile,
                 "--target-dir",
@@ -213,5 +215,77 @@ impl Scratch {
     /// The config file written by [`Scratch::host`].
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("payhost.toml")
+    }
+}
+
+/// A `payhost serve` process on a free loopback port, killed when dropped.
+pub struct Server {
+    child: std::process::Child,
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+}
+
+impl Server {
+    /// Starts `program args… --listen 127.0.0.1:0` and waits for its `listening on` line.
+    pub fn start_program(program: &Path, args: &[&str]) -> Server {
+        use std::io::BufRead;
+        let mut child = Command::new(program)
+            .args(args)
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .env_remove("RUST_LOG")
+            .spawn()
+            .expect("start the server");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let base = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(url) = line.strip_prefix("listening on ") {
+                        break url.trim().to_owned();
+                    }
+                }
+                _ => {
+                    let _ = child.kill();
+                    panic!("the server exited before listening");
+                }
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, base }
+    }
+
+    /// Starts `payhost serve` with this config.
+    pub fn start(config: &Path) -> Server {
+        Server::start_program(
+            &payhost_bin(),
+            &["serve", "--config", config.to_str().expect("UTF-8 path")],
+        )
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub fn wait(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let started = std::time::Instant::now();
+        while started.elapsed() < timeout {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -1,0 +1,564 @@
+//! The HTTP API over real HTTP against a spawned `payhost serve`.
+
+use std::time::Duration;
+
+use payhost_e2e::{HOST, Scratch, Server, artifacts};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+struct Api {
+    server: Server,
+    client: reqwest::Client,
+    _scratch: Scratch,
+}
+
+impl Api {
+    fn start() -> Api {
+        Api::start_with(HOST)
+    }
+
+    fn start_with(config: &str) -> Api {
+        let scratch = Scratch::new();
+        let text = config.replace("{dir}", &scratch.dir.path().display().to_string());
+        let path = scratch.config(&text);
+        Api {
+            server: Server::start(&path),
+            client: reqwest::Client::new(),
+            _scratch: scratch,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.server.base)
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.send(self.client.post(self.url(path)).json(&body))
+            .await
+    }
+
+    async fn post_key(&self, path: &str, key: &str, body: Value) -> (StatusCode, Value) {
+        self.send(
+            self.client
+                .post(self.url(path))
+                .header("Idempotency-Key", key)
+                .json(&body),
+        )
+        .await
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.send(self.client.get(self.url(path))).await
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> (StatusCode, Value) {
+        let response = request.send().await.expect("request");
+        let status = response.status();
+        let text = response.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn collection(&self, amount: i64) -> String {
+        let (status, c) = self
+            .post(
+                "/v1/payment-collections",
+                json!({"amount": amount, "currency_code": "eur"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{c}");
+        c["id"].as_str().unwrap().to_owned()
+    }
+
+    async fn session(&self, collection: &str, provider: &str, data: Value) -> String {
+        let (status, s) = self
+            .post(
+                "/v1/payment-sessions",
+                json!({"payment_collection_id": collection, "provider_id": provider, "cart_id": "cart_http", "data": data}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{s}");
+        s["id"].as_str().unwrap().to_owned()
+    }
+}
+
+fn assert_error(body: &Value, kind: &str) {
+    assert_eq!(body["error"]["type"], kind, "{body}");
+    assert!(body["error"]["code"].is_string(), "{body}");
+    assert!(
+        !body["error"]["message"].as_str().unwrap().is_empty(),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_flow_with_partial_captures_and_refunds() {
+    let api = Api::start();
+    let col = api.collection(3000).await;
+    let sid = api.session(&col, "system", Value::Null).await;
+    let (status, auth) = api
+        .post(&format!("/v1/payment-sessions/{sid}/authorize"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{auth}");
+    assert_eq!(auth["payment_session"]["status"], "authorized");
+    let pay = auth["payment"]["id"].as_str().unwrap().to_owned();
+
+    let (status, p) = api
+        .post(
+            &format!("/v1/payments/{pay}/capture"),
+            json!({"amount": 1000}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{p}");
+    assert_eq!(p["status"], "partially_captured");
+    let (_, p) = api
+        .post(
+            &format!("/v1/payments/{pay}/capture"),
+            json!({"amount": 2000}),
+        )
+        .await;
+    assert_eq!(p["status"], "captured");
+    assert_eq!(p["captured_amount"], 3000);
+    let (status, p) = api
+        .post(
+            &format!("/v1/payments/{pay}/refund"),
+            json!({"amount": 500, "reason": "damaged"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{p}");
+    assert_eq!(p["refunded_amount"], 500);
+    let (status, over) = api
+        .post(
+            &format!("/v1/payments/{pay}/refund"),
+            json!({"amount": 2501}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{over}");
+    assert_error(&over, "invalid_state");
+    let (_, p) = api.get(&format!("/v1/payments/{pay}")).await;
+    assert_eq!(p["refunded_amount"], 500, "the over-refund changed nothing");
+
+    let (status, list) = api.get("/v1/payment-sessions?cart_id=cart_http").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["payment_sessions"].as_array().unwrap().len(), 1);
+    let (_, view) = api.get(&format!("/v1/payment-collections/{col}")).await;
+    assert_eq!(view["status"], "completed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requires_more_then_authorize_and_a_decline_is_402() {
+    let api = Api::start();
+    let col = api.collection(1000).await;
+    let sid = api
+        .session(&col, "sandbox", json!({"card_number": "4000002500003155"}))
+        .await;
+    let (status, first) = api
+        .post(&format!("/v1/payment-sessions/{sid}/authorize"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(first["payment_session"]["status"], "requires_more");
+    assert_eq!(first["next_action"]["type"], "redirect");
+    let (_, second) = api
+        .post(&format!("/v1/payment-sessions/{sid}/authorize"), json!({}))
+        .await;
+    assert_eq!(second["payment_session"]["status"], "authorized");
+
+    let col = api.collection(1000).await;
+    let sid = api
+        .session(&col, "sandbox", json!({"card_number": "4000000000000002"}))
+        .await;
+    let (status, declined) = api
+        .post(&format!("/v1/payment-sessions/{sid}/authorize"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{declined}");
+    assert_error(&declined, "payment_declined");
+    let (_, s) = api.get(&format!("/v1/payment-sessions/{sid}")).await;
+    assert_eq!(s["status"], "error");
+}
+
+fn signed(secret: &str, event: Value) -> (String, String) {
+    let body = event.to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let signature = payhost_provider_sandbox::sign(secret, &body, now);
+    (body, signature)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_then_webhook_with_duplicates_forgeries_and_out_of_order_events() {
+    let api = Api::start();
+    let col = api.collection(1500).await;
+    let sid = api
+        .session(
+            &col,
+            "sandbox",
+            json!({"sandbox": {"authorize": "pending"}}),
+        )
+        .await;
+    let (status, r) = api
+        .post(&format!("/v1/payment-sessions/{sid}/authorize"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(r["payment_session"]["status"], "pending");
+
+    let hook = |body: String, signature: String| {
+        api.client
+            .post(api.url("/hooks/sandbox"))
+            .header("content-type", "application/json")
+            .header("sandbox-signature", signature)
+            .body(body)
+    };
+    let event = json!({"id": "evt_1", "type": "payment.authorized", "session_id": sid, "amount": 1500, "currency_code": "eur", "created": 0});
+    let (body, sig) = signed("whsec_test_secret", event.clone());
+
+    // Forged: signed with another secret. Refused, nothing changes.
+    let (bad_body, bad_sig) = signed("whsec_not_the_secret", event.clone());
+    let (status, forged) = api.send(hook(bad_body, bad_sig)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{forged}");
+    assert_error(&forged, "unauthorized");
+    let (status, _) = api
+        .send(hook(body.replace("1500", "9999"), sig.clone()))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (_, s) = api.get(&format!("/v1/payment-sessions/{sid}")).await;
+    assert_eq!(s["status"], "pending");
+
+    let (status, receipt) = api.send(hook(body.clone(), sig.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{receipt}");
+    assert_eq!(receipt["duplicate"], false);
+    let (_, s) = api.get(&format!("/v1/payment-sessions/{sid}")).await;
+    assert_eq!(s["status"], "authorized");
+
+    let (status, receipt) = api.send(hook(body, sig)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(receipt["duplicate"], true, "acknowledged, applied once");
+    let (_, view) = api.get(&format!("/v1/payment-collections/{col}")).await;
+    assert_eq!(view["payments"].as_array().unwrap().len(), 1);
+
+    // Out of order: a late "failed" and a late "pending" change nothing.
+    for (id, kind) in [("evt_2", "payment.failed"), ("evt_3", "payment.pending")] {
+        let (b, s) = signed(
+            "whsec_test_secret",
+            json!({"id": id, "type": kind, "session_id": sid, "created": 0}),
+        );
+        let (status, _) = api.send(hook(b, s)).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let (_, s) = api.get(&format!("/v1/payment-sessions/{sid}")).await;
+    assert_eq!(s["status"], "authorized");
+
+    let (status, e) = api
+        .send(api.client.post(api.url("/hooks/nope")).body("{}"))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{e}");
+    let (status, _) = api
+        .send(api.client.post(api.url("/hooks/system")).body("{}"))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "the system provider takes no webhooks"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_4xx_with_a_clear_message_and_change_nothing() {
+    let api = Api::start();
+    let send_raw = |path: &str, body: &'static str, content_type: &str| {
+        api.client
+            .post(api.url(path))
+            .header("content-type", content_type)
+            .body(body)
+    };
+    let (status, e) = api
+        .send(send_raw(
+            "/v1/payment-collections",
+            "{\"amount\": 10",
+            "application/json",
+        ))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
+    assert_error(&e, "invalid_request_error");
+    let (status, e) = api
+        .post(
+            "/v1/payment-collections",
+            json!({"amount": "ten", "currency_code": "eur"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(e["error"]["param"], "amount", "{e}");
+    let (status, e) = api
+        .post("/v1/payment-collections", json!({"amount": 10}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("currency_code"),
+        "{e}"
+    );
+    let (status, e) = api
+        .post(
+            "/v1/payment-collections",
+            json!({"amount": 10, "currency_code": "eur", "colour": 1}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("colour"),
+        "{e}"
+    );
+    let (status, e) = api
+        .post(
+            "/v1/payment-collections",
+            json!({"amount": -5, "currency_code": "eur"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(e["error"]["param"], "amount");
+    let (status, e) = api
+        .post(
+            "/v1/payment-collections",
+            json!({"amount": 5, "currency_code": "bitcoin"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(e["error"]["param"], "currency_code");
+    let (status, _) = api
+        .send(send_raw(
+            "/v1/payment-collections",
+            "amount=5",
+            "application/x-www-form-urlencoded",
+        ))
+        .await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+    let (status, e) = api
+        .send(
+            api.client
+                .post(api.url("/v1/payment-collections"))
+                .header("content-type", "application/json")
+                .body(deep),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
+    let huge = format!(
+        "{{\"amount\": 5, \"currency_code\": \"eur\", \"metadata\": \"{}\"}}",
+        "x".repeat(200_000)
+    );
+    let (status, e) = api
+        .send(
+            api.client
+                .post(api.url("/v1/payment-collections"))
+                .header("content-type", "application/json")
+                .body(huge),
+        )
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{e}");
+
+    for path in [
+        "/v1/payment-sessions/ps_nope",
+        "/v1/payments/pay_nope",
+        "/v1/payment-collections/paycol_nope",
+        "/nowhere",
+    ] {
+        let (status, e) = api.get(path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        assert_error(&e, "not_found");
+    }
+    let (status, _) = api.post("/v1/payments/pay_nope/capture", json!({})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, e) = api.get("/v1/payment-sessions").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
+    let col = api.collection(100).await;
+    let (status, e) = api
+        .post(
+            "/v1/payment-sessions",
+            json!({"payment_collection_id": col, "provider_id": "stripe"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(e["error"]["param"], "provider_id");
+    let (_, view) = api.get(&format!("/v1/payment-collections/{col}")).await;
+    assert!(
+        view["payment_sessions"].as_array().unwrap().is_empty(),
+        "nothing changed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idempotency_key_header_replays_and_refuses_a_different_body() {
+    let api = Api::start();
+    let body = json!({"amount": 700, "currency_code": "usd"});
+    let (s1, first) = api
+        .post_key("/v1/payment-collections", "k-1", body.clone())
+        .await;
+    let (s2, again) = api.post_key("/v1/payment-collections", "k-1", body).await;
+    assert_eq!((s1, s2), (StatusCode::CREATED, StatusCode::CREATED));
+    assert_eq!(first, again);
+    let (status, e) = api
+        .post_key(
+            "/v1/payment-collections",
+            "k-1",
+            json!({"amount": 701, "currency_code": "usd"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_error(&e, "idempotency_error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_endpoints_answer() {
+    let api = Api::start();
+    let (status, h) = api.get("/health").await;
+    assert_eq!((status, h["status"].as_str()), (StatusCode::OK, Some("ok")));
+    let (status, r) = api.get("/ready").await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+    assert_eq!(r["providers_loaded"], 2);
+    let col = api.collection(100).await;
+    let sid = api.session(&col, "system", Value::Null).await;
+    api.post(&format!("/v1/payment-sessions/{sid}/authorize"), json!({}))
+        .await;
+    let (status, metrics) = api.get("/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    let text = metrics.as_str().unwrap();
+    assert!(text.contains("payhost_provider_call_duration_seconds_count{operation=\"authorize\",outcome=\"processed\",provider=\"system\"} 1"), "{text}");
+    assert!(text.contains("payhost_http_requests_total{method=\"POST\",route=\"/v1/payment-collections\",status=\"201\"} 1"), "{text}");
+    assert!(
+        text.contains("payhost_attempts_open{state=\"unknown\"} 0"),
+        "{text}"
+    );
+    let (status, doc) = api.get("/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(doc["paths"]["/v1/payments/{id}/capture"]["post"].is_object());
+    let (_, providers) = api.get("/v1/providers").await;
+    let list = providers["providers"].as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    assert!(
+        list.iter()
+            .all(|p| p["health"] == "loaded" && p["sha256"].as_str().unwrap().len() == 64)
+    );
+    let (status, attempts) = api.get("/v1/attempts").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(attempts["attempts"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_connections_slow_it_down_but_never_crash_it() {
+    let _ = rlimit::increase_nofile_limit(65_536);
+    let api = Api::start();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let tasks: Vec<_> = (0..1000)
+        .map(|i| {
+            let client = client.clone();
+            let url = api.url("/v1/payment-collections");
+            tokio::spawn(async move {
+                client
+                    .post(url)
+                    .json(&json!({"amount": 100 + i, "currency_code": "eur"}))
+                    .send()
+                    .await
+                    .map(|r| r.status())
+            })
+        })
+        .collect();
+    let mut created = 0;
+    for t in tasks {
+        if let Ok(Ok(status)) = t.await {
+            assert!(!status.is_server_error(), "{status}");
+            if status == StatusCode::CREATED {
+                created += 1;
+            }
+        }
+    }
+    assert!(created > 900, "only {created} of 1000 succeeded");
+    let (status, _) = api.get("/health").await;
+    assert_eq!(status, StatusCode::OK, "still serving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_provider_call_in_flight_finish() {
+    let mut api = Api::start();
+    let col = api.collection(100).await;
+    let sid = api
+        .session(
+            &col,
+            "sandbox",
+            json!({"sandbox": {"authorize": {"delay_ms": 300}}}),
+        )
+        .await;
+    let request = api
+        .client
+        .post(api.url(&format!("/v1/payment-sessions/{sid}/authorize")))
+        .json(&json!({}));
+    let in_flight = tokio::spawn(request.send());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &api.server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let response = in_flight
+        .await
+        .unwrap()
+        .expect("the request in flight is answered");
+    assert_eq!(response.status(), StatusCode::OK);
+    let status = api
+        .server
+        .wait(Duration::from_secs(15))
+        .expect("the server exits");
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedder_mounts_the_api_beside_its_own_routes() {
+    let scratch = Scratch::new();
+    let text = HOST.replace("{dir}", &scratch.dir.path().display().to_string());
+    let path = scratch.config(&text);
+    let server = Server::start_program(
+        &artifacts().join("embed"),
+        &["--config", path.to_str().unwrap()],
+    );
+    let client = reqwest::Client::new();
+    let hello = client
+        .get(format!("{}/store/hello", server.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(hello, "hello from the storefront");
+    let col: Value = client
+        .get(format!("{}/store/checkout", server.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = col["id"].as_str().unwrap();
+    let view = client
+        .get(format!(
+            "{}/payments/v1/payment-collections/{id}",
+            server.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(view.status(), StatusCode::OK, "one Host behind both");
+    let health = client
+        .get(format!("{}/payments/health", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+}
