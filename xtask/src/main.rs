@@ -68,12 +68,91 @@ fn run(root: &Path, args: &[String]) -> Result<(), String> {
 
 fn test(root: &Path, args: &[String]) -> Result<(), String> {
     build_all(root)?;
-    // Doctests first (nextest does not run them), so the run closes on nextest's summary.
+    // Doctests and the API fuzzing first, so the run closes on nextest's summary.
     let mut c = cargo(root);
     c.args(["test", "--workspace", "--doc", "--quiet"]);
     status(c)?;
+    schemathesis(root)?;
     let mut c = cargo(root);
     c.args(["nextest", "run", "--workspace", "--no-fail-fast"])
         .args(args);
     status(c)
+}
+
+/// The schemathesis release the API is fuzzed with (from PyPI, in a venv under target/).
+const SCHEMATHESIS: &str = "schemathesis==4.32.5";
+
+/// Fuzzes the HTTP API from its own `/openapi.json`: a bounded number of generated requests per
+/// operation, failing on any 5xx or any response that breaks the schema.
+fn schemathesis(root: &Path) -> Result<(), String> {
+    use std::io::BufRead;
+    let venv = root.join("target/schemathesis-venv");
+    let st = venv.join("bin/schemathesis");
+    if !st.exists() {
+        let mut c = Command::new("python3");
+        c.args(["-m", "venv"]).arg(&venv);
+        status(c).map_err(|e| format!("{e} (schemathesis needs python3 with venv)"))?;
+        let mut c = Command::new(venv.join("bin/pip"));
+        c.args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            SCHEMATHESIS,
+        ]);
+        status(c)?;
+    }
+    let dir = root.join("target/schemathesis-run");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let config = dir.join("payhost.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\nurl = \"sqlite://{}/fuzz.db\"\n[log]\nlevel = \"warn\"\n[plugins]\ndir = \"{}\"\n[providers.system]\nlibrary = \"payhost_provider_system\"\n",
+            dir.display(),
+            root.join("target/debug").display()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut server = Command::new(root.join("target/debug/payhost"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start payhost: {e}"))?;
+    let stdout = server.stdout.take().ok_or("no stdout")?;
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let base = loop {
+        match lines.next() {
+            Some(Ok(line)) => {
+                if let Some(url) = line.strip_prefix("listening on ") {
+                    break url.trim().to_owned();
+                }
+            }
+            _ => {
+                let _ = server.kill();
+                return Err("payhost exited before listening".into());
+            }
+        }
+    };
+    let mut c = Command::new(&st);
+    c.args([
+        "run",
+        &format!("{base}/openapi.json"),
+        "--checks",
+        "not_a_server_error,response_schema_conformance",
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--max-examples",
+        "30",
+        "--seed",
+        "1",
+        "--request-timeout",
+        "10",
+    ]);
+    let result = status(c);
+    let _ = server.kill();
+    let _ = server.wait();
+    result
 }

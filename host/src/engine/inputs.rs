@@ -10,8 +10,10 @@ use crate::domain::{Payment, PaymentSession};
 #[serde(deny_unknown_fields)]
 pub struct NewCollection {
     /// Amount owed, minor units.
+    #[schema(minimum = 1, maximum = 9007199254740991_i64)]
     pub amount: i64,
     /// ISO 4217 code.
+    #[schema(pattern = "^[A-Za-z]{3}$", example = "eur")]
     pub currency_code: String,
     /// The embedder's metadata.
     #[serde(default)]
@@ -44,9 +46,11 @@ pub struct NewSession {
     pub data: Value,
     /// Amount; default the collection's.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 9007199254740991_i64)]
     pub amount: Option<i64>,
     /// Currency; must be the collection's if given.
     #[serde(default)]
+    #[schema(pattern = "^[A-Za-z]{3}$")]
     pub currency_code: Option<String>,
     /// The embedder's metadata.
     #[serde(default)]
@@ -62,6 +66,7 @@ pub struct NewSession {
 pub struct SessionUpdate {
     /// New amount.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 9007199254740991_i64)]
     pub amount: Option<i64>,
     /// New cart snapshot.
     #[serde(default)]
@@ -95,6 +100,7 @@ pub struct AuthorizeInput {
 pub struct CaptureInput {
     /// Amount; default what remains uncaptured.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 9007199254740991_i64)]
     pub amount: Option<i64>,
 }
 
@@ -104,6 +110,7 @@ pub struct CaptureInput {
 pub struct RefundInput {
     /// Amount; default everything captured and not refunded.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 9007199254740991_i64)]
     pub amount: Option<i64>,
     /// Why.
     #[serde(default)]
