@@ -61,14 +61,38 @@ pub struct StorageConfig {
     /// `sqlite://<path>` (relative to the config's folder) or `postgres://…`.
     #[serde(default = "default_storage_url")]
     pub url: String,
+    /// PostgreSQL: connections in the pool.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// PostgreSQL: longest wait to connect or for a pooled connection.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    /// PostgreSQL: longest statement.
+    #[serde(default = "default_statement_timeout")]
+    pub statement_timeout_ms: u64,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             url: default_storage_url(),
+            pool_size: default_pool_size(),
+            connect_timeout_ms: default_connect_timeout(),
+            statement_timeout_ms: default_statement_timeout(),
         }
     }
+}
+
+fn default_pool_size() -> usize {
+    16
+}
+
+fn default_connect_timeout() -> u64 {
+    5_000
+}
+
+fn default_statement_timeout() -> u64 {
+    10_000
 }
 
 fn default_storage_url() -> String {
@@ -457,6 +481,28 @@ impl Config {
                 "storage.url".into(),
                 "`storage.url` must start with sqlite:// or postgres://".into(),
             ));
+        }
+        if !(1..=1000).contains(&raw.storage.pool_size) {
+            return Err(invalid(
+                source.value_span("storage.pool_size"),
+                "storage.pool_size".into(),
+                "`pool_size` must be between 1 and 1000".into(),
+            ));
+        }
+        for (key, value) in [
+            ("storage.connect_timeout_ms", raw.storage.connect_timeout_ms),
+            (
+                "storage.statement_timeout_ms",
+                raw.storage.statement_timeout_ms,
+            ),
+        ] {
+            if !(1..=600_000).contains(&value) {
+                return Err(invalid(
+                    source.value_span(key),
+                    key.into(),
+                    format!("`{key}` must be between 1 and 600000"),
+                ));
+            }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&raw.log.level) {
             let span = source.value_span("log.level");

@@ -104,15 +104,25 @@ pub fn payhost(args: &[&str], env: &[(&str, &str)]) -> Output {
     c.output().expect("run payhost")
 }
 
-/// A scratch folder with a config in it.
+/// A scratch folder with a config in it (and, for PostgreSQL tests, a database).
 pub struct Scratch {
     pub dir: tempfile::TempDir,
+    postgres: std::sync::Mutex<Option<String>>,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some(url) = self.postgres.lock().ok().and_then(|mut p| p.take()) {
+            drop_postgres_database(&url);
+        }
+    }
 }
 
 impl Scratch {
     pub fn new() -> Scratch {
         Scratch {
             dir: tempfile::tempdir().expect("temp dir"),
+            postgres: std::sync::Mutex::new(None),
         }
     }
 
@@ -287,5 +297,127 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Which store a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded SQLite store, in the scratch folder.
+    Sqlite,
+    /// PostgreSQL: a fresh database on `PAYHOST_TEST_POSTGRES` (default
+    /// `postgres://root@127.0.0.1:5432/test`), dropped afterwards.
+    Postgres,
+}
+
+/// The PostgreSQL server tests use, as an admin URL.
+pub fn postgres_admin_url() -> String {
+    std::env::var("PAYHOST_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".to_owned())
+}
+
+/// Creates a fresh database and returns its URL; `None` (after saying why) when PostgreSQL is not
+/// reachable outside CI. In CI (`CI=true`) an unreachable PostgreSQL fails the test.
+pub async fn fresh_postgres_database() -> Option<String> {
+    let admin = postgres_admin_url();
+    let connected = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio_postgres::connect(&admin, tokio_postgres::NoTls),
+    )
+    .await;
+    let (client, connection) = match connected {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return unreachable_postgres(&admin, &e.to_string()),
+        Err(_) => return unreachable_postgres(&admin, "connection timed out"),
+    };
+    tokio::spawn(connection);
+    let name = format!("payhost_t_{}", uuid_like());
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create a test database");
+    let base = admin
+        .rsplit_once('/')
+        .map_or(admin.as_str(), |(b, _)| b)
+        .to_owned();
+    Some(format!("{base}/{name}"))
+}
+
+fn unreachable_postgres(url: &str, why: &str) -> Option<String> {
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("PostgreSQL is unreachable at {url} in CI: {why}");
+    }
+    eprintln!(
+        "SKIPPED: PostgreSQL is not reachable at {url} ({why}). Start PostgreSQL or set \
+         PAYHOST_TEST_POSTGRES=postgres://user@host:port/db to run the PostgreSQL tests."
+    );
+    None
+}
+
+fn uuid_like() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("{:x}{:x}", nanos, std::process::id())
+}
+
+/// Drops a test database (best effort).
+pub fn drop_postgres_database(url: &str) {
+    let Some((_, name)) = url.rsplit_once('/') else {
+        return;
+    };
+    let name = name.to_owned();
+    let admin = postgres_admin_url();
+    let _ = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            if let Ok((client, conn)) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
+            {
+                tokio::spawn(conn);
+                let _ = client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            }
+        });
+    })
+    .join();
+}
+
+impl Scratch {
+    /// The storage URL for `backend`: a SQLite file here, or this scratch's own PostgreSQL
+    /// database (made on first use). `None`: PostgreSQL unreachable outside CI (skip the test).
+    pub async fn storage_url(&self, backend: Backend) -> Option<String> {
+        match backend {
+            Backend::Sqlite => Some(format!("sqlite://{}/payhost.db", self.dir.path().display())),
+            Backend::Postgres => {
+                let mut slot = self.postgres.lock().unwrap().clone();
+                if slot.is_none() {
+                    slot = fresh_postgres_database().await;
+                    *self.postgres.lock().unwrap() = slot.clone();
+                }
+                slot
+            }
+        }
+    }
+
+    /// [`Scratch::host`] on `backend`; `None` when the test must be skipped.
+    pub async fn host_on(
+        &self,
+        backend: Backend,
+        text: &str,
+    ) -> Option<std::sync::Arc<payhost::Host>> {
+        let url = self.storage_url(backend).await?;
+        let text = text.replace(
+            "url = \"sqlite://{dir}/payhost.db\"",
+            &format!("url = \"{url}\""),
+        );
+        Some(self.host(&text).await)
     }
 }

@@ -9,16 +9,32 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use payhost::domain::{AttemptState, SessionStatus};
-use payhost_e2e::{HOST, Scratch, artifacts, ensure_built};
+use payhost_e2e::{Backend, HOST, Scratch, artifacts, ensure_built};
 use serde_json::json;
 
 const ROUNDS: usize = 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flows_survive_sigkill_at_random_points() {
+async fn flows_survive_sigkill_at_random_points_on_sqlite() {
+    flows_survive_sigkill(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_survive_sigkill_at_random_points_on_postgres() {
+    flows_survive_sigkill(Backend::Postgres).await;
+}
+
+async fn flows_survive_sigkill(backend: Backend) {
     ensure_built();
     let scratch = Scratch::new();
-    let config = HOST.replace("{dir}", &scratch.dir.path().display().to_string());
+    let Some(url) = scratch.storage_url(backend).await else {
+        return;
+    };
+    let with_store = HOST.replace(
+        "url = \"sqlite://{dir}/payhost.db\"",
+        &format!("url = \"{url}\""),
+    );
+    let config = with_store.replace("{dir}", &scratch.dir.path().display().to_string());
     let path = scratch.config(&config);
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -68,8 +84,22 @@ async fn flows_survive_sigkill_at_random_points() {
         "the runs were too short to capture anything; seed {seed}"
     );
 
-    // Restart once more, in-process, and let recovery and the reconciler finish.
-    let host = scratch.host(HOST).await;
+    // Restart once more, in-process, and let recovery and the reconciler finish. Every earlier
+    // process is dead, so every in-flight attempt is abandoned (on a shared store recovery would
+    // otherwise wait for them to go stale).
+    let host = scratch.host_on(backend, HOST).await.expect("store");
+    let host = std::sync::Arc::new(
+        std::sync::Arc::try_unwrap(host)
+            .ok()
+            .expect("sole owner")
+            .with_reconcile(payhost::engine::ReconcileSettings {
+                first_check_ms: 0,
+                base_backoff_ms: 0,
+                stale_after_ms: 0,
+                ..Default::default()
+            }),
+    );
+    host.recover().await.unwrap();
     for _ in 0..6 {
         host.reconcile_due().await.unwrap();
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use payhost::domain::{AttemptState, CollectionStatus, PaymentStatus, SessionStatus};
 use payhost::engine::*;
 use payhost::{EngineError, Host};
-use payhost_e2e::{HOST, Scratch, payhost, text};
+use payhost_e2e::{Backend, HOST, Scratch, payhost, text};
 use serde_json::{Value, json};
 
 async fn collection(host: &Host, amount: i64, currency: &str) -> String {
@@ -55,10 +55,11 @@ async fn sandbox_entries(host: &Host, session: &str, op: &str) -> usize {
         .count()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_system_payment_is_authorized_captured_in_parts_and_refunded_in_parts() {
+async fn a_system_payment_is_authorized_captured_in_parts_and_refunded_in_parts(backend: Backend) {
     let s = Scratch::new();
-    let host = s.host(HOST).await;
+    let Some(host) = s.host_on(backend, HOST).await else {
+        return;
+    };
     let col = collection(&host, 1500, "EUR").await;
     assert_eq!(
         host.collection(&col).await.unwrap().status,
@@ -165,10 +166,11 @@ async fn a_system_payment_is_authorized_captured_in_parts_and_refunded_in_parts(
     assert!(attempts.iter().all(|a| a.state == AttemptState::Succeeded));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requires_more_returns_the_next_action_and_the_next_authorize_completes() {
+async fn requires_more_returns_the_next_action_and_the_next_authorize_completes(backend: Backend) {
     let s = Scratch::new();
-    let host = s.host(HOST).await;
+    let Some(host) = s.host_on(backend, HOST).await else {
+        return;
+    };
     let col = collection(&host, 4200, "usd").await;
     let session = host
         .create_session(
@@ -192,10 +194,13 @@ async fn requires_more_returns_the_next_action_and_the_next_authorize_completes(
     assert!(second.payment.is_some());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pending_authorization_completes_by_webhook_and_a_late_pending_changes_nothing() {
+async fn a_pending_authorization_completes_by_webhook_and_a_late_pending_changes_nothing(
+    backend: Backend,
+) {
     let s = Scratch::new();
-    let host = s.host(HOST).await;
+    let Some(host) = s.host_on(backend, HOST).await else {
+        return;
+    };
     let col = collection(&host, 999, "eur").await;
     let session = host
         .create_session(
@@ -255,10 +260,11 @@ async fn a_pending_authorization_completes_by_webhook_and_a_late_pending_changes
     assert_eq!(host.collection(&col).await.unwrap().payments.len(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_decline_leaves_the_session_in_error_for_good() {
+async fn a_decline_leaves_the_session_in_error_for_good(backend: Backend) {
     let s = Scratch::new();
-    let host = s.host(HOST).await;
+    let Some(host) = s.host_on(backend, HOST).await else {
+        return;
+    };
     let col = collection(&host, 500, "gbp").await;
     let session = host
         .create_session(
@@ -283,10 +289,11 @@ async fn a_decline_leaves_the_session_in_error_for_good() {
     assert_eq!(attempts[0].state, AttemptState::Failed, "kept, not deleted");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_inputs_give_clear_errors_and_change_nothing() {
+async fn bad_inputs_give_clear_errors_and_change_nothing(backend: Backend) {
     let s = Scratch::new();
-    let host = s.host(HOST).await;
+    let Some(host) = s.host_on(backend, HOST).await else {
+        return;
+    };
     let bad = |amount: i64, currency: &str| NewCollection {
         amount,
         currency_code: currency.into(),
@@ -391,10 +398,11 @@ async fn bad_inputs_give_clear_errors_and_change_nothing() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idempotency_key_replays_its_result_and_refuses_another_request() {
+async fn an_idempotency_key_replays_its_result_and_refuses_another_request(backend: Backend) {
     let s = Scratch::new();
-    let host = s.host(HOST).await;
+    let Some(host) = s.host_on(backend, HOST).await else {
+        return;
+    };
     let col = collection(&host, 2500, "eur").await;
     let session = host
         .create_session(new_session(&col, "sandbox", Value::Null), Some("create-1"))
@@ -481,10 +489,11 @@ async fn an_idempotency_key_replays_its_result_and_refuses_another_request() {
     assert_eq!(ok.code(), "invalid_transition");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_authorizes_of_one_session_call_the_provider_once() {
+async fn concurrent_authorizes_of_one_session_call_the_provider_once(backend: Backend) {
     let s = Scratch::new();
-    let host = s.host(HOST).await;
+    let Some(host) = s.host_on(backend, HOST).await else {
+        return;
+    };
     let col = collection(&host, 3000, "eur").await;
     let session = host
         .create_session(
@@ -518,10 +527,11 @@ async fn concurrent_authorizes_of_one_session_call_the_provider_once() {
     assert_eq!(host.attempts_of(&session.id.0).await.unwrap().len(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unknown_outcome_blocks_money_operations_until_reconciled() {
+async fn an_unknown_outcome_blocks_money_operations_until_reconciled(backend: Backend) {
     let s = Scratch::new();
-    let host = s.host(HOST).await;
+    let Some(host) = s.host_on(backend, HOST).await else {
+        return;
+    };
     let col = collection(&host, 1200, "eur").await;
     let session = host
         .create_session(
@@ -563,10 +573,11 @@ async fn an_unknown_outcome_blocks_money_operations_until_reconciled() {
     assert_eq!(sandbox_entries(&host, &session.id.0, "authorize").await, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_capture_that_times_out_is_recorded_once_after_reconciling() {
+async fn a_capture_that_times_out_is_recorded_once_after_reconciling(backend: Backend) {
     let s = Scratch::new();
-    let host = s.host(HOST).await; // sandbox timeout 400 ms
+    let Some(host) = s.host_on(backend, HOST).await else {
+        return;
+    }; // sandbox timeout 400 ms
     let col = collection(&host, 1000, "eur").await;
     // The capture is slow: the sandbox still captures, after the host gave up waiting.
     let session = host
@@ -613,10 +624,11 @@ async fn a_capture_that_times_out_is_recorded_once_after_reconciling() {
     assert_eq!(sandbox_entries(&host, &session.id.0, "capture").await, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_operator_lists_and_resolves_an_open_attempt_from_the_command_line() {
+async fn an_operator_lists_and_resolves_an_open_attempt_from_the_command_line(backend: Backend) {
     let s = Scratch::new();
-    let host = s.host(HOST).await;
+    let Some(host) = s.host_on(backend, HOST).await else {
+        return;
+    };
     let col = collection(&host, 800, "eur").await;
     let session = host
         .create_session(
@@ -693,10 +705,11 @@ async fn an_operator_lists_and_resolves_an_open_attempt_from_the_command_line() 
     assert!(text(&again.stderr).contains("already settled"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_voids_a_payment_and_the_database_refuses_captures_after_it() {
+async fn cancel_voids_a_payment_and_the_database_refuses_captures_after_it(backend: Backend) {
     let s = Scratch::new();
-    let host = s.host(HOST).await;
+    let Some(host) = s.host_on(backend, HOST).await else {
+        return;
+    };
     let col = collection(&host, 1000, "eur").await;
     let session = host
         .create_session(new_session(&col, "sandbox", Value::Null), None)
@@ -767,10 +780,11 @@ async fn cancel_voids_a_payment_and_the_database_refuses_captures_after_it() {
     assert!(e.to_string().contains("terminal"), "{e}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_session_is_selected_per_cart_and_placeholders_initiate_on_selection() {
+async fn one_session_is_selected_per_cart_and_placeholders_initiate_on_selection(backend: Backend) {
     let s = Scratch::new();
-    let host = s.host(HOST).await;
+    let Some(host) = s.host_on(backend, HOST).await else {
+        return;
+    };
     let col = collection(&host, 1000, "eur").await;
     let mut placeholder = new_session(&col, "sandbox", Value::Null);
     placeholder.initiate = false;
@@ -810,11 +824,12 @@ async fn one_session_is_selected_per_cart_and_placeholders_initiate_on_selection
     assert_eq!(e.code(), "invalid_transition");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn everything_survives_reopening_the_store() {
+async fn everything_survives_reopening_the_store(backend: Backend) {
     let s = Scratch::new();
     let (col, payment) = {
-        let host = s.host(HOST).await;
+        let Some(host) = s.host_on(backend, HOST).await else {
+            return;
+        };
         let col = collection(&host, 1000, "eur").await;
         let session = host
             .create_session(new_session(&col, "system", Value::Null), None)
@@ -831,10 +846,50 @@ async fn everything_survives_reopening_the_store() {
             .unwrap();
         (col, payment.id.0)
     };
-    let host: Arc<Host> = s.host(HOST).await;
+    let Some(host): Option<Arc<Host>> = s.host_on(backend, HOST).await else {
+        return;
+    };
     assert_eq!(host.payment(&payment).await.unwrap().captured_amount(), 400);
     assert_eq!(
         host.collection(&col).await.unwrap().status,
         CollectionStatus::Authorized
     );
 }
+
+/// Every scenario above, on SQLite and on PostgreSQL.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(payhost_e2e::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(payhost_e2e::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    a_system_payment_is_authorized_captured_in_parts_and_refunded_in_parts,
+    requires_more_returns_the_next_action_and_the_next_authorize_completes,
+    a_pending_authorization_completes_by_webhook_and_a_late_pending_changes_nothing,
+    a_decline_leaves_the_session_in_error_for_good,
+    bad_inputs_give_clear_errors_and_change_nothing,
+    an_idempotency_key_replays_its_result_and_refuses_another_request,
+    concurrent_authorizes_of_one_session_call_the_provider_once,
+    an_unknown_outcome_blocks_money_operations_until_reconciled,
+    a_capture_that_times_out_is_recorded_once_after_reconciling,
+    an_operator_lists_and_resolves_an_open_attempt_from_the_command_line,
+    cancel_voids_a_payment_and_the_database_refuses_captures_after_it,
+    one_session_is_selected_per_cart_and_placeholders_initiate_on_selection,
+    everything_survives_reopening_the_store,
+);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use payhost::Host;
 use payhost::domain::{AttemptState, Payment, SessionStatus};
 use payhost::engine::*;
-use payhost_e2e::{HOST, Scratch};
+use payhost_e2e::{Backend, HOST, Scratch};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -347,32 +347,71 @@ impl World {
     }
 }
 
+fn run_case(backend: Backend, ops: Vec<Op>) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let scratch = Scratch::new();
+        let Some(host) = scratch
+            .host_on(
+                backend,
+                &HOST.replace("timeout_ms = 400", "timeout_ms = 2000"),
+            )
+            .await
+        else {
+            return;
+        };
+        let collection = host
+            .create_collection(
+                NewCollection {
+                    amount: 1000,
+                    currency_code: "eur".into(),
+                    metadata: Value::Null,
+                },
+                None,
+            )
+            .await
+            .unwrap()
+            .id
+            .0;
+        let mut world = World {
+            host,
+            collection,
+            sessions: Vec::new(),
+            statuses: HashMap::new(),
+        };
+        for op in &ops {
+            world.step(op).await;
+            world.check().await;
+        }
+        world.agree_with_the_sandbox().await;
+        world.check().await;
+    });
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, max_shrink_iters: 64, ..ProptestConfig::default() })]
 
     #[test]
-    fn random_operations_keep_the_invariants(
+    fn random_operations_keep_the_invariants_on_sqlite(
         creates in prop::collection::vec(create(), 1..4),
         rest in prop::collection::vec(op(), 1..18),
     ) {
-        let ops: Vec<Op> = creates.into_iter().chain(rest).collect();
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        runtime.block_on(async {
-            let scratch = Scratch::new();
-            let host = scratch.host(&HOST.replace("timeout_ms = 400", "timeout_ms = 2000")).await;
-            let collection = host
-                .create_collection(NewCollection { amount: 1000, currency_code: "eur".into(), metadata: Value::Null }, None)
-                .await
-                .unwrap()
-                .id
-                .0;
-            let mut world = World { host, collection, sessions: Vec::new(), statuses: HashMap::new() };
-            for op in &ops {
-                world.step(op).await;
-                world.check().await;
-            }
-            world.agree_with_the_sandbox().await;
-            world.check().await;
-        });
+        run_case(Backend::Sqlite, creates.into_iter().chain(rest).collect());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, max_shrink_iters: 32, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_operations_keep_the_invariants_on_postgres(
+        creates in prop::collection::vec(create(), 1..4),
+        rest in prop::collection::vec(op(), 1..18),
+    ) {
+        run_case(Backend::Postgres, creates.into_iter().chain(rest).collect());
     }
 }

@@ -237,10 +237,20 @@ pub enum OpenError {
 
 /// Opens the store `config.storage.url` names (migrations applied).
 pub async fn open_store(config: &crate::Config) -> Result<Arc<dyn Store>, OpenError> {
-    let url = &config.storage.url;
+    let storage = &config.storage;
+    let url = &storage.url;
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let settings = crate::store::postgres::PostgresSettings {
+            pool_size: storage.pool_size,
+            acquire_timeout: Duration::from_millis(storage.connect_timeout_ms),
+            statement_timeout: Duration::from_millis(storage.statement_timeout_ms),
+        };
+        let store = crate::store::postgres::PostgresStore::open(url, &settings).await?;
+        return Ok(Arc::new(store));
+    }
     let Some(path) = url.strip_prefix("sqlite://") else {
         return Err(OpenError::Storage(format!(
-            "`{}` is not supported by this build (use sqlite://<file>)",
+            "`{}` is not supported (use sqlite://<file> or postgres://…)",
             url.split("://").next().unwrap_or(url)
         )));
     };

@@ -63,14 +63,23 @@ pub enum ResolveAs {
 }
 
 impl Host {
-    /// Start-up recovery: every in-flight attempt belonged to a process that is gone (this store
-    /// has one host), so it becomes unknown and is asked about now; idempotency keys left
-    /// without a response are released. Returns what the first pass settled.
+    /// Start-up recovery: in-flight attempts of a process that is gone become unknown and are
+    /// asked about now, and idempotency keys it left without a response are released. On a
+    /// store of one host that is every one of them; on a shared store only the stale ones (a
+    /// live host finishes its calls well within `stale_after_ms`). Returns what the first pass
+    /// settled.
     pub async fn recover(&self) -> Result<ReconcileReport, EngineError> {
         let now = self.now();
-        let mut ops = vec![WriteOp::ReleasePendingKeys];
+        let horizon = if self.store.shared() {
+            now - self.reconcile.stale_after_ms
+        } else {
+            now + 1
+        };
+        let mut ops = vec![WriteOp::ReleasePendingKeys {
+            older_than: horizon,
+        }];
         for mut a in self.store.open_attempts().await? {
-            if a.state == AttemptState::InFlight {
+            if a.state == AttemptState::InFlight && a.updated_at < horizon {
                 a.state = AttemptState::Unknown;
                 a.next_check_at = Some(now);
                 a.updated_at = now;
@@ -111,6 +120,25 @@ impl Host {
         let (_guard, mut attempt) = self.lock_attempt(id).await?;
         if !attempt.state.is_open() {
             return Ok(attempt.state);
+        }
+        // Claim it, so another host does not ask and settle it at the same time.
+        let now = self.now();
+        let claim = self
+            .store
+            .write(vec![WriteOp::ClaimAttempt {
+                id: attempt.id.clone(),
+                until: now + self.reconcile.stale_after_ms,
+                now,
+                stale_before: now - self.reconcile.stale_after_ms,
+            }])
+            .await;
+        match claim {
+            Ok(()) => {
+                attempt.state = AttemptState::Unknown;
+                attempt.next_check_at = Some(now + self.reconcile.stale_after_ms);
+            }
+            Err(crate::store::StoreError::VersionConflict(_)) => return Ok(attempt.state),
+            Err(e) => return Err(e.into()),
         }
         let answer = self.ask_about(&attempt).await;
         match answer {

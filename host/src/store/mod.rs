@@ -2,6 +2,7 @@
 //! and domain reads; only the drivers know SQL. SQLite ([`sqlite`]) is the embedded default;
 //! PostgreSQL will be a second driver passing the same tests.
 
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -69,8 +70,26 @@ pub enum WriteOp {
     },
     /// Forgets a claimed key whose operation failed without effect.
     ReleaseKey(String),
-    /// Forgets every claimed key without a response (their processes are gone).
-    ReleasePendingKeys,
+    /// Forgets every claimed key without a response created before `older_than` (their
+    /// processes are gone).
+    ReleasePendingKeys {
+        /// Keys claimed before this are released.
+        older_than: Timestamp,
+    },
+    /// Claims an open attempt for reconciling until `until`: an unknown one due at `now`, or an
+    /// in-flight one last written before `stale_before` (which becomes unknown). Else
+    /// [`StoreError::VersionConflict`]: another host has it, or it is not due. Keeps two hosts
+    /// from asking about and settling the same attempt at once.
+    ClaimAttempt {
+        /// The attempt.
+        id: crate::domain::AttemptId,
+        /// The claim lasts until then (it becomes the attempt's next check).
+        until: Timestamp,
+        /// Now.
+        now: Timestamp,
+        /// In-flight attempts written before this are abandoned.
+        stale_before: Timestamp,
+    },
     /// Stores a verified webhook (else [`StoreError::KeyExists`] for a duplicate event id).
     InsertWebhookEvent(WebhookEventRecord),
     /// Marks a stored webhook as applied.
@@ -153,6 +172,11 @@ pub trait Store: Send + Sync + 'static {
     /// Applies `ops` atomically and durably: once this returns `Ok`, a crash or power loss does not
     /// undo them.
     async fn write(&self, ops: Vec<WriteOp>) -> Result<(), StoreError>;
+    /// Whether several hosts may use this store at once (then an in-flight attempt may belong to
+    /// a live host, and start-up recovery only takes stale ones).
+    fn shared(&self) -> bool {
+        false
+    }
     /// A collection.
     async fn collection(&self, id: &CollectionId) -> Result<Option<PaymentCollection>, StoreError>;
     /// A session.

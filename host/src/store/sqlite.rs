@@ -517,9 +517,28 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
                 )
                 .map_err(|e| classify(e, event_id))?;
             }
-            WriteOp::ReleasePendingKeys => {
-                tx.execute("DELETE FROM idempotency_keys WHERE response IS NULL", [])
-                    .map_err(|e| classify(e, "idempotency keys"))?;
+            WriteOp::ReleasePendingKeys { older_than } => {
+                tx.execute(
+                    "DELETE FROM idempotency_keys WHERE response IS NULL AND created_at < ?1",
+                    params![older_than],
+                )
+                .map_err(|e| classify(e, "idempotency keys"))?;
+            }
+            WriteOp::ClaimAttempt {
+                id,
+                until,
+                now,
+                stale_before,
+            } => {
+                let n = tx
+                    .execute(
+                        "UPDATE attempts SET next_check_at = ?2, state = 'unknown' WHERE id = ?1 AND ((state = 'unknown' AND COALESCE(next_check_at, 0) <= ?3) OR (state = 'in_flight' AND updated_at < ?4))",
+                        params![id.0, until, now, stale_before],
+                    )
+                    .map_err(|e| classify(e, id.as_str()))?;
+                if n == 0 {
+                    return Err(StoreError::VersionConflict(id.0.clone()));
+                }
             }
         }
     }

@@ -1,0 +1,835 @@
+//! The PostgreSQL store, for several payhost hosts on one database. Every `write` is one
+//! transaction; the same guards as SQLite hold across hosts: row versions (compare-and-set), a
+//! partial unique index allowing one open attempt per session or payment, and triggers for the
+//! money invariants. Migrations run under an advisory lock, so hosts starting together are safe.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use serde_json::Value;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{NoTls, Row};
+
+use super::{Store, StoreError, StoredKey, WebhookEventRecord, WriteOp};
+use crate::domain::*;
+
+/// Pool and timeouts.
+#[derive(Debug, Clone)]
+pub struct PostgresSettings {
+    /// Connections kept.
+    pub pool_size: usize,
+    /// Waiting for a connection from the pool.
+    pub acquire_timeout: Duration,
+    /// Longest statement.
+    pub statement_timeout: Duration,
+}
+
+impl Default for PostgresSettings {
+    fn default() -> Self {
+        PostgresSettings {
+            pool_size: 16,
+            acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Any number, so that every host takes the same lock for migrations.
+const MIGRATION_LOCK: i64 = 0x0070_6179_686f_7374; // "payhost"
+
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
+CREATE TABLE payment_collections (
+    id TEXT PRIMARY KEY,
+    amount BIGINT NOT NULL CHECK (amount > 0),
+    currency_code TEXT NOT NULL CHECK (length(currency_code) = 3),
+    metadata TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+CREATE TABLE payment_sessions (
+    id TEXT PRIMARY KEY,
+    payment_collection_id TEXT NOT NULL REFERENCES payment_collections(id),
+    cart_id TEXT,
+    cart TEXT NOT NULL,
+    context TEXT NOT NULL,
+    provider_id TEXT NOT NULL,
+    is_selected BOOLEAN NOT NULL,
+    is_initiated BOOLEAN NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending','requires_more','authorized','error','canceled')),
+    data TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL UNIQUE,
+    amount BIGINT NOT NULL CHECK (amount > 0),
+    currency_code TEXT NOT NULL CHECK (length(currency_code) = 3),
+    payment_authorized_at BIGINT,
+    metadata TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    version BIGINT NOT NULL
+);
+CREATE INDEX payment_sessions_cart ON payment_sessions(cart_id);
+CREATE INDEX payment_sessions_collection ON payment_sessions(payment_collection_id);
+CREATE FUNCTION payhost_invariant(message TEXT) RETURNS void AS $$
+BEGIN RAISE EXCEPTION 'invariant: %', message; END $$ LANGUAGE plpgsql;
+CREATE FUNCTION payment_sessions_terminal() RETURNS trigger AS $$
+BEGIN
+    IF OLD.status IN ('authorized','error','canceled') AND NEW.status <> OLD.status THEN
+        PERFORM payhost_invariant('a terminal session status cannot change');
+    END IF;
+    RETURN NEW;
+END $$ LANGUAGE plpgsql;
+CREATE TRIGGER payment_sessions_terminal BEFORE UPDATE ON payment_sessions
+    FOR EACH ROW EXECUTE FUNCTION payment_sessions_terminal();
+
+CREATE TABLE payments (
+    id TEXT PRIMARY KEY,
+    payment_session_id TEXT NOT NULL UNIQUE REFERENCES payment_sessions(id),
+    payment_collection_id TEXT NOT NULL REFERENCES payment_collections(id),
+    provider_id TEXT NOT NULL,
+    amount BIGINT NOT NULL CHECK (amount > 0),
+    currency_code TEXT NOT NULL CHECK (length(currency_code) = 3),
+    data TEXT NOT NULL,
+    captured_at BIGINT,
+    canceled_at BIGINT,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    version BIGINT NOT NULL
+);
+CREATE INDEX payments_collection ON payments(payment_collection_id);
+CREATE TABLE captures (
+    id TEXT PRIMARY KEY,
+    payment_id TEXT NOT NULL REFERENCES payments(id),
+    amount BIGINT NOT NULL CHECK (amount > 0),
+    attempt_id TEXT NOT NULL UNIQUE,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX captures_payment ON captures(payment_id);
+CREATE TABLE refunds (
+    id TEXT PRIMARY KEY,
+    payment_id TEXT NOT NULL REFERENCES payments(id),
+    amount BIGINT NOT NULL CHECK (amount > 0),
+    reason TEXT,
+    attempt_id TEXT NOT NULL UNIQUE,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX refunds_payment ON refunds(payment_id);
+
+-- Money movements serialize on their payment's row, so concurrent inserts from two hosts
+-- cannot both pass the sum checks.
+CREATE FUNCTION payments_guard() RETURNS trigger AS $$
+BEGIN
+    IF OLD.canceled_at IS NULL AND NEW.canceled_at IS NOT NULL
+       AND EXISTS (SELECT 1 FROM captures WHERE payment_id = NEW.id) THEN
+        PERFORM payhost_invariant('a payment with captures cannot be canceled');
+    END IF;
+    IF OLD.canceled_at IS NOT NULL AND NEW.canceled_at IS DISTINCT FROM OLD.canceled_at THEN
+        PERFORM payhost_invariant('a canceled payment stays canceled');
+    END IF;
+    RETURN NEW;
+END $$ LANGUAGE plpgsql;
+CREATE TRIGGER payments_guard BEFORE UPDATE ON payments
+    FOR EACH ROW EXECUTE FUNCTION payments_guard();
+CREATE FUNCTION captures_guard() RETURNS trigger AS $$
+DECLARE p payments%ROWTYPE;
+BEGIN
+    SELECT * INTO p FROM payments WHERE id = NEW.payment_id FOR UPDATE;
+    IF p.canceled_at IS NOT NULL THEN
+        PERFORM payhost_invariant('a canceled payment cannot be captured');
+    END IF;
+    IF (SELECT COALESCE(SUM(amount), 0) FROM captures WHERE payment_id = NEW.payment_id) + NEW.amount > p.amount THEN
+        PERFORM payhost_invariant('captures would exceed the payment amount');
+    END IF;
+    RETURN NEW;
+END $$ LANGUAGE plpgsql;
+CREATE TRIGGER captures_guard BEFORE INSERT ON captures
+    FOR EACH ROW EXECUTE FUNCTION captures_guard();
+CREATE FUNCTION refunds_guard() RETURNS trigger AS $$
+DECLARE p payments%ROWTYPE;
+BEGIN
+    SELECT * INTO p FROM payments WHERE id = NEW.payment_id FOR UPDATE;
+    IF p.canceled_at IS NOT NULL THEN
+        PERFORM payhost_invariant('a canceled payment cannot be refunded');
+    END IF;
+    IF (SELECT COALESCE(SUM(amount), 0) FROM refunds WHERE payment_id = NEW.payment_id) + NEW.amount
+       > (SELECT COALESCE(SUM(amount), 0) FROM captures WHERE payment_id = NEW.payment_id) THEN
+        PERFORM payhost_invariant('refunds would exceed captures');
+    END IF;
+    RETURN NEW;
+END $$ LANGUAGE plpgsql;
+CREATE TRIGGER refunds_guard BEFORE INSERT ON refunds
+    FOR EACH ROW EXECUTE FUNCTION refunds_guard();
+CREATE FUNCTION movements_immutable() RETURNS trigger AS $$
+BEGIN PERFORM payhost_invariant('captures, refunds and attempts are never changed or deleted'); RETURN NULL; END $$ LANGUAGE plpgsql;
+CREATE TRIGGER captures_immutable BEFORE UPDATE OR DELETE ON captures
+    FOR EACH ROW EXECUTE FUNCTION movements_immutable();
+CREATE TRIGGER refunds_immutable BEFORE UPDATE OR DELETE ON refunds
+    FOR EACH ROW EXECUTE FUNCTION movements_immutable();
+
+CREATE TABLE attempts (
+    id TEXT PRIMARY KEY,
+    entity_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    payment_id TEXT,
+    provider_id TEXT NOT NULL,
+    operation TEXT NOT NULL,
+    amount BIGINT NOT NULL,
+    currency_code TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL CHECK (state IN ('in_flight','succeeded','failed','unknown','needs_operator')),
+    outcome TEXT,
+    error TEXT,
+    reason TEXT,
+    checks BIGINT NOT NULL,
+    next_check_at BIGINT,
+    resolution TEXT,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+CREATE UNIQUE INDEX attempts_one_open ON attempts(entity_id)
+    WHERE state IN ('in_flight','unknown','needs_operator');
+CREATE INDEX attempts_entity ON attempts(entity_id);
+CREATE TRIGGER attempts_kept BEFORE DELETE ON attempts
+    FOR EACH ROW EXECUTE FUNCTION movements_immutable();
+CREATE FUNCTION attempts_closed() RETURNS trigger AS $$
+BEGIN
+    IF OLD.state IN ('succeeded','failed') AND NEW.state <> OLD.state THEN
+        PERFORM payhost_invariant('a settled attempt cannot change');
+    END IF;
+    RETURN NEW;
+END $$ LANGUAGE plpgsql;
+CREATE TRIGGER attempts_closed BEFORE UPDATE ON attempts
+    FOR EACH ROW EXECUTE FUNCTION attempts_closed();
+
+CREATE TABLE idempotency_keys (
+    key TEXT PRIMARY KEY,
+    operation TEXT NOT NULL,
+    request_hash TEXT NOT NULL,
+    response TEXT,
+    created_at BIGINT NOT NULL
+);
+"#,
+    ),
+    (
+        2,
+        r#"
+CREATE TABLE webhook_events (
+    provider_id TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    session_id TEXT,
+    action TEXT NOT NULL,
+    received_at BIGINT NOT NULL,
+    applied_at BIGINT,
+    PRIMARY KEY (provider_id, event_id)
+);
+"#,
+    ),
+];
+
+/// The PostgreSQL store.
+pub struct PostgresStore {
+    pool: Pool,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://user@host:port/db`) and applies pending migrations.
+    pub async fn open(url: &str, settings: &PostgresSettings) -> Result<PostgresStore, StoreError> {
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
+            StoreError::Unavailable(format!("storage.url is not a PostgreSQL URL: {e}"))
+        })?;
+        config.options(format!(
+            "-c statement_timeout={}",
+            settings.statement_timeout.as_millis()
+        ));
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(settings.acquire_timeout);
+        }
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(settings.pool_size)
+            .wait_timeout(Some(settings.acquire_timeout))
+            .create_timeout(Some(settings.acquire_timeout))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(unavailable)?;
+        let store = PostgresStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("PostgreSQL: {e}")))
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(unavailable)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(unavailable)?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+        )
+        .await
+        .map_err(unavailable)?;
+        let current: i64 = tx
+            .query_one(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                &[],
+            )
+            .await
+            .map_err(unavailable)?
+            .get(0);
+        let newest = MIGRATIONS.last().map_or(0, |m| m.0);
+        if current > newest {
+            return Err(StoreError::Unavailable(format!(
+                "the database schema is version {current}, newer than this payhost ({newest}); upgrade payhost"
+            )));
+        }
+        for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+            tx.batch_execute(sql)
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("migration {version} failed: {e}")))?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+                &[
+                    version,
+                    &crate::provider::Clock::now_unix_ms(&crate::provider::SystemClock),
+                ],
+            )
+            .await
+            .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+}
+
+fn json(v: &Value) -> String {
+    v.to_string()
+}
+
+fn classify(e: tokio_postgres::Error, what: &str) -> StoreError {
+    if let Some(db) = e.as_db_error() {
+        let message = db.message();
+        if let Some(rest) = message.strip_prefix("invariant: ") {
+            return StoreError::Invariant(rest.to_owned());
+        }
+        if *db.code() == SqlState::UNIQUE_VIOLATION {
+            return match db.constraint() {
+                Some("attempts_one_open") => StoreError::AttemptOpen(what.to_owned()),
+                Some("idempotency_keys_pkey") | Some("webhook_events_pkey") => {
+                    StoreError::KeyExists(what.to_owned())
+                }
+                _ => StoreError::Invariant(format!("{what}: {message}")),
+            };
+        }
+        if db.code().code().starts_with("23") {
+            return StoreError::Invariant(format!("{what}: {message}"));
+        }
+        if *db.code() == SqlState::T_R_SERIALIZATION_FAILURE
+            || *db.code() == SqlState::T_R_DEADLOCK_DETECTED
+        {
+            return StoreError::VersionConflict(what.to_owned());
+        }
+    }
+    unavailable(e)
+}
+
+async fn apply(tx: &deadpool_postgres::Transaction<'_>, op: &WriteOp) -> Result<(), StoreError> {
+    match op {
+        WriteOp::InsertCollection(c) => {
+            tx.execute(
+                "INSERT INTO payment_collections (id, amount, currency_code, metadata, created_at, updated_at) VALUES ($1,$2,$3,$4,$5,$6)",
+                &[&c.id.0, &c.amount, &c.currency_code.code(), &json(&c.metadata), &c.created_at, &c.updated_at],
+            )
+            .await
+            .map_err(|e| classify(e, c.id.as_str()))?;
+        }
+        WriteOp::InsertSession(s) => {
+            tx.execute(
+                "INSERT INTO payment_sessions (id, payment_collection_id, cart_id, cart, context, provider_id, is_selected, is_initiated, status, data, idempotency_key, amount, currency_code, payment_authorized_at, metadata, created_at, updated_at, version) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18)",
+                &[&s.id.0, &s.payment_collection_id.0, &s.cart_id, &json(&s.cart), &json(&s.context), &s.provider_id, &s.is_selected, &s.is_initiated, &s.status.as_str(), &json(&s.data), &s.idempotency_key, &s.amount, &s.currency_code.code(), &s.payment_authorized_at, &json(&s.metadata), &s.created_at, &s.updated_at, &s.version],
+            )
+            .await
+            .map_err(|e| classify(e, s.id.as_str()))?;
+        }
+        WriteOp::UpdateSession {
+            session: s,
+            expected_version,
+        } => {
+            let n = tx
+                .execute(
+                    "UPDATE payment_sessions SET cart_id=$2, cart=$3, context=$4, is_selected=$5, is_initiated=$6, status=$7, data=$8, amount=$9, payment_authorized_at=$10, metadata=$11, updated_at=$12, version=$13 WHERE id=$1 AND version=$14",
+                    &[&s.id.0, &s.cart_id, &json(&s.cart), &json(&s.context), &s.is_selected, &s.is_initiated, &s.status.as_str(), &json(&s.data), &s.amount, &s.payment_authorized_at, &json(&s.metadata), &s.updated_at, &s.version, expected_version],
+                )
+                .await
+                .map_err(|e| classify(e, s.id.as_str()))?;
+            if n == 0 {
+                return Err(StoreError::VersionConflict(s.id.0.clone()));
+            }
+        }
+        WriteOp::SelectSession(id) => {
+            tx.execute(
+                "UPDATE payment_sessions SET is_selected = (id = $1), version = version + 1 WHERE id = $1 OR (is_selected AND (payment_collection_id = (SELECT payment_collection_id FROM payment_sessions WHERE id = $1) OR (cart_id IS NOT NULL AND cart_id = (SELECT cart_id FROM payment_sessions WHERE id = $1))))",
+                &[&id.0],
+            )
+            .await
+            .map_err(|e| classify(e, id.as_str()))?;
+        }
+        WriteOp::InsertAttempt(a) => {
+            tx.execute(
+                "INSERT INTO attempts (id, entity_id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18)",
+                &[&a.id.0, &a.entity(), &a.session_id.0, &a.payment_id.as_ref().map(|p| p.0.clone()), &a.provider_id, &a.operation.as_str(), &a.amount, &a.currency_code.code(), &a.idempotency_key, &a.state.as_str(), &a.outcome.as_ref().map(json), &a.error.as_ref().map(json), &a.reason, &a.checks, &a.next_check_at, &a.resolution.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()), &a.created_at, &a.updated_at],
+            )
+            .await
+            .map_err(|e| classify(e, &a.entity()))?;
+        }
+        WriteOp::UpdateAttempt(a) => {
+            tx.execute(
+                "UPDATE attempts SET state=$2, outcome=$3, error=$4, checks=$5, next_check_at=$6, resolution=$7, updated_at=$8 WHERE id=$1",
+                &[&a.id.0, &a.state.as_str(), &a.outcome.as_ref().map(json), &a.error.as_ref().map(json), &a.checks, &a.next_check_at, &a.resolution.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()), &a.updated_at],
+            )
+            .await
+            .map_err(|e| classify(e, a.id.as_str()))?;
+        }
+        WriteOp::InsertPayment(p) => {
+            tx.execute(
+                "INSERT INTO payments (id, payment_session_id, payment_collection_id, provider_id, amount, currency_code, data, captured_at, canceled_at, created_at, updated_at, version) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)",
+                &[&p.id.0, &p.payment_session_id.0, &p.payment_collection_id.0, &p.provider_id, &p.amount, &p.currency_code.code(), &json(&p.data), &p.captured_at, &p.canceled_at, &p.created_at, &p.updated_at, &p.version],
+            )
+            .await
+            .map_err(|e| classify(e, p.id.as_str()))?;
+        }
+        WriteOp::UpdatePayment {
+            payment: p,
+            expected_version,
+        } => {
+            let n = tx
+                .execute(
+                    "UPDATE payments SET data=$2, captured_at=$3, canceled_at=$4, updated_at=$5, version=$6 WHERE id=$1 AND version=$7",
+                    &[&p.id.0, &json(&p.data), &p.captured_at, &p.canceled_at, &p.updated_at, &p.version, expected_version],
+                )
+                .await
+                .map_err(|e| classify(e, p.id.as_str()))?;
+            if n == 0 {
+                return Err(StoreError::VersionConflict(p.id.0.clone()));
+            }
+        }
+        WriteOp::InsertCapture(payment, c) => {
+            tx.execute(
+                "INSERT INTO captures (id, payment_id, amount, attempt_id, created_at) VALUES ($1,$2,$3,$4,$5)",
+                &[&c.id.0, &payment.0, &c.amount, &c.attempt_id.0, &c.created_at],
+            )
+            .await
+            .map_err(|e| classify(e, payment.as_str()))?;
+        }
+        WriteOp::InsertRefund(payment, r) => {
+            tx.execute(
+                "INSERT INTO refunds (id, payment_id, amount, reason, attempt_id, created_at) VALUES ($1,$2,$3,$4,$5,$6)",
+                &[&r.id.0, &payment.0, &r.amount, &r.reason, &r.attempt_id.0, &r.created_at],
+            )
+            .await
+            .map_err(|e| classify(e, payment.as_str()))?;
+        }
+        WriteOp::ClaimKey {
+            key,
+            operation,
+            request_hash,
+            at,
+        } => {
+            tx.execute(
+                "INSERT INTO idempotency_keys (key, operation, request_hash, response, created_at) VALUES ($1,$2,$3,NULL,$4)",
+                &[key, operation, request_hash, at],
+            )
+            .await
+            .map_err(|e| classify(e, key))?;
+        }
+        WriteOp::CompleteKey { key, response } => {
+            tx.execute(
+                "UPDATE idempotency_keys SET response = $2 WHERE key = $1",
+                &[key, &json(response)],
+            )
+            .await
+            .map_err(|e| classify(e, key))?;
+        }
+        WriteOp::ReleaseKey(key) => {
+            tx.execute(
+                "DELETE FROM idempotency_keys WHERE key = $1 AND response IS NULL",
+                &[key],
+            )
+            .await
+            .map_err(|e| classify(e, key))?;
+        }
+        WriteOp::ReleasePendingKeys { older_than } => {
+            tx.execute(
+                "DELETE FROM idempotency_keys WHERE response IS NULL AND created_at < $1",
+                &[older_than],
+            )
+            .await
+            .map_err(|e| classify(e, "idempotency keys"))?;
+        }
+        WriteOp::InsertWebhookEvent(e) => {
+            tx.execute(
+                "INSERT INTO webhook_events (provider_id, event_id, body, session_id, action, received_at, applied_at) VALUES ($1,$2,$3,$4,$5,$6,NULL)",
+                &[&e.provider_id, &e.event_id, &e.body, &e.session_id, &e.action, &e.received_at],
+            )
+            .await
+            .map_err(|err| classify(err, &format!("{}/{}", e.provider_id, e.event_id)))?;
+        }
+        WriteOp::MarkWebhookApplied {
+            provider_id,
+            event_id,
+            at,
+        } => {
+            tx.execute(
+                "UPDATE webhook_events SET applied_at = $3 WHERE provider_id = $1 AND event_id = $2",
+                &[provider_id, event_id, at],
+            )
+            .await
+            .map_err(|e| classify(e, event_id))?;
+        }
+        WriteOp::ClaimAttempt {
+            id,
+            until,
+            now,
+            stale_before,
+        } => {
+            let n = tx
+                .execute(
+                    "UPDATE attempts SET next_check_at = $2, state = 'unknown' WHERE id = $1 AND ((state = 'unknown' AND COALESCE(next_check_at, 0) <= $3) OR (state = 'in_flight' AND updated_at < $4))",
+                    &[&id.0, until, now, stale_before],
+                )
+                .await
+                .map_err(|e| classify(e, id.as_str()))?;
+            if n == 0 {
+                return Err(StoreError::VersionConflict(id.0.clone()));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_json(text: String) -> Value {
+    serde_json::from_str(&text).unwrap_or(Value::Null)
+}
+
+fn currency(code: String) -> Result<Currency, StoreError> {
+    Currency::parse(&code).ok_or_else(|| {
+        StoreError::Unavailable(format!("unknown currency `{code}` in the database"))
+    })
+}
+
+fn session_row(r: &Row) -> Result<PaymentSession, StoreError> {
+    let status: String = r.get(8);
+    Ok(PaymentSession {
+        id: SessionId(r.get(0)),
+        payment_collection_id: CollectionId(r.get(1)),
+        cart_id: r.get(2),
+        cart: parse_json(r.get(3)),
+        context: parse_json(r.get(4)),
+        provider_id: r.get(5),
+        is_selected: r.get(6),
+        is_initiated: r.get(7),
+        status: SessionStatus::parse(&status)
+            .ok_or_else(|| StoreError::Unavailable(format!("unknown session status `{status}`")))?,
+        data: parse_json(r.get(9)),
+        idempotency_key: r.get(10),
+        amount: r.get(11),
+        currency_code: currency(r.get(12))?,
+        payment_authorized_at: r.get(13),
+        metadata: parse_json(r.get(14)),
+        created_at: r.get(15),
+        updated_at: r.get(16),
+        version: r.get(17),
+    })
+}
+
+fn payment_row(r: &Row) -> Result<Payment, StoreError> {
+    Ok(Payment {
+        id: PaymentId(r.get(0)),
+        payment_session_id: SessionId(r.get(1)),
+        payment_collection_id: CollectionId(r.get(2)),
+        provider_id: r.get(3),
+        amount: r.get(4),
+        currency_code: currency(r.get(5))?,
+        data: parse_json(r.get(6)),
+        captures: Vec::new(),
+        refunds: Vec::new(),
+        captured_at: r.get(7),
+        canceled_at: r.get(8),
+        created_at: r.get(9),
+        updated_at: r.get(10),
+        version: r.get(11),
+    })
+}
+
+fn attempt_row(r: &Row) -> Result<Attempt, StoreError> {
+    let operation: String = r.get(4);
+    let state: String = r.get(8);
+    let resolution: Option<String> = r.get(14);
+    Ok(Attempt {
+        id: AttemptId(r.get(0)),
+        session_id: SessionId(r.get(1)),
+        payment_id: r.get::<_, Option<String>>(2).map(PaymentId),
+        provider_id: r.get(3),
+        operation: Operation::from_wire(&operation)
+            .ok_or_else(|| StoreError::Unavailable(format!("unknown operation `{operation}`")))?,
+        amount: r.get(5),
+        currency_code: currency(r.get(6))?,
+        idempotency_key: r.get(7),
+        state: AttemptState::parse(&state)
+            .ok_or_else(|| StoreError::Unavailable(format!("unknown attempt state `{state}`")))?,
+        outcome: r.get::<_, Option<String>>(9).map(parse_json),
+        error: r.get::<_, Option<String>>(10).map(parse_json),
+        reason: r.get(11),
+        checks: r.get(12),
+        next_check_at: r.get(13),
+        resolution: resolution.and_then(|t| serde_json::from_str(&t).ok()),
+        created_at: r.get(15),
+        updated_at: r.get(16),
+    })
+}
+
+const SESSION_COLUMNS: &str = "id, payment_collection_id, cart_id, cart, context, provider_id, is_selected, is_initiated, status, data, idempotency_key, amount, currency_code, payment_authorized_at, metadata, created_at, updated_at, version";
+const PAYMENT_COLUMNS: &str = "id, payment_session_id, payment_collection_id, provider_id, amount, currency_code, data, captured_at, canceled_at, created_at, updated_at, version";
+const ATTEMPT_COLUMNS: &str = "id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at";
+
+impl PostgresStore {
+    async fn with_movements(&self, mut p: Payment) -> Result<Payment, StoreError> {
+        let client = self.client().await?;
+        p.captures = client
+            .query(
+                "SELECT id, amount, attempt_id, created_at FROM captures WHERE payment_id = $1 ORDER BY created_at, id",
+                &[&p.id.0],
+            )
+            .await
+            .map_err(unavailable)?
+            .iter()
+            .map(|r| Capture {
+                id: CaptureId(r.get(0)),
+                amount: r.get(1),
+                attempt_id: AttemptId(r.get(2)),
+                created_at: r.get(3),
+            })
+            .collect();
+        p.refunds = client
+            .query(
+                "SELECT id, amount, reason, attempt_id, created_at FROM refunds WHERE payment_id = $1 ORDER BY created_at, id",
+                &[&p.id.0],
+            )
+            .await
+            .map_err(unavailable)?
+            .iter()
+            .map(|r| Refund {
+                id: RefundId(r.get(0)),
+                amount: r.get(1),
+                reason: r.get(2),
+                attempt_id: AttemptId(r.get(3)),
+                created_at: r.get(4),
+            })
+            .collect();
+        Ok(p)
+    }
+
+    async fn payments_where(&self, clause: &str, arg: &str) -> Result<Vec<Payment>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!(
+                    "SELECT {PAYMENT_COLUMNS} FROM payments WHERE {clause} ORDER BY created_at, id"
+                ),
+                &[&arg],
+            )
+            .await
+            .map_err(unavailable)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            out.push(self.with_movements(payment_row(r)?).await?);
+        }
+        Ok(out)
+    }
+
+    async fn sessions_where(
+        &self,
+        clause: &str,
+        arg: &str,
+    ) -> Result<Vec<PaymentSession>, StoreError> {
+        self.client()
+            .await?
+            .query(
+                &format!("SELECT {SESSION_COLUMNS} FROM payment_sessions WHERE {clause} ORDER BY created_at, id"),
+                &[&arg],
+            )
+            .await
+            .map_err(unavailable)?
+            .iter()
+            .map(session_row)
+            .collect()
+    }
+
+    async fn attempts_where(
+        &self,
+        clause: &str,
+        arg: Option<&str>,
+    ) -> Result<Vec<Attempt>, StoreError> {
+        let sql = format!(
+            "SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE {clause} ORDER BY created_at, id"
+        );
+        let client = self.client().await?;
+        let rows = match arg {
+            Some(a) => client.query(&sql, &[&a]).await,
+            None => client.query(&sql, &[]).await,
+        }
+        .map_err(unavailable)?;
+        rows.iter().map(attempt_row).collect()
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn write(&self, ops: Vec<WriteOp>) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(unavailable)?;
+        for op in &ops {
+            apply(&tx, op).await?;
+        }
+        tx.commit().await.map_err(|e| classify(e, "commit"))
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn collection(&self, id: &CollectionId) -> Result<Option<PaymentCollection>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT id, amount, currency_code, metadata, created_at, updated_at FROM payment_collections WHERE id = $1",
+                &[&id.0],
+            )
+            .await
+            .map_err(unavailable)?;
+        row.map(|r| {
+            Ok(PaymentCollection {
+                id: CollectionId(r.get(0)),
+                amount: r.get(1),
+                currency_code: currency(r.get(2))?,
+                metadata: parse_json(r.get(3)),
+                created_at: r.get(4),
+                updated_at: r.get(5),
+            })
+        })
+        .transpose()
+    }
+
+    async fn session(&self, id: &SessionId) -> Result<Option<PaymentSession>, StoreError> {
+        Ok(self.sessions_where("id = $1", &id.0).await?.pop())
+    }
+
+    async fn sessions_by_cart(&self, cart_id: &str) -> Result<Vec<PaymentSession>, StoreError> {
+        self.sessions_where("cart_id = $1", cart_id).await
+    }
+
+    async fn sessions_by_collection(
+        &self,
+        id: &CollectionId,
+    ) -> Result<Vec<PaymentSession>, StoreError> {
+        self.sessions_where("payment_collection_id = $1", &id.0)
+            .await
+    }
+
+    async fn payment(&self, id: &PaymentId) -> Result<Option<Payment>, StoreError> {
+        Ok(self.payments_where("id = $1", &id.0).await?.pop())
+    }
+
+    async fn payment_of_session(&self, id: &SessionId) -> Result<Option<Payment>, StoreError> {
+        Ok(self
+            .payments_where("payment_session_id = $1", &id.0)
+            .await?
+            .pop())
+    }
+
+    async fn payments_by_collection(&self, id: &CollectionId) -> Result<Vec<Payment>, StoreError> {
+        self.payments_where("payment_collection_id = $1", &id.0)
+            .await
+    }
+
+    async fn attempt(&self, id: &str) -> Result<Option<Attempt>, StoreError> {
+        Ok(self.attempts_where("id = $1", Some(id)).await?.pop())
+    }
+
+    async fn attempts_of(&self, entity: &str) -> Result<Vec<Attempt>, StoreError> {
+        self.attempts_where("entity_id = $1", Some(entity)).await
+    }
+
+    async fn open_attempts(&self) -> Result<Vec<Attempt>, StoreError> {
+        self.attempts_where("state IN ('in_flight','unknown','needs_operator')", None)
+            .await
+    }
+
+    async fn webhook_event(
+        &self,
+        provider_id: &str,
+        event_id: &str,
+    ) -> Result<Option<WebhookEventRecord>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT provider_id, event_id, body, session_id, action, received_at, applied_at FROM webhook_events WHERE provider_id = $1 AND event_id = $2",
+                &[&provider_id, &event_id],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(row.map(|r| WebhookEventRecord {
+            provider_id: r.get(0),
+            event_id: r.get(1),
+            body: r.get(2),
+            session_id: r.get(3),
+            action: r.get(4),
+            received_at: r.get(5),
+            applied_at: r.get(6),
+        }))
+    }
+
+    async fn key(&self, key: &str) -> Result<Option<StoredKey>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT operation, request_hash, response FROM idempotency_keys WHERE key = $1",
+                &[&key],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(row.map(|r| StoredKey {
+            operation: r.get(0),
+            request_hash: r.get(1),
+            response: r.get::<_, Option<String>>(2).map(parse_json),
+        }))
+    }
+}
