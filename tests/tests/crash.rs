@@ -90,8 +90,7 @@ async fn flows_survive_sigkill(backend: Backend) {
     let host = scratch.host_on(backend, HOST).await.expect("store");
     let host = std::sync::Arc::new(
         std::sync::Arc::try_unwrap(host)
-            .ok()
-            .expect("sole owner")
+            .unwrap_or_else(|_| panic!("the test holds the only reference"))
             .with_reconcile(payhost::engine::ReconcileSettings {
                 first_check_ms: 0,
                 base_backoff_ms: 0,
