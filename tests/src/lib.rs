@@ -243,7 +243,11 @@ impl Server {
             .args(args)
             .args(["--listen", "127.0.0.1:0"])
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
+            .stderr(if std::env::var_os("PAYHOST_TEST_SERVER_LOGS").is_some() {
+                std::process::Stdio::inherit()
+            } else {
+                std::process::Stdio::null()
+            })
             .env_remove("RUST_LOG")
             .spawn()
             .expect("start the server");
@@ -273,6 +277,12 @@ impl Server {
             &payhost_bin(),
             &["serve", "--config", config.to_str().expect("UTF-8 path")],
         )
+    }
+
+    /// Kills the process with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// The process id.

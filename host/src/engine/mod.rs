@@ -275,8 +275,8 @@ impl Host {
             .max()
             .unwrap_or(0);
         let host = Host::new(store, providers).with_reconcile(ReconcileSettings {
-            stale_after_ms: (2 * max_timeout + 10_000)
-                .max(ReconcileSettings::default().stale_after_ms),
+            // A live host's call ends within its timeout; twice that plus a margin is abandoned.
+            stale_after_ms: 2 * max_timeout + 10_000,
             ..ReconcileSettings::default()
         });
         let report = host.recover().await?;
