@@ -3,6 +3,9 @@
 //! flow). Reports flows/s, p50/p99 flow latency and peak memory at concurrency 1 and 16, and the
 //! disk's own limit (durable 4 KiB appends per second) for comparison.
 //!
+//! Then the same on PostgreSQL (`PAYHOST_TEST_POSTGRES`, default the local server; a fresh
+//! database is made and dropped): one host, and two hosts on the one database sharing the load.
+//!
 //! `cargo bench -p payhost-benches --bench flows`
 
 use std::io::Write;
@@ -93,11 +96,16 @@ fn disk_syncs_per_second(dir: &std::path::Path) -> f64 {
 }
 
 async fn run(host: Arc<Host>, concurrency: usize, flows: usize) -> (f64, Vec<Duration>) {
+    run_on(&[host], concurrency, flows).await
+}
+
+/// Runs `flows` flows with `concurrency` tasks spread over `hosts`.
+async fn run_on(hosts: &[Arc<Host>], concurrency: usize, flows: usize) -> (f64, Vec<Duration>) {
     let started = Instant::now();
     let per_task = flows / concurrency;
     let tasks: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let host = host.clone();
+        .map(|i| {
+            let host = hosts[i % hosts.len()].clone();
             tokio::spawn(async move {
                 let mut latencies = Vec::with_capacity(per_task);
                 for _ in 0..per_task {
@@ -156,4 +164,44 @@ fn main() {
         }
     });
     println!("peak memory (VmHWM): {:.1} MiB", peak_rss_mib());
+
+    runtime.block_on(async {
+        let Some(url) = payhost_e2e::fresh_postgres_database().await else {
+            println!("PostgreSQL: skipped (not reachable)");
+            return;
+        };
+        let pg_config = dir.path().join("pg.toml");
+        std::fs::write(
+            &pg_config,
+            format!(
+                "[storage]\nurl = \"{url}\"\npool_size = 16\n[plugins]\ndir = \"{}\"\n[providers.system]\nlibrary = \"payhost_provider_system\"\nmax_concurrency = 64\n",
+                payhost_e2e::artifacts().display()
+            ),
+        )
+        .unwrap();
+        let config = Config::from_file(&pg_config).unwrap();
+        let open = || async {
+            let report = Loader::new(&config).load_all(&config);
+            Arc::new(Host::open(&config, report.providers).await.unwrap())
+        };
+        let one = open().await;
+        run(one.clone(), 4, 40).await; // warm-up
+        for (concurrency, flows) in [(1, 200), (16, 1600)] {
+            let (rate, latencies) = run(one.clone(), concurrency, flows).await;
+            println!(
+                "PostgreSQL, one host,  concurrency {concurrency:>2}: {rate:>7.1} flows/s  p50 {:>6.2} ms  p99 {:>6.2} ms",
+                percentile(&latencies, 0.50).as_secs_f64() * 1e3,
+                percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+            );
+        }
+        let two = [one, open().await];
+        let (rate, latencies) = run_on(&two, 16, 1600).await;
+        println!(
+            "PostgreSQL, two hosts, concurrency 16: {rate:>7.1} flows/s  p50 {:>6.2} ms  p99 {:>6.2} ms",
+            percentile(&latencies, 0.50).as_secs_f64() * 1e3,
+            percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        );
+        drop(two);
+        payhost_e2e::drop_postgres_database(&url);
+    });
 }
