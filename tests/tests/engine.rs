@@ -856,6 +856,79 @@ async fn everything_survives_reopening_the_store(backend: Backend) {
     );
 }
 
+async fn a_retry_with_the_key_of_an_unknown_capture_never_captures_twice(backend: Backend) {
+    let s = Scratch::new();
+    let Some(host) = s.host_on(backend, HOST).await else {
+        return;
+    };
+    let col = collection(&host, 1000, "eur").await;
+    let session = host
+        .create_session(
+            new_session(&col, "sandbox", json!({"sandbox": {"capture": "unknown"}})),
+            None,
+        )
+        .await
+        .unwrap();
+    let payment = host
+        .authorize_session(&session.id.0, AuthorizeInput::default(), None)
+        .await
+        .unwrap()
+        .payment
+        .unwrap();
+    let capture = || CaptureInput { amount: Some(600) };
+    let first = host
+        .capture_payment(&payment.id.0, capture(), Some("cap-k"))
+        .await
+        .unwrap_err();
+    assert_eq!(first.code(), "outcome_unknown", "{first}");
+    // Retried while the outcome is open: told so, nothing runs.
+    let early = host
+        .capture_payment(&payment.id.0, capture(), Some("cap-k"))
+        .await
+        .unwrap_err();
+    assert_eq!(early.code(), "attempt_unresolved", "{early}");
+    // After a restart and reconciliation the key is still bound to its attempt.
+    drop(host);
+    let Some(host) = s.host_on(backend, HOST).await else {
+        return;
+    };
+    host.reconcile_due().await.unwrap();
+    let replay = host
+        .capture_payment(&payment.id.0, capture(), Some("cap-k"))
+        .await
+        .unwrap();
+    assert_eq!(replay.captured_amount(), 600);
+    let again = host
+        .capture_payment(&payment.id.0, capture(), Some("cap-k"))
+        .await
+        .unwrap();
+    assert_eq!(again, replay);
+    assert_eq!(
+        sandbox_entries(&host, &session.id.0, "capture").await,
+        1,
+        "captured once"
+    );
+
+    // A declined authorize retried with its key gets the same decline.
+    let declined = host
+        .create_session(
+            new_session(&col, "sandbox", json!({"card_number": "4000000000000002"})),
+            None,
+        )
+        .await
+        .unwrap();
+    let a = host
+        .authorize_session(&declined.id.0, AuthorizeInput::default(), Some("auth-d"))
+        .await
+        .unwrap();
+    let b = host
+        .authorize_session(&declined.id.0, AuthorizeInput::default(), Some("auth-d"))
+        .await
+        .unwrap();
+    assert_eq!(a.decline, b.decline);
+    assert!(b.decline.is_some());
+}
+
 /// Every scenario above, on SQLite and on PostgreSQL.
 macro_rules! on_both_stores {
     ($($name:ident),* $(,)?) => {
@@ -879,6 +952,7 @@ macro_rules! on_both_stores {
 }
 
 on_both_stores!(
+    a_retry_with_the_key_of_an_unknown_capture_never_captures_twice,
     a_system_payment_is_authorized_captured_in_parts_and_refunded_in_parts,
     requires_more_returns_the_next_action_and_the_next_authorize_completes,
     a_pending_authorization_completes_by_webhook_and_a_late_pending_changes_nothing,

@@ -157,6 +157,12 @@ impl From<StoreError> for EngineError {
     }
 }
 
+tokio::task_local! {
+    /// The client idempotency key of the operation running in this task, so that the write that
+    /// starts a money movement also links the key to its attempt.
+    static CLIENT_KEY: Option<String>;
+}
+
 /// Striped async locks: operations on one session or payment run one at a time in this process
 /// (across processes, row versions and the one-open-attempt index do the same).
 struct Locks {
@@ -403,20 +409,29 @@ impl Host {
 
     /// Runs `f` once per client idempotency key: a repeated key with the same request replays the
     /// stored result, with another request it is an error. No key: runs `f`.
-    async fn idempotent<T, F, Fut>(
+    ///
+    /// A key whose operation started a money movement is linked to that attempt in the same
+    /// write, and is never released: if the process dies before the result is stored, or the
+    /// outcome was unknown, a retry with the key is answered from the attempt once it is settled
+    /// (`rebuild`), or told it is still pending, and never moves money a second time. `rebuild`
+    /// returning `None` (the attempt failed, nothing moved) lets the retry run afresh.
+    async fn idempotent<T, F, Fut, R, RFut>(
         &self,
         key: Option<&str>,
         operation: &str,
         request: &impl Serialize,
+        rebuild: R,
         f: F,
     ) -> Result<T, EngineError>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, EngineError>>,
+        R: FnOnce(Attempt) -> RFut,
+        RFut: Future<Output = Result<Option<T>, EngineError>>,
     {
         let Some(key) = key else {
-            return f().await;
+            return CLIENT_KEY.scope(None, f()).await;
         };
         if key.is_empty() || key.len() > 255 {
             return Err(EngineError::invalid(
@@ -426,52 +441,121 @@ impl Host {
         }
         let request = serde_json::to_string(request).unwrap_or_default();
         let hash = hex::encode(Sha256::digest(format!("{operation}\n{request}")));
-        let claim = self
-            .store
-            .write(vec![WriteOp::ClaimKey {
-                key: key.to_owned(),
-                operation: operation.to_owned(),
-                request_hash: hash.clone(),
-                at: self.now(),
-            }])
-            .await;
-        match claim {
+        let claim = WriteOp::ClaimKey {
+            key: key.to_owned(),
+            operation: operation.to_owned(),
+            request_hash: hash.clone(),
+            at: self.now(),
+        };
+        match self.store.write(vec![claim.clone()]).await {
             Ok(()) => {}
             Err(StoreError::KeyExists(_)) => {
                 let stored = self.store.key(key).await?;
-                return match stored {
+                let stored = match stored {
                     Some(s) if s.operation != operation || s.request_hash != hash => {
-                        Err(EngineError::IdempotencyMismatch {
+                        return Err(EngineError::IdempotencyMismatch {
                             key: key.to_owned(),
-                        })
+                        });
                     }
-                    Some(s) => match s.response {
-                        Some(response) => serde_json::from_value(response).map_err(|e| {
-                            EngineError::Store(StoreError::Unavailable(format!(
-                                "stored response for key `{key}` is unreadable: {e}"
-                            )))
-                        }),
-                        None => Err(EngineError::InProgress(format!(
-                            "a request with idempotency key `{key}` is in progress"
-                        ))),
-                    },
-                    None => Err(EngineError::InProgress(format!(
-                        "a request with idempotency key `{key}` just finished without effect; retry"
-                    ))),
+                    Some(s) => s,
+                    None => {
+                        return Err(EngineError::InProgress(format!(
+                            "a request with idempotency key `{key}` just finished without effect; retry"
+                        )));
+                    }
                 };
+                if let Some(response) = stored.response {
+                    return serde_json::from_value(response).map_err(|e| {
+                        EngineError::Store(StoreError::Unavailable(format!(
+                            "stored response for key `{key}` is unreadable: {e}"
+                        )))
+                    });
+                }
+                let Some(attempt_id) = stored.attempt_id else {
+                    return Err(EngineError::InProgress(format!(
+                        "a request with idempotency key `{key}` is in progress"
+                    )));
+                };
+                let attempt = self
+                    .store
+                    .attempt(&attempt_id)
+                    .await?
+                    .ok_or_else(|| not_found("attempt", &attempt_id))?;
+                if attempt.state.is_open() {
+                    return Err(EngineError::AttemptUnresolved {
+                        attempt_id,
+                        operation: attempt.operation.as_str().to_owned(),
+                    });
+                }
+                match rebuild(attempt).await? {
+                    Some(value) => {
+                        self.store
+                            .write(vec![WriteOp::CompleteKey {
+                                key: key.to_owned(),
+                                response: serde_json::to_value(&value).unwrap_or(Value::Null),
+                            }])
+                            .await?;
+                        return Ok(value);
+                    }
+                    None => {
+                        // The attempt failed and moved nothing: this request may run afresh.
+                        self.store
+                            .write(vec![WriteOp::ForgetKey(key.to_owned()), claim])
+                            .await?;
+                    }
+                }
             }
             Err(e) => return Err(e.into()),
         }
-        let result = f().await;
+        let result = CLIENT_KEY.scope(Some(key.to_owned()), f()).await;
         let write = match &result {
             Ok(value) => WriteOp::CompleteKey {
                 key: key.to_owned(),
                 response: serde_json::to_value(value).unwrap_or(Value::Null),
             },
+            // A key linked to an attempt stays; an unlinked one (nothing moved) is released.
             Err(_) => WriteOp::ReleaseKey(key.to_owned()),
         };
         self.store.write(vec![write]).await?;
         result
+    }
+
+    /// What to answer a retried money request whose first run ended unrecorded: the payment as
+    /// it stands if its attempt succeeded; `None` (run again) if it failed.
+    async fn rebuild_payment(&self, attempt: Attempt) -> Result<Option<Payment>, EngineError> {
+        if attempt.state != AttemptState::Succeeded {
+            return Ok(None);
+        }
+        let id = attempt.payment_id.map(|p| p.0).unwrap_or_default();
+        self.payment(&id).await.map(Some)
+    }
+
+    /// What to answer a retried authorize whose first run ended unrecorded: the session as it
+    /// stands, with the attempt's next action or decline.
+    async fn rebuild_authorize(
+        &self,
+        attempt: Attempt,
+    ) -> Result<Option<AuthorizeResult>, EngineError> {
+        let outcome: Option<Outcome> = attempt
+            .outcome
+            .clone()
+            .and_then(|o| serde_json::from_value(o).ok());
+        if attempt.state == AttemptState::Failed
+            && !matches!(outcome, Some(Outcome::Declined { .. }))
+        {
+            return Ok(None);
+        }
+        let session = self.session(attempt.session_id.as_str()).await?;
+        let payment = self.store.payment_of_session(&session.id).await?;
+        let mut result = AuthorizeResult::of(session, payment);
+        match outcome {
+            Some(Outcome::RequiresMore { next_action }) => result.next_action = Some(next_action),
+            Some(Outcome::Declined { code, message }) => {
+                result.decline = Some(Decline { code, message })
+            }
+            _ => {}
+        }
+        Ok(Some(result))
     }
 
     // ------------------------------------------------------ collections
@@ -482,27 +566,34 @@ impl Host {
         input: NewCollection,
         idempotency_key: Option<&str>,
     ) -> Result<PaymentCollection, EngineError> {
-        self.idempotent(idempotency_key, "create_collection", &input, || async {
-            let money = Money::new(input.amount, &input.currency_code).map_err(|e| match e {
-                MoneyError::UnknownCurrency(_) => {
-                    EngineError::invalid("currency_code", e.to_string())
-                }
-                _ => EngineError::invalid("amount", e.to_string()),
-            })?;
-            let now = self.now();
-            let collection = PaymentCollection {
-                id: CollectionId::generate(),
-                amount: money.amount,
-                currency_code: money.currency,
-                metadata: input.metadata.clone(),
-                created_at: now,
-                updated_at: now,
-            };
-            self.store
-                .write(vec![WriteOp::InsertCollection(collection.clone())])
-                .await?;
-            Ok(collection)
-        })
+        self.idempotent(
+            idempotency_key,
+            "create_collection",
+            &input,
+            no_attempt,
+            || async {
+                let money =
+                    Money::new(input.amount, &input.currency_code).map_err(|e| match e {
+                        MoneyError::UnknownCurrency(_) => {
+                            EngineError::invalid("currency_code", e.to_string())
+                        }
+                        _ => EngineError::invalid("amount", e.to_string()),
+                    })?;
+                let now = self.now();
+                let collection = PaymentCollection {
+                    id: CollectionId::generate(),
+                    amount: money.amount,
+                    currency_code: money.currency,
+                    metadata: input.metadata.clone(),
+                    created_at: now,
+                    updated_at: now,
+                };
+                self.store
+                    .write(vec![WriteOp::InsertCollection(collection.clone())])
+                    .await?;
+                Ok(collection)
+            },
+        )
         .await
     }
 
@@ -515,7 +606,7 @@ impl Host {
         input: NewSession,
         idempotency_key: Option<&str>,
     ) -> Result<PaymentSession, EngineError> {
-        self.idempotent(idempotency_key, "create_session", &input, || async {
+        self.idempotent(idempotency_key, "create_session", &input, no_attempt, || async {
             let collection_id = CollectionId::parse(&input.payment_collection_id)
                 .ok_or_else(|| not_found("payment collection", &input.payment_collection_id))?;
             let collection = self
@@ -642,6 +733,7 @@ impl Host {
             idempotency_key,
             &format!("update_session:{id}"),
             &input,
+            no_attempt,
             || async {
                 let _guard = self.locks.lock(id).await;
                 let mut session = self.session(id).await?;
@@ -815,12 +907,17 @@ impl Host {
         Ok(())
     }
 
-    /// Records an attempt and bumps the entity's version in one write.
+    /// Records an attempt, bumps the entity's version and links the client's idempotency key
+    /// (if any) to the attempt, in one write.
     async fn begin(&self, attempt: &Attempt, bump: WriteOp) -> Result<(), EngineError> {
-        self.store
-            .write(vec![WriteOp::InsertAttempt(attempt.clone()), bump])
-            .await
-            .map_err(EngineError::from)
+        let mut ops = vec![WriteOp::InsertAttempt(attempt.clone()), bump];
+        if let Ok(Some(key)) = CLIENT_KEY.try_with(Clone::clone) {
+            ops.push(WriteOp::LinkKey {
+                key,
+                attempt_id: attempt.id.0.clone(),
+            });
+        }
+        self.store.write(ops).await.map_err(EngineError::from)
     }
 
     fn new_attempt(
@@ -867,6 +964,7 @@ impl Host {
             idempotency_key,
             &format!("authorize:{id}"),
             &input,
+            |a| self.rebuild_authorize(a),
             || async {
                 let _guard = self.locks.lock(id).await;
                 let mut session = self.session(id).await?;
@@ -1290,9 +1388,13 @@ impl Host {
         input: CaptureInput,
         idempotency_key: Option<&str>,
     ) -> Result<Payment, EngineError> {
-        self.idempotent(idempotency_key, &format!("capture:{id}"), &input, || {
-            self.payment_op(id, Operation::Capture, input.amount, None)
-        })
+        self.idempotent(
+            idempotency_key,
+            &format!("capture:{id}"),
+            &input,
+            |a| self.rebuild_payment(a),
+            || self.payment_op(id, Operation::Capture, input.amount, None),
+        )
         .await
     }
 
@@ -1303,9 +1405,13 @@ impl Host {
         input: RefundInput,
         idempotency_key: Option<&str>,
     ) -> Result<Payment, EngineError> {
-        self.idempotent(idempotency_key, &format!("refund:{id}"), &input, || {
-            self.payment_op(id, Operation::Refund, input.amount, input.reason.clone())
-        })
+        self.idempotent(
+            idempotency_key,
+            &format!("refund:{id}"),
+            &input,
+            |a| self.rebuild_payment(a),
+            || self.payment_op(id, Operation::Refund, input.amount, input.reason.clone()),
+        )
         .await
     }
 
@@ -1319,6 +1425,7 @@ impl Host {
             idempotency_key,
             &format!("cancel:{id}"),
             &Value::Null,
+            |a| self.rebuild_payment(a),
             || self.payment_op(id, Operation::Cancel, None, None),
         )
         .await
@@ -1526,6 +1633,11 @@ impl Host {
             reason: "the provider did not report on the attempt".into(),
         }))
     }
+}
+
+/// For operations that move no money: a key is never linked to an attempt.
+async fn no_attempt<T>(_: Attempt) -> Result<Option<T>, EngineError> {
+    Ok(None)
 }
 
 /// Whether the session table allows a caller's command in this status.

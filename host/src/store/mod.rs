@@ -68,10 +68,20 @@ pub enum WriteOp {
         /// The response to replay.
         response: Value,
     },
-    /// Forgets a claimed key whose operation failed without effect.
+    /// Forgets a claimed key whose operation failed without effect; a key linked to an attempt
+    /// is kept.
     ReleaseKey(String),
-    /// Forgets every claimed key without a response created before `older_than` (their
-    /// processes are gone).
+    /// Forgets a key whatever its state (its linked attempt failed and moved nothing).
+    ForgetKey(String),
+    /// Links a claimed key to the attempt its operation started.
+    LinkKey {
+        /// The key.
+        key: String,
+        /// The attempt.
+        attempt_id: String,
+    },
+    /// Forgets every claimed key without a response and without a linked attempt, created before
+    /// `older_than` (their processes are gone, and they moved nothing).
     ReleasePendingKeys {
         /// Keys claimed before this are released.
         older_than: Timestamp,
@@ -131,6 +141,8 @@ pub struct StoredKey {
     pub request_hash: String,
     /// The response, once complete.
     pub response: Option<Value>,
+    /// The attempt the operation started, if it moved money.
+    pub attempt_id: Option<String>,
 }
 
 /// A storage failure. [`StoreError::code`] is stable.

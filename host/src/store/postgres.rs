@@ -227,6 +227,12 @@ CREATE TABLE webhook_events (
 );
 "#,
     ),
+    (
+        3,
+        r#"
+ALTER TABLE idempotency_keys ADD COLUMN attempt_id TEXT;
+"#,
+    ),
 ];
 
 /// The PostgreSQL store.
@@ -476,15 +482,28 @@ async fn apply(tx: &deadpool_postgres::Transaction<'_>, op: &WriteOp) -> Result<
         }
         WriteOp::ReleaseKey(key) => {
             tx.execute(
-                "DELETE FROM idempotency_keys WHERE key = $1 AND response IS NULL",
+                "DELETE FROM idempotency_keys WHERE key = $1 AND response IS NULL AND attempt_id IS NULL",
                 &[key],
+            )
+            .await
+            .map_err(|e| classify(e, key))?;
+        }
+        WriteOp::ForgetKey(key) => {
+            tx.execute("DELETE FROM idempotency_keys WHERE key = $1", &[key])
+                .await
+                .map_err(|e| classify(e, key))?;
+        }
+        WriteOp::LinkKey { key, attempt_id } => {
+            tx.execute(
+                "UPDATE idempotency_keys SET attempt_id = $2 WHERE key = $1",
+                &[key, attempt_id],
             )
             .await
             .map_err(|e| classify(e, key))?;
         }
         WriteOp::ReleasePendingKeys { older_than } => {
             tx.execute(
-                "DELETE FROM idempotency_keys WHERE response IS NULL AND created_at < $1",
+                "DELETE FROM idempotency_keys WHERE response IS NULL AND attempt_id IS NULL AND created_at < $1",
                 &[older_than],
             )
             .await
@@ -821,7 +840,7 @@ impl Store for PostgresStore {
             .client()
             .await?
             .query_opt(
-                "SELECT operation, request_hash, response FROM idempotency_keys WHERE key = $1",
+                "SELECT operation, request_hash, response, attempt_id FROM idempotency_keys WHERE key = $1",
                 &[&key],
             )
             .await
@@ -830,6 +849,7 @@ impl Store for PostgresStore {
             operation: r.get(0),
             request_hash: r.get(1),
             response: r.get::<_, Option<String>>(2).map(parse_json),
+            attempt_id: r.get(3),
         }))
     }
 }

@@ -184,6 +184,14 @@ CREATE TABLE webhook_events (
 );
 "#,
     ),
+    (
+        3,
+        r#"
+-- A key whose operation started a money movement names its attempt, so a retry after a crash or
+-- an unknown outcome is answered from the attempt and never moves money twice.
+ALTER TABLE idempotency_keys ADD COLUMN attempt_id TEXT;
+"#,
+    ),
 ];
 
 /// How many waiting writes one commit takes at most.
@@ -494,7 +502,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
             }
             WriteOp::ReleaseKey(key) => {
                 tx.execute(
-                    "DELETE FROM idempotency_keys WHERE key = ?1 AND response IS NULL",
+                    "DELETE FROM idempotency_keys WHERE key = ?1 AND response IS NULL AND attempt_id IS NULL",
                     params![key],
                 )
                 .map_err(|e| classify(e, key))?;
@@ -517,9 +525,20 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
                 )
                 .map_err(|e| classify(e, event_id))?;
             }
+            WriteOp::ForgetKey(key) => {
+                tx.execute("DELETE FROM idempotency_keys WHERE key = ?1", params![key])
+                    .map_err(|e| classify(e, key))?;
+            }
+            WriteOp::LinkKey { key, attempt_id } => {
+                tx.execute(
+                    "UPDATE idempotency_keys SET attempt_id = ?2 WHERE key = ?1",
+                    params![key, attempt_id],
+                )
+                .map_err(|e| classify(e, key))?;
+            }
             WriteOp::ReleasePendingKeys { older_than } => {
                 tx.execute(
-                    "DELETE FROM idempotency_keys WHERE response IS NULL AND created_at < ?1",
+                    "DELETE FROM idempotency_keys WHERE response IS NULL AND attempt_id IS NULL AND created_at < ?1",
                     params![older_than],
                 )
                 .map_err(|e| classify(e, "idempotency keys"))?;
@@ -852,13 +871,14 @@ impl Store for SqliteStore {
         let key = key.to_owned();
         self.read(move |c| {
             c.query_row(
-                "SELECT operation, request_hash, response FROM idempotency_keys WHERE key = ?1",
+                "SELECT operation, request_hash, response, attempt_id FROM idempotency_keys WHERE key = ?1",
                 [key],
                 |r| {
                     Ok(StoredKey {
                         operation: r.get(0)?,
                         request_hash: r.get(1)?,
                         response: r.get::<_, Option<String>>(2)?.map(parse_json),
+                        attempt_id: r.get(3)?,
                     })
                 },
             )
