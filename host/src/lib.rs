@@ -34,6 +34,7 @@ pub mod domain;
 pub mod engine;
 pub mod http;
 pub mod metrics;
+mod outbound;
 pub mod plugins;
 pub mod provider;
 pub mod store;

@@ -20,6 +20,9 @@ pub struct Metrics {
     pub attempts_open: IntGaugeVec,
     /// `payhost_webhooks_total{provider,result}`.
     pub webhooks: IntCounterVec,
+    /// `payhost_provider_http_duration_seconds{provider,outcome}`: requests the host sent for
+    /// providers.
+    pub provider_http: HistogramVec,
 }
 
 const BUCKETS: &[f64] = &[
@@ -71,8 +74,18 @@ impl Metrics {
             &["provider", "result"],
         )
         .expect("valid metric");
+        let provider_http = HistogramVec::new(
+            HistogramOpts::new(
+                "payhost_provider_http_duration_seconds",
+                "HTTP requests sent for providers, by provider and outcome",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["provider", "outcome"],
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(provider_http.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(http_requests.clone()),
             Box::new(http_duration.clone()),
             Box::new(provider_calls.clone()),
             Box::new(attempts_open.clone()),
@@ -87,6 +100,7 @@ impl Metrics {
             provider_calls,
             attempts_open,
             webhooks,
+            provider_http,
         }
     }
 

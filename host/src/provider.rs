@@ -371,6 +371,26 @@ impl HostSide {
     fn serve(&self, op: &str, request: &str) -> Result<String, String> {
         match op {
             host_ops::CLOCK_NOW => Ok(format!("{{\"unix_ms\":{}}}", self.clock.now_unix_ms())),
+            host_ops::HTTP => {
+                let failure = |f: &payhost_provider_api::HttpFailure| {
+                    serde_json::to_string(f).unwrap_or_default()
+                };
+                let request: payhost_provider_api::HttpRequest = serde_json::from_str(request)
+                    .map_err(|e| {
+                        failure(&payhost_provider_api::HttpFailure::Invalid {
+                            message: format!("bad http.request: {e}"),
+                        })
+                    })?;
+                let answer = crate::outbound::send_blocking(
+                    &self.provider_id,
+                    request,
+                    self.clock.now_unix_ms(),
+                );
+                match answer {
+                    Ok(response) => Ok(serde_json::to_string(&response).unwrap_or_default()),
+                    Err(f) => Err(failure(&f)),
+                }
+            }
             host_ops::LOG => {
                 let record: LogRecord =
                     serde_json::from_str(request).map_err(|e| format!("bad log record: {e}"))?;

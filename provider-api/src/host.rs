@@ -21,6 +21,89 @@ pub mod ops {
     pub const LOG: &str = "log";
     /// The host's clock: `{}` in, `{"unix_ms": i64}` out.
     pub const CLOCK_NOW: &str = "clock.now";
+    /// An HTTP request sent by the host: [`super::HttpRequest`] in, [`super::HttpResponse`] out,
+    /// or a [`super::HttpFailure`] as the error (since provider-api 1.2).
+    pub const HTTP: &str = "http.request";
+}
+
+/// An HTTP request a provider asks the host to send. The host owns the client: timeouts within
+/// the call's deadline, logs with secrets redacted, latency in the metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HttpRequest {
+    /// `GET`, `POST`, …
+    pub method: String,
+    /// The full URL.
+    pub url: String,
+    /// Request headers.
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    /// The body, if any.
+    #[serde(default)]
+    pub body: Option<String>,
+    /// The provider call's deadline (Unix ms), from its request; the host never waits past it
+    /// (nor more than 5 s for a connection).
+    #[serde(default)]
+    pub deadline_unix_ms: Option<i64>,
+    /// Header names whose values are secrets (beyond `authorization`, `cookie` and friends,
+    /// which are always redacted in logs).
+    #[serde(default)]
+    pub secret_headers: Vec<String>,
+}
+
+/// The processor's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HttpResponse {
+    /// The status code (below 500; a 5xx is an [`HttpFailure::Unknown`]).
+    pub status: u16,
+    /// Response headers, names in lower case.
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    /// The body as text.
+    #[serde(default)]
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The first header with this name (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Why an HTTP request gave no usable answer. The split is the one money needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum HttpFailure {
+    /// Nothing was sent (refused, DNS, TLS, no time left): the call is `not_attempted`.
+    #[error("not sent: {message}")]
+    NotSent {
+        /// Why.
+        message: String,
+    },
+    /// Sent, but the answer was lost or was a 5xx: the call's outcome is `unknown`.
+    #[error("sent, answer unknown: {message}")]
+    Unknown {
+        /// Why.
+        message: String,
+        /// The status, for a 5xx.
+        #[serde(default)]
+        status: Option<u16>,
+    },
+    /// The request itself was malformed (a bad URL or method).
+    #[error("invalid request: {message}")]
+    Invalid {
+        /// Why.
+        message: String,
+    },
+    /// The host predates the HTTP service.
+    #[error("the host has no HTTP service: {message}")]
+    Unsupported {
+        /// The host's words.
+        message: String,
+    },
 }
 
 /// Something that answers service calls: the real host across the boundary, or a test host.
@@ -67,6 +150,24 @@ impl HostServices {
             .ok()
             .and_then(|v| v.get("unix_ms").and_then(Value::as_i64))
             .unwrap_or_else(system_now_unix_ms)
+    }
+
+    /// Has the host send an HTTP request. Map [`HttpFailure::NotSent`] to
+    /// [`crate::Outcome::NotAttempted`] and [`HttpFailure::Unknown`] to [`crate::Outcome::Unknown`].
+    pub fn http(&self, request: &HttpRequest) -> Result<HttpResponse, HttpFailure> {
+        let payload = serde_json::to_value(request).map_err(|e| HttpFailure::Invalid {
+            message: e.to_string(),
+        })?;
+        match self.backend.call(ops::HTTP, &payload.to_string()) {
+            Ok(answer) => serde_json::from_str(&answer).map_err(|e| HttpFailure::Unknown {
+                message: format!("the host's answer is unreadable: {e}"),
+                status: None,
+            }),
+            Err(error) => {
+                Err(serde_json::from_str(&error)
+                    .unwrap_or(HttpFailure::Unsupported { message: error }))
+            }
+        }
     }
 
     /// Sends one log record to the host, which tags it with the provider id. Usually you log

@@ -70,7 +70,7 @@ mod provider;
 pub mod testkit;
 
 pub use dispatch::{InstanceConfig, SUPPORTED_PROTOCOLS};
-pub use host::{HostServices, LogRecord, ops as host_ops};
+pub use host::{HostServices, HttpFailure, HttpRequest, HttpResponse, LogRecord, ops as host_ops};
 pub use manifest::{API_VERSION, Capabilities, Manifest};
 pub use protocol::*;
 pub use provider::{PaymentProvider, ProviderContext};

@@ -663,6 +663,16 @@ impl PaymentProvider for SandboxProvider {
                     w.timestamp_s,
                 ))
             }
+            // Sends an HTTP request through the host's HTTP service and reports what came back:
+            // a diagnostic, and how the host service is tested across the boundary.
+            "http" => {
+                let request: HttpRequest = serde_json::from_value(payload)
+                    .map_err(|e| ProviderError::invalid_request(format!("x.http: {e}")))?;
+                Ok(match self.host.http(&request) {
+                    Ok(response) => json!({ "ok": response }),
+                    Err(failure) => json!({ "error": failure }),
+                })
+            }
             // The ledger's entries for one session, for tests that compare books.
             "ledger" => {
                 let session_id = payload
