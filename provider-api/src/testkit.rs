@@ -41,9 +41,16 @@ pub struct TestHost {
     inner: Arc<TestBackend>,
 }
 
+/// A stand-in for the processor in tests: answers the provider's HTTP requests.
+pub type HttpStub = Box<
+    dyn Fn(&crate::HttpRequest) -> Result<crate::HttpResponse, crate::HttpFailure> + Send + Sync,
+>;
+
 struct TestBackend {
     clock_ms: AtomicI64,
     logs: Mutex<Vec<LogRecord>>,
+    http: Mutex<Option<HttpStub>>,
+    requests: Mutex<Vec<crate::HttpRequest>>,
 }
 
 impl HostBackend for TestBackend {
@@ -60,6 +67,25 @@ impl HostBackend for TestBackend {
                     .unwrap_or_else(|e| e.into_inner())
                     .push(record);
                 Ok("null".into())
+            }
+            ops::HTTP => {
+                let request: crate::HttpRequest =
+                    serde_json::from_str(request).map_err(|e| e.to_string())?;
+                self.requests
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(request.clone());
+                let stub = self.http.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(stub) = stub.as_ref() else {
+                    return Err(format!(
+                        "unsupported host service `{}` (no TestHost::on_http stub)",
+                        ops::HTTP
+                    ));
+                };
+                match stub(&request) {
+                    Ok(response) => serde_json::to_string(&response).map_err(|e| e.to_string()),
+                    Err(failure) => Err(serde_json::to_string(&failure).unwrap_or_default()),
+                }
             }
             other => Err(format!("unsupported host service `{other}`")),
         }
@@ -79,8 +105,31 @@ impl TestHost {
             inner: Arc::new(TestBackend {
                 clock_ms: AtomicI64::new(system_now_unix_ms()),
                 logs: Mutex::new(Vec::new()),
+                http: Mutex::new(None),
+                requests: Mutex::new(Vec::new()),
             }),
         }
+    }
+
+    /// Answers the provider's HTTP requests with `stub` (without one, the HTTP service is
+    /// unsupported, as in a host that predates it).
+    pub fn on_http(
+        &self,
+        stub: impl Fn(&crate::HttpRequest) -> Result<crate::HttpResponse, crate::HttpFailure>
+        + Send
+        + Sync
+        + 'static,
+    ) {
+        *self.inner.http.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(stub));
+    }
+
+    /// Every HTTP request the provider asked the host to send, oldest first.
+    pub fn http_requests(&self) -> Vec<crate::HttpRequest> {
+        self.inner
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Moves the clock forward.
