@@ -51,6 +51,8 @@ pub fn ensure_built() {
                 "-p",
                 "payhost-provider-sandbox",
                 "-p",
+                "payhost-provider-stripe",
+                "-p",
                 "payhost-fixture-incompatible",
                 "-p",
                 "payhost-fixture-future-protocol",
@@ -429,5 +431,87 @@ impl Scratch {
             &format!("url = \"{url}\""),
         );
         Some(self.host(&text).await)
+    }
+}
+
+/// A localstripe server (PyPI `localstripe`, installed by `cargo xtask test` in
+/// `target/localstripe-venv`) on a loopback port, fresh each time, stopped when dropped.
+pub struct LocalStripe {
+    child: Option<std::process::Child>,
+    port: u16,
+}
+
+impl LocalStripe {
+    /// The venv's python, if localstripe is installed; outside CI a missing install skips the
+    /// test with a message saying how to get it, in CI it fails.
+    fn python() -> Option<PathBuf> {
+        let python = workspace().join("target/localstripe-venv/bin/python");
+        if python.exists() {
+            return Some(python);
+        }
+        let why = "localstripe is not installed (cargo xtask test installs it in target/localstripe-venv)";
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{why}");
+        }
+        eprintln!("SKIPPED: {why}");
+        None
+    }
+
+    /// Starts one on a free port and waits until it answers.
+    pub fn start() -> Option<LocalStripe> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let mut s = LocalStripe { child: None, port };
+        s.spawn(&Self::python()?);
+        Some(s)
+    }
+
+    fn spawn(&mut self, python: &Path) {
+        // localstripe's own CLI listens on every interface; run its app on loopback instead.
+        let child = Command::new(python)
+            .args([
+                "-c",
+                "import sys; from aiohttp import web; import localstripe.server as s; web.run_app(s.app, host='127.0.0.1', port=int(sys.argv[1]), print=None)",
+                &self.port.to_string(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start localstripe");
+        self.child = Some(child);
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(30),
+                "localstripe did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Stops it (its port then refuses connections).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for LocalStripe {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

@@ -72,6 +72,7 @@ fn test(root: &Path, args: &[String]) -> Result<(), String> {
     let mut c = cargo(root);
     c.args(["test", "--workspace", "--doc", "--quiet"]);
     status(c)?;
+    python_venv(root, "localstripe-venv", LOCALSTRIPE)?;
     schemathesis(root)?;
     let mut c = cargo(root);
     c.args(["nextest", "run", "--workspace", "--no-fail-fast"])
@@ -81,6 +82,24 @@ fn test(root: &Path, args: &[String]) -> Result<(), String> {
 
 /// The schemathesis release the API is fuzzed with (from PyPI, in a venv under target/).
 const SCHEMATHESIS: &str = "schemathesis==4.32.5";
+/// The Stripe-compatible server the Stripe provider is tested against (PyPI).
+const LOCALSTRIPE: &str = "localstripe==1.15.10";
+
+/// Makes `target/<name>` a Python venv with `package` installed (once).
+fn python_venv(root: &Path, name: &str, package: &str) -> Result<PathBuf, String> {
+    let venv = root.join("target").join(name);
+    let marker = venv.join(format!(".installed-{package}"));
+    if !marker.exists() {
+        let mut c = Command::new("python3");
+        c.args(["-m", "venv"]).arg(&venv);
+        status(c).map_err(|e| format!("{e} (needs python3 with venv)"))?;
+        let mut c = Command::new(venv.join("bin/pip"));
+        c.args(["install", "--quiet", "--disable-pip-version-check", package]);
+        status(c)?;
+        std::fs::write(&marker, "").map_err(|e| e.to_string())?;
+    }
+    Ok(venv)
+}
 
 /// Fuzzes the HTTP API from its own `/openapi.json`: a bounded number of generated requests per
 /// operation, failing on any 5xx or any response that breaks the schema.

@@ -1607,6 +1607,18 @@ impl Host {
                 .ok_or_else(|| CallError::NotAttempted {
                     reason: format!("provider `{}` is not loaded", attempt.provider_id),
                 })?;
+        // The provider finds its own references (an intent id, …) in the data it returned.
+        let data = match &attempt.payment_id {
+            Some(p) => self.store.payment(p).await.ok().flatten().map(|p| p.data),
+            None => self
+                .store
+                .session(&attempt.session_id)
+                .await
+                .ok()
+                .flatten()
+                .map(|s| s.data),
+        }
+        .unwrap_or(Value::Null);
         let truth = provider
             .call_with_timeout(
                 RetrieveRequest {
@@ -1618,7 +1630,7 @@ impl Host {
                     ),
                     amount: attempt.amount,
                     currency_code: attempt.currency_code.code().to_owned(),
-                    data: Value::Null,
+                    data,
                     attempt: Some(AttemptRef {
                         operation: attempt.operation,
                         idempotency_key: attempt.idempotency_key.clone(),
