@@ -693,32 +693,15 @@ impl Host {
     ) -> Result<PaymentSession, EngineError> {
         allow(session.status, SessionInput::Update)?;
         let provider = self.provider(&session.provider_id)?;
-        let response = provider
-            .call(InitiateRequest {
-                session_id: session.id.0.clone(),
-                idempotency_key: format!("{}:initiate:{}", session.idempotency_key, session.amount),
-                amount: session.amount,
-                currency_code: session.currency_code.code().to_owned(),
-                context: session.context.clone(),
-                data: session.data.clone(),
-                deadline_unix_ms: None,
-            })
-            .await;
+        let key = format!("{}:initiate:{}", session.idempotency_key, session.amount);
+        let response = provider.call(Self::initiate_request(&session, key)).await;
         let response = definitive(response, "initiate")?;
         let expected = session.version;
         session.is_initiated = true;
         if let Some(data) = response.data {
             session.data = data;
         }
-        session.version += 1;
-        session.updated_at = self.now();
-        self.store
-            .write(vec![WriteOp::UpdateSession {
-                session: session.clone(),
-                expected_version: expected,
-            }])
-            .await?;
-        Ok(session)
+        self.save_session(session, expected).await
     }
 
     /// Changes a session's amount, cart, context, data or metadata; the provider is told (or the
@@ -766,65 +749,50 @@ impl Host {
                 if session.is_initiated {
                     let provider = self.provider(&session.provider_id)?;
                     let key = format!("{}:update:{}", session.idempotency_key, session.version);
-                    let response =
-                        if amount_changed && !provider.manifest().capabilities.update_amount {
-                            // Recreate: forget the old payment at the provider, start a new one.
-                            definitive(
-                                provider
-                                    .call(DeleteRequest {
-                                        session_id: session.id.0.clone(),
-                                        idempotency_key: format!("{key}:delete"),
-                                        amount: session.amount,
-                                        currency_code: session.currency_code.code().to_owned(),
-                                        data: session.data.clone(),
-                                        deadline_unix_ms: None,
-                                    })
-                                    .await,
-                                "delete",
-                            )?;
-                            definitive(
-                                provider
-                                    .call(InitiateRequest {
-                                        session_id: session.id.0.clone(),
-                                        idempotency_key: format!("{key}:initiate"),
-                                        amount: session.amount,
-                                        currency_code: session.currency_code.code().to_owned(),
-                                        context: session.context.clone(),
-                                        data: session.data.clone(),
-                                        deadline_unix_ms: None,
-                                    })
-                                    .await,
-                                "initiate",
-                            )?
-                        } else {
-                            definitive(
-                                provider
-                                    .call(UpdateRequest {
-                                        session_id: session.id.0.clone(),
-                                        idempotency_key: key,
-                                        amount: session.amount,
-                                        currency_code: session.currency_code.code().to_owned(),
-                                        context: session.context.clone(),
-                                        data: session.data.clone(),
-                                        deadline_unix_ms: None,
-                                    })
-                                    .await,
-                                "update",
-                            )?
-                        };
+                    let response = if amount_changed
+                        && !provider.manifest().capabilities.update_amount
+                    {
+                        // Recreate: forget the old payment at the provider, start a new one.
+                        definitive(
+                            provider
+                                .call(DeleteRequest {
+                                    session_id: session.id.0.clone(),
+                                    idempotency_key: format!("{key}:delete"),
+                                    amount: session.amount,
+                                    currency_code: session.currency_code.code().to_owned(),
+                                    data: session.data.clone(),
+                                    deadline_unix_ms: None,
+                                })
+                                .await,
+                            "delete",
+                        )?;
+                        definitive(
+                            provider
+                                .call(Self::initiate_request(&session, format!("{key}:initiate")))
+                                .await,
+                            "initiate",
+                        )?
+                    } else {
+                        definitive(
+                            provider
+                                .call(UpdateRequest {
+                                    session_id: session.id.0.clone(),
+                                    idempotency_key: key,
+                                    amount: session.amount,
+                                    currency_code: session.currency_code.code().to_owned(),
+                                    context: session.context.clone(),
+                                    data: session.data.clone(),
+                                    deadline_unix_ms: None,
+                                })
+                                .await,
+                            "update",
+                        )?
+                    };
                     if let Some(data) = response.data {
                         session.data = data;
                     }
                 }
-                session.version += 1;
-                session.updated_at = self.now();
-                self.store
-                    .write(vec![WriteOp::UpdateSession {
-                        session: session.clone(),
-                        expected_version: expected,
-                    }])
-                    .await?;
-                Ok(session)
+                self.save_session(session, expected).await
             },
         )
         .await
@@ -880,7 +848,16 @@ impl Host {
         let expected = session.version;
         session.status = SessionStatus::Canceled;
         session.is_selected = false;
-        session.version += 1;
+        self.save_session(session, expected).await
+    }
+
+    /// Writes a changed session over the version it was read at (`expected`), bumping it.
+    async fn save_session(
+        &self,
+        mut session: PaymentSession,
+        expected: i64,
+    ) -> Result<PaymentSession, EngineError> {
+        session.version = expected + 1;
         session.updated_at = self.now();
         self.store
             .write(vec![WriteOp::UpdateSession {
@@ -889,6 +866,19 @@ impl Host {
             }])
             .await?;
         Ok(session)
+    }
+
+    /// The initiate request for a session, under `key`.
+    fn initiate_request(session: &PaymentSession, key: String) -> InitiateRequest {
+        InitiateRequest {
+            session_id: session.id.0.clone(),
+            idempotency_key: key,
+            amount: session.amount,
+            currency_code: session.currency_code.code().to_owned(),
+            context: session.context.clone(),
+            data: session.data.clone(),
+            deadline_unix_ms: None,
+        }
     }
 
     async fn refuse_if_open(&self, entity: &str) -> Result<(), EngineError> {
