@@ -286,3 +286,72 @@ async fn a_host_killed_mid_call_is_reconciled_by_the_other() {
         .await;
     assert_eq!(status, StatusCode::OK, "{p}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_on_one_host_for_a_session_authorizing_on_the_other_ends_consistent() {
+    let Some(c) = cluster(3000).await else { return };
+    let (_, col) = c
+        .post(
+            &c.a.base,
+            "/v1/payment-collections",
+            json!({"amount": 700, "currency_code": "eur"}),
+        )
+        .await;
+    let (_, s) = c
+        .post(
+            &c.a.base,
+            "/v1/payment-sessions",
+            json!({"payment_collection_id": col["id"], "provider_id": "sandbox", "data": {"sandbox": {"authorize": {"delay_ms": 1200}}}}),
+        )
+        .await;
+    let sid = s["id"].as_str().unwrap().to_owned();
+    // Host B authorizes (slowly) ...
+    let authorizing = {
+        let (client, url) = (
+            c.client.clone(),
+            format!("{}/v1/payment-sessions/{sid}/authorize", c.b.base),
+        );
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .json(&json!({}))
+                .send()
+                .await
+                .map(|r| r.status())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ... while the processor's "authorized" webhook reaches host A.
+    let body = json!({"id": "evt_cross", "type": "payment.authorized", "session_id": sid, "amount": 700, "currency_code": "eur", "created": 0}).to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let signature = payhost_provider_sandbox::sign("whsec_test_secret", &body, now);
+    let deliver = || {
+        c.client
+            .post(format!("{}/hooks/sandbox", c.a.base))
+            .header("sandbox-signature", signature.clone())
+            .body(body.clone())
+            .send()
+    };
+    let first = deliver().await.unwrap();
+    assert_eq!(
+        first.status(),
+        StatusCode::CONFLICT,
+        "the webhook waits for the authorize in flight"
+    );
+    assert_eq!(authorizing.await.unwrap().unwrap(), StatusCode::OK);
+    // The processor redelivers: applied once, no second payment, nothing moves back.
+    let again = deliver().await.unwrap();
+    assert_eq!(again.status(), StatusCode::OK);
+    let view = c
+        .get(
+            &c.a.base,
+            &format!("/v1/payment-collections/{}", col["id"].as_str().unwrap()),
+        )
+        .await;
+    assert_eq!(view["payments"].as_array().unwrap().len(), 1, "{view}");
+    assert_eq!(view["payment_sessions"][0]["status"], "authorized");
+    assert_eq!(c.ledger(&sid, "authorize").len(), 1);
+}

@@ -233,6 +233,8 @@ async fn a_stopped_stripe_is_not_attempted() {
 struct Proxy {
     address: SocketAddr,
     lose_confirm_answers: Arc<AtomicBool>,
+    /// Accept connections and never answer, forwarding nothing.
+    black_hole: Arc<AtomicBool>,
 }
 
 impl Proxy {
@@ -241,9 +243,19 @@ impl Proxy {
         let address = listener.local_addr().unwrap();
         let lose = Arc::new(AtomicBool::new(false));
         let lose_confirm_answers = lose.clone();
+        let hole = Arc::new(AtomicBool::new(false));
+        let black_hole = hole.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let lose = lose.clone();
+                let hole_now = hole.clone();
+                if hole.load(Ordering::SeqCst) {
+                    tokio::spawn(async move {
+                        let _held = client;
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                    });
+                    continue;
+                }
                 tokio::spawn(async move {
                     let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
                     else {
@@ -255,9 +267,16 @@ impl Proxy {
                     let flag = swallowing.clone();
                     tokio::spawn(async move {
                         let mut buf = vec![0u8; 16 * 1024];
+                        let mut holding = false;
                         while let Ok(n) = client_rx.read(&mut buf).await {
                             if n == 0 {
                                 break;
+                            }
+                            // A pooled connection falls into the black hole too: nothing more
+                            // is forwarded on it, and nothing comes back.
+                            holding = holding || hole_now.load(Ordering::SeqCst);
+                            if holding {
+                                continue;
                             }
                             if lose.load(Ordering::SeqCst)
                                 && buf[..n].windows(8).any(|w| w == b"/confirm")
@@ -289,6 +308,7 @@ impl Proxy {
         Proxy {
             address,
             lose_confirm_answers,
+            black_hole,
         }
     }
 }
@@ -426,4 +446,43 @@ async fn a_webhook_that_localstripe_delivers_is_verified_and_applied() {
         .await
         .unwrap();
     assert_eq!(forged.status(), 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_answers_is_unknown_then_reconciled_when_stripe_is_back() {
+    let Some(stripe) = LocalStripe::start() else {
+        return;
+    };
+    let proxy = Proxy::start(stripe.port()).await;
+    let s = Scratch::new();
+    let host = s
+        .host(&config(&format!("http://{}", proxy.address), 1500))
+        .await;
+    let sid = session(&host, 1000, card("4242424242424242")).await;
+
+    proxy.black_hole.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let e = host
+        .authorize_session(&sid, AuthorizeInput::default(), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, EngineError::OutcomeUnknown { .. }), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500 + 1000),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Stripe reachable again: it never saw the authorization, so the attempt failed safely and a
+    // new authorize goes through.
+    proxy.black_hole.store(false, Ordering::SeqCst);
+    let report = host.reconcile_due().await.unwrap();
+    assert_eq!(report.settled, 1, "{report:?}");
+    let attempts = host.attempts_of(&sid).await.unwrap();
+    assert_eq!(attempts[0].state, AttemptState::Failed);
+    let r = host
+        .authorize_session(&sid, AuthorizeInput::default(), None)
+        .await
+        .unwrap();
+    assert_eq!(r.payment_session.status, SessionStatus::Authorized);
 }
