@@ -51,6 +51,8 @@ fn build_all(root: &Path) -> Result<(), String> {
 }
 
 fn run(root: &Path, args: &[String]) -> Result<(), String> {
+    // `cargo xtask run -- check …` and `cargo xtask run check …` mean the same.
+    let args = args.strip_prefix(&["--".to_owned()]).unwrap_or(args);
     build_all(root)?;
     let exe = root
         .join("target/debug")
