@@ -1,0 +1,331 @@
+//! The write-ahead core (DESIGN.md §4): record an attempt before the call, record its outcome
+//! and effects after, in one write each; and ask a provider about an earlier attempt.
+
+use super::*;
+
+impl Host {
+    pub(super) async fn refuse_if_open(&self, entity: &str) -> Result<(), EngineError> {
+        if let Some(open) = self
+            .store
+            .attempts_of(entity)
+            .await?
+            .into_iter()
+            .find(|a| a.state.is_open())
+        {
+            return Err(EngineError::AttemptUnresolved {
+                attempt_id: open.id.0,
+                operation: open.operation.as_str().to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Records an attempt, bumps the entity's version and links the client's idempotency key
+    /// (if any) to the attempt, in one write.
+    pub(super) async fn begin(&self, attempt: &Attempt, bump: WriteOp) -> Result<(), EngineError> {
+        let mut ops = vec![WriteOp::InsertAttempt(attempt.clone()), bump];
+        if let Ok(Some(key)) = CLIENT_KEY.try_with(Clone::clone) {
+            ops.push(WriteOp::LinkKey {
+                key,
+                attempt_id: attempt.id.0.clone(),
+            });
+        }
+        self.store.write(ops).await.map_err(EngineError::from)
+    }
+
+    pub(super) fn new_attempt(
+        &self,
+        session: &PaymentSession,
+        payment: Option<&Payment>,
+        operation: Operation,
+        amount: i64,
+        reason: Option<String>,
+    ) -> Attempt {
+        let id = AttemptId::generate();
+        let now = self.now();
+        Attempt {
+            idempotency_key: format!("{}:{}", session.idempotency_key, id),
+            id,
+            session_id: session.id.clone(),
+            payment_id: payment.map(|p| p.id.clone()),
+            provider_id: session.provider_id.clone(),
+            operation,
+            amount,
+            currency_code: session.currency_code,
+            state: AttemptState::InFlight,
+            outcome: None,
+            error: None,
+            reason,
+            checks: 0,
+            next_check_at: None,
+            resolution: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    /// Records what a provider call gave: a definitive outcome through [`Host::settle`]; an
+    /// unreadable or late one as `unknown` for the reconciler; an error as a failed attempt.
+    /// Returns the outcome, or the error the caller should see.
+    pub(super) async fn after_call(
+        &self,
+        mut attempt: Attempt,
+        answer: Result<ProviderResponse, CallError>,
+    ) -> Result<Outcome, EngineError> {
+        let attempt_id = attempt.id.0.clone();
+        match answer {
+            Ok(response) => {
+                let outcome = response.outcome.clone();
+                self.settle(attempt, outcome.clone(), response.data, None)
+                    .await?;
+                match outcome {
+                    Outcome::Unknown { reason } => {
+                        Err(EngineError::OutcomeUnknown { attempt_id, reason })
+                    }
+                    Outcome::NotAttempted { reason } => Err(EngineError::NotAttempted { reason }),
+                    other => Ok(other),
+                }
+            }
+            Err(e) if e.outcome_is_unknown() => {
+                attempt.state = AttemptState::Unknown;
+                attempt.error = serde_json::to_value(e.to_string()).ok();
+                attempt.next_check_at = Some(self.now() + self.reconcile.first_check_ms);
+                attempt.updated_at = self.now();
+                self.store
+                    .write(vec![WriteOp::UpdateAttempt(attempt)])
+                    .await?;
+                tracing::warn!(attempt = %attempt_id, "provider outcome unknown: {e}");
+                Err(EngineError::OutcomeUnknown {
+                    attempt_id,
+                    reason: e.to_string(),
+                })
+            }
+            Err(e) => {
+                attempt.state = AttemptState::Failed;
+                attempt.error = Some(match &e {
+                    CallError::Provider(pe) => serde_json::to_value(pe).unwrap_or(Value::Null),
+                    other => Value::String(other.to_string()),
+                });
+                attempt.updated_at = self.now();
+                self.store
+                    .write(vec![WriteOp::UpdateAttempt(attempt)])
+                    .await?;
+                Err(match e {
+                    CallError::NotAttempted { reason } => EngineError::NotAttempted { reason },
+                    CallError::Provider(pe) => EngineError::Provider(pe),
+                    CallError::Unknown { reason } => EngineError::NotAttempted { reason },
+                })
+            }
+        }
+    }
+
+    /// Applies a definitive `outcome` of `attempt` and its effects in one write. Used after a call,
+    /// by the reconciler, and by an operator's resolution. An `unknown` outcome keeps the attempt
+    /// open for the reconciler. A concurrent change of the entity (a selection, another host's
+    /// write) makes it read again and retry: an outcome once known is not dropped.
+    pub(super) async fn settle(
+        &self,
+        attempt: Attempt,
+        outcome: Outcome,
+        data: Option<Value>,
+        resolution: Option<Resolution>,
+    ) -> Result<(), EngineError> {
+        let mut tries = 0;
+        loop {
+            let result = self
+                .settle_once(
+                    attempt.clone(),
+                    outcome.clone(),
+                    data.clone(),
+                    resolution.clone(),
+                )
+                .await;
+            match result {
+                Err(EngineError::Store(StoreError::VersionConflict(_))) if tries < 8 => tries += 1,
+                other => return other,
+            }
+        }
+    }
+
+    pub(super) async fn settle_once(
+        &self,
+        mut attempt: Attempt,
+        outcome: Outcome,
+        data: Option<Value>,
+        resolution: Option<Resolution>,
+    ) -> Result<(), EngineError> {
+        let now = self.now();
+        attempt.updated_at = now;
+        attempt.outcome = serde_json::to_value(&outcome).ok();
+        attempt.resolution = resolution;
+        attempt.state = moved(&outcome);
+        if attempt.state == AttemptState::Unknown {
+            attempt.next_check_at = Some(now + self.reconcile.first_check_ms);
+            self.store
+                .write(vec![WriteOp::UpdateAttempt(attempt)])
+                .await?;
+            return Ok(());
+        }
+        let mut ops = Vec::new();
+        match attempt.operation {
+            Operation::Authorize => {
+                let mut session = self
+                    .store
+                    .session(&attempt.session_id)
+                    .await?
+                    .ok_or_else(|| not_found("payment session", attempt.session_id.as_str()))?;
+                let expected = session.version;
+                match transitions::session(session.status, SessionInput::Authorized(&outcome)) {
+                    Step::To(status) => {
+                        if status == SessionStatus::Authorized && session.status != status {
+                            session.payment_authorized_at = Some(now);
+                            ops.push(WriteOp::InsertPayment(self.payment_for(&session, now)));
+                        }
+                        session.status = status;
+                    }
+                    Step::Ignored(why) => {
+                        tracing::info!(session = %session.id, "authorize outcome ignored: {why}");
+                    }
+                    Step::Unchanged | Step::Refused(_) => {}
+                }
+                if let Some(data) = data {
+                    session.data = data;
+                }
+                session.version += 1;
+                session.updated_at = now;
+                ops.push(WriteOp::UpdateSession {
+                    session,
+                    expected_version: expected,
+                });
+            }
+            Operation::Capture | Operation::Refund | Operation::Cancel => {
+                let payment_id = attempt.payment_id.clone().ok_or_else(|| {
+                    EngineError::Store(StoreError::Invariant(format!(
+                        "attempt {} has no payment",
+                        attempt.id
+                    )))
+                })?;
+                let mut payment = self
+                    .store
+                    .payment(&payment_id)
+                    .await?
+                    .ok_or_else(|| not_found("payment", payment_id.as_str()))?;
+                if outcome == Outcome::Processed {
+                    let expected = payment.version;
+                    match attempt.operation {
+                        Operation::Capture => {
+                            let capture = Capture {
+                                id: CaptureId::generate(),
+                                amount: attempt.amount,
+                                attempt_id: attempt.id.clone(),
+                                created_at: now,
+                            };
+                            if payment.captured_amount() + attempt.amount >= payment.amount {
+                                payment.captured_at = Some(now);
+                            }
+                            ops.push(WriteOp::InsertCapture(payment.id.clone(), capture));
+                        }
+                        Operation::Refund => {
+                            ops.push(WriteOp::InsertRefund(
+                                payment.id.clone(),
+                                Refund {
+                                    id: RefundId::generate(),
+                                    amount: attempt.amount,
+                                    reason: attempt.reason.clone(),
+                                    attempt_id: attempt.id.clone(),
+                                    created_at: now,
+                                },
+                            ));
+                        }
+                        _ => payment.canceled_at = Some(now),
+                    }
+                    if let Some(data) = data {
+                        payment.data = data;
+                    }
+                    payment.version += 1;
+                    payment.updated_at = now;
+                    ops.push(WriteOp::UpdatePayment {
+                        payment,
+                        expected_version: expected,
+                    });
+                } else if matches!(outcome, Outcome::Pending) {
+                    // A capture, refund or cancel the processor will finish later: keep asking.
+                    attempt.state = AttemptState::Unknown;
+                    attempt.next_check_at = Some(now + self.reconcile.first_check_ms);
+                } else if matches!(outcome, Outcome::RequiresMore { .. }) {
+                    attempt.state = AttemptState::Failed;
+                }
+            }
+            _ => {}
+        }
+        ops.insert(0, WriteOp::UpdateAttempt(attempt));
+        // Raw store errors: `settle` retries a version conflict.
+        self.store.write(ops).await.map_err(EngineError::Store)
+    }
+
+    pub(super) fn payment_for(&self, session: &PaymentSession, now: Timestamp) -> Payment {
+        Payment {
+            id: PaymentId::generate(),
+            payment_session_id: session.id.clone(),
+            payment_collection_id: session.payment_collection_id.clone(),
+            provider_id: session.provider_id.clone(),
+            amount: session.amount,
+            currency_code: session.currency_code,
+            data: session.data.clone(),
+            captures: Vec::new(),
+            refunds: Vec::new(),
+            captured_at: None,
+            canceled_at: None,
+            created_at: now,
+            updated_at: now,
+            version: 1,
+        }
+    }
+
+    /// The provider's answer to an earlier attempt.
+    pub(super) async fn ask_about(&self, attempt: &Attempt) -> Result<Outcome, CallError> {
+        let provider =
+            self.providers
+                .get(&attempt.provider_id)
+                .ok_or_else(|| CallError::NotAttempted {
+                    reason: format!("provider `{}` is not loaded", attempt.provider_id),
+                })?;
+        // The provider finds its own references (an intent id, …) in the data it returned.
+        let data = match &attempt.payment_id {
+            Some(p) => self.store.payment(p).await.ok().flatten().map(|p| p.data),
+            None => self
+                .store
+                .session(&attempt.session_id)
+                .await
+                .ok()
+                .flatten()
+                .map(|s| s.data),
+        }
+        .unwrap_or(Value::Null);
+        let truth = provider
+            .call_with_timeout(
+                RetrieveRequest {
+                    session_id: attempt.session_id.0.clone(),
+                    payment_id: attempt.payment_id.as_ref().map(|p| p.0.clone()),
+                    idempotency_key: format!(
+                        "{}:retrieve:{}",
+                        attempt.idempotency_key, attempt.checks
+                    ),
+                    amount: attempt.amount,
+                    currency_code: attempt.currency_code.code().to_owned(),
+                    data,
+                    attempt: Some(AttemptRef {
+                        operation: attempt.operation,
+                        idempotency_key: attempt.idempotency_key.clone(),
+                        amount: attempt.amount,
+                    }),
+                    deadline_unix_ms: None,
+                },
+                provider.timeout().max(Duration::from_millis(100)),
+            )
+            .await?;
+        Ok(truth.attempt.unwrap_or(Outcome::Unknown {
+            reason: "the provider did not report on the attempt".into(),
+        }))
+    }
+}

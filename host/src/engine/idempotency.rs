@@ -1,0 +1,160 @@
+//! Client idempotency keys: one run per key, replayed results, and keys bound to the attempt
+//! their operation started, so a retry never moves money twice.
+
+use super::*;
+
+impl Host {
+    /// Runs `f` once per client idempotency key: a repeated key with the same request replays the
+    /// stored result, with another request it is an error. No key: runs `f`.
+    ///
+    /// A key whose operation started a money movement is linked to that attempt in the same
+    /// write, and is never released: if the process dies before the result is stored, or the
+    /// outcome was unknown, a retry with the key is answered from the attempt once it is settled
+    /// (`rebuild`), or told it is still pending, and never moves money a second time. `rebuild`
+    /// returning `None` (the attempt failed, nothing moved) lets the retry run afresh.
+    pub(super) async fn idempotent<T, F, Fut, R, RFut>(
+        &self,
+        key: Option<&str>,
+        operation: &str,
+        request: &impl Serialize,
+        rebuild: R,
+        f: F,
+    ) -> Result<T, EngineError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, EngineError>>,
+        R: FnOnce(Attempt) -> RFut,
+        RFut: Future<Output = Result<Option<T>, EngineError>>,
+    {
+        let Some(key) = key else {
+            return CLIENT_KEY.scope(None, f()).await;
+        };
+        if key.is_empty() || key.len() > 255 {
+            return Err(EngineError::invalid(
+                "idempotency_key",
+                "must be 1 to 255 characters",
+            ));
+        }
+        let request = serde_json::to_string(request).unwrap_or_default();
+        let hash = hex::encode(Sha256::digest(format!("{operation}\n{request}")));
+        let claim = WriteOp::ClaimKey {
+            key: key.to_owned(),
+            operation: operation.to_owned(),
+            request_hash: hash.clone(),
+            at: self.now(),
+        };
+        match self.store.write(vec![claim.clone()]).await {
+            Ok(()) => {}
+            Err(StoreError::KeyExists(_)) => {
+                let stored = self.store.key(key).await?;
+                let stored = match stored {
+                    Some(s) if s.operation != operation || s.request_hash != hash => {
+                        return Err(EngineError::IdempotencyMismatch {
+                            key: key.to_owned(),
+                        });
+                    }
+                    Some(s) => s,
+                    None => {
+                        return Err(EngineError::InProgress(format!(
+                            "a request with idempotency key `{key}` just finished without effect; retry"
+                        )));
+                    }
+                };
+                if let Some(response) = stored.response {
+                    return serde_json::from_value(response).map_err(|e| {
+                        EngineError::Store(StoreError::Unavailable(format!(
+                            "stored response for key `{key}` is unreadable: {e}"
+                        )))
+                    });
+                }
+                let Some(attempt_id) = stored.attempt_id else {
+                    return Err(EngineError::InProgress(format!(
+                        "a request with idempotency key `{key}` is in progress"
+                    )));
+                };
+                let attempt = self
+                    .store
+                    .attempt(&attempt_id)
+                    .await?
+                    .ok_or_else(|| not_found("attempt", &attempt_id))?;
+                if attempt.state.is_open() {
+                    return Err(EngineError::AttemptUnresolved {
+                        attempt_id,
+                        operation: attempt.operation.as_str().to_owned(),
+                    });
+                }
+                match rebuild(attempt).await? {
+                    Some(value) => {
+                        self.store
+                            .write(vec![WriteOp::CompleteKey {
+                                key: key.to_owned(),
+                                response: serde_json::to_value(&value).unwrap_or(Value::Null),
+                            }])
+                            .await?;
+                        return Ok(value);
+                    }
+                    None => {
+                        // The attempt failed and moved nothing: this request may run afresh.
+                        self.store
+                            .write(vec![WriteOp::ForgetKey(key.to_owned()), claim])
+                            .await?;
+                    }
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let result = CLIENT_KEY.scope(Some(key.to_owned()), f()).await;
+        let write = match &result {
+            Ok(value) => WriteOp::CompleteKey {
+                key: key.to_owned(),
+                response: serde_json::to_value(value).unwrap_or(Value::Null),
+            },
+            // A key linked to an attempt stays; an unlinked one (nothing moved) is released.
+            Err(_) => WriteOp::ReleaseKey(key.to_owned()),
+        };
+        self.store.write(vec![write]).await?;
+        result
+    }
+
+    /// What to answer a retried money request whose first run ended unrecorded: the payment as
+    /// it stands if its attempt succeeded; `None` (run again) if it failed.
+    pub(super) async fn rebuild_payment(
+        &self,
+        attempt: Attempt,
+    ) -> Result<Option<Payment>, EngineError> {
+        if attempt.state != AttemptState::Succeeded {
+            return Ok(None);
+        }
+        let id = attempt.payment_id.map(|p| p.0).unwrap_or_default();
+        self.payment(&id).await.map(Some)
+    }
+
+    /// What to answer a retried authorize whose first run ended unrecorded: the session as it
+    /// stands, with the attempt's next action or decline.
+    pub(super) async fn rebuild_authorize(
+        &self,
+        attempt: Attempt,
+    ) -> Result<Option<AuthorizeResult>, EngineError> {
+        let outcome: Option<Outcome> = attempt
+            .outcome
+            .clone()
+            .and_then(|o| serde_json::from_value(o).ok());
+        if attempt.state == AttemptState::Failed
+            && !matches!(outcome, Some(Outcome::Declined { .. }))
+        {
+            return Ok(None);
+        }
+        let session = self.session(attempt.session_id.as_str()).await?;
+        let payment = self.store.payment_of_session(&session.id).await?;
+        let mut result = AuthorizeResult::of(session, payment);
+        match outcome {
+            Some(Outcome::RequiresMore { next_action }) => result.next_action = Some(next_action),
+            Some(Outcome::Declined { code, message }) => {
+                result.decline = Some(Decline { code, message })
+            }
+            _ => {}
+        }
+        Ok(Some(result))
+    }
+}

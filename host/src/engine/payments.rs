@@ -1,0 +1,188 @@
+//! Payments: capture, refund, cancel.
+
+use super::*;
+
+impl Host {
+    pub(super) async fn payment_op(
+        &self,
+        id: &str,
+        operation: Operation,
+        amount: Option<i64>,
+        reason: Option<String>,
+    ) -> Result<Payment, EngineError> {
+        let _guard = self.locks.lock(id).await;
+        let mut payment = self.payment(id).await?;
+        // An open outcome comes first: until it resolves, the amounts below are not the truth.
+        self.refuse_if_open(payment.id.as_str()).await?;
+        let session = self
+            .store
+            .session(&payment.payment_session_id)
+            .await?
+            .ok_or_else(|| not_found("payment session", payment.payment_session_id.as_str()))?;
+        let provider = self.provider(&payment.provider_id)?.clone();
+        let caps = provider.manifest().capabilities;
+        let captured = payment.captured_amount();
+        let refunded = payment.refunded_amount();
+        let (amount, input) = match operation {
+            Operation::Capture => {
+                let a = amount.unwrap_or(payment.amount - captured);
+                (a, PaymentInput::Capture(a))
+            }
+            Operation::Refund => {
+                let a = amount.unwrap_or(captured - refunded);
+                (a, PaymentInput::Refund(a))
+            }
+            _ => (payment.amount, PaymentInput::Cancel),
+        };
+        if operation != Operation::Cancel {
+            Money::of(amount, payment.currency_code)
+                .map_err(|e| EngineError::invalid("amount", e.to_string()))?;
+        }
+        transitions::payment(&payment, input).map_err(EngineError::InvalidTransition)?;
+        match operation {
+            Operation::Capture if amount < payment.amount - captured && !caps.partial_capture => {
+                return Err(EngineError::Unsupported(format!(
+                    "provider `{}` cannot capture part of a payment",
+                    payment.provider_id
+                )));
+            }
+            Operation::Capture if captured > 0 && !caps.multiple_captures => {
+                return Err(EngineError::Unsupported(format!(
+                    "provider `{}` allows one capture per payment",
+                    payment.provider_id
+                )));
+            }
+            Operation::Refund
+                if (amount < captured - refunded || refunded > 0) && !caps.partial_refund =>
+            {
+                return Err(EngineError::Unsupported(format!(
+                    "provider `{}` can only refund everything captured, once",
+                    payment.provider_id
+                )));
+            }
+            _ => {}
+        }
+        let attempt = self.new_attempt(&session, Some(&payment), operation, amount, reason.clone());
+        let expected = payment.version;
+        payment.version += 1;
+        payment.updated_at = self.now();
+        self.begin(
+            &attempt,
+            WriteOp::UpdatePayment {
+                payment: payment.clone(),
+                expected_version: expected,
+            },
+        )
+        .await?;
+        let currency = payment.currency_code.code().to_owned();
+        let answer = match operation {
+            Operation::Capture => {
+                provider
+                    .call(CaptureRequest {
+                        session_id: session.id.0.clone(),
+                        payment_id: payment.id.0.clone(),
+                        idempotency_key: attempt.idempotency_key.clone(),
+                        amount,
+                        currency_code: currency,
+                        data: payment.data.clone(),
+                        deadline_unix_ms: None,
+                    })
+                    .await
+            }
+            Operation::Refund => {
+                provider
+                    .call(RefundRequest {
+                        session_id: session.id.0.clone(),
+                        payment_id: payment.id.0.clone(),
+                        idempotency_key: attempt.idempotency_key.clone(),
+                        amount,
+                        currency_code: currency,
+                        data: payment.data.clone(),
+                        reason,
+                        deadline_unix_ms: None,
+                    })
+                    .await
+            }
+            _ => {
+                provider
+                    .call(CancelRequest {
+                        session_id: session.id.0.clone(),
+                        payment_id: Some(payment.id.0.clone()),
+                        idempotency_key: attempt.idempotency_key.clone(),
+                        amount,
+                        currency_code: currency,
+                        data: payment.data.clone(),
+                        deadline_unix_ms: None,
+                    })
+                    .await
+            }
+        };
+        let attempt_id = attempt.id.0.clone();
+        match self.after_call(attempt, answer).await {
+            Ok(Outcome::Declined { code, message }) => Err(EngineError::Declined { code, message }),
+            Ok(Outcome::Pending) => Err(EngineError::OutcomeUnknown {
+                attempt_id,
+                reason: "the provider will finish it later".into(),
+            }),
+            Ok(Outcome::RequiresMore { .. }) => Err(EngineError::Provider(ProviderError::new(
+                payhost_provider_api::ErrorKind::InvalidRequest,
+                format!("the provider asked for customer action on a {operation}"),
+            ))),
+            Ok(_) => self.payment(id).await,
+            Err(EngineError::OutcomeUnknown { reason, .. }) => {
+                Err(EngineError::OutcomeUnknown { attempt_id, reason })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Captures `amount` (default: what remains) of a payment.
+    pub async fn capture_payment(
+        &self,
+        id: &str,
+        input: CaptureInput,
+        idempotency_key: Option<&str>,
+    ) -> Result<Payment, EngineError> {
+        self.idempotent(
+            idempotency_key,
+            &format!("capture:{id}"),
+            &input,
+            |a| self.rebuild_payment(a),
+            || self.payment_op(id, Operation::Capture, input.amount, None),
+        )
+        .await
+    }
+
+    /// Refunds `amount` (default: everything captured and not yet refunded) of a payment.
+    pub async fn refund_payment(
+        &self,
+        id: &str,
+        input: RefundInput,
+        idempotency_key: Option<&str>,
+    ) -> Result<Payment, EngineError> {
+        self.idempotent(
+            idempotency_key,
+            &format!("refund:{id}"),
+            &input,
+            |a| self.rebuild_payment(a),
+            || self.payment_op(id, Operation::Refund, input.amount, input.reason.clone()),
+        )
+        .await
+    }
+
+    /// Cancels (voids) a payment with no captures.
+    pub async fn cancel_payment(
+        &self,
+        id: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<Payment, EngineError> {
+        self.idempotent(
+            idempotency_key,
+            &format!("cancel:{id}"),
+            &Value::Null,
+            |a| self.rebuild_payment(a),
+            || self.payment_op(id, Operation::Cancel, None, None),
+        )
+        .await
+    }
+}

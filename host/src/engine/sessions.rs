@@ -1,0 +1,405 @@
+//! Collections and sessions: create, initiate, update, select, delete, authorize.
+
+use super::*;
+
+impl Host {
+    // ------------------------------------------------------ collections
+
+    /// Creates a payment collection.
+    pub async fn create_collection(
+        &self,
+        input: NewCollection,
+        idempotency_key: Option<&str>,
+    ) -> Result<PaymentCollection, EngineError> {
+        self.idempotent(
+            idempotency_key,
+            "create_collection",
+            &input,
+            no_attempt,
+            || async {
+                let money =
+                    Money::new(input.amount, &input.currency_code).map_err(|e| match e {
+                        MoneyError::UnknownCurrency(_) => {
+                            EngineError::invalid("currency_code", e.to_string())
+                        }
+                        _ => EngineError::invalid("amount", e.to_string()),
+                    })?;
+                let now = self.now();
+                let collection = PaymentCollection {
+                    id: CollectionId::generate(),
+                    amount: money.amount,
+                    currency_code: money.currency,
+                    metadata: input.metadata.clone(),
+                    created_at: now,
+                    updated_at: now,
+                };
+                self.store
+                    .write(vec![WriteOp::InsertCollection(collection.clone())])
+                    .await?;
+                Ok(collection)
+            },
+        )
+        .await
+    }
+
+    // ------------------------------------------------------ sessions
+
+    /// Creates a session for a collection and, unless `initiate` is false (a Medusa v1
+    /// placeholder), initiates it with the provider.
+    pub async fn create_session(
+        &self,
+        input: NewSession,
+        idempotency_key: Option<&str>,
+    ) -> Result<PaymentSession, EngineError> {
+        self.idempotent(idempotency_key, "create_session", &input, no_attempt, || async {
+            let collection_id = CollectionId::parse(&input.payment_collection_id)
+                .ok_or_else(|| not_found("payment collection", &input.payment_collection_id))?;
+            let collection = self
+                .store
+                .collection(&collection_id)
+                .await?
+                .ok_or_else(|| not_found("payment collection", collection_id.as_str()))?;
+            self.provider(&input.provider_id)?;
+            if let Some(code) = &input.currency_code {
+                let currency = Currency::parse(code).ok_or_else(|| {
+                    EngineError::invalid(
+                        "currency_code",
+                        format!("`{code}` is not an ISO 4217 currency code"),
+                    )
+                })?;
+                if currency != collection.currency_code {
+                    return Err(EngineError::invalid(
+                        "currency_code",
+                        format!(
+                            "currency mismatch: the collection is in {}, the session in {currency}",
+                            collection.currency_code
+                        ),
+                    ));
+                }
+            }
+            let amount = input.amount.unwrap_or(collection.amount);
+            Money::of(amount, collection.currency_code)
+                .map_err(|e| EngineError::invalid("amount", e.to_string()))?;
+            if let Some(cart) = &input.cart_id
+                && (cart.is_empty() || cart.len() > 255)
+            {
+                return Err(EngineError::invalid(
+                    "cart_id",
+                    "must be 1 to 255 characters",
+                ));
+            }
+            let now = self.now();
+            let session = PaymentSession {
+                id: SessionId::generate(),
+                payment_collection_id: collection_id,
+                cart_id: input.cart_id.clone(),
+                cart: input.cart.clone(),
+                context: input.context.clone(),
+                provider_id: input.provider_id.clone(),
+                is_selected: false,
+                is_initiated: false,
+                status: SessionStatus::Pending,
+                data: input.data.clone(),
+                idempotency_key: format!("psk_{}", uuid::Uuid::new_v4().simple()),
+                amount,
+                currency_code: collection.currency_code,
+                payment_authorized_at: None,
+                metadata: input.metadata.clone(),
+                created_at: now,
+                updated_at: now,
+                version: 1,
+            };
+            self.store
+                .write(vec![WriteOp::InsertSession(session.clone())])
+                .await?;
+            if !input.initiate {
+                return Ok(session);
+            }
+            let _guard = self.locks.lock(session.id.as_str()).await;
+            self.initiate_locked(session).await
+        })
+        .await
+    }
+
+    /// Initiates a placeholder session with its provider (Medusa v1: when it is selected).
+    pub async fn initiate_session(&self, id: &str) -> Result<PaymentSession, EngineError> {
+        let session = self.session(id).await?;
+        let _guard = self.locks.lock(session.id.as_str()).await;
+        let session = self.session(id).await?;
+        if session.is_initiated {
+            return Ok(session);
+        }
+        self.initiate_locked(session).await
+    }
+
+    pub(super) async fn initiate_locked(
+        &self,
+        mut session: PaymentSession,
+    ) -> Result<PaymentSession, EngineError> {
+        allow(session.status, SessionInput::Update)?;
+        let provider = self.provider(&session.provider_id)?;
+        let key = format!("{}:initiate:{}", session.idempotency_key, session.amount);
+        let response = provider.call(Self::initiate_request(&session, key)).await;
+        let response = definitive(response, "initiate")?;
+        let expected = session.version;
+        session.is_initiated = true;
+        if let Some(data) = response.data {
+            session.data = data;
+        }
+        self.save_session(session, expected).await
+    }
+
+    /// Changes a session's amount, cart, context, data or metadata; the provider is told (or the
+    /// payment recreated with it, where it cannot update an amount).
+    pub async fn update_session(
+        &self,
+        id: &str,
+        input: SessionUpdate,
+        idempotency_key: Option<&str>,
+    ) -> Result<PaymentSession, EngineError> {
+        self.idempotent(
+            idempotency_key,
+            &format!("update_session:{id}"),
+            &input,
+            no_attempt,
+            || async {
+                let _guard = self.locks.lock(id).await;
+                let mut session = self.session(id).await?;
+                allow(session.status, SessionInput::Update)?;
+                self.refuse_if_open(session.id.as_str()).await?;
+                let expected = session.version;
+                let amount_changed = match input.amount {
+                    Some(a) => {
+                        Money::of(a, session.currency_code)
+                            .map_err(|e| EngineError::invalid("amount", e.to_string()))?;
+                        a != session.amount
+                    }
+                    None => false,
+                };
+                if let Some(a) = input.amount {
+                    session.amount = a;
+                }
+                if let Some(cart) = &input.cart {
+                    session.cart = cart.clone();
+                }
+                if let Some(context) = &input.context {
+                    session.context = context.clone();
+                }
+                if let Some(data) = &input.data {
+                    session.data = merge(&session.data, data);
+                }
+                if let Some(metadata) = &input.metadata {
+                    session.metadata = metadata.clone();
+                }
+                if session.is_initiated {
+                    let provider = self.provider(&session.provider_id)?;
+                    let key = format!("{}:update:{}", session.idempotency_key, session.version);
+                    let response = if amount_changed
+                        && !provider.manifest().capabilities.update_amount
+                    {
+                        // Recreate: forget the old payment at the provider, start a new one.
+                        definitive(
+                            provider
+                                .call(DeleteRequest {
+                                    session_id: session.id.0.clone(),
+                                    idempotency_key: format!("{key}:delete"),
+                                    amount: session.amount,
+                                    currency_code: session.currency_code.code().to_owned(),
+                                    data: session.data.clone(),
+                                    deadline_unix_ms: None,
+                                })
+                                .await,
+                            "delete",
+                        )?;
+                        definitive(
+                            provider
+                                .call(Self::initiate_request(&session, format!("{key}:initiate")))
+                                .await,
+                            "initiate",
+                        )?
+                    } else {
+                        definitive(
+                            provider
+                                .call(UpdateRequest {
+                                    session_id: session.id.0.clone(),
+                                    idempotency_key: key,
+                                    amount: session.amount,
+                                    currency_code: session.currency_code.code().to_owned(),
+                                    context: session.context.clone(),
+                                    data: session.data.clone(),
+                                    deadline_unix_ms: None,
+                                })
+                                .await,
+                            "update",
+                        )?
+                    };
+                    if let Some(data) = response.data {
+                        session.data = data;
+                    }
+                }
+                self.save_session(session, expected).await
+            },
+        )
+        .await
+    }
+
+    /// Selects a session: the one selected for its cart and for its collection (the others are
+    /// unselected). A placeholder is initiated on selection.
+    pub async fn select_session(&self, id: &str) -> Result<PaymentSession, EngineError> {
+        let guard = self.locks.lock(id).await;
+        let session = self.session(id).await?;
+        if matches!(
+            session.status,
+            SessionStatus::Error | SessionStatus::Canceled
+        ) {
+            return Err(EngineError::InvalidTransition(format!(
+                "a session that is {} cannot be selected",
+                session.status.as_str()
+            )));
+        }
+        self.store
+            .write(vec![WriteOp::SelectSession(session.id.clone())])
+            .await?;
+        drop(guard);
+        if !session.is_initiated && session.status == SessionStatus::Pending {
+            return self.initiate_session(id).await;
+        }
+        self.session(id).await
+    }
+
+    /// Deletes a session that was never authorized: the provider is told, and the session is kept
+    /// as `canceled` (history is never lost).
+    pub async fn delete_session(&self, id: &str) -> Result<PaymentSession, EngineError> {
+        let _guard = self.locks.lock(id).await;
+        let mut session = self.session(id).await?;
+        allow(session.status, SessionInput::Delete)?;
+        self.refuse_if_open(session.id.as_str()).await?;
+        if session.is_initiated {
+            let provider = self.provider(&session.provider_id)?;
+            definitive(
+                provider
+                    .call(DeleteRequest {
+                        session_id: session.id.0.clone(),
+                        idempotency_key: format!("{}:delete", session.idempotency_key),
+                        amount: session.amount,
+                        currency_code: session.currency_code.code().to_owned(),
+                        data: session.data.clone(),
+                        deadline_unix_ms: None,
+                    })
+                    .await,
+                "delete",
+            )?;
+        }
+        let expected = session.version;
+        session.status = SessionStatus::Canceled;
+        session.is_selected = false;
+        self.save_session(session, expected).await
+    }
+
+    /// Writes a changed session over the version it was read at (`expected`), bumping it.
+    pub(super) async fn save_session(
+        &self,
+        mut session: PaymentSession,
+        expected: i64,
+    ) -> Result<PaymentSession, EngineError> {
+        session.version = expected + 1;
+        session.updated_at = self.now();
+        self.store
+            .write(vec![WriteOp::UpdateSession {
+                session: session.clone(),
+                expected_version: expected,
+            }])
+            .await?;
+        Ok(session)
+    }
+
+    /// The initiate request for a session, under `key`.
+    pub(super) fn initiate_request(session: &PaymentSession, key: String) -> InitiateRequest {
+        InitiateRequest {
+            session_id: session.id.0.clone(),
+            idempotency_key: key,
+            amount: session.amount,
+            currency_code: session.currency_code.code().to_owned(),
+            context: session.context.clone(),
+            data: session.data.clone(),
+            deadline_unix_ms: None,
+        }
+    }
+
+    /// Authorizes a session: `processed` makes it authorized and creates its payment in one write;
+    /// `requires_more` returns the customer's next action; `pending` waits for a webhook or sync;
+    /// a decline leaves it in `error` (see [`AuthorizeResult::decline`]).
+    pub async fn authorize_session(
+        &self,
+        id: &str,
+        input: AuthorizeInput,
+        idempotency_key: Option<&str>,
+    ) -> Result<AuthorizeResult, EngineError> {
+        self.idempotent(
+            idempotency_key,
+            &format!("authorize:{id}"),
+            &input,
+            |a| self.rebuild_authorize(a),
+            || async {
+                let _guard = self.locks.lock(id).await;
+                let mut session = self.session(id).await?;
+                match transitions::session(session.status, SessionInput::Authorize) {
+                    Step::Refused(why) => return Err(EngineError::InvalidTransition(why)),
+                    _ if session.status == SessionStatus::Authorized => {
+                        let payment = self.store.payment_of_session(&session.id).await?;
+                        return Ok(AuthorizeResult::of(session, payment));
+                    }
+                    _ => {}
+                }
+                self.refuse_if_open(session.id.as_str()).await?;
+                let provider = self.provider(&session.provider_id)?.clone();
+                if !session.is_initiated {
+                    session = self.initiate_locked(session).await?;
+                }
+                if let Some(context) = &input.context {
+                    session.context = context.clone();
+                }
+                if let Some(data) = &input.data {
+                    session.data = merge(&session.data, data);
+                }
+                let attempt =
+                    self.new_attempt(&session, None, Operation::Authorize, session.amount, None);
+                let expected = session.version;
+                session.version += 1;
+                session.updated_at = self.now();
+                self.begin(
+                    &attempt,
+                    WriteOp::UpdateSession {
+                        session: session.clone(),
+                        expected_version: expected,
+                    },
+                )
+                .await?;
+                let answer = provider
+                    .call(AuthorizeRequest {
+                        session_id: session.id.0.clone(),
+                        idempotency_key: attempt.idempotency_key.clone(),
+                        amount: session.amount,
+                        currency_code: session.currency_code.code().to_owned(),
+                        context: session.context.clone(),
+                        data: session.data.clone(),
+                        deadline_unix_ms: None,
+                    })
+                    .await;
+                let outcome = self.after_call(attempt, answer).await?;
+                let session = self.session(id).await?;
+                let payment = self.store.payment_of_session(&session.id).await?;
+                let mut result = AuthorizeResult::of(session, payment);
+                match outcome {
+                    Outcome::RequiresMore { next_action } => result.next_action = Some(next_action),
+                    Outcome::Declined { code, message } => {
+                        result.decline = Some(Decline { code, message })
+                    }
+                    _ => {}
+                }
+                Ok(result)
+            },
+        )
+        .await
+    }
+}
