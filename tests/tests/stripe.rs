@@ -313,17 +313,47 @@ impl Proxy {
     }
 }
 
+/// localstripe behind a [`Proxy`], a host whose Stripe calls time out at 1.5 s, and an initiated
+/// 10.00 EUR session paying with a card that authorizes.
+struct Proxied {
+    _stripe: LocalStripe,
+    proxy: Proxy,
+    _scratch: Scratch,
+    host: Arc<payhost::Host>,
+    sid: String,
+}
+
+impl Proxied {
+    async fn start() -> Option<Proxied> {
+        let stripe = LocalStripe::start()?;
+        let proxy = Proxy::start(stripe.port()).await;
+        let scratch = Scratch::new();
+        let host = scratch
+            .host(&config(&format!("http://{}", proxy.address), 1500))
+            .await;
+        let sid = session(&host, 1000, card("4242424242424242")).await;
+        Some(Proxied {
+            _stripe: stripe,
+            proxy,
+            _scratch: scratch,
+            host,
+            sid,
+        })
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_lost_on_the_way_back_is_unknown_then_reconciled() {
-    let Some(stripe) = LocalStripe::start() else {
+    let Some(Proxied {
+        _stripe,
+        proxy,
+        _scratch,
+        host,
+        sid,
+    }) = Proxied::start().await
+    else {
         return;
     };
-    let proxy = Proxy::start(stripe.port()).await;
-    let s = Scratch::new();
-    let host = s
-        .host(&config(&format!("http://{}", proxy.address), 1500))
-        .await;
-    let sid = session(&host, 1000, card("4242424242424242")).await;
 
     proxy.lose_confirm_answers.store(true, Ordering::SeqCst);
     let started = Instant::now();
@@ -450,15 +480,16 @@ async fn a_webhook_that_localstripe_delivers_is_verified_and_applied() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_never_answers_is_unknown_then_reconciled_when_stripe_is_back() {
-    let Some(stripe) = LocalStripe::start() else {
+    let Some(Proxied {
+        _stripe,
+        proxy,
+        _scratch,
+        host,
+        sid,
+    }) = Proxied::start().await
+    else {
         return;
     };
-    let proxy = Proxy::start(stripe.port()).await;
-    let s = Scratch::new();
-    let host = s
-        .host(&config(&format!("http://{}", proxy.address), 1500))
-        .await;
-    let sid = session(&host, 1000, card("4242424242424242")).await;
 
     proxy.black_hole.store(true, Ordering::SeqCst);
     let started = Instant::now();
