@@ -40,14 +40,62 @@ pub struct ServerConfig {
     /// Address the HTTP API listens on.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Longest wait for a request's head once its first byte arrived (slowloris); 408 after.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_ms: u64,
+    /// Longest wait for a whole request body, from the end of its head; 408 after.
+    #[serde(default = "default_body_timeout")]
+    pub body_timeout_ms: u64,
+    /// How long a keep-alive connection may sit idle between requests before it is closed.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_ms: u64,
+    /// On SIGTERM: how long requests in progress may take to finish.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace_ms: u64,
+    /// Connections served at once; past it, new ones wait in the accept queue. Default: sized
+    /// from the open-file limit (see `payhost check`).
+    #[serde(default)]
+    pub max_connections: Option<usize>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: default_listen(),
+            header_timeout_ms: default_header_timeout(),
+            body_timeout_ms: default_body_timeout(),
+            idle_timeout_ms: default_idle_timeout(),
+            shutdown_grace_ms: default_shutdown_grace(),
+            max_connections: None,
         }
     }
+}
+
+impl ServerConfig {
+    /// The connection limit: the configured one, or what the open-file limit `nofile` allows
+    /// after a reserve for the store, the plugins and the providers' own connections.
+    pub fn connection_limit(&self, nofile: u64) -> usize {
+        self.max_connections.unwrap_or_else(|| {
+            let spare = nofile.saturating_sub(256) * 9 / 10;
+            spare.clamp(64, 100_000) as usize
+        })
+    }
+}
+
+fn default_header_timeout() -> u64 {
+    10_000
+}
+
+fn default_body_timeout() -> u64 {
+    30_000
+}
+
+fn default_idle_timeout() -> u64 {
+    60_000
+}
+
+fn default_shutdown_grace() -> u64 {
+    10_000
 }
 
 fn default_listen() -> SocketAddr {
@@ -503,6 +551,29 @@ impl Config {
                     format!("`{key}` must be between 1 and 600000"),
                 ));
             }
+        }
+        for (key, value) in [
+            ("server.header_timeout_ms", raw.server.header_timeout_ms),
+            ("server.body_timeout_ms", raw.server.body_timeout_ms),
+            ("server.idle_timeout_ms", raw.server.idle_timeout_ms),
+            ("server.shutdown_grace_ms", raw.server.shutdown_grace_ms),
+        ] {
+            if !(1..=3_600_000).contains(&value) {
+                return Err(invalid(
+                    source.value_span(key),
+                    key.into(),
+                    format!("`{key}` must be between 1 and 3600000 (one hour)"),
+                ));
+            }
+        }
+        if let Some(n) = raw.server.max_connections
+            && !(1..=1_000_000).contains(&n)
+        {
+            return Err(invalid(
+                source.value_span("server.max_connections"),
+                "server.max_connections".into(),
+                "`max_connections` must be between 1 and 1000000".into(),
+            ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&raw.log.level) {
             let span = source.value_span("log.level");

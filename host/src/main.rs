@@ -312,9 +312,13 @@ fn serve(path: &Path, listen: Option<std::net::SocketAddr>) -> ExitCode {
     };
     init_logging(&config.log.level, config.log.format);
     // Many connections need many descriptors: take what the hard limit allows.
-    if let Err(e) = rlimit::increase_nofile_limit(65_536) {
-        tracing::warn!("could not raise the open-file limit: {e}");
-    }
+    let nofile = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!("could not raise the open-file limit: {e}");
+            rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft)
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -347,8 +351,18 @@ fn serve(path: &Path, listen: Option<std::net::SocketAddr>) -> ExitCode {
         }
     };
     let bound = listener.local_addr().map_or(address, |a| a);
-    let app = payhost::http::router(payhost::http::AppState::new(host.clone(), failed.clone()))
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(1024));
+    let server = &config.server;
+    let app = payhost::http::router(
+        payhost::http::AppState::new(host.clone(), failed.clone())
+            .with_body_timeout(Duration::from_millis(server.body_timeout_ms)),
+    );
+    let edge = payhost::http::edge::EdgeSettings {
+        name: "api",
+        header_timeout: Duration::from_millis(server.header_timeout_ms),
+        idle_timeout: Duration::from_millis(server.idle_timeout_ms),
+        max_connections: server.connection_limit(nofile),
+        shutdown_grace: Duration::from_millis(server.shutdown_grace_ms),
+    };
     let reconciler = {
         let _entered = runtime.enter();
         host.spawn_reconciler()
@@ -358,20 +372,24 @@ fn serve(path: &Path, listen: Option<std::net::SocketAddr>) -> ExitCode {
         storage = %config.storage.url,
         loaded = host.providers().len(),
         failed = failed.len(),
+        open_files = nofile,
+        max_connections = edge.max_connections,
         "payhost ready on http://{bound}"
     );
     println!("listening on http://{bound}");
-    let served = runtime.block_on(async {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-    });
+    let grace = edge.shutdown_grace;
+    runtime.block_on(payhost::http::edge::serve(
+        listener,
+        app,
+        edge,
+        shutdown_signal(),
+    ));
     reconciler.abort();
-    if let Err(e) = served {
-        tracing::error!("the server failed: {e}");
-    }
-    tracing::info!("shutting down: waiting up to 10 s for provider calls in progress");
-    runtime.shutdown_timeout(Duration::from_secs(10));
+    tracing::info!(
+        "shutting down: waiting up to {} ms for provider calls in progress",
+        grace.as_millis()
+    );
+    runtime.shutdown_timeout(grace);
     ExitCode::SUCCESS
 }
 

@@ -23,6 +23,13 @@ pub struct Metrics {
     /// `payhost_provider_http_duration_seconds{provider,outcome}`: requests the host sent for
     /// providers.
     pub provider_http: HistogramVec,
+    /// `payhost_http_connections_cut_total{reason}`: connections closed by the edge
+    /// (`header_timeout`, `body_timeout`, `idle_timeout`).
+    pub http_connections_cut: IntCounterVec,
+    /// `payhost_http_connections_open{listener}`.
+    pub http_connections_open: IntGaugeVec,
+    /// `payhost_http_connection_limit{listener}`: connections served at once at most.
+    pub http_connection_limit: IntGaugeVec,
 }
 
 const BUCKETS: &[f64] = &[
@@ -83,8 +90,35 @@ impl Metrics {
             &["provider", "outcome"],
         )
         .expect("valid metric");
+        let http_connections_cut = IntCounterVec::new(
+            Opts::new(
+                "payhost_http_connections_cut_total",
+                "Connections the server closed because a clock ran out, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let http_connections_open = IntGaugeVec::new(
+            Opts::new(
+                "payhost_http_connections_open",
+                "Connections open now, by listener",
+            ),
+            &["listener"],
+        )
+        .expect("valid metric");
+        let http_connection_limit = IntGaugeVec::new(
+            Opts::new(
+                "payhost_http_connection_limit",
+                "Connections served at once at most, by listener",
+            ),
+            &["listener"],
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(provider_http.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(http_connections_cut.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(http_connections_open.clone()),
+            Box::new(http_connection_limit.clone()),
+            Box::new(provider_http.clone()),
             Box::new(http_requests.clone()),
             Box::new(http_duration.clone()),
             Box::new(provider_calls.clone()),
@@ -101,6 +135,9 @@ impl Metrics {
             attempts_open,
             webhooks,
             provider_http,
+            http_connections_cut,
+            http_connections_open,
+            http_connection_limit,
         }
     }
 

@@ -28,6 +28,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                 let v = v.to_ascii_lowercase();
                 v.starts_with("application/json") || v.contains("+json")
             });
+        // Refuse a body of the wrong type before reading it (a client waiting for
+        // `100 Continue` then never sends it).
+        if json_type == Some(false) && !http_body::Body::is_end_stream(req.body()) {
+            return Err(unsupported_media_type());
+        }
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             let status = e.status();
             if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -45,17 +50,21 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
             b"{}"
         } else {
             if json_type == Some(false) {
-                return Err(ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "invalid_request_error",
-                    "unsupported_media_type",
-                    "send the body as application/json",
-                ));
+                return Err(unsupported_media_type());
             }
             &bytes
         };
         parse(bytes).map(ApiJson)
     }
+}
+
+fn unsupported_media_type() -> ApiError {
+    ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "invalid_request_error",
+        "unsupported_media_type",
+        "send the body as application/json",
+    )
 }
 
 /// Parses a JSON body, refusing excessive nesting and naming the field at fault.

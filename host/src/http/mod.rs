@@ -2,11 +2,13 @@
 //! operations endpoints. Handlers only translate between HTTP and the engine; they change no
 //! status themselves. [`router`] is an axum `Router` an embedder can nest in its own server.
 
+pub mod edge;
 pub mod error;
+mod guard;
 pub mod json;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
@@ -33,6 +35,7 @@ pub const MAX_WEBHOOK_BODY: usize = 1024 * 1024;
 pub struct AppState {
     host: Arc<Host>,
     failed_providers: Arc<Vec<(String, String)>>,
+    body_timeout: Duration,
 }
 
 impl AppState {
@@ -42,9 +45,19 @@ impl AppState {
         AppState {
             host,
             failed_providers: Arc::new(failed_providers),
+            body_timeout: DEFAULT_BODY_TIMEOUT,
         }
     }
+
+    /// How long a request body may take to arrive (default 30 s); `408` after.
+    pub fn with_body_timeout(mut self, timeout: Duration) -> AppState {
+        self.body_timeout = timeout;
+        self
+    }
 }
+
+/// The default of [`AppState::with_body_timeout`].
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 type ApiResult<T> = Result<T, ApiError>;
 
@@ -86,6 +99,10 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard::guard_body,
+        ))
         .layer(middleware::from_fn(observe))
         .with_state(state)
 }
