@@ -25,6 +25,7 @@ fn settings(id: &str, path: std::path::PathBuf) -> ProviderSettings {
         sha256: None,
         timeout: Duration::from_secs(5),
         max_concurrency: 8,
+        resend_unknown: true,
         options: serde_json::json!({}),
     }
 }

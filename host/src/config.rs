@@ -28,6 +28,8 @@ pub struct Config {
     pub plugin_dir: Option<PathBuf>,
     /// `[log]`.
     pub log: LogConfig,
+    /// `[reconcile]`.
+    pub reconcile: ReconcileConfig,
     /// `[providers.<id>]`, in id order.
     pub providers: Vec<ProviderSettings>,
     source: Source,
@@ -147,6 +149,44 @@ fn default_storage_url() -> String {
     "sqlite://data/payhost.db".into()
 }
 
+/// `[reconcile]`: how open outcomes are settled.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileConfig {
+    /// Delay before the first check of an unknown outcome.
+    #[serde(default = "default_first_check")]
+    pub first_check_ms: u64,
+    /// Inconclusive checks (backing off exponentially from 1 s) before an operator must decide.
+    #[serde(default = "default_max_checks")]
+    pub max_checks: u32,
+    /// How long after a call's deadline it may still reach the processor. Until then a
+    /// processor's "no such call" proves nothing, and the attempt stays unknown.
+    #[serde(default = "default_landing_margin")]
+    pub landing_margin_ms: u64,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        ReconcileConfig {
+            first_check_ms: default_first_check(),
+            max_checks: default_max_checks(),
+            landing_margin_ms: default_landing_margin(),
+        }
+    }
+}
+
+fn default_first_check() -> u64 {
+    500
+}
+
+fn default_max_checks() -> u32 {
+    12
+}
+
+fn default_landing_margin() -> u64 {
+    10_000
+}
+
 /// `[log]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -207,10 +247,16 @@ pub struct ProviderSettings {
     pub timeout: Duration,
     /// How many calls to this provider may run at once.
     pub max_concurrency: usize,
+    /// `resend_unknown = false`: the reconciler never sends an unknown call again with its
+    /// idempotency key, even when the provider says its processor replays keys (for a test
+    /// double that ignores them); it only asks `retrieve`.
+    pub resend_unknown: bool,
     /// `[providers.<id>.options]` as JSON, handed to the provider. May hold secrets: never log it.
     pub options: serde_json::Value,
 }
 
+/// The longest deadline a provider call may have.
+pub const MAX_TIMEOUT_MS: u64 = 600_000;
 /// The default deadline of a provider call.
 pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 /// The default number of concurrent calls per provider.
@@ -227,6 +273,8 @@ struct RawConfig {
     plugins: RawPlugins,
     #[serde(default)]
     log: LogConfig,
+    #[serde(default)]
+    reconcile: ReconcileConfig,
     #[serde(default)]
     providers: BTreeMap<String, Spanned<RawProvider>>,
 }
@@ -247,6 +295,8 @@ struct RawProvider {
     sha256: Option<Spanned<String>>,
     timeout_ms: Option<Spanned<u64>>,
     max_concurrency: Option<Spanned<u64>>,
+    #[serde(default = "yes")]
+    resend_unknown: bool,
     #[serde(default)]
     options: toml::Table,
 }
@@ -481,7 +531,7 @@ impl Config {
             };
             let timeout_ms = match p.timeout_ms {
                 None => DEFAULT_TIMEOUT_MS,
-                Some(t) if (1..=600_000).contains(t.get_ref()) => t.into_inner(),
+                Some(t) if (1..=MAX_TIMEOUT_MS).contains(t.get_ref()) => t.into_inner(),
                 Some(t) => {
                     return Err(invalid(
                         Some(t.span()),
@@ -514,6 +564,7 @@ impl Config {
                 sha256,
                 timeout: Duration::from_millis(timeout_ms),
                 max_concurrency,
+                resend_unknown: p.resend_unknown,
                 options: toml_to_json(toml::Value::Table(p.options)),
             });
         }
@@ -566,6 +617,34 @@ impl Config {
                 ));
             }
         }
+        for (key, value, max) in [
+            (
+                "reconcile.first_check_ms",
+                raw.reconcile.first_check_ms,
+                3_600_000,
+            ),
+            (
+                "reconcile.max_checks",
+                u64::from(raw.reconcile.max_checks),
+                100,
+            ),
+            (
+                "reconcile.landing_margin_ms",
+                raw.reconcile.landing_margin_ms,
+                3_600_000,
+            ),
+        ] {
+            if value > max || (key == "reconcile.max_checks" && value == 0) {
+                return Err(invalid(
+                    source.value_span(key),
+                    key.into(),
+                    format!(
+                        "`{key}` must be between {} and {max}",
+                        u64::from(key == "reconcile.max_checks")
+                    ),
+                ));
+            }
+        }
         if let Some(n) = raw.server.max_connections
             && !(1..=1_000_000).contains(&n)
         {
@@ -590,6 +669,7 @@ impl Config {
             server: raw.server,
             storage: raw.storage,
             log: raw.log,
+            reconcile: raw.reconcile,
             providers,
             path,
             source,

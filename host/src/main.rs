@@ -434,13 +434,33 @@ fn attempts(path: &Path, json: bool, action: Option<AttemptsAction>) -> ExitCode
     runtime.block_on(async {
         let store = match payhost::engine::open_store(&config).await {
             Ok(s) => s,
+            // A running host has the embedded database: it can still be read beside it.
+            Err(payhost::engine::OpenError::Store(payhost::store::StoreError::Locked(why)))
+                if action.is_none() =>
+            {
+                match payhost::engine::open_store_read_only(&config) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("error: {why} ({e})");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            Err(payhost::engine::OpenError::Store(payhost::store::StoreError::Locked(why))) => {
+                eprintln!(
+                    "error[store.locked]: {why}. Resolve through that host instead: POST /v1/attempts/<id>/resolve (it knows which calls are still running)"
+                );
+                return ExitCode::FAILURE;
+            }
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::FAILURE;
             }
         };
         // No providers: listing and resolving never call one.
-        let host = payhost::Host::new(store, payhost::Providers::default());
+        let providers = payhost::Providers::default();
+        let settings = payhost::engine::reconcile_settings(&config, &providers);
+        let host = payhost::Host::new(store, providers).with_reconcile(settings);
         match action {
             None => match host.open_attempts().await {
                 Ok(list) if json => {

@@ -441,6 +441,7 @@ impl Loader {
             object,
             max_concurrency: settings.max_concurrency,
             timeout: settings.timeout,
+            resend_unknown: settings.resend_unknown,
             clock: self.clock.clone(),
         }))
     }

@@ -120,6 +120,7 @@ pub struct Provider {
     permits: Arc<Semaphore>,
     max_concurrency: usize,
     timeout: Duration,
+    resend_unknown: bool,
     clock: Arc<dyn Clock>,
 }
 
@@ -144,6 +145,7 @@ pub(crate) struct ProviderParts {
     pub(crate) object: ProviderBox,
     pub(crate) max_concurrency: usize,
     pub(crate) timeout: Duration,
+    pub(crate) resend_unknown: bool,
     pub(crate) clock: Arc<dyn Clock>,
 }
 
@@ -158,6 +160,7 @@ impl Provider {
             permits: Arc::new(Semaphore::new(parts.max_concurrency)),
             max_concurrency: parts.max_concurrency,
             timeout: parts.timeout,
+            resend_unknown: parts.resend_unknown,
             clock: parts.clock,
         }
     }
@@ -205,54 +208,78 @@ impl Provider {
     /// thread and keeps its slot until it returns; its answer is dropped.
     pub async fn call_with_timeout<R: Request>(
         &self,
-        mut request: R,
+        request: R,
         timeout: Duration,
     ) -> Result<R::Response, CallError>
     where
         R::Response: Answer,
     {
+        self.call_until(request, Instant::now() + timeout).await.0
+    }
+
+    /// Calls under `deadline`, like [`Provider::call_with_timeout`]; when the call overran, also
+    /// gives its [`LateAnswer`]: the answer it gives when its thread returns, which is the truth
+    /// about the call (the engine settles an unknown attempt with it).
+    pub async fn call_until<R: Request>(
+        &self,
+        mut request: R,
+        deadline: Instant,
+    ) -> (Result<R::Response, CallError>, Option<LateAnswer<R>>)
+    where
+        R::Response: Answer,
+    {
         let op = R::OPERATION;
         let started = Instant::now();
-        let deadline = started + timeout;
-        request.set_deadline(self.clock.now_unix_ms() + timeout.as_millis() as i64);
-        let json = serde_json::to_string(&request).map_err(|e| CallError::NotAttempted {
-            reason: format!("the {op} request did not serialize: {e}"),
-        })?;
-        let permit = tokio::time::timeout_at(deadline.into(), self.permits.clone().acquire_owned())
-            .await
-            .map_err(|_| CallError::NotAttempted {
-                reason: format!(
-                    "all {} call slots of provider `{}` stayed busy for {} ms",
-                    self.max_concurrency,
-                    self.id,
-                    timeout.as_millis()
-                ),
-            })?
-            .map_err(|_| CallError::NotAttempted {
-                reason: "the provider is shutting down".into(),
-            })?;
+        let timeout = deadline.saturating_duration_since(started);
+        // For messages: the deadline was set a moment before `started`.
+        let timeout_ms = (timeout.as_secs_f64() * 1000.0).round() as u64;
+        request.set_deadline(self.clock.now_unix_ms() + timeout_ms as i64);
+        let json = match serde_json::to_string(&request) {
+            Ok(json) => json,
+            Err(e) => {
+                let reason = format!("the {op} request did not serialize: {e}");
+                return (Err(CallError::NotAttempted { reason }), None);
+            }
+        };
+        let permit =
+            match tokio::time::timeout_at(deadline.into(), self.permits.clone().acquire_owned())
+                .await
+            {
+                Err(_) => {
+                    let reason = format!(
+                        "all {} call slots of provider `{}` stayed busy for {} ms",
+                        self.max_concurrency, self.id, timeout_ms
+                    );
+                    return (Err(CallError::NotAttempted { reason }), None);
+                }
+                Ok(Err(_)) => {
+                    let reason = "the provider is shutting down".to_owned();
+                    return (Err(CallError::NotAttempted { reason }), None);
+                }
+                Ok(Ok(permit)) => permit,
+            };
         let object = self.object.clone();
-        let task = tokio::task::spawn_blocking(move || {
+        let mut task = tokio::task::spawn_blocking(move || {
             let answer = object.call(RStr::from_str(op.as_str()), RStr::from_str(&json));
             drop(permit);
             answer
         });
-        let result = match tokio::time::timeout_at(deadline.into(), task).await {
-            Err(_) => Err(CallError::Unknown {
-                reason: format!("no answer within {} ms", timeout.as_millis()),
-            }),
-            Ok(Err(join)) => Err(CallError::Unknown {
-                reason: format!("the call's thread failed: {join}"),
-            }),
-            Ok(Ok(RResult::ROk(answer))) => {
-                serde_json::from_str(answer.as_str()).map_err(|e| CallError::Unknown {
-                    reason: format!("the {op} answer could not be read: {e}"),
-                })
-            }
-            Ok(Ok(RResult::RErr(error))) => Err(CallError::Provider(read_error(&error))),
+        let (result, late) = match tokio::time::timeout_at(deadline.into(), &mut task).await {
+            Err(_) => (
+                Err(CallError::Unknown {
+                    reason: format!("no answer within {timeout_ms} ms"),
+                }),
+                Some(LateAnswer {
+                    task,
+                    provider: self.id.clone(),
+                    started,
+                    _request: std::marker::PhantomData,
+                }),
+            ),
+            Ok(joined) => (read_answer::<R>(op, joined), None),
         };
         log_call(&self.id, op, started.elapsed(), &result);
-        result
+        (result, late)
     }
 
     /// Calls the operation of `request`'s type on the current thread, bypassing the deadline and
@@ -302,6 +329,13 @@ impl Provider {
         }
     }
 
+    /// Whether an unknown call of `op` may be sent again with its idempotency key: the provider
+    /// declares that its processor replays a repeated key for it, and the operator did not turn
+    /// that off (`resend_unknown = false`).
+    pub fn replays(&self, op: Operation) -> bool {
+        self.resend_unknown && self.manifest.replays_idempotency_keys.contains(&op)
+    }
+
     /// Whether the provider declares the ability an operation needs; the engine refuses up front
     /// what it cannot do.
     pub fn supports(&self, op: Operation) -> bool {
@@ -309,6 +343,55 @@ impl Provider {
             Operation::ParseWebhook => self.manifest.capabilities.webhooks,
             _ => true,
         }
+    }
+}
+
+/// The answer of a call that overran its deadline, once its thread returns.
+pub struct LateAnswer<R: Request> {
+    task: tokio::task::JoinHandle<RResult<RString, RString>>,
+    provider: String,
+    started: Instant,
+    _request: std::marker::PhantomData<fn() -> R>,
+}
+
+impl<R: Request> std::fmt::Debug for LateAnswer<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LateAnswer")
+            .field("provider", &self.provider)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Request> LateAnswer<R> {
+    /// Waits for the call's thread to return, and reads its answer.
+    pub async fn wait(self) -> Result<R::Response, CallError> {
+        let joined = self.task.await;
+        let answer = read_answer::<R>(R::OPERATION, joined);
+        tracing::info!(
+            provider = %self.provider,
+            operation = %R::OPERATION,
+            elapsed_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            answered = answer.is_ok(),
+            "a provider call that overran its deadline returned"
+        );
+        answer
+    }
+}
+
+fn read_answer<R: Request>(
+    op: Operation,
+    joined: Result<RResult<RString, RString>, tokio::task::JoinError>,
+) -> Result<R::Response, CallError> {
+    match joined {
+        Err(join) => Err(CallError::Unknown {
+            reason: format!("the call's thread failed: {join}"),
+        }),
+        Ok(RResult::ROk(answer)) => {
+            serde_json::from_str(answer.as_str()).map_err(|e| CallError::Unknown {
+                reason: format!("the {op} answer could not be read: {e}"),
+            })
+        }
+        Ok(RResult::RErr(error)) => Err(CallError::Provider(read_error(&error))),
     }
 }
 

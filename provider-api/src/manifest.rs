@@ -51,6 +51,13 @@ pub struct Manifest {
     /// One line on what the provider is, for `payhost inspect`.
     #[serde(default)]
     pub description: String,
+    /// Operations for which the processor answers a repeated idempotency key with the first
+    /// call's result, even while that call is still being processed, and never acts twice
+    /// (Stripe does, for every POST). The host may then settle an unknown capture, refund or
+    /// cancel by sending it again with the same key. Leave it empty unless that is guaranteed.
+    /// Since 1.3.
+    #[serde(default)]
+    pub replays_idempotency_keys: Vec<crate::Operation>,
 }
 
 impl Manifest {
@@ -64,7 +71,15 @@ impl Manifest {
             protocols: vec![PROTOCOL_VERSION],
             capabilities: Capabilities::default(),
             description: String::new(),
+            replays_idempotency_keys: Vec::new(),
         }
+    }
+
+    /// Declares the operations whose repeated idempotency key the processor replays (see
+    /// [`Manifest::replays_idempotency_keys`]).
+    pub fn replays_idempotency_keys(mut self, operations: &[crate::Operation]) -> Self {
+        self.replays_idempotency_keys = operations.to_vec();
+        self
     }
 
     /// Sets the capabilities.

@@ -220,6 +220,9 @@ impl Scratch {
             base_backoff_ms: 0,
             max_checks: 3,
             stale_after_ms: 60_000,
+            // The sandbox acts inside its call: once a call returned (or its process died),
+            // nothing more can land, so no margin is needed. Calls still running are live.
+            landing_margin_ms: 0,
             ..Default::default()
         }))
     }
@@ -227,6 +230,20 @@ impl Scratch {
     /// The config file written by [`Scratch::host`].
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("payhost.toml")
+    }
+}
+
+/// Runs reconciliation passes until no attempt is open, for at most `within`: an attempt whose
+/// call may still land stays open until its deadline (plus the configured margin) has passed.
+pub async fn reconcile_until_settled(host: &payhost::Host, within: std::time::Duration) {
+    let started = std::time::Instant::now();
+    loop {
+        host.reconcile_due().await.expect("a reconciliation pass");
+        let open = host.open_attempts().await.expect("open attempts");
+        if open.is_empty() || started.elapsed() > within {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 

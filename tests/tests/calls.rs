@@ -235,6 +235,7 @@ fn a_library_replaced_on_disk_after_loading_is_refused_until_restart() {
         sha256: None,
         timeout: Duration::from_secs(5),
         max_concurrency: 1,
+        resend_unknown: true,
         options: json!({}),
     };
     let loader = payhost::Loader::with_plugin_dir(s.dir.path());

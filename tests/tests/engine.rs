@@ -626,7 +626,9 @@ async fn a_capture_that_times_out_is_recorded_once_after_reconciling(backend: Ba
 
 async fn an_operator_lists_and_resolves_an_open_attempt_from_the_command_line(backend: Backend) {
     let s = Scratch::new();
-    let Some(host) = s.host_on(backend, HOST).await else {
+    // The call's deadline is 400 ms; a second after it, it can no longer land.
+    let config_text = format!("{HOST}\n[reconcile]\nlanding_margin_ms = 1000\n");
+    let Some(host) = s.host_on(backend, &config_text).await else {
         return;
     };
     let col = collection(&host, 800, "eur").await;
@@ -645,7 +647,9 @@ async fn an_operator_lists_and_resolves_an_open_attempt_from_the_command_line(ba
         panic!()
     };
     let config = s.config_path();
-    let out = payhost(&["attempts", "--config", config.to_str().unwrap()], &[]);
+    let config = config.to_str().unwrap();
+    // Listing works beside the running host (read-only on SQLite).
+    let out = payhost(&["attempts", "--config", config], &[]);
     let listing = text(&out.stdout);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
@@ -654,29 +658,53 @@ async fn an_operator_lists_and_resolves_an_open_attempt_from_the_command_line(ba
             && listing.contains("authorize"),
         "{listing}"
     );
-
-    let out = payhost(
-        &[
-            "attempts",
-            "resolve",
-            &attempt_id,
-            "--as",
-            "succeeded",
-            "--note",
-            "seen in the PSP dashboard",
-            "--by",
-            "ops@example",
-            "--config",
-            config.to_str().unwrap(),
-        ],
-        &[],
+    let resolve = |outcome: &str, note: &str| {
+        payhost(
+            &[
+                "attempts",
+                "resolve",
+                &attempt_id,
+                "--as",
+                outcome,
+                "--note",
+                note,
+                "--by",
+                "ops@example",
+                "--config",
+                config,
+            ],
+            &[],
+        )
+    };
+    if backend == Backend::Sqlite {
+        // The running host has the file: only it knows which calls still run.
+        let out = resolve("succeeded", "seen in the PSP dashboard");
+        assert!(!out.status.success());
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("store.locked") && err.contains("/v1/attempts/<id>/resolve"),
+            "{err}"
+        );
+        drop(host);
+    }
+    // Before the call's deadline plus the margin, nobody may say what happened.
+    let out = resolve("failed", "the PSP shows nothing");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("call_may_land"),
+        "{}",
+        text(&out.stderr)
     );
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+
+    let out = resolve("succeeded", "seen in the PSP dashboard");
     assert!(
         out.status.success(),
         "{}{}",
         text(&out.stdout),
         text(&out.stderr)
     );
+    let host = s.host_on(backend, &config_text).await.unwrap();
     let attempt = host.attempts_of(&session.id.0).await.unwrap().remove(0);
     assert_eq!(attempt.state, AttemptState::Succeeded);
     let resolution = attempt.resolution.unwrap();
@@ -686,21 +714,9 @@ async fn an_operator_lists_and_resolves_an_open_attempt_from_the_command_line(ba
         host.session(&session.id.0).await.unwrap().status,
         SessionStatus::Authorized
     );
+    drop(host);
 
-    let again = payhost(
-        &[
-            "attempts",
-            "resolve",
-            &attempt_id,
-            "--as",
-            "failed",
-            "--note",
-            "x",
-            "--config",
-            config.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let again = resolve("failed", "x");
     assert!(!again.status.success());
     assert!(text(&again.stderr).contains("already settled"));
 }

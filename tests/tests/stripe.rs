@@ -25,6 +25,8 @@ dir = "{{plugins}}"
 [providers.stripe]
 library = "payhost_provider_stripe"
 timeout_ms = {timeout_ms}
+# localstripe ignores Idempotency-Key: never send a call again, only ask retrieve.
+resend_unknown = false
 
 [providers.stripe.options]
 api_key = "sk_test_payhost"

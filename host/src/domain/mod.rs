@@ -410,6 +410,11 @@ pub struct Attempt {
     pub created_at: Timestamp,
     /// Last changed.
     pub updated_at: Timestamp,
+    /// When the host stops waiting for the provider call (its last one, if the reconciler sent
+    /// it again). Until this plus a margin has passed, the call may still reach the processor,
+    /// so "not attempted" proves nothing. `None` on attempts recorded before it was kept.
+    #[serde(default)]
+    pub call_deadline_at: Option<Timestamp>,
 }
 
 impl Attempt {

@@ -37,12 +37,14 @@ impl Host {
         &self,
         session: &PaymentSession,
         payment: Option<&Payment>,
+        provider: &Provider,
         operation: Operation,
         amount: i64,
         reason: Option<String>,
     ) -> Attempt {
         let id = AttemptId::generate();
         let now = self.now();
+        let call_deadline_at = now + provider.timeout().as_millis() as i64;
         Attempt {
             idempotency_key: format!("{}:{}", session.idempotency_key, id),
             id,
@@ -61,7 +63,58 @@ impl Host {
             resolution: None,
             created_at: now,
             updated_at: now,
+            call_deadline_at: Some(call_deadline_at),
         }
+    }
+
+    /// Makes an attempt's provider call under the deadline recorded with it. The call counts as
+    /// live until its thread returns, even after the deadline; an overrun call's late answer is
+    /// queued for the reconciler, which settles the attempt with it.
+    pub(super) async fn call_money(
+        &self,
+        provider: &Provider,
+        attempt: &Attempt,
+        request: MoneyRequest,
+    ) -> Result<ProviderResponse, CallError> {
+        let live = self.live.enter(attempt.id.as_str());
+        let remaining = attempt.call_deadline_at.map_or(provider.timeout(), |at| {
+            Duration::from_millis((at - self.now()).max(0) as u64)
+        });
+        let deadline = std::time::Instant::now() + remaining;
+        let (answer, late) = match request {
+            MoneyRequest::Authorize(r) => late_boxed(provider.call_until(r, deadline).await),
+            MoneyRequest::Capture(r) => late_boxed(provider.call_until(r, deadline).await),
+            MoneyRequest::Refund(r) => late_boxed(provider.call_until(r, deadline).await),
+            MoneyRequest::Cancel(r) => late_boxed(provider.call_until(r, deadline).await),
+        };
+        match late {
+            None => drop(live),
+            Some(late) => {
+                let queue = self.late.clone();
+                let attempt_id = attempt.id.0.clone();
+                tokio::spawn(async move {
+                    let answer = late.await;
+                    drop(live);
+                    queue.push(attempt_id, answer);
+                });
+            }
+        }
+        answer
+    }
+
+    /// Whether an attempt's call may still reach the processor: it is running in this process,
+    /// or its deadline plus the landing margin has not passed. While it may, "not attempted"
+    /// proves nothing.
+    pub(super) fn may_still_land(&self, attempt: &Attempt, now: Timestamp) -> bool {
+        self.live.contains(attempt.id.as_str()) || now < self.landing_horizon(attempt)
+    }
+
+    /// When an attempt's call can no longer land, if it is not running in this process.
+    pub(super) fn landing_horizon(&self, attempt: &Attempt) -> Timestamp {
+        attempt
+            .call_deadline_at
+            .unwrap_or(attempt.created_at + crate::config::MAX_TIMEOUT_MS as i64)
+            + self.reconcile.landing_margin_ms
     }
 
     /// Records what a provider call gave: a definitive outcome through [`Host::settle`]; an
@@ -280,6 +333,46 @@ impl Host {
             updated_at: now,
             version: 1,
         }
+    }
+
+    /// Sends an attempt's request again with its idempotency key, to a provider whose processor
+    /// replays a repeated key: the answer is the first call's. The new deadline is recorded
+    /// first, like any call.
+    pub(super) async fn resend(&self, mut attempt: Attempt) -> Result<Outcome, CallError> {
+        let not_sent = |reason: String| CallError::NotAttempted { reason };
+        let provider = self
+            .providers
+            .get(&attempt.provider_id)
+            .ok_or_else(|| not_sent(format!("provider `{}` is not loaded", attempt.provider_id)))?
+            .clone();
+        let payment_id = attempt
+            .payment_id
+            .clone()
+            .ok_or_else(|| not_sent("only payment operations are sent again".into()))?;
+        let read = |e: StoreError| not_sent(format!("cannot read the payment: {e}"));
+        let payment = self
+            .store
+            .payment(&payment_id)
+            .await
+            .map_err(read)?
+            .ok_or_else(|| not_sent(format!("payment {payment_id} is gone")))?;
+        let session = self
+            .store
+            .session(&payment.payment_session_id)
+            .await
+            .map_err(read)?
+            .ok_or_else(|| not_sent("the payment's session is gone".into()))?;
+        let now = self.now();
+        attempt.call_deadline_at = Some(now + provider.timeout().as_millis() as i64);
+        attempt.updated_at = now;
+        self.store
+            .write(vec![WriteOp::UpdateAttempt(attempt.clone())])
+            .await
+            .map_err(|e| not_sent(format!("cannot record the new deadline: {e}")))?;
+        tracing::info!(attempt = %attempt.id, operation = %attempt.operation, "sending the attempt again with its idempotency key");
+        let request = Self::payment_request(&session, &payment, &attempt);
+        let response = self.call_money(&provider, &attempt, request).await?;
+        Ok(response.outcome)
     }
 
     /// The provider's answer to an earlier attempt.

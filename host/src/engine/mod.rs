@@ -80,6 +80,18 @@ pub enum EngineError {
         /// What it was.
         operation: String,
     },
+    /// The attempt's provider call may still reach the processor: nobody can say yet whether it
+    /// happened.
+    #[error(
+        "attempt {attempt_id}'s provider call may still reach the processor{}; it cannot be resolved before that",
+        until.map(|t| format!(" (until {t}, Unix ms)")).unwrap_or_else(|| " (it is still running in this host)".into())
+    )]
+    CallMayLand {
+        /// The attempt.
+        attempt_id: String,
+        /// When it no longer can, unless it is still running here.
+        until: Option<Timestamp>,
+    },
     /// Another operation on the same object is running (on another host, or under the same
     /// idempotency key).
     #[error("{0}")]
@@ -134,6 +146,7 @@ impl EngineError {
             EngineError::ProviderNotLoaded(_) => "provider_not_loaded",
             EngineError::AttemptUnresolved { .. } => "attempt_unresolved",
             EngineError::InProgress(_) => "in_progress",
+            EngineError::CallMayLand { .. } => "call_may_land",
             EngineError::IdempotencyMismatch { .. } => "idempotency_mismatch",
             EngineError::Declined { .. } => "declined",
             EngineError::OutcomeUnknown { .. } => "outcome_unknown",
@@ -195,6 +208,101 @@ impl Locks {
     }
 }
 
+/// A money-moving request, whichever its operation.
+pub(super) enum MoneyRequest {
+    Authorize(AuthorizeRequest),
+    Capture(CaptureRequest),
+    Refund(RefundRequest),
+    Cancel(CancelRequest),
+}
+
+type LateFuture =
+    std::pin::Pin<Box<dyn Future<Output = Result<ProviderResponse, CallError>> + Send>>;
+
+fn late_boxed<R>(
+    (answer, late): (
+        Result<ProviderResponse, CallError>,
+        Option<crate::provider::LateAnswer<R>>,
+    ),
+) -> (Result<ProviderResponse, CallError>, Option<LateFuture>)
+where
+    R: payhost_provider_api::Request<Response = ProviderResponse> + 'static,
+{
+    (answer, late.map(|l| Box::pin(l.wait()) as LateFuture))
+}
+
+/// Attempts whose provider call is running in this process (counted: a call sent again may
+/// overlap the first). While one is, its outcome can still change at the processor.
+#[derive(Default)]
+struct LiveCalls(std::sync::Mutex<std::collections::HashMap<String, usize>>);
+
+impl LiveCalls {
+    fn enter(self: &Arc<Self>, attempt_id: &str) -> LiveCall {
+        let mut calls = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *calls.entry(attempt_id.to_owned()).or_default() += 1;
+        LiveCall {
+            calls: self.clone(),
+            attempt_id: attempt_id.to_owned(),
+        }
+    }
+    fn contains(&self, attempt_id: &str) -> bool {
+        let calls = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        calls.contains_key(attempt_id)
+    }
+}
+
+/// One live call; it ends when this is dropped.
+struct LiveCall {
+    calls: Arc<LiveCalls>,
+    attempt_id: String,
+}
+
+impl Drop for LiveCall {
+    fn drop(&mut self) {
+        let mut calls = self.calls.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = calls.get_mut(&self.attempt_id) {
+            *n -= 1;
+            if *n == 0 {
+                calls.remove(&self.attempt_id);
+            }
+        }
+    }
+}
+
+/// A call's late answer, for its attempt.
+type Late = (String, Result<ProviderResponse, CallError>);
+
+/// Answers of calls that returned after their deadline, waiting to settle their attempts.
+#[derive(Clone)]
+struct LateQueue {
+    tx: tokio::sync::mpsc::UnboundedSender<Late>,
+    rx: Arc<std::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Late>>>,
+    arrived: Arc<tokio::sync::Notify>,
+}
+
+impl LateQueue {
+    fn new() -> LateQueue {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        LateQueue {
+            tx,
+            rx: Arc::new(std::sync::Mutex::new(rx)),
+            arrived: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+    fn push(&self, attempt_id: String, answer: Result<ProviderResponse, CallError>) {
+        let _ = self.tx.send((attempt_id, answer));
+        self.arrived.notify_one();
+    }
+    fn drain(&self) -> Vec<Late> {
+        let mut rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        while let Ok(item) = rx.try_recv() {
+            out.push(item);
+        }
+        out
+    }
+}
+
 /// The payment-session host: the engine over a store and the loaded providers.
 pub struct Host {
     store: Arc<dyn Store>,
@@ -202,6 +310,8 @@ pub struct Host {
     clock: Arc<dyn Clock>,
     locks: Locks,
     reconcile: ReconcileSettings,
+    live: Arc<LiveCalls>,
+    late: LateQueue,
 }
 
 impl std::fmt::Debug for Host {
@@ -279,21 +389,42 @@ pub async fn open_store(config: &crate::Config) -> Result<Arc<dyn Store>, OpenEr
     Ok(Arc::new(store))
 }
 
+/// The reconciler's settings from `config`'s `[reconcile]` and its providers' timeouts.
+pub fn reconcile_settings(config: &crate::Config, providers: &Providers) -> ReconcileSettings {
+    let max_timeout = providers
+        .iter()
+        .map(|p| p.timeout().as_millis() as i64)
+        .max()
+        .unwrap_or(0);
+    let r = &config.reconcile;
+    ReconcileSettings {
+        // A live host's call ends within its timeout; twice that plus a margin is abandoned.
+        stale_after_ms: 2 * max_timeout + 10_000,
+        first_check_ms: r.first_check_ms as i64,
+        max_checks: i64::from(r.max_checks),
+        landing_margin_ms: r.landing_margin_ms as i64,
+        ..ReconcileSettings::default()
+    }
+}
+
+/// Opens `config`'s embedded database read-only, beside the host that has it.
+pub fn open_store_read_only(config: &crate::Config) -> Result<Arc<dyn Store>, OpenError> {
+    let path = config
+        .storage
+        .url
+        .strip_prefix("sqlite://")
+        .ok_or_else(|| OpenError::Storage("only a SQLite store opens read-only".into()))?;
+    let store = crate::store::sqlite::SqliteStore::open_read_only(config.dir.join(path))?;
+    Ok(Arc::new(store))
+}
+
 impl Host {
     /// Opens the store of `config`, takes `providers`, and recovers: in-flight attempts of a
     /// previous run are reconciled before the host is returned.
     pub async fn open(config: &crate::Config, providers: Providers) -> Result<Host, OpenError> {
         let store = open_store(config).await?;
-        let max_timeout = providers
-            .iter()
-            .map(|p| p.timeout().as_millis() as i64)
-            .max()
-            .unwrap_or(0);
-        let host = Host::new(store, providers).with_reconcile(ReconcileSettings {
-            // A live host's call ends within its timeout; twice that plus a margin is abandoned.
-            stale_after_ms: 2 * max_timeout + 10_000,
-            ..ReconcileSettings::default()
-        });
+        let settings = reconcile_settings(config, &providers);
+        let host = Host::new(store, providers).with_reconcile(settings);
         let report = host.recover().await?;
         if report != ReconcileReport::default() {
             tracing::info!(?report, "start-up reconciliation");
@@ -309,6 +440,8 @@ impl Host {
             clock: Arc::new(SystemClock),
             locks: Locks::new(),
             reconcile: ReconcileSettings::default(),
+            live: Arc::default(),
+            late: LateQueue::new(),
         }
     }
 

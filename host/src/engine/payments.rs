@@ -62,7 +62,14 @@ impl Host {
             }
             _ => {}
         }
-        let attempt = self.new_attempt(&session, Some(&payment), operation, amount, reason.clone());
+        let attempt = self.new_attempt(
+            &session,
+            Some(&payment),
+            &provider,
+            operation,
+            amount,
+            reason.clone(),
+        );
         let expected = payment.version;
         payment.version += 1;
         payment.updated_at = self.now();
@@ -74,49 +81,8 @@ impl Host {
             },
         )
         .await?;
-        let currency = payment.currency_code.code().to_owned();
-        let answer = match operation {
-            Operation::Capture => {
-                provider
-                    .call(CaptureRequest {
-                        session_id: session.id.0.clone(),
-                        payment_id: payment.id.0.clone(),
-                        idempotency_key: attempt.idempotency_key.clone(),
-                        amount,
-                        currency_code: currency,
-                        data: payment.data.clone(),
-                        deadline_unix_ms: None,
-                    })
-                    .await
-            }
-            Operation::Refund => {
-                provider
-                    .call(RefundRequest {
-                        session_id: session.id.0.clone(),
-                        payment_id: payment.id.0.clone(),
-                        idempotency_key: attempt.idempotency_key.clone(),
-                        amount,
-                        currency_code: currency,
-                        data: payment.data.clone(),
-                        reason,
-                        deadline_unix_ms: None,
-                    })
-                    .await
-            }
-            _ => {
-                provider
-                    .call(CancelRequest {
-                        session_id: session.id.0.clone(),
-                        payment_id: Some(payment.id.0.clone()),
-                        idempotency_key: attempt.idempotency_key.clone(),
-                        amount,
-                        currency_code: currency,
-                        data: payment.data.clone(),
-                        deadline_unix_ms: None,
-                    })
-                    .await
-            }
-        };
+        let request = Self::payment_request(&session, &payment, &attempt);
+        let answer = self.call_money(&provider, &attempt, request).await;
         let attempt_id = attempt.id.0.clone();
         match self.after_call(attempt, answer).await {
             Ok(Outcome::Declined { code, message }) => Err(EngineError::Declined { code, message }),
@@ -133,6 +99,45 @@ impl Host {
                 Err(EngineError::OutcomeUnknown { attempt_id, reason })
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// The provider request an attempt on a payment makes: the same every time it is sent.
+    pub(super) fn payment_request(
+        session: &PaymentSession,
+        payment: &Payment,
+        attempt: &Attempt,
+    ) -> MoneyRequest {
+        let currency_code = payment.currency_code.code().to_owned();
+        match attempt.operation {
+            Operation::Capture => MoneyRequest::Capture(CaptureRequest {
+                session_id: session.id.0.clone(),
+                payment_id: payment.id.0.clone(),
+                idempotency_key: attempt.idempotency_key.clone(),
+                amount: attempt.amount,
+                currency_code,
+                data: payment.data.clone(),
+                deadline_unix_ms: None,
+            }),
+            Operation::Refund => MoneyRequest::Refund(RefundRequest {
+                session_id: session.id.0.clone(),
+                payment_id: payment.id.0.clone(),
+                idempotency_key: attempt.idempotency_key.clone(),
+                amount: attempt.amount,
+                currency_code,
+                data: payment.data.clone(),
+                reason: attempt.reason.clone(),
+                deadline_unix_ms: None,
+            }),
+            _ => MoneyRequest::Cancel(CancelRequest {
+                session_id: session.id.0.clone(),
+                payment_id: Some(payment.id.0.clone()),
+                idempotency_key: attempt.idempotency_key.clone(),
+                amount: attempt.amount,
+                currency_code,
+                data: payment.data.clone(),
+                deadline_unix_ms: None,
+            }),
         }
     }
 

@@ -5,11 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use payhost_provider_api::Outcome;
+use futures_util::StreamExt;
+use payhost_provider_api::{Operation, Outcome, ProviderResponse};
 use serde::Serialize;
 
 use super::{EngineError, Host, not_found};
 use crate::domain::{Attempt, AttemptState, Resolution};
+use crate::provider::CallError;
 use crate::store::WriteOp;
 
 /// How the reconciler paces itself.
@@ -27,6 +29,12 @@ pub struct ReconcileSettings {
     pub stale_after_ms: i64,
     /// How often the background reconciler looks for due attempts.
     pub interval: Duration,
+    /// How long after a call's deadline it may still reach the processor (a request already
+    /// on the wire, a processor still working on it): until then "not attempted" proves
+    /// nothing.
+    pub landing_margin_ms: i64,
+    /// Attempts one pass asks about at once.
+    pub concurrency: usize,
 }
 
 impl Default for ReconcileSettings {
@@ -38,6 +46,8 @@ impl Default for ReconcileSettings {
             max_checks: 12,
             stale_after_ms: 120_000,
             interval: Duration::from_secs(1),
+            landing_margin_ms: 10_000,
+            concurrency: 8,
         }
     }
 }
@@ -90,15 +100,28 @@ impl Host {
         self.reconcile_due().await
     }
 
-    /// One pass over the attempts that are due.
+    /// One pass: settles attempts with the late answers that arrived, then asks about the
+    /// attempts that are due, a few at a time.
     pub async fn reconcile_due(&self) -> Result<ReconcileReport, EngineError> {
-        let now = self.now();
         let mut report = ReconcileReport::default();
-        for a in self.store.open_attempts().await? {
-            if !is_due(&a, now, self.reconcile.stale_after_ms) {
-                continue;
+        for (attempt_id, answer) in self.late.drain() {
+            if self.apply_late(&attempt_id, answer).await {
+                report.settled += 1;
             }
-            match self.reconcile_attempt(&a.id.0).await {
+        }
+        let now = self.now();
+        let due: Vec<Attempt> = self
+            .store
+            .open_attempts()
+            .await?
+            .into_iter()
+            .filter(|a| is_due(a, now, self.reconcile.stale_after_ms))
+            .collect();
+        let mut results = futures_util::stream::iter(due)
+            .map(|a| async move { (self.reconcile_attempt(&a.id.0).await, a) })
+            .buffer_unordered(self.reconcile.concurrency.max(1));
+        while let Some((result, a)) = results.next().await {
+            match result {
                 Ok(AttemptState::Succeeded | AttemptState::Failed) => report.settled += 1,
                 Ok(AttemptState::NeedsOperator) => report.needs_operator += 1,
                 Ok(_) => report.still_open += 1,
@@ -112,6 +135,48 @@ impl Host {
             tracing::info!(?report, "reconciliation pass");
         }
         Ok(report)
+    }
+
+    /// Settles an attempt with the answer its call gave after the deadline, if it is still open:
+    /// an answer read in full is the truth about the call.
+    async fn apply_late(
+        &self,
+        attempt_id: &str,
+        answer: Result<ProviderResponse, CallError>,
+    ) -> bool {
+        let tells = match &answer {
+            Ok(response) => !matches!(response.outcome, Outcome::Unknown { .. }),
+            Err(e) => !e.outcome_is_unknown(),
+        };
+        if !tells {
+            return false;
+        }
+        let applied = async {
+            let (_guard, attempt) = self.lock_attempt(attempt_id).await?;
+            if !attempt.state.is_open() {
+                return Ok(false);
+            }
+            match self.after_call(attempt, answer).await {
+                Err(EngineError::Store(e)) => Err(EngineError::Store(e)),
+                _ => Ok(true),
+            }
+        }
+        .await;
+        match applied {
+            Ok(true) => {
+                tracing::info!(attempt = attempt_id, "attempt settled by its late answer");
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                tracing::warn!(
+                    attempt = attempt_id,
+                    code = e.code(),
+                    "a late answer could not be recorded: {e}"
+                );
+                false
+            }
+        }
     }
 
     /// Asks the provider about one open attempt and settles it if the answer is definitive;
@@ -140,9 +205,36 @@ impl Host {
             Err(crate::store::StoreError::VersionConflict(_)) => return Ok(attempt.state),
             Err(e) => return Err(e.into()),
         }
-        let answer = self.ask_about(&attempt).await;
-        match answer {
-            Ok(outcome) if !matches!(outcome, Outcome::Unknown { .. }) => {
+        let verdict = match self.ask_about(&attempt).await {
+            Ok(Outcome::NotAttempted { reason }) if self.may_still_land(&attempt, self.now()) => {
+                let why = format!(
+                    "the provider has no record of it ({reason}), but the call may still land"
+                );
+                match self.replays(&attempt) {
+                    true => match self.resend(attempt.clone()).await {
+                        Ok(o)
+                            if !matches!(
+                                o,
+                                Outcome::Unknown { .. } | Outcome::NotAttempted { .. }
+                            ) =>
+                        {
+                            Ok(o)
+                        }
+                        Ok(_) => Err(why),
+                        Err(e) => Err(format!("{why}; sending it again: {e}")),
+                    },
+                    false => Err(why),
+                }
+            }
+            Ok(Outcome::Pending) if attempt.operation != Operation::Authorize => {
+                Err("the provider is still processing it".to_owned())
+            }
+            Ok(Outcome::Unknown { reason }) => Err(reason),
+            Ok(outcome) => Ok(outcome),
+            Err(e) => Err(format!("retrieve: {e}")),
+        };
+        match verdict {
+            Ok(outcome) => {
                 tracing::info!(attempt = %attempt.id, operation = %attempt.operation, outcome = outcome.name(), "attempt reconciled");
                 let entity = attempt.id.0.clone();
                 self.settle(attempt, outcome, None, None).await?;
@@ -153,11 +245,18 @@ impl Host {
                     .map_or(AttemptState::Unknown, |a| a.state);
                 Ok(settled)
             }
-            other => {
+            Err(why) => {
                 let now = self.now();
-                attempt.checks += 1;
-                let wait = (self.reconcile.base_backoff_ms << attempt.checks.min(20))
+                let horizon = self.landing_horizon(&attempt);
+                let mut wait = (self.reconcile.base_backoff_ms << (attempt.checks + 1).min(20))
                     .min(self.reconcile.max_backoff_ms);
+                if !self.live.contains(attempt.id.as_str()) && now < horizon {
+                    // Nobody can know before the call can no longer land: ask again then, and
+                    // do not spend the operator's budget of checks on it.
+                    wait = wait.min(horizon + 1 - now).max(1);
+                } else {
+                    attempt.checks += 1;
+                }
                 attempt.state = if attempt.checks >= self.reconcile.max_checks {
                     AttemptState::NeedsOperator
                 } else {
@@ -165,9 +264,7 @@ impl Host {
                 };
                 attempt.next_check_at = Some(now + wait);
                 attempt.updated_at = now;
-                if let Err(e) = &other {
-                    attempt.error = Some(serde_json::Value::String(format!("retrieve: {e}")));
-                }
+                attempt.error = Some(serde_json::Value::String(why));
                 if attempt.state == AttemptState::NeedsOperator {
                     tracing::error!(attempt = %attempt.id, operation = %attempt.operation, "attempt still unknown after {} checks; an operator must resolve it (payhost attempts resolve)", attempt.checks);
                 }
@@ -178,6 +275,16 @@ impl Host {
                 Ok(state)
             }
         }
+    }
+
+    /// Whether the reconciler may send an attempt again with its idempotency key: its provider
+    /// declares that its processor replays a repeated key for this operation.
+    fn replays(&self, attempt: &Attempt) -> bool {
+        attempt.payment_id.is_some()
+            && self
+                .providers
+                .get(&attempt.provider_id)
+                .is_some_and(|p| p.replays(attempt.operation))
     }
 
     /// Takes the lock of an attempt's session or payment and reads the attempt under it.
@@ -202,8 +309,12 @@ impl Host {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(host.reconcile.interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let arrived = host.late.arrived.clone();
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = arrived.notified() => {}
+                }
                 if let Err(e) = host.reconcile_due().await {
                     tracing::warn!(code = e.code(), "reconciliation pass failed: {e}");
                 }
@@ -226,6 +337,13 @@ impl Host {
                 "attempt {id} is already settled ({})",
                 attempt.state.as_str()
             )));
+        }
+        if self.may_still_land(&attempt, self.now()) {
+            return Err(EngineError::CallMayLand {
+                attempt_id: attempt.id.0.clone(),
+                until: (!self.live.contains(attempt.id.as_str()))
+                    .then(|| self.landing_horizon(&attempt)),
+            });
         }
         if by.trim().is_empty() || note.trim().is_empty() {
             return Err(EngineError::invalid(

@@ -362,8 +362,14 @@ impl Host {
                 if let Some(data) = &input.data {
                     session.data = merge(&session.data, data);
                 }
-                let attempt =
-                    self.new_attempt(&session, None, Operation::Authorize, session.amount, None);
+                let attempt = self.new_attempt(
+                    &session,
+                    None,
+                    &provider,
+                    Operation::Authorize,
+                    session.amount,
+                    None,
+                );
                 let expected = session.version;
                 session.version += 1;
                 session.updated_at = self.now();
@@ -375,17 +381,16 @@ impl Host {
                     },
                 )
                 .await?;
-                let answer = provider
-                    .call(AuthorizeRequest {
-                        session_id: session.id.0.clone(),
-                        idempotency_key: attempt.idempotency_key.clone(),
-                        amount: session.amount,
-                        currency_code: session.currency_code.code().to_owned(),
-                        context: session.context.clone(),
-                        data: session.data.clone(),
-                        deadline_unix_ms: None,
-                    })
-                    .await;
+                let request = MoneyRequest::Authorize(AuthorizeRequest {
+                    session_id: session.id.0.clone(),
+                    idempotency_key: attempt.idempotency_key.clone(),
+                    amount: session.amount,
+                    currency_code: session.currency_code.code().to_owned(),
+                    context: session.context.clone(),
+                    data: session.data.clone(),
+                    deadline_unix_ms: None,
+                });
+                let answer = self.call_money(&provider, &attempt, request).await;
                 let outcome = self.after_call(attempt, answer).await?;
                 let session = self.session(id).await?;
                 let payment = self.store.payment_of_session(&session.id).await?;

@@ -101,7 +101,9 @@ impl From<EngineError> for ApiError {
             EngineError::AttemptUnresolved { .. } => {
                 ApiError::new(S::CONFLICT, "outcome_pending", code, message)
             }
-            EngineError::InProgress(_) => ApiError::new(S::CONFLICT, "conflict", code, message),
+            EngineError::InProgress(_) | EngineError::CallMayLand { .. } => {
+                ApiError::new(S::CONFLICT, "conflict", code, message)
+            }
             EngineError::IdempotencyMismatch { .. } => {
                 ApiError::new(S::UNPROCESSABLE_ENTITY, "idempotency_error", code, message)
                     .param("Idempotency-Key")

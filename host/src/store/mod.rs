@@ -163,6 +163,9 @@ pub enum StoreError {
     /// The database failed or is unreachable.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// The embedded database belongs to another running host.
+    #[error("{0}")]
+    Locked(String),
 }
 
 impl StoreError {
@@ -174,6 +177,7 @@ impl StoreError {
             StoreError::KeyExists(_) => "store.key_exists",
             StoreError::Invariant(_) => "store.invariant",
             StoreError::Unavailable(_) => "store.unavailable",
+            StoreError::Locked(_) => "store.locked",
         }
     }
 }

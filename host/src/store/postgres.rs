@@ -233,6 +233,12 @@ CREATE TABLE webhook_events (
 ALTER TABLE idempotency_keys ADD COLUMN attempt_id TEXT;
 "#,
     ),
+    (
+        4,
+        r#"
+ALTER TABLE attempts ADD COLUMN call_deadline_at BIGINT;
+"#,
+    ),
 ];
 
 /// The PostgreSQL store.
@@ -406,16 +412,16 @@ async fn apply(tx: &deadpool_postgres::Transaction<'_>, op: &WriteOp) -> Result<
         }
         WriteOp::InsertAttempt(a) => {
             tx.execute(
-                "INSERT INTO attempts (id, entity_id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18)",
-                &[&a.id.0, &a.entity(), &a.session_id.0, &a.payment_id.as_ref().map(|p| p.0.clone()), &a.provider_id, &a.operation.as_str(), &a.amount, &a.currency_code.code(), &a.idempotency_key, &a.state.as_str(), &a.outcome.as_ref().map(json), &a.error.as_ref().map(json), &a.reason, &a.checks, &a.next_check_at, &a.resolution.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()), &a.created_at, &a.updated_at],
+                "INSERT INTO attempts (id, entity_id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at, call_deadline_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19)",
+                &[&a.id.0, &a.entity(), &a.session_id.0, &a.payment_id.as_ref().map(|p| p.0.clone()), &a.provider_id, &a.operation.as_str(), &a.amount, &a.currency_code.code(), &a.idempotency_key, &a.state.as_str(), &a.outcome.as_ref().map(json), &a.error.as_ref().map(json), &a.reason, &a.checks, &a.next_check_at, &a.resolution.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()), &a.created_at, &a.updated_at, &a.call_deadline_at],
             )
             .await
             .map_err(|e| classify(e, &a.entity()))?;
         }
         WriteOp::UpdateAttempt(a) => {
             tx.execute(
-                "UPDATE attempts SET state=$2, outcome=$3, error=$4, checks=$5, next_check_at=$6, resolution=$7, updated_at=$8 WHERE id=$1",
-                &[&a.id.0, &a.state.as_str(), &a.outcome.as_ref().map(json), &a.error.as_ref().map(json), &a.checks, &a.next_check_at, &a.resolution.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()), &a.updated_at],
+                "UPDATE attempts SET state=$2, outcome=$3, error=$4, checks=$5, next_check_at=$6, resolution=$7, updated_at=$8, call_deadline_at=$9 WHERE id=$1",
+                &[&a.id.0, &a.state.as_str(), &a.outcome.as_ref().map(json), &a.error.as_ref().map(json), &a.checks, &a.next_check_at, &a.resolution.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()), &a.updated_at, &a.call_deadline_at],
             )
             .await
             .map_err(|e| classify(e, a.id.as_str()))?;
@@ -628,12 +634,13 @@ fn attempt_row(r: &Row) -> Result<Attempt, StoreError> {
         resolution: resolution.and_then(|t| serde_json::from_str(&t).ok()),
         created_at: r.get(15),
         updated_at: r.get(16),
+        call_deadline_at: r.get(17),
     })
 }
 
 const SESSION_COLUMNS: &str = "id, payment_collection_id, cart_id, cart, context, provider_id, is_selected, is_initiated, status, data, idempotency_key, amount, currency_code, payment_authorized_at, metadata, created_at, updated_at, version";
 const PAYMENT_COLUMNS: &str = "id, payment_session_id, payment_collection_id, provider_id, amount, currency_code, data, captured_at, canceled_at, created_at, updated_at, version";
-const ATTEMPT_COLUMNS: &str = "id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at";
+const ATTEMPT_COLUMNS: &str = "id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at, call_deadline_at";
 
 impl PostgresStore {
     async fn with_movements(&self, mut p: Payment) -> Result<Payment, StoreError> {

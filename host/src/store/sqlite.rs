@@ -192,6 +192,14 @@ CREATE TABLE webhook_events (
 ALTER TABLE idempotency_keys ADD COLUMN attempt_id TEXT;
 "#,
     ),
+    (
+        4,
+        r#"
+-- When the attempt's provider call stops waiting: until then, plus a margin, a "not attempted"
+-- from the provider proves nothing (the call may still land).
+ALTER TABLE attempts ADD COLUMN call_deadline_at INTEGER;
+"#,
+    ),
 ];
 
 /// How many waiting writes one commit takes at most.
@@ -204,8 +212,60 @@ type Job = (Vec<WriteOp>, oneshot::Sender<Result<(), StoreError>>);
 /// The SQLite store.
 pub struct SqliteStore {
     path: PathBuf,
-    writer: std::sync::mpsc::Sender<Job>,
+    /// `None` when opened read-only beside the host that owns the file.
+    writer: Option<std::sync::mpsc::Sender<Job>>,
     readers: Arc<Mutex<Vec<Connection>>>,
+    /// Held while the store is open: one host per file.
+    _lock: Option<std::fs::File>,
+}
+
+/// The lock file beside a database: `<file>.lock`, holding its owner's pid.
+fn lock_path(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+/// Takes the database's lock, or says which process holds it. A second host on one file would
+/// take the first one's live calls for abandoned ones and settle them.
+fn take_lock(db: &Path) -> Result<std::fs::File, StoreError> {
+    use std::io::{Read, Seek, Write};
+    let path = lock_path(db);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => {
+            let pid = std::process::id().to_string();
+            let _ = file.set_len(0);
+            let _ = file.rewind();
+            let _ = file.write_all(pid.as_bytes());
+            let _ = file.sync_data();
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            Err(StoreError::Locked(format!(
+                "the SQLite database {} is in use by another payhost process{}: one host per SQLite file. Stop it first, or use PostgreSQL for several hosts",
+                db.display(),
+                if holder.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {holder})")
+                }
+            )))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Unavailable(format!(
+            "cannot lock {}: {e}",
+            path.display()
+        ))),
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -232,7 +292,8 @@ fn connect(path: &Path) -> Result<Connection, StoreError> {
 }
 
 impl SqliteStore {
-    /// Opens (creating) the database at `path` and applies pending migrations.
+    /// Opens (creating) the database at `path`, takes it for this process (else
+    /// [`StoreError::Locked`], naming the process that has it) and applies pending migrations.
     pub fn open(path: impl AsRef<Path>) -> Result<SqliteStore, StoreError> {
         let path = path.as_ref().to_owned();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -240,6 +301,7 @@ impl SqliteStore {
                 StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
             })?;
         }
+        let lock = take_lock(&path)?;
         let mut conn = connect(&path)?;
         migrate(&mut conn)?;
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
@@ -253,8 +315,28 @@ impl SqliteStore {
         }
         Ok(SqliteStore {
             path,
-            writer: tx,
+            writer: Some(tx),
             readers: Arc::new(Mutex::new(readers)),
+            _lock: Some(lock),
+        })
+    }
+
+    /// Opens an existing database to read it beside the host that has it (`payhost attempts`
+    /// while `payhost serve` runs). Every write is refused.
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<SqliteStore, StoreError> {
+        let path = path.as_ref().to_owned();
+        if !path.exists() {
+            return Err(StoreError::Unavailable(format!(
+                "{} does not exist",
+                path.display()
+            )));
+        }
+        let readers = vec![connect(&path)?];
+        Ok(SqliteStore {
+            path,
+            writer: None,
+            readers: Arc::new(Mutex::new(readers)),
+            _lock: None,
         })
     }
 
@@ -434,15 +516,15 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
             }
             WriteOp::InsertAttempt(a) => {
                 tx.execute(
-                    "INSERT INTO attempts (id, entity_id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18)",
-                    params![a.id.0, a.entity(), a.session_id.0, a.payment_id.as_ref().map(|p| &p.0), a.provider_id, a.operation.as_str(), a.amount, a.currency_code.code(), a.idempotency_key, a.state.as_str(), a.outcome.as_ref().map(json), a.error.as_ref().map(json), a.reason, a.checks, a.next_check_at, a.resolution.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()), a.created_at, a.updated_at],
+                    "INSERT INTO attempts (id, entity_id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at, call_deadline_at) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19)",
+                    params![a.id.0, a.entity(), a.session_id.0, a.payment_id.as_ref().map(|p| &p.0), a.provider_id, a.operation.as_str(), a.amount, a.currency_code.code(), a.idempotency_key, a.state.as_str(), a.outcome.as_ref().map(json), a.error.as_ref().map(json), a.reason, a.checks, a.next_check_at, a.resolution.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()), a.created_at, a.updated_at, a.call_deadline_at],
                 )
                 .map_err(|e| classify(e, &a.entity()))?;
             }
             WriteOp::UpdateAttempt(a) => {
                 tx.execute(
-                    "UPDATE attempts SET state=?2, outcome=?3, error=?4, checks=?5, next_check_at=?6, resolution=?7, updated_at=?8 WHERE id=?1",
-                    params![a.id.0, a.state.as_str(), a.outcome.as_ref().map(json), a.error.as_ref().map(json), a.checks, a.next_check_at, a.resolution.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()), a.updated_at],
+                    "UPDATE attempts SET state=?2, outcome=?3, error=?4, checks=?5, next_check_at=?6, resolution=?7, updated_at=?8, call_deadline_at=?9 WHERE id=?1",
+                    params![a.id.0, a.state.as_str(), a.outcome.as_ref().map(json), a.error.as_ref().map(json), a.checks, a.next_check_at, a.resolution.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()), a.updated_at, a.call_deadline_at],
                 )
                 .map_err(|e| classify(e, a.id.as_str()))?;
             }
@@ -664,7 +746,7 @@ fn with_movements(conn: &Connection, mut p: Payment) -> rusqlite::Result<Payment
     Ok(p)
 }
 
-const ATTEMPT_COLUMNS: &str = "id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at";
+const ATTEMPT_COLUMNS: &str = "id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at, call_deadline_at";
 
 fn attempt_row(r: &Row<'_>) -> rusqlite::Result<Attempt> {
     let operation: String = r.get(4)?;
@@ -688,14 +770,21 @@ fn attempt_row(r: &Row<'_>) -> rusqlite::Result<Attempt> {
         resolution: resolution.and_then(|t| serde_json::from_str(&t).ok()),
         created_at: r.get(15)?,
         updated_at: r.get(16)?,
+        call_deadline_at: r.get(17)?,
     })
 }
 
 #[async_trait]
 impl Store for SqliteStore {
     async fn write(&self, ops: Vec<WriteOp>) -> Result<(), StoreError> {
+        let Some(writer) = &self.writer else {
+            return Err(StoreError::Locked(format!(
+                "{} is open read-only: another payhost process has it; make changes through that host",
+                self.path.display()
+            )));
+        };
         let (tx, rx) = oneshot::channel();
-        self.writer
+        writer
             .send((ops, tx))
             .map_err(|_| StoreError::Unavailable("the SQLite writer thread stopped".into()))?;
         rx.await

@@ -296,6 +296,9 @@ impl PaymentProvider for SandboxProvider {
                 async_authorization: true,
                 webhooks: true,
             })
+            // The ledger check and the record happen under one lock: a repeated key, even one
+            // sent while the first call is still running, gets the first call's answer.
+            .replays_idempotency_keys(&[Operation::Capture, Operation::Refund, Operation::Cancel])
     }
 
     fn new(options: SandboxOptions, ctx: ProviderContext) -> Result<Self, ProviderError> {

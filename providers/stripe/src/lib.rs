@@ -244,6 +244,10 @@ impl PaymentProvider for StripeProvider {
                 async_authorization: true,
                 webhooks: true,
             })
+            // Stripe answers a repeated Idempotency-Key with the first request's result (and a
+            // 409 while that one is still running). localstripe does not: test against it with
+            // `resend_unknown = false`.
+            .replays_idempotency_keys(&[Operation::Capture, Operation::Refund, Operation::Cancel])
     }
 
     fn new(options: StripeOptions, ctx: ProviderContext) -> Result<Self, ProviderError> {
