@@ -14,6 +14,7 @@ pub fn authorize_request() -> AuthorizeRequest {
         currency_code: "eur".into(),
         context: serde_json::json!({"email": "customer@example.com", "ip": "203.0.113.7"}),
         data: Value::Null,
+        input: Value::Null,
         deadline_unix_ms: None,
     }
 }

@@ -20,6 +20,7 @@
 //!         currency_code: "eur".into(),
 //!         context: serde_json::Value::Null,
 //!         data: serde_json::Value::Null,
+//!         input: serde_json::Value::Null,
 //!         deadline_unix_ms: None,
 //!     })
 //!     .await?;

@@ -329,6 +329,15 @@ impl Provider {
         }
     }
 
+    /// Whether the plugin was built before provider-api 1.3, which added the caller's `input`
+    /// beside the provider's `data`.
+    pub fn predates_input(&self) -> bool {
+        let mut parts = self.manifest.api_version.split('.');
+        let major: u64 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let minor: u64 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        (major, minor) < (1, 3)
+    }
+
     /// Whether an unknown call of `op` may be sent again with its idempotency key: the provider
     /// declares that its processor replays a repeated key for it, and the operator did not turn
     /// that off (`resend_unknown = false`).

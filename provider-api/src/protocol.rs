@@ -139,9 +139,16 @@ pub struct InitiateRequest {
     /// The cart's context as the embedder gave it (customer email, ip, user agent, …).
     #[serde(default)]
     pub context: Value,
-    /// Provider data given by the caller when creating the session.
+    /// The session's provider data: empty on a new session (only provider answers fill it).
     #[serde(default)]
     pub data: Value,
+    /// What the caller sent for this call: a payment method, a card, a 3-D Secure result, test
+    /// switches. **Transient**: the host hands it to this one call and never stores, returns or
+    /// logs it, so card numbers and CVCs may pass through here and nowhere else. Return in
+    /// `data` only what you own (references, tokens) — never a card number or a CVC. Since 1.3;
+    /// hosts before it merged the caller's fields into `data`.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub input: Value,
     /// When the host stops waiting for this call (Unix milliseconds).
     #[serde(default)]
     pub deadline_unix_ms: Option<i64>,
@@ -164,6 +171,13 @@ pub struct UpdateRequest {
     /// The session's provider data, as last returned by the provider.
     #[serde(default)]
     pub data: Value,
+    /// What the caller sent for this call: a payment method, a card, a 3-D Secure result, test
+    /// switches. **Transient**: the host hands it to this one call and never stores, returns or
+    /// logs it, so card numbers and CVCs may pass through here and nowhere else. Return in
+    /// `data` only what you own (references, tokens) — never a card number or a CVC. Since 1.3;
+    /// hosts before it merged the caller's fields into `data`.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub input: Value,
     /// When the host stops waiting for this call (Unix milliseconds).
     #[serde(default)]
     pub deadline_unix_ms: Option<i64>,
@@ -186,6 +200,13 @@ pub struct AuthorizeRequest {
     /// The session's provider data, as last returned by the provider.
     #[serde(default)]
     pub data: Value,
+    /// What the caller sent for this call: a payment method, a card, a 3-D Secure result, test
+    /// switches. **Transient**: the host hands it to this one call and never stores, returns or
+    /// logs it, so card numbers and CVCs may pass through here and nowhere else. Return in
+    /// `data` only what you own (references, tokens) — never a card number or a CVC. Since 1.3;
+    /// hosts before it merged the caller's fields into `data`.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub input: Value,
     /// When the host stops waiting for this call (Unix milliseconds).
     #[serde(default)]
     pub deadline_unix_ms: Option<i64>,

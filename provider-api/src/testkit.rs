@@ -197,6 +197,7 @@ impl TestHost {
             currency_code: currency.into(),
             context: Value::Null,
             data: Value::Null,
+            input: Value::Null,
             deadline_unix_ms: None,
         }
     }
@@ -210,6 +211,7 @@ impl TestHost {
             currency_code: currency.into(),
             context: Value::Null,
             data: Value::Null,
+            input: Value::Null,
             deadline_unix_ms: None,
         }
     }

@@ -16,6 +16,7 @@ fn authorize(session: &str, key: &str, data: Value) -> AuthorizeRequest {
         currency_code: "eur".into(),
         context: Value::Null,
         data,
+        input: Value::Null,
         deadline_unix_ms: None,
     }
 }
@@ -193,6 +194,7 @@ async fn the_system_provider_answers_across_the_boundary() {
             currency_code: "usd".into(),
             context: Value::Null,
             data: Value::Null,
+            input: Value::Null,
             deadline_unix_ms: None,
         })
         .await

@@ -102,6 +102,7 @@ async fn a_plugin_built_against_provider_api_1_0_loads_and_works_in_todays_host(
             currency_code: "eur".into(),
             context: Value::Null,
             data: Value::Null,
+            input: Value::Null,
             deadline_unix_ms: None,
         })
         .await
@@ -221,6 +222,7 @@ async fn a_plugin_built_against_a_newer_provider_api_loads_while_they_share_a_pr
             currency_code: "jpy".into(),
             context: Value::Null,
             data: Value::Null,
+            input: Value::Null,
             deadline_unix_ms: None,
         })
         .await

@@ -37,7 +37,8 @@ fn init(session: &str, data: Value) -> InitiateRequest {
         amount: 2000,
         currency_code: "eur".into(),
         context: Value::Null,
-        data,
+        data: Value::Null,
+        input: data,
         deadline_unix_ms: None,
     }
 }
@@ -50,6 +51,7 @@ fn auth(session: &str, key: &str, data: &Value) -> AuthorizeRequest {
         currency_code: "eur".into(),
         context: Value::Null,
         data: data.clone(),
+        input: Value::Null,
         deadline_unix_ms: None,
     }
 }

@@ -129,8 +129,11 @@ impl Host {
         match answer {
             Ok(response) => {
                 let outcome = response.outcome.clone();
-                self.settle(attempt, outcome.clone(), response.data, None)
-                    .await?;
+                let data = match self.providers.get(&attempt.provider_id) {
+                    Some(p) => provider_data(p, response.data),
+                    None => response.data,
+                };
+                self.settle(attempt, outcome.clone(), data, None).await?;
                 match outcome {
                     Outcome::Unknown { reason } => {
                         Err(EngineError::OutcomeUnknown { attempt_id, reason })

@@ -41,7 +41,9 @@ pub struct NewSession {
     /// The cart's context for the provider.
     #[serde(default)]
     pub context: Value,
-    /// Initial provider data.
+    /// Input for the provider's initiate call: a payment method, a card, test switches.
+    /// Transient: handed to that call only, never stored, returned or logged; the session's
+    /// `data` holds only what the provider answers.
     #[serde(default)]
     pub data: Value,
     /// Amount; default the collection's.
@@ -74,7 +76,7 @@ pub struct SessionUpdate {
     /// New context.
     #[serde(default)]
     pub context: Option<Value>,
-    /// Provider data to merge in.
+    /// Input for the provider's update call (transient, like [`NewSession::data`]).
     #[serde(default)]
     pub data: Option<Value>,
     /// New metadata.
@@ -89,7 +91,8 @@ pub struct AuthorizeInput {
     /// The cart's context now (ip, user agent…).
     #[serde(default)]
     pub context: Option<Value>,
-    /// Provider data to merge in (a payment method, a 3-D Secure result…).
+    /// Input for the provider's authorize call: a payment method, a card, a 3-D Secure result
+    /// (transient, like [`NewSession::data`]).
     #[serde(default)]
     pub data: Option<Value>,
 }

@@ -332,8 +332,13 @@ fn moved(outcome: &Outcome) -> AttemptState {
     }
 }
 
-fn merge(base: &Value, over: &Value) -> Value {
-    match (base, over) {
+/// What a plugin built before provider-api 1.3 expects in `data`: the caller's fields merged
+/// over the provider's (it knows no `input`). Newer plugins get the provider's data untouched.
+fn with_legacy_input(provider: &Provider, data: &Value, input: &Value) -> Value {
+    if input.is_null() || !provider.predates_input() {
+        return data.clone();
+    }
+    match (data, input) {
         (Value::Object(a), Value::Object(b)) => {
             let mut out = a.clone();
             for (k, v) in b {
@@ -341,8 +346,68 @@ fn merge(base: &Value, over: &Value) -> Value {
             }
             Value::Object(out)
         }
-        (_, Value::Null) => base.clone(),
-        _ => over.clone(),
+        (Value::Null, _) => input.clone(),
+        _ => data.clone(),
+    }
+}
+
+/// Field names that hold card data. The caller's input is never stored; a provider that copies
+/// one of these into the data it returns has it removed (and is named in the log).
+const CARD_FIELDS: &[&str] = &[
+    "card_number",
+    "cvc",
+    "cvv",
+    "cvc2",
+    "cvv2",
+    "security_code",
+    "pan",
+];
+
+/// The data a provider returned, fit to store: card numbers and CVCs removed.
+fn provider_data(provider: &Provider, data: Option<Value>) -> Option<Value> {
+    let mut data = data?;
+    let mut removed = Vec::new();
+    scrub(&mut data, "data", false, &mut removed);
+    if !removed.is_empty() {
+        tracing::warn!(
+            provider = provider.id(),
+            fields = ?removed,
+            "the provider returned card data in its data; removed before storing (a provider must return only references and tokens)"
+        );
+    }
+    Some(data)
+}
+
+fn scrub(value: &mut Value, path: &str, in_card: bool, removed: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            let doomed: Vec<String> = map
+                .keys()
+                .filter(|k| {
+                    let k = k.to_ascii_lowercase();
+                    CARD_FIELDS.contains(&k.as_str()) || (in_card && k == "number")
+                })
+                .cloned()
+                .collect();
+            for k in doomed {
+                map.remove(&k);
+                removed.push(format!("{path}.{k}"));
+            }
+            for (k, v) in map.iter_mut() {
+                scrub(
+                    v,
+                    &format!("{path}.{k}"),
+                    k.eq_ignore_ascii_case("card"),
+                    removed,
+                );
+            }
+        }
+        Value::Array(items) => {
+            for (i, v) in items.iter_mut().enumerate() {
+                scrub(v, &format!("{path}[{i}]"), in_card, removed);
+            }
+        }
+        _ => {}
     }
 }
 

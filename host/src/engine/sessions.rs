@@ -88,6 +88,12 @@ impl Host {
                     "must be 1 to 255 characters",
                 ));
             }
+            if !input.initiate && !input.data.is_null() {
+                return Err(EngineError::invalid(
+                    "data",
+                    "`data` is input for the provider's initiate call, and a session created with `initiate: false` makes none; send it when authorizing",
+                ));
+            }
             let now = self.now();
             let session = PaymentSession {
                 id: SessionId::generate(),
@@ -99,7 +105,8 @@ impl Host {
                 is_selected: false,
                 is_initiated: false,
                 status: SessionStatus::Pending,
-                data: input.data.clone(),
+                // Only provider answers fill it: what the caller sent is input, not state.
+                data: Value::Null,
                 idempotency_key: format!("psk_{}", uuid::Uuid::new_v4().simple()),
                 amount,
                 currency_code: collection.currency_code,
@@ -116,7 +123,7 @@ impl Host {
                 return Ok(session);
             }
             let _guard = self.locks.lock(session.id.as_str()).await;
-            self.initiate_locked(session).await
+            self.initiate_locked(session, &input.data).await
         })
         .await
     }
@@ -129,21 +136,23 @@ impl Host {
         if session.is_initiated {
             return Ok(session);
         }
-        self.initiate_locked(session).await
+        self.initiate_locked(session, &Value::Null).await
     }
 
+    /// Initiates a session with its provider, handing it the caller's `input` (transient).
     pub(super) async fn initiate_locked(
         &self,
         mut session: PaymentSession,
+        input: &Value,
     ) -> Result<PaymentSession, EngineError> {
         allow(session.status, SessionInput::Update)?;
         let provider = self.provider(&session.provider_id)?;
         let key = format!("{}:initiate:{}", session.idempotency_key, session.amount);
-        let response = provider.call(Self::initiate_request(&session, key)).await;
-        let response = definitive(response, "initiate")?;
+        let request = Self::initiate_request(provider, &session, key, input);
+        let response = definitive(provider.call(request).await, "initiate")?;
         let expected = session.version;
         session.is_initiated = true;
-        if let Some(data) = response.data {
+        if let Some(data) = provider_data(provider, response.data) {
             session.data = data;
         }
         self.save_session(session, expected).await
@@ -185,8 +194,12 @@ impl Host {
                 if let Some(context) = &input.context {
                     session.context = context.clone();
                 }
-                if let Some(data) = &input.data {
-                    session.data = merge(&session.data, data);
+                let update_input = input.data.clone().unwrap_or(Value::Null);
+                if !update_input.is_null() && !session.is_initiated {
+                    return Err(EngineError::invalid(
+                        "data",
+                        "`data` is input for the provider, and this session is not initiated yet; send it when authorizing",
+                    ));
                 }
                 if let Some(metadata) = &input.metadata {
                     session.metadata = metadata.clone();
@@ -213,7 +226,12 @@ impl Host {
                         )?;
                         definitive(
                             provider
-                                .call(Self::initiate_request(&session, format!("{key}:initiate")))
+                                .call(Self::initiate_request(
+                                    provider,
+                                    &session,
+                                    format!("{key}:initiate"),
+                                    &update_input,
+                                ))
                                 .await,
                             "initiate",
                         )?
@@ -226,14 +244,15 @@ impl Host {
                                     amount: session.amount,
                                     currency_code: session.currency_code.code().to_owned(),
                                     context: session.context.clone(),
-                                    data: session.data.clone(),
+                                    data: with_legacy_input(provider, &session.data, &update_input),
+                                    input: update_input.clone(),
                                     deadline_unix_ms: None,
                                 })
                                 .await,
                             "update",
                         )?
                     };
-                    if let Some(data) = response.data {
+                    if let Some(data) = provider_data(provider, response.data) {
                         session.data = data;
                     }
                 }
@@ -313,15 +332,21 @@ impl Host {
         Ok(session)
     }
 
-    /// The initiate request for a session, under `key`.
-    pub(super) fn initiate_request(session: &PaymentSession, key: String) -> InitiateRequest {
+    /// The initiate request for a session, under `key`, with the caller's `input`.
+    pub(super) fn initiate_request(
+        provider: &Provider,
+        session: &PaymentSession,
+        key: String,
+        input: &Value,
+    ) -> InitiateRequest {
         InitiateRequest {
             session_id: session.id.0.clone(),
             idempotency_key: key,
             amount: session.amount,
             currency_code: session.currency_code.code().to_owned(),
             context: session.context.clone(),
-            data: session.data.clone(),
+            data: with_legacy_input(provider, &session.data, input),
+            input: input.clone(),
             deadline_unix_ms: None,
         }
     }
@@ -354,14 +379,12 @@ impl Host {
                 self.refuse_if_open(session.id.as_str()).await?;
                 let provider = self.provider(&session.provider_id)?.clone();
                 if !session.is_initiated {
-                    session = self.initiate_locked(session).await?;
+                    session = self.initiate_locked(session, &Value::Null).await?;
                 }
                 if let Some(context) = &input.context {
                     session.context = context.clone();
                 }
-                if let Some(data) = &input.data {
-                    session.data = merge(&session.data, data);
-                }
+                let authorize_input = input.data.clone().unwrap_or(Value::Null);
                 let attempt = self.new_attempt(
                     &session,
                     None,
@@ -387,7 +410,8 @@ impl Host {
                     amount: session.amount,
                     currency_code: session.currency_code.code().to_owned(),
                     context: session.context.clone(),
-                    data: session.data.clone(),
+                    data: with_legacy_input(&provider, &session.data, &authorize_input),
+                    input: authorize_input,
                     deadline_unix_ms: None,
                 });
                 let answer = self.call_money(&provider, &attempt, request).await;

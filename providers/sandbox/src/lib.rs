@@ -1,8 +1,10 @@
 //! The sandbox provider: a deterministic card-processor simulator for tests, demos and vendors.
 //!
 //! What it does on a call is chosen by the request (see README.md beside this file):
-//! - a test card number in `data.card_number` or `context.card_number` (authorize), or
-//! - `sandbox` in `data` or `context`: `{"authorize": "declined"}`,
+//! - a test card number in the caller's `input.card_number` (kept only as its last four digits
+//!   and kind), or
+//! - `sandbox` switches in the caller's `input` (kept in the sandbox's data for later calls) or
+//!   the cart's `context`: `{"authorize": "declined"}`,
 //!   `{"capture": {"outcome": "unknown", "delay_ms": 200}}`, `{"delay_ms": 50}` for every call.
 //!
 //! Outcomes: `processed`, `declined`, `requires_more` (then processed on the next authorize),
@@ -85,21 +87,67 @@ struct Behaviour {
     delay_ms: u64,
 }
 
-fn behaviour(op: Operation, data: &Value, context: &Value) -> Behaviour {
+/// What a test card does on authorize (`ok` for any other number).
+fn card_kind(number: &str) -> &'static str {
+    match number {
+        cards::DECLINED => "declined",
+        cards::INSUFFICIENT_FUNDS => "insufficient_funds",
+        cards::THREE_DS => "three_ds",
+        cards::PENDING => "pending",
+        cards::UNKNOWN => "unknown",
+        cards::NOT_ATTEMPTED => "not_attempted",
+        _ => "ok",
+    }
+}
+
+/// The authorize outcome of a kind of test card.
+fn card_outcome(kind: &str) -> Option<&'static str> {
+    match kind {
+        "declined" | "insufficient_funds" => Some("declined"),
+        "three_ds" => Some("requires_more"),
+        "pending" => Some("pending"),
+        "unknown" => Some("unknown"),
+        "not_attempted" => Some("not_attempted"),
+        _ => None,
+    }
+}
+
+/// The card a call is about: a number in the caller's transient `input` (never kept), else the
+/// card kept in the sandbox's own data (its last four digits and its test kind).
+fn card_of(input: &Value, data: &Value) -> Option<String> {
+    input
+        .get("card_number")
+        .and_then(Value::as_str)
+        .map(|n| card_kind(n).to_owned())
+        .or_else(|| {
+            data.pointer("/card/kind")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+}
+
+/// What the sandbox keeps of a card: never the number.
+fn kept_card(number: &str) -> Value {
+    let last4: String = number
+        .chars()
+        .rev()
+        .take(4)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    json!({"last4": last4, "kind": card_kind(number)})
+}
+
+fn behaviour(op: Operation, input: &Value, data: &Value, context: &Value) -> Behaviour {
     let mut b = Behaviour::default();
-    for source in [context, data] {
-        if op == Operation::Authorize
-            && let Some(card) = source.get("card_number").and_then(Value::as_str)
-        {
-            b.outcome = match card {
-                cards::DECLINED | cards::INSUFFICIENT_FUNDS => Some("declined".into()),
-                cards::THREE_DS => Some("requires_more".into()),
-                cards::PENDING => Some("pending".into()),
-                cards::UNKNOWN => Some("unknown".into()),
-                cards::NOT_ATTEMPTED => Some("not_attempted".into()),
-                _ => b.outcome,
-            };
-        }
+    if op == Operation::Authorize
+        && let Some(outcome) = card_of(input, data).as_deref().and_then(card_outcome)
+    {
+        b.outcome = Some(outcome.into());
+    }
+    // Later sources win: the cart's context, the sandbox's data, the caller's input.
+    for source in [context, data, input] {
         let Some(sandbox) = source.get("sandbox") else {
             continue;
         };
@@ -123,11 +171,25 @@ fn behaviour(op: Operation, data: &Value, context: &Value) -> Behaviour {
     b
 }
 
-fn card_of(data: &Value, context: &Value) -> Option<String> {
-    [data, context]
-        .into_iter()
-        .find_map(|v| v.get("card_number").and_then(Value::as_str))
-        .map(str::to_owned)
+/// The data the sandbox keeps after a call with this input: its test switches and the card's
+/// kind, so later calls (captures, refunds) still see them. `None`: nothing changed.
+fn kept_data(input: &Value, data: &Value) -> Option<Value> {
+    let switches = input.get("sandbox");
+    let card = input.get("card_number").and_then(Value::as_str);
+    if switches.is_none() && card.is_none() {
+        return None;
+    }
+    let mut kept = match data {
+        Value::Object(map) => map.clone(),
+        _ => Default::default(),
+    };
+    if let Some(switches) = switches {
+        kept.insert("sandbox".into(), switches.clone());
+    }
+    if let Some(number) = card {
+        kept.insert("card".into(), kept_card(number));
+    }
+    Some(Value::Object(kept))
 }
 
 /// The parts of a request every operation needs.
@@ -138,6 +200,7 @@ struct Call<'a> {
     amount: i64,
     currency_code: &'a str,
     data: &'a Value,
+    input: &'a Value,
     context: &'a Value,
 }
 
@@ -155,7 +218,7 @@ impl SandboxProvider {
             ))
             .param("amount"));
         }
-        let b = behaviour(call.op, call.data, call.context);
+        let b = behaviour(call.op, call.input, call.data, call.context);
         if b.delay_ms > 0 {
             std::thread::sleep(Duration::from_millis(b.delay_ms));
         }
@@ -191,8 +254,8 @@ impl SandboxProvider {
             let response = match outcome {
                 "declined" => ProviderResponse::with_outcome(Outcome::Declined {
                     code: Some(
-                        if card_of(call.data, call.context).as_deref()
-                            == Some(cards::INSUFFICIENT_FUNDS)
+                        if card_of(call.input, call.data).as_deref()
+                            == Some("insufficient_funds")
                         {
                             "insufficient_funds"
                         } else {
@@ -330,15 +393,8 @@ impl PaymentProvider for SandboxProvider {
     }
 
     fn initiate(&self, r: InitiateRequest) -> Result<ProviderResponse, ProviderError> {
-        // Keep the behaviour switches in the session's data so later calls see them.
-        let mut data = serde_json::Map::new();
-        for source in [&r.context, &r.data] {
-            for key in ["sandbox", "card_number"] {
-                if let Some(v) = source.get(key) {
-                    data.insert(key.into(), v.clone());
-                }
-            }
-        }
+        // Keep the test switches and the card's kind (never its number) for later calls.
+        let data = kept_data(&r.input, &r.data).unwrap_or_else(|| json!({}));
         let call = Call {
             op: Operation::Initiate,
             key: &r.idempotency_key,
@@ -346,14 +402,14 @@ impl PaymentProvider for SandboxProvider {
             amount: r.amount,
             currency_code: &r.currency_code,
             data: &r.data,
+            input: &r.input,
             context: &r.context,
         };
-        self.run(call, |_| {
-            Ok(ProviderResponse::processed().data(Value::Object(data)))
-        })
+        self.run(call, |_| Ok(ProviderResponse::processed().data(data)))
     }
 
     fn update(&self, r: UpdateRequest) -> Result<ProviderResponse, ProviderError> {
+        let kept = kept_data(&r.input, &r.data);
         let call = Call {
             op: Operation::Update,
             key: &r.idempotency_key,
@@ -361,6 +417,7 @@ impl PaymentProvider for SandboxProvider {
             amount: r.amount,
             currency_code: &r.currency_code,
             data: &r.data,
+            input: &r.input,
             context: &r.context,
         };
         self.run(call, |l| match l.session(&r.session_id).status {
@@ -369,11 +426,15 @@ impl PaymentProvider for SandboxProvider {
                 "sandbox: an authorized, canceled or deleted payment cannot be updated",
             )
             .code("payment_not_updatable")),
-            _ => Ok(ProviderResponse::processed()),
+            _ => Ok(match kept {
+                Some(data) => ProviderResponse::processed().data(data),
+                None => ProviderResponse::processed(),
+            }),
         })
     }
 
     fn authorize(&self, r: AuthorizeRequest) -> Result<ProviderResponse, ProviderError> {
+        let kept = kept_data(&r.input, &r.data);
         let call = Call {
             op: Operation::Authorize,
             key: &r.idempotency_key,
@@ -381,9 +442,10 @@ impl PaymentProvider for SandboxProvider {
             amount: r.amount,
             currency_code: &r.currency_code,
             data: &r.data,
+            input: &r.input,
             context: &r.context,
         };
-        self.run(call, |l| match l.session(&r.session_id).status {
+        let answer = self.run(call, |l| match l.session(&r.session_id).status {
             "canceled" | "deleted" | "declined" => Err(ProviderError::new(
                 ErrorKind::Conflict,
                 "sandbox: the payment was canceled, deleted or declined",
@@ -391,6 +453,10 @@ impl PaymentProvider for SandboxProvider {
             .code("payment_closed")),
             "pending" => Ok(ProviderResponse::with_outcome(Outcome::Pending)),
             _ => Ok(ProviderResponse::processed()),
+        })?;
+        Ok(match kept {
+            Some(data) if answer.data.is_none() => answer.data(data),
+            _ => answer,
         })
     }
 
@@ -402,6 +468,7 @@ impl PaymentProvider for SandboxProvider {
             amount: r.amount,
             currency_code: &r.currency_code,
             data: &r.data,
+            input: &Value::Null,
             context: &Value::Null,
         };
         self.run(call, |l| {
@@ -435,6 +502,7 @@ impl PaymentProvider for SandboxProvider {
             amount: r.amount,
             currency_code: &r.currency_code,
             data: &r.data,
+            input: &Value::Null,
             context: &Value::Null,
         };
         self.run(call, |l| {
@@ -461,6 +529,7 @@ impl PaymentProvider for SandboxProvider {
             amount: r.amount,
             currency_code: &r.currency_code,
             data: &r.data,
+            input: &Value::Null,
             context: &Value::Null,
         };
         self.run(call, |l| {
@@ -484,6 +553,7 @@ impl PaymentProvider for SandboxProvider {
             amount: r.amount,
             currency_code: &r.currency_code,
             data: &r.data,
+            input: &Value::Null,
             context: &Value::Null,
         };
         self.run(call, |_| Ok(ProviderResponse::processed()))

@@ -180,6 +180,82 @@ impl StripeProvider {
             })
     }
 
+    /// Refuses an intent that is not this session's, for this amount and currency: an intent
+    /// found at Stripe proves nothing about this payment otherwise.
+    fn belongs(
+        intent: &Value,
+        session_id: &str,
+        amount: i64,
+        currency: &str,
+    ) -> Result<(), ProviderError> {
+        let wrong = |what: String| {
+            Err(ProviderError::invalid_request(format!(
+                "the payment intent {} {what}; refusing to authorize with it",
+                intent["id"].as_str().unwrap_or("?")
+            ))
+            .code("intent_mismatch"))
+        };
+        if intent["metadata"]["session_id"].as_str() != Some(session_id) {
+            return wrong(format!("belongs to another session, not {session_id}"));
+        }
+        if intent["amount"].as_i64() != Some(amount) {
+            return wrong(format!(
+                "is for {} while the session is for {amount}",
+                intent["amount"]
+            ));
+        }
+        if !intent["currency"]
+            .as_str()
+            .is_some_and(|c| c.eq_ignore_ascii_case(currency))
+        {
+            return wrong(format!(
+                "is in {} while the session is in {currency}",
+                intent["currency"]
+            ));
+        }
+        Ok(())
+    }
+
+    /// The Stripe payment method the caller's input names (`payment_method: "pm_…"`), or one
+    /// made from the card it carries (`card: {number, exp_month, exp_year, cvc}`, for tests:
+    /// in production cards are tokenized in the browser). The card is sent to Stripe and
+    /// forgotten. `Ok(Err(reply))`: Stripe's answer ends the call.
+    fn payment_method(
+        &self,
+        input: &Value,
+        key: &str,
+        deadline: Option<i64>,
+    ) -> Result<Result<Option<String>, Reply>, ProviderError> {
+        match (input.get("payment_method"), input.get("card")) {
+            (Some(Value::String(pm)), _) => Ok(Ok(Some(pm.clone()))),
+            (_, Some(card)) => {
+                let s = |k: &str| match &card[k] {
+                    Value::String(v) => v.clone(),
+                    Value::Number(n) => n.to_string(),
+                    _ => String::new(),
+                };
+                let form = [
+                    ("type", "card".to_owned()),
+                    ("card[number]", s("number")),
+                    ("card[exp_month]", s("exp_month")),
+                    ("card[exp_year]", s("exp_year")),
+                    ("card[cvc]", s("cvc")),
+                ];
+                match self.request(
+                    "POST",
+                    "/v1/payment_methods",
+                    &form,
+                    Some(&format!("{key}:pm")),
+                    deadline,
+                )? {
+                    Reply::Ok(pm) => Ok(Ok(pm["id"].as_str().map(str::to_owned))),
+                    other => Ok(Err(other)),
+                }
+            }
+            _ => Ok(Ok(None)),
+        }
+    }
+
     fn answer(reply: Reply, on_ok: impl FnOnce(Value) -> ProviderResponse) -> ProviderResponse {
         match reply {
             Reply::Ok(json) => on_ok(json),
@@ -288,17 +364,27 @@ impl PaymentProvider for StripeProvider {
             Some(&r.idempotency_key),
             r.deadline_unix_ms,
         )?;
+        let intent = match reply {
+            Reply::Ok(intent) => intent,
+            other => return Ok(Self::answer(other, |_| ProviderResponse::processed())),
+        };
         let mut data = match r.data {
             Value::Object(map) => map,
             _ => Default::default(),
         };
-        Ok(Self::answer(reply, |intent| {
-            data.insert("payment_intent_id".into(), intent["id"].clone());
-            data.insert("client_secret".into(), intent["client_secret"].clone());
-            ProviderResponse::processed()
-                .data(Value::Object(data))
-                .reference(intent["id"].as_str().unwrap_or_default())
-        }))
+        data.insert("payment_intent_id".into(), intent["id"].clone());
+        data.insert("client_secret".into(), intent["client_secret"].clone());
+        // A payment method given now is kept by its Stripe id, never as card data.
+        match self.payment_method(&r.input, &r.idempotency_key, r.deadline_unix_ms)? {
+            Ok(Some(pm)) => {
+                data.insert("payment_method".into(), Value::String(pm));
+            }
+            Ok(None) => {}
+            Err(other) => return Ok(Self::answer(other, |_| ProviderResponse::processed())),
+        }
+        Ok(ProviderResponse::processed()
+            .data(Value::Object(data))
+            .reference(intent["id"].as_str().unwrap_or_default()))
     }
 
     fn update(&self, r: UpdateRequest) -> Result<ProviderResponse, ProviderError> {
@@ -328,41 +414,22 @@ impl PaymentProvider for StripeProvider {
             Reply::Ok(intent) => intent,
             other => return Ok(Self::answer(other, |_| ProviderResponse::processed())),
         };
+        Self::belongs(&intent, &r.session_id, r.amount, &r.currency_code)?;
         if let Some(outcome) = authorize_outcome(&intent) {
             return Ok(ProviderResponse::with_outcome(outcome).reference(id));
         }
-        let payment_method = match (r.data.get("payment_method"), r.data.get("card")) {
-            (Some(Value::String(pm)), _) => pm.clone(),
-            (_, Some(card)) => {
-                let s = |k: &str| match &card[k] {
-                    Value::String(v) => v.clone(),
-                    Value::Number(n) => n.to_string(),
-                    _ => String::new(),
-                };
-                let form = [
-                    ("type", "card".to_owned()),
-                    ("card[number]", s("number")),
-                    ("card[exp_month]", s("exp_month")),
-                    ("card[exp_year]", s("exp_year")),
-                    ("card[cvc]", s("cvc")),
-                ];
-                match self.request(
-                    "POST",
-                    "/v1/payment_methods",
-                    &form,
-                    Some(&format!("{key}:pm")),
-                    deadline,
-                )? {
-                    Reply::Ok(pm) => pm["id"].as_str().unwrap_or_default().to_owned(),
-                    other => return Ok(Self::answer(other, |_| ProviderResponse::processed())),
+        let payment_method = match self.payment_method(&r.input, key, deadline)? {
+            Ok(Some(pm)) => pm,
+            Ok(None) => match r.data.get("payment_method") {
+                Some(Value::String(pm)) => pm.clone(),
+                _ => {
+                    return Err(ProviderError::invalid_request(
+                        "no payment method: give payment_method (pm_…) or card in the input",
+                    )
+                    .param("data.payment_method"));
                 }
-            }
-            _ => {
-                return Err(ProviderError::invalid_request(
-                    "no payment method: give data.payment_method (pm_…) or data.card",
-                )
-                .param("data.payment_method"));
-            }
+            },
+            Err(other) => return Ok(Self::answer(other, |_| ProviderResponse::processed())),
         };
         match self.request(
             "POST",
