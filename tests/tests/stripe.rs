@@ -235,6 +235,11 @@ async fn a_stopped_stripe_is_not_attempted() {
 struct Proxy {
     address: SocketAddr,
     lose_confirm_answers: Arc<AtomicBool>,
+    /// Forward a refund request but never return its answer.
+    lose_refund_answers: Arc<AtomicBool>,
+    /// Hold a refund request this long before forwarding it (a slow network, a busy
+    /// processor): it lands after the client gave up.
+    hold_refunds_ms: Arc<std::sync::atomic::AtomicU64>,
     /// Accept connections and never answer, forwarding nothing.
     black_hole: Arc<AtomicBool>,
 }
@@ -247,9 +252,15 @@ impl Proxy {
         let lose_confirm_answers = lose.clone();
         let hole = Arc::new(AtomicBool::new(false));
         let black_hole = hole.clone();
+        let lose_refunds = Arc::new(AtomicBool::new(false));
+        let lose_refund_answers = lose_refunds.clone();
+        let hold = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let hold_refunds_ms = hold.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let lose = lose.clone();
+                let lose_refunds = lose_refunds.clone();
+                let hold = hold.clone();
                 let hole_now = hole.clone();
                 if hole.load(Ordering::SeqCst) {
                     tokio::spawn(async move {
@@ -285,6 +296,14 @@ impl Proxy {
                             {
                                 flag.store(true, Ordering::SeqCst);
                             }
+                            let refund = buf[..n].starts_with(b"POST /v1/refunds");
+                            if refund && lose_refunds.load(Ordering::SeqCst) {
+                                flag.store(true, Ordering::SeqCst);
+                            }
+                            let held = hold.load(Ordering::SeqCst);
+                            if refund && held > 0 {
+                                tokio::time::sleep(Duration::from_millis(held)).await;
+                            }
                             if server_tx.write_all(&buf[..n]).await.is_err() {
                                 break;
                             }
@@ -310,6 +329,8 @@ impl Proxy {
         Proxy {
             address,
             lose_confirm_answers,
+            lose_refund_answers,
+            hold_refunds_ms,
             black_hole,
         }
     }
@@ -518,4 +539,156 @@ async fn a_server_that_never_answers_is_unknown_then_reconciled_when_stripe_is_b
         .await
         .unwrap();
     assert_eq!(r.payment_session.status, SessionStatus::Authorized);
+}
+
+/// A host whose reconciler checks at once, with a landing margin for requests still on the wire.
+fn reconciling(host: Arc<payhost::Host>, landing_margin_ms: i64) -> Arc<payhost::Host> {
+    Arc::new(
+        Arc::try_unwrap(host)
+            .unwrap_or_else(|_| panic!("the test holds the only reference"))
+            .with_reconcile(ReconcileSettings {
+                first_check_ms: 0,
+                base_backoff_ms: 0,
+                max_checks: 5,
+                landing_margin_ms,
+                ..Default::default()
+            }),
+    )
+}
+
+async fn captured_payment(host: &payhost::Host, sid: &str) -> String {
+    let payment = host
+        .authorize_session(sid, AuthorizeInput::default(), None)
+        .await
+        .unwrap()
+        .payment
+        .unwrap();
+    host.capture_payment(&payment.id.0, CaptureInput::default(), None)
+        .await
+        .unwrap();
+    payment.id.0
+}
+
+/// The refunds localstripe holds for the session's intent.
+async fn refunds_at_stripe(stripe: &LocalStripe, host: &payhost::Host, sid: &str) -> Vec<Value> {
+    let data = host.session(sid).await.unwrap().data;
+    let intent = data["payment_intent_id"].as_str().unwrap();
+    let list: Value = reqwest::Client::new()
+        .get(format!(
+            "{}/v1/refunds?payment_intent={intent}&limit=1000",
+            stripe.base()
+        ))
+        .basic_auth("sk_test_payhost", Some(""))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    list["data"].as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_held_on_the_wire_past_the_deadline_is_never_settled_as_failed() {
+    let Some(Proxied {
+        _stripe,
+        proxy,
+        _scratch,
+        host,
+        sid,
+    }) = Proxied::start().await
+    else {
+        return;
+    };
+    // Requests may still land 4 s after the 1.5 s deadline.
+    let host = reconciling(host, 4_000);
+    let payment = captured_payment(&host, &sid).await;
+
+    // The refund reaches Stripe a second after payhost stopped waiting for it.
+    proxy.hold_refunds_ms.store(2_500, Ordering::SeqCst);
+    let e = host
+        .refund_payment(
+            &payment,
+            RefundInput {
+                amount: Some(400),
+                reason: None,
+            },
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, EngineError::OutcomeUnknown { .. }), "{e}");
+    // Stripe has no such refund yet: that proves nothing while the request may still land.
+    let report = host.reconcile_due().await.unwrap();
+    assert_eq!(report.settled, 0, "{report:?}");
+    let attempt = host.attempts_of(&payment).await.unwrap().pop().unwrap();
+    assert_eq!(attempt.state, AttemptState::Unknown, "{attempt:?}");
+    let blocked = host
+        .refund_payment(&payment, RefundInput::default(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(blocked.code(), "attempt_unresolved", "{blocked}");
+
+    // It lands; the reconciler learns it.
+    payhost_e2e::reconcile_until_settled(&host, Duration::from_secs(10)).await;
+    let attempt = host.attempts_of(&payment).await.unwrap().pop().unwrap();
+    assert_eq!(attempt.state, AttemptState::Succeeded, "{attempt:?}");
+    assert_eq!(host.payment(&payment).await.unwrap().refunded_amount(), 400);
+    let refunds = refunds_at_stripe(&_stripe, &host, &sid).await;
+    assert_eq!(refunds.len(), 1, "{refunds:?}");
+    assert_eq!(refunds[0]["amount"], 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_behind_a_hundred_newer_ones_is_still_found() {
+    let Some(Proxied {
+        _stripe,
+        proxy,
+        _scratch,
+        host,
+        sid,
+    }) = Proxied::start().await
+    else {
+        return;
+    };
+    let host = reconciling(host, 0);
+    let payment = captured_payment(&host, &sid).await;
+    proxy.lose_refund_answers.store(true, Ordering::SeqCst);
+    let e = host
+        .refund_payment(
+            &payment,
+            RefundInput {
+                amount: Some(300),
+                reason: None,
+            },
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, EngineError::OutcomeUnknown { .. }), "{e}");
+    proxy.lose_refund_answers.store(false, Ordering::SeqCst);
+    // A hundred newer refunds on the same intent (made in Stripe's dashboard, say).
+    let intent = host.session(&sid).await.unwrap().data["payment_intent_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let client = reqwest::Client::new();
+    for i in 0..100 {
+        let r = client
+            .post(format!("{}/v1/refunds", _stripe.base()))
+            .basic_auth("sk_test_payhost", Some(""))
+            .form(&[
+                ("payment_intent", intent.as_str()),
+                ("amount", "1"),
+                ("metadata[payhost_key]", &format!("elsewhere-{i}")),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    }
+    payhost_e2e::reconcile_until_settled(&host, Duration::from_secs(10)).await;
+    let attempt = host.attempts_of(&payment).await.unwrap().pop().unwrap();
+    assert_eq!(attempt.state, AttemptState::Succeeded, "{attempt:?}");
+    assert_eq!(host.payment(&payment).await.unwrap().refunded_amount(), 300);
 }

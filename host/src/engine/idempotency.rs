@@ -89,6 +89,7 @@ impl Host {
                         operation: attempt.operation.as_str().to_owned(),
                     });
                 }
+                let failed_attempt = attempt.id.0.clone();
                 match rebuild(attempt).await? {
                     Some(value) => {
                         self.store
@@ -100,10 +101,22 @@ impl Host {
                         return Ok(value);
                     }
                     None => {
-                        // The attempt failed and moved nothing: this request may run afresh.
-                        self.store
-                            .write(vec![WriteOp::ForgetKey(key.to_owned()), claim])
-                            .await?;
+                        // The attempt failed and moved nothing: this request may run afresh —
+                        // once. Of retries racing here, one replaces the key's claim; the
+                        // others find it no longer linked to the failed attempt.
+                        let forget = WriteOp::ForgetKey {
+                            key: key.to_owned(),
+                            attempt_id: failed_attempt,
+                        };
+                        match self.store.write(vec![forget, claim]).await {
+                            Ok(()) => {}
+                            Err(StoreError::KeyExists(_)) => {
+                                return Err(EngineError::InProgress(format!(
+                                    "a request with idempotency key `{key}` is in progress"
+                                )));
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
                     }
                 }
             }

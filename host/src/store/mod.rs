@@ -71,8 +71,15 @@ pub enum WriteOp {
     /// Forgets a claimed key whose operation failed without effect; a key linked to an attempt
     /// is kept.
     ReleaseKey(String),
-    /// Forgets a key whatever its state (its linked attempt failed and moved nothing).
-    ForgetKey(String),
+    /// Forgets a key linked to `attempt_id` (which failed and moved nothing), so a retry may run
+    /// afresh. Compare-and-delete: a key no longer linked to that attempt (another retry claimed
+    /// it anew) is left alone and the write fails with [`StoreError::KeyExists`].
+    ForgetKey {
+        /// The key.
+        key: String,
+        /// The failed attempt it must still be linked to.
+        attempt_id: String,
+    },
     /// Links a claimed key to the attempt its operation started.
     LinkKey {
         /// The key.

@@ -494,10 +494,17 @@ async fn apply(tx: &deadpool_postgres::Transaction<'_>, op: &WriteOp) -> Result<
             .await
             .map_err(|e| classify(e, key))?;
         }
-        WriteOp::ForgetKey(key) => {
-            tx.execute("DELETE FROM idempotency_keys WHERE key = $1", &[key])
+        WriteOp::ForgetKey { key, attempt_id } => {
+            let n = tx
+                .execute(
+                    "DELETE FROM idempotency_keys WHERE key = $1 AND attempt_id = $2",
+                    &[key, attempt_id],
+                )
                 .await
                 .map_err(|e| classify(e, key))?;
+            if n == 0 {
+                return Err(StoreError::KeyExists(key.clone()));
+            }
         }
         WriteOp::LinkKey { key, attempt_id } => {
             tx.execute(

@@ -607,9 +607,16 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
                 )
                 .map_err(|e| classify(e, event_id))?;
             }
-            WriteOp::ForgetKey(key) => {
-                tx.execute("DELETE FROM idempotency_keys WHERE key = ?1", params![key])
+            WriteOp::ForgetKey { key, attempt_id } => {
+                let n = tx
+                    .execute(
+                        "DELETE FROM idempotency_keys WHERE key = ?1 AND attempt_id = ?2",
+                        params![key, attempt_id],
+                    )
                     .map_err(|e| classify(e, key))?;
+                if n == 0 {
+                    return Err(StoreError::KeyExists(key.clone()));
+                }
             }
             WriteOp::LinkKey { key, attempt_id } => {
                 tx.execute(

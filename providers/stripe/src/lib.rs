@@ -256,6 +256,53 @@ impl StripeProvider {
         }
     }
 
+    /// Whether the intent has a refund made under `key`, looking through every page of its
+    /// refunds (newest first). `Err(reply)`: Stripe did not answer in full, so nobody knows.
+    fn find_refund(
+        &self,
+        intent: &str,
+        key: &str,
+        deadline: Option<i64>,
+    ) -> Result<Result<bool, Reply>, ProviderError> {
+        /// 100 pages of 100: past that, say "unknown" rather than "not found".
+        const MAX_PAGES: usize = 100;
+        let mut after: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            let path = match &after {
+                None => format!("/v1/refunds?payment_intent={intent}&limit=100"),
+                Some(last) => {
+                    format!("/v1/refunds?payment_intent={intent}&limit=100&starting_after={last}")
+                }
+            };
+            let list = match self.request("GET", &path, &[], None, deadline)? {
+                Reply::Ok(list) => list,
+                other => return Ok(Err(other)),
+            };
+            let refunds = list["data"].as_array().cloned().unwrap_or_default();
+            if refunds
+                .iter()
+                .any(|refund| refund["metadata"]["payhost_key"] == key)
+            {
+                return Ok(Ok(true));
+            }
+            match (list["has_more"].as_bool(), refunds.last()) {
+                (Some(true), Some(last)) => {
+                    after = last["id"].as_str().map(str::to_owned);
+                    if after.is_none() {
+                        break;
+                    }
+                }
+                _ => return Ok(Ok(false)),
+            }
+        }
+        Ok(Err(Reply::Outcome(Outcome::Unknown {
+            reason: format!(
+                "the intent has more than {} refunds to look through",
+                MAX_PAGES * 100
+            ),
+        })))
+    }
+
     fn answer(reply: Reply, on_ok: impl FnOnce(Value) -> ProviderResponse) -> ProviderResponse {
         match reply {
             Reply::Ok(json) => on_ok(json),
@@ -557,25 +604,10 @@ impl PaymentProvider for StripeProvider {
                 Operation::Cancel if status == "canceled" => Outcome::Processed,
                 Operation::Cancel => not_attempted("cancelation"),
                 Operation::Refund => {
-                    match self.request(
-                        "GET",
-                        &format!("/v1/refunds?payment_intent={id}&limit=100"),
-                        &[],
-                        None,
-                        r.deadline_unix_ms,
-                    )? {
-                        Reply::Ok(list) => {
-                            let found =
-                                list["data"].as_array().into_iter().flatten().any(|refund| {
-                                    refund["metadata"]["payhost_key"] == a.idempotency_key.as_str()
-                                });
-                            if found {
-                                Outcome::Processed
-                            } else {
-                                not_attempted("refund")
-                            }
-                        }
-                        other => unknown(other),
+                    match self.find_refund(&id, &a.idempotency_key, r.deadline_unix_ms)? {
+                        Ok(true) => Outcome::Processed,
+                        Ok(false) => not_attempted("refund"),
+                        Err(other) => unknown(other),
                     }
                 }
                 _ => not_attempted("such operation"),
