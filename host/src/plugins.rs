@@ -238,7 +238,11 @@ pub struct Loader {
     plugin_dir: PathBuf,
     plugin_dir_hint: String,
     clock: Arc<dyn Clock>,
+    after_check: Option<AfterCheck>,
 }
+
+/// Runs between a library's checks and its loading (tests swap the file there).
+type AfterCheck = Arc<dyn Fn(&Path) + Send + Sync>;
 
 struct LoadedLibrary {
     module: PluginModuleRef,
@@ -301,6 +305,7 @@ impl Loader {
             plugin_dir,
             plugin_dir_hint,
             clock: Arc::new(SystemClock),
+            after_check: None,
         }
     }
 
@@ -310,12 +315,21 @@ impl Loader {
             plugin_dir: dir.into(),
             plugin_dir_hint: "plugin folder given by the embedder".into(),
             clock: Arc::new(SystemClock),
+            after_check: None,
         }
     }
 
     /// Replaces the clock providers see.
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Loader {
         self.clock = clock;
+        self
+    }
+
+    /// Runs `hook` after a library file passed its checks and before it is loaded. For tests
+    /// that replace the file at that moment: what is loaded is still the file that was checked.
+    #[doc(hidden)]
+    pub fn after_check(mut self, hook: impl Fn(&Path) + Send + Sync + 'static) -> Loader {
+        self.after_check = Some(Arc::new(hook));
         self
     }
 
@@ -372,7 +386,7 @@ impl Loader {
         config: Option<&Config>,
     ) -> Result<Provider, LoadError> {
         let path = self.resolve(&settings.library)?;
-        let library = open(&path, settings.sha256.as_deref())?;
+        let library = open(&path, settings.sha256.as_deref(), self.after_check.as_ref())?;
         let (manifest, protocol) = read_manifest(&path, &library.module)?;
         let protocol = protocol.ok_or_else(|| incompatible_protocol(&path, &manifest))?;
         let instance = InstanceConfig {
@@ -454,7 +468,7 @@ impl Loader {
             self.library_path(&library.display().to_string())
         };
         let path = self.resolve(&LibrarySource::Path(path))?;
-        let loaded = open(&path, None)?;
+        let loaded = open(&path, None, self.after_check.as_ref())?;
         let (manifest, protocol) = read_manifest(&path, &loaded.module)?;
         Ok(Inspection {
             manifest,
@@ -491,13 +505,26 @@ fn default_plugin_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// Checks the file and opens it (once per process per path).
-fn open(path: &Path, pin: Option<&str>) -> Result<Arc<LoadedLibrary>, LoadError> {
+/// The descriptors libraries were loaded through; never closed (see [`open`]).
+fn kept_descriptors() -> &'static Mutex<Vec<std::fs::File>> {
+    static KEPT: OnceLock<Mutex<Vec<std::fs::File>>> = OnceLock::new();
+    KEPT.get_or_init(Default::default)
+}
+
+/// Checks the file and opens it (once per process per path). The checks, the digest and the
+/// load all use one open file: a file swapped in between cannot be loaded unchecked.
+fn open(
+    path: &Path,
+    pin: Option<&str>,
+    after_check: Option<&AfterCheck>,
+) -> Result<Arc<LoadedLibrary>, LoadError> {
+    use std::io::Read;
     let io = |e: std::io::Error| LoadError::Io {
         path: path.to_owned(),
         message: e.to_string(),
     };
-    let meta = std::fs::metadata(path).map_err(io)?;
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
     if !meta.is_file() {
         return Err(LoadError::NotALibrary {
             path: path.to_owned(),
@@ -521,7 +548,11 @@ fn open(path: &Path, pin: Option<&str>) -> Result<Arc<LoadedLibrary>, LoadError>
     // unchanged since keeps its digest.
     let sha256 = match libraries.get(path) {
         Some(c) if c.identity == identity => c.library.sha256.clone(),
-        _ => hex::encode(Sha256::digest(std::fs::read(path).map_err(io)?)),
+        _ => {
+            let mut bytes = Vec::with_capacity(meta.len() as usize);
+            file.read_to_end(&mut bytes).map_err(io)?;
+            hex::encode(Sha256::digest(&bytes))
+        }
     };
     if let Some(expected) = pin
         && expected != sha256
@@ -543,14 +574,40 @@ fn open(path: &Path, pin: Option<&str>) -> Result<Arc<LoadedLibrary>, LoadError>
         cached.identity = identity;
         return Ok(cached.library.clone());
     }
-    let module = open_plugin(path).map_err(|e| match e {
+    if let Some(hook) = after_check {
+        hook(path);
+    }
+    // The dynamic loader opens the very file checked above, through its descriptor.
+    #[cfg(target_os = "linux")]
+    let by_descriptor = {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
+    };
+    #[cfg(not(target_os = "linux"))]
+    let by_descriptor = path.to_owned();
+    // The loader's messages name the descriptor; name the file instead.
+    let named = |message: String| {
+        message.replace(
+            &by_descriptor.display().to_string(),
+            &path.display().to_string(),
+        )
+    };
+    let opened = open_plugin(&by_descriptor);
+    // The dynamic loader knows the library by that `/proc/self/fd/N` name, and would hand the
+    // same library to a later load under the same name: keep the descriptor (like the library,
+    // for the life of the process) so its number is never reused.
+    kept_descriptors()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(file);
+    let module = opened.map_err(|e| match e {
         OpenError::NotALibrary(message) => LoadError::NotALibrary {
             path: path.to_owned(),
-            message,
+            message: named(message),
         },
         OpenError::NotAPlugin(message) => LoadError::NotAPlugin {
             path: path.to_owned(),
-            message,
+            message: named(message),
         },
         OpenError::Init(message) => LoadError::NotAPlugin {
             path: path.to_owned(),

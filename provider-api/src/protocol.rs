@@ -491,8 +491,10 @@ pub struct RetrieveResponse {
     /// Amount refunded so far, when the provider knows it.
     #[serde(default)]
     pub amount_refunded: Option<i64>,
-    /// What became of [`RetrieveRequest::attempt`]: `processed`, `declined`, or `not_attempted`
-    /// when the provider never saw that key. `None` when not asked.
+    /// What became of [`RetrieveRequest::attempt`]: `processed`, `declined`, `pending`, or
+    /// `not_attempted` when the processor has no record of that key (conclusive for the host
+    /// only once the call can no longer land; see `PaymentProvider::retrieve`), `unknown` when
+    /// it could not find out. `None` when not asked.
     #[serde(default)]
     pub attempt: Option<Outcome>,
     /// New provider data, if it changed.

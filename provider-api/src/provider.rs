@@ -92,6 +92,21 @@ pub trait PaymentProvider: Sized + Send + Sync + 'static {
 
     /// Tells the truth about a payment and, when asked, about one earlier attempt. This is how
     /// the host settles outcomes left unknown by a timeout or a crash.
+    ///
+    /// The contract, for `attempt` (what became of the call with that idempotency key):
+    /// - `processed`, `declined`, `requires_more`: what the processor did with it — only when
+    ///   you read that from the processor.
+    /// - `pending`: the processor is still working on it (the host asks again later).
+    /// - `not_attempted`: the processor has no record of that key *now*. The host takes this
+    ///   as "it did not happen" only once the call can no longer land: it has returned (or its
+    ///   process died) and its deadline plus the host's landing margin has passed. Before
+    ///   that it stays unknown, so answer what the processor says, never what you expect.
+    /// - `unknown`: you could not find out (the processor did not answer, the lookup was
+    ///   incomplete). Never answer `not_attempted` for "I could not look".
+    ///
+    /// A processor that replays a repeated idempotency key can say so in
+    /// [`crate::Manifest::replays_idempotency_keys`]; the host may then send an unknown capture,
+    /// refund or cancel again with its key instead of waiting for the horizon.
     fn retrieve(&self, request: RetrieveRequest) -> Result<RetrieveResponse, ProviderError>;
 
     /// Verifies a webhook and translates it. Must fail with

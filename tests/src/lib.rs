@@ -257,16 +257,31 @@ pub struct Server {
 impl Server {
     /// Starts `program args… --listen 127.0.0.1:0` and waits for its `listening on` line.
     pub fn start_program(program: &Path, args: &[&str]) -> Server {
+        let stderr = if std::env::var_os("PAYHOST_TEST_SERVER_LOGS").is_some() {
+            std::process::Stdio::inherit()
+        } else {
+            std::process::Stdio::null()
+        };
+        Server::spawn(program, args, stderr)
+    }
+
+    /// [`Server::start`] with the server's log (its stderr) written to `log`.
+    pub fn start_logging(config: &Path, log: &Path) -> Server {
+        let file = std::fs::File::create(log).expect("create the log file");
+        Server::spawn(
+            &payhost_bin(),
+            &["serve", "--config", config.to_str().expect("UTF-8 path")],
+            file.into(),
+        )
+    }
+
+    fn spawn(program: &Path, args: &[&str], stderr: std::process::Stdio) -> Server {
         use std::io::BufRead;
         let mut child = Command::new(program)
             .args(args)
             .args(["--listen", "127.0.0.1:0"])
             .stdout(std::process::Stdio::piped())
-            .stderr(if std::env::var_os("PAYHOST_TEST_SERVER_LOGS").is_some() {
-                std::process::Stdio::inherit()
-            } else {
-                std::process::Stdio::null()
-            })
+            .stderr(stderr)
             .env_remove("RUST_LOG")
             .spawn()
             .expect("start the server");

@@ -254,3 +254,41 @@ fn a_library_replaced_on_disk_after_loading_is_refused_until_restart() {
     assert_eq!(err.code(), "plugin.changed_on_disk");
     assert!(err.to_string().contains(&first.library().sha256), "{err}");
 }
+
+#[test]
+fn a_library_swapped_between_its_pin_check_and_its_load_is_not_the_one_loaded() {
+    use payhost::config::{LibrarySource, ProviderSettings};
+    use sha2::Digest;
+    let s = Scratch::new();
+    let path = s.dir.path().join("libpinned.so");
+    std::fs::copy(payhost_e2e::library("payhost_provider_system"), &path).unwrap();
+    let pin = hex::encode(sha2::Sha256::digest(std::fs::read(&path).unwrap()));
+    let impostor = s.dir.path().join("impostor.so");
+    std::fs::copy(payhost_e2e::library("payhost_provider_sandbox"), &impostor).unwrap();
+    let settings = ProviderSettings {
+        id: "pinned".into(),
+        library: LibrarySource::Path(path.clone()),
+        enabled: true,
+        sha256: Some(pin),
+        timeout: Duration::from_secs(5),
+        max_concurrency: 1,
+        resend_unknown: true,
+        options: json!({}),
+    };
+    // Right after the pin matched, another file takes the library's place.
+    let swapped = Arc::new(Mutex::new(false));
+    let flag = swapped.clone();
+    let loader = payhost::Loader::with_plugin_dir(s.dir.path()).after_check(move |p| {
+        std::fs::rename(&impostor, p).unwrap();
+        *flag.lock().unwrap() = true;
+    });
+    let provider = loader
+        .load(&settings, None)
+        .expect("the file that was checked loads");
+    assert!(*swapped.lock().unwrap(), "the swap happened");
+    assert_eq!(
+        provider.manifest().id,
+        "system",
+        "the library loaded is the one whose digest was pinned"
+    );
+}

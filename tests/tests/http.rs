@@ -562,3 +562,309 @@ async fn an_embedder_mounts_the_api_beside_its_own_routes() {
         .unwrap();
     assert_eq!(health.status(), StatusCode::OK);
 }
+
+/// Every file under `dir`, read as bytes.
+fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                out.push((p, bytes));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn card_numbers_and_cvcs_reach_the_provider_and_nothing_else() {
+    const PAN: &str = "4000002500003155"; // 3-D Secure: two authorize calls carry the card
+    const CVC: &str = "cvc";
+    let scratch = Scratch::new();
+    let text = format!("[log]\nlevel = \"debug\"\n{HOST}")
+        .replace("{dir}", &scratch.dir.path().display().to_string());
+    let config = scratch.config(&text);
+    let log = scratch.dir.path().join("server.log");
+    let server = Server::start_logging(&config, &log);
+    let client = reqwest::Client::new();
+    let mut answers = Vec::new();
+    let mut send = async |r: reqwest::RequestBuilder| -> Value {
+        let r = r.send().await.unwrap();
+        let text = r.text().await.unwrap();
+        answers.push(text.clone());
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    };
+    let url = |p: &str| format!("{}{p}", server.base);
+    let card = json!({"card_number": PAN, "cvc": "737", "exp_month": 12, "exp_year": 2034});
+    let col = send(
+        client
+            .post(url("/v1/payment-collections"))
+            .json(&json!({"amount": 1000, "currency_code": "eur"})),
+    )
+    .await;
+    let sid = send(
+        client
+            .post(url("/v1/payment-sessions"))
+            .header("Idempotency-Key", "pan-session")
+            .json(&json!({"payment_collection_id": col["id"], "provider_id": "sandbox", "data": card})),
+    )
+    .await["id"]
+    .as_str()
+    .unwrap()
+    .to_owned();
+    let first = send(
+        client
+            .post(url(&format!("/v1/payment-sessions/{sid}/authorize")))
+            .header("Idempotency-Key", "pan-authorize")
+            .json(&json!({ "data": card })),
+    )
+    .await;
+    assert_eq!(
+        first["payment_session"]["status"], "requires_more",
+        "{first}"
+    );
+    let second = send(
+        client
+            .post(url(&format!("/v1/payment-sessions/{sid}/authorize")))
+            .json(&json!({ "data": card })),
+    )
+    .await;
+    assert_eq!(
+        second["payment_session"]["status"], "authorized",
+        "{second}"
+    );
+    // The provider used the card: its kept data knows the card's kind and last four digits.
+    assert_eq!(second["payment_session"]["data"]["card"]["last4"], "3155");
+    let pay = second["payment"]["id"].as_str().unwrap().to_owned();
+    for path in [
+        format!("/v1/payment-sessions/{sid}"),
+        format!("/v1/payments/{pay}"),
+        format!("/v1/payment-collections/{}", col["id"].as_str().unwrap()),
+        format!(
+            "/v1/payment-sessions?payment_collection_id={}",
+            col["id"].as_str().unwrap()
+        ),
+        "/v1/attempts".to_owned(),
+    ] {
+        send(client.get(url(&path))).await;
+    }
+    // A replay of the keyed requests answers from what was stored.
+    send(
+        client
+            .post(url(&format!("/v1/payment-sessions/{sid}/authorize")))
+            .header("Idempotency-Key", "pan-authorize")
+            .json(&json!({ "data": card })),
+    )
+    .await;
+    drop(server);
+
+    for answer in &answers {
+        assert!(
+            !answer.contains(PAN),
+            "a response holds the card number: {answer}"
+        );
+        assert!(
+            !answer.contains("737"),
+            "a response holds the CVC: {answer}"
+        );
+        assert!(
+            !answer.to_ascii_lowercase().contains(CVC),
+            "a response names a CVC: {answer}"
+        );
+    }
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(logs.contains("provider call"), "debug logs were written");
+    assert!(!logs.contains(PAN), "the log holds the card number");
+    assert!(
+        !logs.to_ascii_lowercase().contains("\"cvc\""),
+        "the log names a CVC"
+    );
+    // The database (and its WAL), and everything else the host or the sandbox wrote.
+    let pan = PAN.as_bytes();
+    for (path, bytes) in files_under(scratch.dir.path()) {
+        if path == log || path == config {
+            continue;
+        }
+        assert!(
+            !bytes.windows(pan.len()).any(|w| w == pan),
+            "{} holds the card number",
+            path.display()
+        );
+        assert!(
+            !bytes.windows(5).any(|w| w.eq_ignore_ascii_case(b"\"cvc\"")),
+            "{} names a CVC",
+            path.display()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_host_on_one_sqlite_file_refuses_to_start_and_names_the_first() {
+    let scratch = Scratch::new();
+    let text = HOST.replace("{dir}", &scratch.dir.path().display().to_string());
+    let config = scratch.config(&text);
+    let first = Server::start(&config);
+    let out = std::process::Command::new(payhost_e2e::payhost_bin())
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .args(["--listen", "127.0.0.1:0"])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a second host started on the same file"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("in use by another payhost process") && err.contains(&first.pid().to_string()),
+        "{err}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("listening on"));
+    // The first one is untouched.
+    let r = reqwest::get(format!("{}/ready", first.base)).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_the_host_listens_at_once_and_is_ready_once_it_has_reconciled() {
+    let scratch = Scratch::new();
+    let text = format!("{HOST}\n[reconcile]\nlanding_margin_ms = 0\n")
+        .replace("timeout_ms = 400", "timeout_ms = 2000")
+        .replace("{dir}", &scratch.dir.path().display().to_string());
+    let config = scratch.config(&text);
+    let mut first = Server::start(&config);
+    let client = reqwest::Client::new();
+    let api = |base: &str, p: &str| format!("{base}{p}");
+    // Six captures the processor is still working on when the host is killed; asking about
+    // each one takes the sandbox a second.
+    let mut payments = Vec::new();
+    for _ in 0..6 {
+        let col: Value = client
+            .post(api(&first.base, "/v1/payment-collections"))
+            .json(&json!({"amount": 1000, "currency_code": "eur"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let s: Value = client
+            .post(api(&first.base, "/v1/payment-sessions"))
+            .json(&json!({"payment_collection_id": col["id"], "provider_id": "sandbox",
+                "data": {"sandbox": {"capture": {"delay_ms": 20000}, "retrieve": {"delay_ms": 1000}}}}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let a: Value = client
+            .post(api(
+                &first.base,
+                &format!(
+                    "/v1/payment-sessions/{}/authorize",
+                    s["id"].as_str().unwrap()
+                ),
+            ))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        payments.push(a["payment"]["id"].as_str().unwrap().to_owned());
+    }
+    let captures: Vec<_> = payments
+        .iter()
+        .map(|p| {
+            tokio::spawn(
+                client
+                    .post(api(&first.base, &format!("/v1/payments/{p}/capture")))
+                    .json(&json!({}))
+                    .send(),
+            )
+        })
+        .collect();
+    for c in captures {
+        let r = c.await.unwrap().unwrap();
+        let status = r.status();
+        assert_eq!(
+            status,
+            StatusCode::GATEWAY_TIMEOUT,
+            "{}",
+            r.text().await.unwrap()
+        );
+    }
+    first.kill();
+
+    let second = Server::start(&config);
+    // Listening already; asking about six attempts (a second each) is not done yet.
+    let r = client
+        .get(api(&second.base, "/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["recovered"], false, "{body}");
+    // Meanwhile a new customer pays.
+    let col: Value = client
+        .post(api(&second.base, "/v1/payment-collections"))
+        .json(&json!({"amount": 500, "currency_code": "eur"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let s: Value = client
+        .post(api(&second.base, "/v1/payment-sessions"))
+        .json(&json!({"payment_collection_id": col["id"], "provider_id": "system"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let a = client
+        .post(api(
+            &second.base,
+            &format!(
+                "/v1/payment-sessions/{}/authorize",
+                s["id"].as_str().unwrap()
+            ),
+        ))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(a.status(), StatusCode::OK);
+    // Then it is ready, with every abandoned capture settled (none reached the processor).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = client
+            .get(api(&second.base, "/ready"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == StatusCode::OK {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let open: Value = client
+        .get(api(&second.base, "/v1/attempts"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(open["attempts"].as_array().unwrap().is_empty(), "{open}");
+}

@@ -312,6 +312,7 @@ pub struct Host {
     reconcile: ReconcileSettings,
     live: Arc<LiveCalls>,
     late: LateQueue,
+    recovered: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Host {
@@ -484,16 +485,16 @@ pub fn open_store_read_only(config: &crate::Config) -> Result<Arc<dyn Store>, Op
 }
 
 impl Host {
-    /// Opens the store of `config`, takes `providers`, and recovers: in-flight attempts of a
-    /// previous run are reconciled before the host is returned.
+    /// Opens the store of `config`, takes `providers`, and takes over what a previous run left
+    /// in flight (marked unknown: the reconciler's first pass asks about it, see
+    /// [`Host::recovered`]).
     pub async fn open(config: &crate::Config, providers: Providers) -> Result<Host, OpenError> {
         let store = open_store(config).await?;
         let settings = reconcile_settings(config, &providers);
         let host = Host::new(store, providers).with_reconcile(settings);
-        let report = host.recover().await?;
-        if report != ReconcileReport::default() {
-            tracing::info!(?report, "start-up reconciliation");
-        }
+        // Asking the providers about what the previous run left open is the reconciler's first
+        // pass, so that the host serves meanwhile (those attempts block only their payments).
+        host.take_over_abandoned().await?;
         Ok(host)
     }
 
@@ -507,6 +508,7 @@ impl Host {
             reconcile: ReconcileSettings::default(),
             live: Arc::default(),
             late: LateQueue::new(),
+            recovered: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

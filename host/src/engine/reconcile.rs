@@ -79,6 +79,14 @@ impl Host {
     /// live host finishes its calls well within `stale_after_ms`). Returns what the first pass
     /// settled.
     pub async fn recover(&self) -> Result<ReconcileReport, EngineError> {
+        self.take_over_abandoned().await?;
+        self.reconcile_due().await
+    }
+
+    /// The quick half of [`Host::recover`]: marks the abandoned attempts unknown (due now) and
+    /// releases the keys they left, in one write, without asking any provider. The reconciler's
+    /// first pass asks; until it is done, [`Host::recovered`] is false.
+    pub async fn take_over_abandoned(&self) -> Result<(), EngineError> {
         let now = self.now();
         let horizon = if self.store.shared() {
             now - self.reconcile.stale_after_ms
@@ -88,16 +96,31 @@ impl Host {
         let mut ops = vec![WriteOp::ReleasePendingKeys {
             older_than: horizon,
         }];
+        let mut abandoned = 0;
         for mut a in self.store.open_attempts().await? {
             if a.state == AttemptState::InFlight && a.updated_at < horizon {
                 a.state = AttemptState::Unknown;
                 a.next_check_at = Some(now);
                 a.updated_at = now;
                 ops.push(WriteOp::UpdateAttempt(a));
+                abandoned += 1;
             }
         }
         self.store.write(ops).await?;
-        self.reconcile_due().await
+        if abandoned > 0 {
+            tracing::info!(
+                abandoned,
+                "in-flight attempts of a previous run are unknown now; the reconciler asks about them"
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether a reconciliation pass has completed since the host opened: until then attempts
+    /// left open by a previous run have not been asked about yet (each blocks only its own
+    /// session or payment).
+    pub fn recovered(&self) -> bool {
+        self.recovered.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// One pass: settles attempts with the late answers that arrived, then asks about the
@@ -133,6 +156,12 @@ impl Host {
         }
         if report != ReconcileReport::default() {
             tracing::info!(?report, "reconciliation pass");
+        }
+        if !self
+            .recovered
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            tracing::info!("start-up reconciliation done");
         }
         Ok(report)
     }

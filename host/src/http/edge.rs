@@ -132,24 +132,40 @@ enum Phase {
     Busy,
 }
 
+/// A connection's phase, and the reader to wake when the router hands the connection back
+/// (the read side may be waiting with no clock armed while the router is busy).
 #[derive(Debug)]
-struct PhaseCell(Mutex<Phase>);
+struct PhaseCell(Mutex<(Phase, Option<std::task::Waker>)>);
 
 impl PhaseCell {
     fn new() -> PhaseCell {
-        PhaseCell(Mutex::new(Phase::Idle(Instant::now())))
+        PhaseCell(Mutex::new((Phase::Idle(Instant::now()), None)))
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Phase, Option<std::task::Waker>)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
     fn get(&self) -> Phase {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.lock().0
     }
     fn set(&self, phase: Phase) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = phase;
+        let waker = {
+            let mut cell = self.lock();
+            cell.0 = phase;
+            cell.1.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+    /// While busy, the read side waits without a clock: wake it when that changes.
+    fn wake_when_idle(&self, waker: &std::task::Waker) {
+        self.lock().1 = Some(waker.clone());
     }
     /// Bytes arrived: an idle connection starts a head.
     fn bytes_arrived(&self) {
-        let mut p = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Phase::Idle(_) = *p {
-            *p = Phase::Head(Instant::now());
+        let mut cell = self.lock();
+        if let Phase::Idle(_) = cell.0 {
+            cell.0 = Phase::Head(Instant::now());
         }
     }
 }
@@ -219,7 +235,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<T> {
         let (deadline, reason) = match this.phase.get() {
             Phase::Idle(since) => (since + this.idle_timeout, "idle_timeout"),
             Phase::Head(since) => (since + this.header_timeout, "header_timeout"),
-            Phase::Busy => return Poll::Pending,
+            Phase::Busy => {
+                this.phase.wake_when_idle(cx.waker());
+                // The router may have finished between the read above and now.
+                if this.phase.get() == Phase::Busy {
+                    return Poll::Pending;
+                }
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
         };
         if this.armed_for != Some(deadline) {
             this.timer.as_mut().reset(deadline);

@@ -555,15 +555,20 @@ struct Readiness {
     providers_loaded: usize,
     /// Providers that failed to load.
     providers_failed: Vec<String>,
+    /// The reconciler asked about everything a previous run left open.
+    recovered: bool,
 }
 
-/// The store is reachable and every enabled provider loaded (`503` otherwise).
+/// The store is reachable, every enabled provider loaded, and start-up reconciliation is done
+/// (`503` otherwise).
 #[utoipa::path(get, path = "/ready", responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
 async fn ready(State(s): State<AppState>) -> Response {
     let store = s.host.store().key("payhost-readiness-probe").await.is_ok();
+    let recovered = s.host.recovered();
     let r = Readiness {
-        ready: store && s.failed_providers.is_empty(),
+        ready: store && s.failed_providers.is_empty() && recovered,
         store,
+        recovered,
         providers_loaded: s.host.providers().len(),
         providers_failed: s
             .failed_providers

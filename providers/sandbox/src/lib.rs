@@ -560,6 +560,11 @@ impl PaymentProvider for SandboxProvider {
     }
 
     fn retrieve(&self, r: RetrieveRequest) -> Result<RetrieveResponse, ProviderError> {
+        // `"sandbox": {"retrieve": {"delay_ms": N}}`: a slow status lookup.
+        let b = behaviour(Operation::Retrieve, &Value::Null, &r.data, &Value::Null);
+        if b.delay_ms > 0 {
+            std::thread::sleep(Duration::from_millis(b.delay_ms));
+        }
         self.ledger.with(|l| {
             let s = l.session(&r.session_id);
             let status = match s.status {

@@ -4,12 +4,16 @@
 //! - initiate: create the intent (amount, currency, `capture_method=manual`, the payhost session
 //!   id in `metadata[session_id]`), with payhost's idempotency key as Stripe's `Idempotency-Key`;
 //! - update: the intent's amount;
-//! - authorize: attach the payment method from the session's data (`payment_method: "pm_…"` or
-//!   `card: {number, exp_month, exp_year, cvc}`) and confirm; `requires_action` (3-D Secure) is
-//!   `requires_more` with Stripe's next action, and the next authorize picks up the result;
+//! - the payment method comes in the caller's transient `input` (`payment_method: "pm_…"`, or
+//!   `card: {number, exp_month, exp_year, cvc}` in tests), at initiate or authorize; a card is
+//!   sent to Stripe and only the payment method's id is kept in the session's data;
+//! - authorize: check the intent is this session's (metadata, amount, currency), attach the
+//!   payment method and confirm; `requires_action` (3-D Secure) is `requires_more` with Stripe's
+//!   next action, and the next authorize picks up the result;
 //! - capture (`amount_to_capture`; one capture per intent, as in Stripe), refund (partial,
 //!   several), cancel;
-//! - retrieve: the intent's status, and what became of one attempt (found by its key);
+//! - retrieve: the intent's status, and what became of one attempt (a refund is found by its
+//!   key through every page of the intent's refunds);
 //! - webhooks: `Stripe-Signature` v1 verified (HMAC-SHA256, timestamp tolerance),
 //!   `payment_intent.*` events mapped to actions; events without a payhost session are
 //!   acknowledged and ignored.
