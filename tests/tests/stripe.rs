@@ -692,3 +692,57 @@ async fn a_refund_behind_a_hundred_newer_ones_is_still_found() {
     assert_eq!(attempt.state, AttemptState::Succeeded, "{attempt:?}");
     assert_eq!(host.payment(&payment).await.unwrap().refunded_amount(), 300);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customer_cannot_point_a_session_at_another_authorized_intent() {
+    let Some(stripe) = LocalStripe::start() else {
+        return;
+    };
+    let s = Scratch::new();
+    let host = s.host(&config(&stripe.base(), 10_000)).await;
+    // An old 1.00 EUR payment, authorized.
+    let cheap = session(&host, 100, card("4242424242424242")).await;
+    host.authorize_session(&cheap, AuthorizeInput::default(), None)
+        .await
+        .unwrap();
+    let cheap_intent = host.session(&cheap).await.unwrap().data["payment_intent_id"].clone();
+    // A 1,000.00 EUR session whose customer sends the old intent's id as "data".
+    let dear = session(&host, 100_000, Value::Null).await;
+    let own_intent = host.session(&dear).await.unwrap().data["payment_intent_id"].clone();
+    let e = host
+        .update_session(
+            &dear,
+            SessionUpdate {
+                data: Some(json!({"payment_intent_id": cheap_intent})),
+                ..Default::default()
+            },
+            None,
+        )
+        .await;
+    assert!(e.is_ok(), "{e:?}");
+    assert_eq!(
+        host.session(&dear).await.unwrap().data["payment_intent_id"],
+        own_intent,
+        "the provider's data is not the caller's to change"
+    );
+    let r = host
+        .authorize_session(
+            &dear,
+            AuthorizeInput {
+                data: Some(
+                    json!({"payment_intent_id": cheap_intent, "payment_method": "pm_card_visa"}),
+                ),
+                ..Default::default()
+            },
+            None,
+        )
+        .await;
+    let session_now = host.session(&dear).await.unwrap();
+    assert_eq!(session_now.data["payment_intent_id"], own_intent);
+    if let Ok(r) = r {
+        if let Some(payment) = r.payment {
+            assert_eq!(payment.amount, 100_000);
+            assert_eq!(payment.data["payment_intent_id"], own_intent);
+        }
+    }
+}

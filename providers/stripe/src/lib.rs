@@ -863,6 +863,31 @@ mod tests {
     }
 
     #[test]
+    fn authorize_refuses_an_intent_that_is_not_this_sessions_amount_and_currency() {
+        for (metadata_session, amount, currency) in [
+            ("ps_other", 1500, "eur"),
+            ("ps_1", 100, "eur"),
+            ("ps_1", 1500, "usd"),
+        ] {
+            let host = TestHost::new();
+            host.on_http(move |_| {
+                Ok(HttpResponse {
+                    status: 200,
+                    headers: vec![],
+                    body: json!({"id": "pi_old", "status": "requires_capture", "amount": amount,
+                        "currency": currency, "metadata": {"session_id": metadata_session}})
+                    .to_string(),
+                })
+            });
+            let stripe = provider(&host);
+            let mut request = TestHost::authorize_request("ps_1", 1500, "eur");
+            request.data = json!({"payment_intent_id": "pi_old"});
+            let e = stripe.authorize(&request).unwrap_err();
+            assert_eq!(e.code.as_deref(), Some("intent_mismatch"), "{e:?}");
+        }
+    }
+
+    #[test]
     fn intent_statuses_map_to_payhost_outcomes() {
         assert_eq!(
             authorize_outcome(&json!({"status": "requires_capture"})),
