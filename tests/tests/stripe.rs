@@ -739,10 +739,8 @@ async fn a_customer_cannot_point_a_session_at_another_authorized_intent() {
         .await;
     let session_now = host.session(&dear).await.unwrap();
     assert_eq!(session_now.data["payment_intent_id"], own_intent);
-    if let Ok(r) = r {
-        if let Some(payment) = r.payment {
-            assert_eq!(payment.amount, 100_000);
-            assert_eq!(payment.data["payment_intent_id"], own_intent);
-        }
+    if let Ok(Some(payment)) = r.map(|r| r.payment) {
+        assert_eq!(payment.amount, 100_000);
+        assert_eq!(payment.data["payment_intent_id"], own_intent);
     }
 }
