@@ -26,6 +26,7 @@ fn settings(id: &str, path: std::path::PathBuf) -> ProviderSettings {
         timeout: Duration::from_secs(5),
         max_concurrency: 8,
         resend_unknown: true,
+        webhook_rate: payhost::config::DEFAULT_WEBHOOK_RATE,
         options: serde_json::json!({}),
     }
 }

@@ -30,6 +30,8 @@ pub struct Config {
     pub log: LogConfig,
     /// `[reconcile]`.
     pub reconcile: ReconcileConfig,
+    /// `[[api_keys]]`, validated.
+    pub api_keys: Vec<crate::auth::KeySpec>,
     /// `[providers.<id>]`, in id order.
     pub providers: Vec<ProviderSettings>,
     source: Source,
@@ -58,6 +60,50 @@ pub struct ServerConfig {
     /// from the open-file limit (see `payhost check`).
     #[serde(default)]
     pub max_connections: Option<usize>,
+    /// `keys` (default): with `[[api_keys]]` configured every `/v1` route needs one; with none,
+    /// `serve` listens on loopback only. `none`: no key checks anywhere, by choice.
+    #[serde(default)]
+    pub auth: AuthMode,
+    /// A second listener for `/health`, `/ready`, `/metrics` and the operator routes, so the
+    /// public port carries only the API and the webhooks.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
+    /// `[server.tls]`: serve HTTPS.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server] auth`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// API keys when configured.
+    #[default]
+    Keys,
+    /// No key checks at all.
+    None,
+}
+
+/// `[server.tls]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain (relative to the config's folder).
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// One `[[api_keys]]` table: a key's id, the digest of its secret (from `payhost keys new`) and
+/// what it may do. The secret itself is never in the config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    id: String,
+    digest: String,
+    scopes: Vec<String>,
+    rate_per_second: Option<f64>,
+    burst: Option<f64>,
 }
 
 impl Default for ServerConfig {
@@ -69,6 +115,9 @@ impl Default for ServerConfig {
             idle_timeout_ms: default_idle_timeout(),
             shutdown_grace_ms: default_shutdown_grace(),
             max_connections: None,
+            auth: AuthMode::Keys,
+            admin_listen: None,
+            tls: None,
         }
     }
 }
@@ -251,10 +300,18 @@ pub struct ProviderSettings {
     /// idempotency key, even when the provider says its processor replays keys (for a test
     /// double that ignores them); it only asks `retrieve`.
     pub resend_unknown: bool,
+    /// How fast `/hooks/<id>` takes webhooks (default 100/s, bursts of 200), so a flood of
+    /// forged ones cannot starve the API.
+    pub webhook_rate: crate::auth::RateLimit,
     /// `[providers.<id>.options]` as JSON, handed to the provider. May hold secrets: never log it.
     pub options: serde_json::Value,
 }
 
+/// The default webhook intake rate of a provider.
+pub const DEFAULT_WEBHOOK_RATE: crate::auth::RateLimit = crate::auth::RateLimit {
+    rate: 100.0,
+    burst: 200.0,
+};
 /// The longest deadline a provider call may have.
 pub const MAX_TIMEOUT_MS: u64 = 600_000;
 /// The default deadline of a provider call.
@@ -275,6 +332,8 @@ struct RawConfig {
     log: LogConfig,
     #[serde(default)]
     reconcile: ReconcileConfig,
+    #[serde(default)]
+    api_keys: Vec<Spanned<RawKey>>,
     #[serde(default)]
     providers: BTreeMap<String, Spanned<RawProvider>>,
 }
@@ -297,6 +356,8 @@ struct RawProvider {
     max_concurrency: Option<Spanned<u64>>,
     #[serde(default = "yes")]
     resend_unknown: bool,
+    webhook_rate_per_second: Option<Spanned<f64>>,
+    webhook_burst: Option<Spanned<f64>>,
     #[serde(default)]
     options: toml::Table,
 }
@@ -557,6 +618,26 @@ impl Config {
                     ));
                 }
             };
+            let mut webhook_rate = DEFAULT_WEBHOOK_RATE;
+            for (name, value, slot) in [
+                (
+                    "webhook_rate_per_second",
+                    &p.webhook_rate_per_second,
+                    &mut webhook_rate.rate,
+                ),
+                ("webhook_burst", &p.webhook_burst, &mut webhook_rate.burst),
+            ] {
+                if let Some(v) = value {
+                    if !(v.get_ref().is_finite() && *v.get_ref() > 0.0) {
+                        return Err(invalid(
+                            Some(v.span()),
+                            key(name),
+                            format!("`{name}` must be a positive number"),
+                        ));
+                    }
+                    *slot = *v.get_ref();
+                }
+            }
             providers.push(ProviderSettings {
                 id,
                 library,
@@ -565,6 +646,7 @@ impl Config {
                 timeout: Duration::from_millis(timeout_ms),
                 max_concurrency,
                 resend_unknown: p.resend_unknown,
+                webhook_rate,
                 options: toml_to_json(toml::Value::Table(p.options)),
             });
         }
@@ -663,13 +745,95 @@ impl Config {
             ));
         }
 
+        let mut api_keys: Vec<crate::auth::KeySpec> = Vec::new();
+        for (i, spanned) in raw.api_keys.into_iter().enumerate() {
+            let span = spanned.span();
+            let k = spanned.into_inner();
+            let at = |field: &str| format!("api_keys[{i}].{field}");
+            if !crate::auth::valid_key_id(&k.id) {
+                return Err(invalid(
+                    Some(span),
+                    at("id"),
+                    format!("key id `{}` must be 1 to 64 of a-z, 0-9, `-` and `_`", k.id),
+                ));
+            }
+            if api_keys.iter().any(|other| other.id == k.id) {
+                return Err(invalid(
+                    Some(span),
+                    at("id"),
+                    format!("two keys have the id `{}`", k.id),
+                ));
+            }
+            let digest = crate::auth::parse_digest(&k.digest).ok_or_else(|| {
+                invalid(
+                    Some(span.clone()),
+                    at("digest"),
+                    "`digest` must be `sha256:` and 64 hex digits, as `payhost keys new` prints it (never the key itself)".into(),
+                )
+            })?;
+            let mut scopes = Vec::new();
+            for name in &k.scopes {
+                let scope = crate::auth::Scope::parse(name).ok_or_else(|| {
+                    invalid(
+                        Some(span.clone()),
+                        at("scopes"),
+                        format!(
+                            "unknown scope `{name}`: the scopes are read, payments and operator"
+                        ),
+                    )
+                })?;
+                scopes.push(scope);
+            }
+            if scopes.is_empty() {
+                return Err(invalid(
+                    Some(span),
+                    at("scopes"),
+                    "a key needs at least one scope (read, payments, operator)".into(),
+                ));
+            }
+            let rate = match (k.rate_per_second, k.burst) {
+                (None, None) => None,
+                (rate, burst) => {
+                    let rate = rate.unwrap_or(10.0);
+                    let burst = burst.unwrap_or(rate.max(1.0) * 2.0);
+                    if !(rate.is_finite() && rate > 0.0 && burst.is_finite() && burst >= 1.0) {
+                        return Err(invalid(
+                            Some(span),
+                            at("rate_per_second"),
+                            "`rate_per_second` must be positive and `burst` at least 1".into(),
+                        ));
+                    }
+                    Some(crate::auth::RateLimit { rate, burst })
+                }
+            };
+            api_keys.push(crate::auth::KeySpec {
+                id: k.id,
+                digest,
+                scopes,
+                rate,
+            });
+        }
+        if raw.server.auth == AuthMode::None && !api_keys.is_empty() {
+            return Err(invalid(
+                source.value_span("server.auth"),
+                "server.auth".into(),
+                "`auth = \"none\"` turns key checks off, but `[[api_keys]]` are configured: remove one or the other".into(),
+            ));
+        }
+        let mut server = raw.server;
+        if let Some(tls) = &mut server.tls {
+            tls.cert = dir.join(&tls.cert);
+            tls.key = dir.join(&tls.key);
+        }
+
         Ok(Config {
             dir: dir.clone(),
             plugin_dir: raw.plugins.dir.map(|d| dir.join(d)),
-            server: raw.server,
+            server,
             storage: raw.storage,
             log: raw.log,
             reconcile: raw.reconcile,
+            api_keys,
             providers,
             path,
             source,
@@ -755,6 +919,36 @@ impl Source {
             message: self.redact(&message),
         }
     }
+}
+
+/// A URL fit for a log line or `payhost check`: its password (in the authority, or a
+/// `password=` query parameter) replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(scheme_end) = out.find("://") {
+        let rest = &out[scheme_end + 3..];
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@') {
+            let userinfo = &rest[..at];
+            if let Some(colon) = userinfo.find(':') {
+                let start = scheme_end + 3 + colon + 1;
+                let end = scheme_end + 3 + at;
+                out.replace_range(start..end, "***");
+            }
+        }
+    }
+    if let Some(q) = out.find('?') {
+        let (base, query) = out.split_at(q + 1);
+        let query: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out = format!("{base}{}", query.join("&"));
+    }
+    out
 }
 
 fn absolute(path: &Path) -> PathBuf {
@@ -1017,6 +1211,26 @@ mod tests {
         let e = parse("[providers.s\nlibrary = \"x\"\n").unwrap_err();
         assert_eq!(e.kind, ConfigErrorKind::Syntax);
         assert_eq!(e.location.unwrap().line, 1);
+    }
+
+    #[test]
+    fn urls_lose_their_passwords() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/payhost?sslmode=require"),
+            "postgres://app:***@db:5432/payhost?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://db/payhost?user=app&password=s3cret"),
+            "postgres://db/payhost?user=app&password=***"
+        );
+        assert_eq!(
+            redact_url("sqlite://data/payhost.db"),
+            "sqlite://data/payhost.db"
+        );
+        assert_eq!(
+            redact_url("postgres://app@h1:5432,h2:5433/db"),
+            "postgres://app@h1:5432,h2:5433/db"
+        );
     }
 
     #[test]

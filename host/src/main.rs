@@ -51,6 +51,11 @@ enum Command {
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
     },
+    /// Manage API keys.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// List the attempts whose outcome is open, or settle one (`attempts resolve`).
     Attempts {
         /// The config file.
@@ -83,6 +88,23 @@ enum AttemptsAction {
     },
 }
 
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Make a new API key: prints the secret (once) and the `[[api_keys]]` table to paste into
+    /// the config, which holds only the key's digest.
+    New {
+        /// What it may do: read, payments, operator (comma-separated).
+        #[arg(long, value_delimiter = ',', required = true)]
+        scope: Vec<String>,
+        /// Its id (default: a random one); a-z, 0-9, `-` and `_`.
+        #[arg(long)]
+        id: Option<String>,
+        /// A rate limit: requests per second (bursts of twice that).
+        #[arg(long)]
+        rate_per_second: Option<f64>,
+    },
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum Resolved {
     Succeeded,
@@ -104,6 +126,14 @@ fn main() -> ExitCode {
             json,
         } => inspect(&library, plugin_dir, json),
         Command::Serve { config, listen } => serve(&config, listen),
+        Command::Keys {
+            action:
+                KeysAction::New {
+                    scope,
+                    id,
+                    rate_per_second,
+                },
+        } => new_key(&scope, id, rate_per_second),
         Command::Attempts {
             config,
             json,
@@ -118,6 +148,44 @@ fn main() -> ExitCode {
     }
 }
 
+fn new_key(scopes: &[String], id: Option<String>, rate: Option<f64>) -> ExitCode {
+    for s in scopes {
+        if payhost::auth::Scope::parse(s).is_none() {
+            eprintln!("error: unknown scope `{s}`: the scopes are read, payments and operator");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
+    let id =
+        id.unwrap_or_else(|| format!("key-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+    if !payhost::auth::valid_key_id(&id) {
+        eprintln!("error: key id `{id}` must be 1 to 64 of a-z, 0-9, `-` and `_`");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    if rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        eprintln!("error: --rate-per-second must be a positive number");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let (secret, digest) = payhost::auth::generate(&id);
+    let scopes: Vec<String> = scopes.iter().map(|s| format!("{s:?}")).collect();
+    let env = format!(
+        "PAYHOST_KEY_{}_DIGEST",
+        id.to_ascii_uppercase().replace('-', "_")
+    );
+    println!("{secret}");
+    println!();
+    println!("# The line above is the key: give it to its client now, it is not shown again.");
+    println!("# payhost keeps only its digest. Paste this into the config:");
+    println!("[[api_keys]]");
+    println!("id = \"{id}\"");
+    println!("digest = \"{digest}\"   # or \"${{{env}}}\" with {env}={digest}");
+    println!("scopes = [{}]", scopes.join(", "));
+    if let Some(rate) = rate {
+        println!("rate_per_second = {rate}");
+        println!("burst = {}", (rate * 2.0).max(1.0));
+    }
+    ExitCode::SUCCESS
+}
+
 fn load_config(path: &Path) -> Result<Config, ExitCode> {
     Config::from_file(path).map_err(|e| {
         eprintln!("error[{}]: {e}", e.kind.code());
@@ -127,8 +195,11 @@ fn load_config(path: &Path) -> Result<Config, ExitCode> {
 
 fn init_logging(level: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    use std::io::IsTerminal;
+    // Colours only for a person at a terminal: a log file or journald gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -176,8 +247,88 @@ fn capability_names(c: &Capabilities) -> Vec<&'static str> {
     .collect()
 }
 
+/// What `serve` would run with: listeners, auth, limits and timeouts (never a secret).
+fn server_summary(config: &Config) -> serde_json::Value {
+    let s = &config.server;
+    let nofile = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(_, hard)| hard);
+    let keys: Vec<_> = config
+        .api_keys
+        .iter()
+        .map(|k| {
+            serde_json::json!({
+                "id": k.id,
+                "scopes": k.scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+                "rate_per_second": k.rate.map(|r| r.rate),
+                "burst": k.rate.map(|r| r.burst),
+            })
+        })
+        .collect();
+    let auth = if !config.api_keys.is_empty() {
+        "keys"
+    } else if s.auth == payhost::config::AuthMode::None {
+        "none"
+    } else {
+        "none: no keys, loopback only"
+    };
+    serde_json::json!({
+        "listen": s.listen.to_string(),
+        "admin_listen": s.admin_listen.map(|a| a.to_string()),
+        "tls": s.tls.is_some(),
+        "auth": auth,
+        "api_keys": keys,
+        "header_timeout_ms": s.header_timeout_ms,
+        "body_timeout_ms": s.body_timeout_ms,
+        "idle_timeout_ms": s.idle_timeout_ms,
+        "shutdown_grace_ms": s.shutdown_grace_ms,
+        "max_connections": s.connection_limit(nofile),
+        "max_connections_from": if s.max_connections.is_some() { "config" } else { "open-file limit" },
+        "open_files": nofile,
+        "storage": payhost::config::redact_url(&config.redact(&config.storage.url)),
+    })
+}
+
 fn print_check(config: &Config, report: &LoadReport, disabled: &[&str]) {
     println!("config {}", config.path.display());
+    let s = server_summary(config);
+    println!(
+        "server  listen {}{}{}",
+        s["listen"].as_str().unwrap_or(""),
+        s["admin_listen"]
+            .as_str()
+            .map(|a| format!(", admin {a}"))
+            .unwrap_or_default(),
+        if s["tls"] == true { ", TLS" } else { "" }
+    );
+    println!("        auth {}", s["auth"].as_str().unwrap_or(""));
+    for k in s["api_keys"].as_array().into_iter().flatten() {
+        println!(
+            "        key {} scopes {}{}",
+            k["id"].as_str().unwrap_or(""),
+            k["scopes"]
+                .as_array()
+                .map(|a| a
+                    .iter()
+                    .filter_map(|v| v.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","))
+                .unwrap_or_default(),
+            k["rate_per_second"]
+                .as_f64()
+                .map(|r| format!(", {r}/s burst {}", k["burst"]))
+                .unwrap_or_default()
+        );
+    }
+    println!(
+        "        timeouts header {} ms, body {} ms, idle {} ms, shutdown grace {} ms",
+        s["header_timeout_ms"], s["body_timeout_ms"], s["idle_timeout_ms"], s["shutdown_grace_ms"]
+    );
+    println!(
+        "        max {} connections (from the {}; open-file limit {})",
+        s["max_connections"],
+        s["max_connections_from"].as_str().unwrap_or(""),
+        s["open_files"]
+    );
+    println!("storage {}", s["storage"].as_str().unwrap_or(""));
     for p in report.providers.iter() {
         let m = p.manifest();
         println!("ok    {}", p.id());
@@ -240,6 +391,7 @@ fn check_json(config: &Config, report: &LoadReport, disabled: &[&str]) -> serde_
         .collect();
     serde_json::json!({
         "config": config.path,
+        "server": server_summary(config),
         "loaded": loaded,
         "failed": failed,
         "disabled": disabled,
@@ -311,6 +463,29 @@ fn serve(path: &Path, listen: Option<std::net::SocketAddr>) -> ExitCode {
         Err(code) => return code,
     };
     init_logging(&config.log.level, config.log.format);
+    let server = &config.server;
+    let address = listen.unwrap_or(server.listen);
+    // The safe default: an API that moves money is not put on a network without keys, unless
+    // the operator says so.
+    if config.api_keys.is_empty()
+        && server.auth == payhost::config::AuthMode::Keys
+        && !address.ip().is_loopback()
+    {
+        eprintln!(
+            "error[auth.required]: refusing to listen on {address} without API keys: add [[api_keys]] (payhost keys new --scope payments,read), or set `auth = \"none\"` in [server] to serve without keys on purpose"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let tls = match &server.tls {
+        None => None,
+        Some(t) => match payhost::http::edge::tls_acceptor(&t.cert, &t.key) {
+            Ok(acceptor) => Some(acceptor),
+            Err(e) => {
+                eprintln!("error[tls.invalid]: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
     // Many connections need many descriptors: take what the hard limit allows.
     let nofile = match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => n,
@@ -338,52 +513,91 @@ fn serve(path: &Path, listen: Option<std::net::SocketAddr>) -> ExitCode {
     let host = match runtime.block_on(payhost::Host::open(&config, report.providers)) {
         Ok(host) => std::sync::Arc::new(host),
         Err(e) => {
-            tracing::error!("cannot open the host: {e}");
+            tracing::error!("cannot open the host: {}", config.redact(&e.to_string()));
             return ExitCode::FAILURE;
         }
     };
-    let address = listen.unwrap_or(config.server.listen);
-    let listener = match runtime.block_on(tokio::net::TcpListener::bind(address)) {
+    let bind = |address: std::net::SocketAddr| {
+        runtime
+            .block_on(tokio::net::TcpListener::bind(address))
+            .map_err(|e| {
+                tracing::error!("cannot listen on {address}: {e}");
+                ExitCode::FAILURE
+            })
+    };
+    let listener = match bind(address) {
         Ok(l) => l,
-        Err(e) => {
-            tracing::error!("cannot listen on {address}: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
+    };
+    let admin_listener = match server.admin_listen.map(bind).transpose() {
+        Ok(l) => l,
+        Err(code) => return code,
     };
     let bound = listener.local_addr().map_or(address, |a| a);
-    let server = &config.server;
-    let app = payhost::http::router(
-        payhost::http::AppState::new(host.clone(), failed.clone())
-            .with_body_timeout(Duration::from_millis(server.body_timeout_ms)),
-    );
+    let mut state = payhost::http::AppState::new(host.clone(), failed.clone())
+        .with_body_timeout(Duration::from_millis(server.body_timeout_ms));
+    if !config.api_keys.is_empty() {
+        state = state.with_keys(payhost::auth::Keys::new(config.api_keys.clone()));
+    }
+    if admin_listener.is_some() {
+        state = state.with_admin_apart();
+    }
     let edge = payhost::http::edge::EdgeSettings {
         name: "api",
         header_timeout: Duration::from_millis(server.header_timeout_ms),
         idle_timeout: Duration::from_millis(server.idle_timeout_ms),
         max_connections: server.connection_limit(nofile),
         shutdown_grace: Duration::from_millis(server.shutdown_grace_ms),
+        tls,
     };
     let reconciler = {
         let _entered = runtime.enter();
         host.spawn_reconciler()
     };
+    let scheme = if edge.tls.is_some() { "https" } else { "http" };
+    let auth = if !config.api_keys.is_empty() {
+        format!("{} API keys", config.api_keys.len())
+    } else if server.auth == payhost::config::AuthMode::None {
+        "none (auth = \"none\")".to_owned()
+    } else {
+        "none (no keys; loopback only)".to_owned()
+    };
     tracing::info!(
         config = %config.path.display(),
-        storage = %config.storage.url,
+        storage = %payhost::config::redact_url(&config.redact(&config.storage.url)),
         loaded = host.providers().len(),
         failed = failed.len(),
         open_files = nofile,
         max_connections = edge.max_connections,
-        "payhost ready on http://{bound}"
+        auth = %auth,
+        "payhost ready on {scheme}://{bound}"
     );
-    println!("listening on http://{bound}");
+    println!("listening on {scheme}://{bound}");
     let grace = edge.shutdown_grace;
-    runtime.block_on(payhost::http::edge::serve(
-        listener,
-        app,
-        edge,
-        shutdown_signal(),
-    ));
+    let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
+    let admin = admin_listener.map(|l| {
+        let admin_bound = l.local_addr().map_or(address, |a| a);
+        println!("admin listening on http://{admin_bound}");
+        let settings = payhost::http::edge::EdgeSettings {
+            name: "admin",
+            max_connections: 256,
+            tls: None,
+            ..edge.clone()
+        };
+        let app = payhost::http::admin_router(state.clone());
+        let mut stopped = stop.subscribe();
+        runtime.spawn(payhost::http::edge::serve(l, app, settings, async move {
+            let _ = stopped.recv().await;
+        }))
+    });
+    let app = payhost::http::router(state);
+    runtime.block_on(payhost::http::edge::serve(listener, app, edge, async {
+        shutdown_signal().await;
+        let _ = stop.send(());
+    }));
+    if let Some(admin) = admin {
+        let _ = runtime.block_on(admin);
+    }
     reconciler.abort();
     tracing::info!(
         "shutting down: waiting up to {} ms for provider calls in progress",

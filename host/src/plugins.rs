@@ -140,7 +140,7 @@ pub enum LoadError {
         message: String,
     },
     /// The provider refused its options.
-    #[error("{}provider `{id}` refused its options: {}", location.as_ref().map(|l| format!("{l}: ")).unwrap_or_default(), error.message)]
+    #[error("{}provider `{id}` refused its options: {}{}", location.as_ref().map(|l| format!("{l}: ")).unwrap_or_default(), error.message, error.param.as_ref().map(|p| format!(" (key `providers.{id}.{p}`)")).unwrap_or_default())]
     OptionsRejected {
         /// The provider id.
         id: String,
@@ -456,6 +456,7 @@ impl Loader {
             max_concurrency: settings.max_concurrency,
             timeout: settings.timeout,
             resend_unknown: settings.resend_unknown,
+            webhook_rate: settings.webhook_rate,
             clock: self.clock.clone(),
         }))
     }

@@ -121,6 +121,7 @@ pub struct Provider {
     max_concurrency: usize,
     timeout: Duration,
     resend_unknown: bool,
+    webhook_rate: crate::auth::RateLimit,
     clock: Arc<dyn Clock>,
 }
 
@@ -146,6 +147,7 @@ pub(crate) struct ProviderParts {
     pub(crate) max_concurrency: usize,
     pub(crate) timeout: Duration,
     pub(crate) resend_unknown: bool,
+    pub(crate) webhook_rate: crate::auth::RateLimit,
     pub(crate) clock: Arc<dyn Clock>,
 }
 
@@ -161,6 +163,7 @@ impl Provider {
             max_concurrency: parts.max_concurrency,
             timeout: parts.timeout,
             resend_unknown: parts.resend_unknown,
+            webhook_rate: parts.webhook_rate,
             clock: parts.clock,
         }
     }
@@ -327,6 +330,11 @@ impl Provider {
             }
             Ok(Ok(RResult::RErr(error))) => Err(CallError::Provider(read_error(&error))),
         }
+    }
+
+    /// How fast its webhook intake takes events.
+    pub fn webhook_rate(&self) -> crate::auth::RateLimit {
+        self.webhook_rate
     }
 
     /// Whether the plugin was built before provider-api 1.3, which added the caller's `input`

@@ -238,6 +238,7 @@ fn a_library_replaced_on_disk_after_loading_is_refused_until_restart() {
         timeout: Duration::from_secs(5),
         max_concurrency: 1,
         resend_unknown: true,
+        webhook_rate: payhost::config::DEFAULT_WEBHOOK_RATE,
         options: json!({}),
     };
     let loader = payhost::Loader::with_plugin_dir(s.dir.path());
@@ -273,6 +274,7 @@ fn a_library_swapped_between_its_pin_check_and_its_load_is_not_the_one_loaded() 
         timeout: Duration::from_secs(5),
         max_concurrency: 1,
         resend_unknown: true,
+        webhook_rate: payhost::config::DEFAULT_WEBHOOK_RATE,
         options: json!({}),
     };
     // Right after the pin matched, another file takes the library's place.

@@ -225,6 +225,7 @@ async fn the_system_providers_not_attempted_counts_only_once_the_call_can_no_lon
             created_at: now,
             updated_at: now,
             call_deadline_at: Some(now + 10_000),
+            requested_by: None,
         })])
         .await
         .unwrap();

@@ -126,16 +126,36 @@ fn schemathesis(root: &Path) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let config = dir.join("payhost.toml");
+    // A key with every scope: the fuzzer exercises the API as an authenticated client would.
+    let payhost = root.join("target/debug/payhost");
+    let made = Command::new(&payhost)
+        .args([
+            "keys",
+            "new",
+            "--scope",
+            "read,payments,operator",
+            "--id",
+            "fuzz",
+        ])
+        .output()
+        .map_err(|e| format!("cannot run payhost keys new: {e}"))?;
+    let made = String::from_utf8_lossy(&made.stdout).into_owned();
+    let secret = made.lines().next().unwrap_or_default().to_owned();
+    let key_table: String = made
+        .lines()
+        .skip_while(|l| !l.starts_with("[[api_keys]]"))
+        .map(|l| format!("{l}\n"))
+        .collect();
     std::fs::write(
         &config,
         format!(
-            "[storage]\nurl = \"sqlite://{}/fuzz.db\"\n[log]\nlevel = \"warn\"\n[plugins]\ndir = \"{}\"\n[providers.system]\nlibrary = \"payhost_provider_system\"\n",
+            "[storage]\nurl = \"sqlite://{}/fuzz.db\"\n[log]\nlevel = \"warn\"\n[plugins]\ndir = \"{}\"\n[providers.system]\nlibrary = \"payhost_provider_system\"\n{key_table}",
             dir.display(),
             root.join("target/debug").display()
         ),
     )
     .map_err(|e| e.to_string())?;
-    let mut server = Command::new(root.join("target/debug/payhost"))
+    let mut server = Command::new(&payhost)
         .args(["serve", "--config"])
         .arg(&config)
         .args(["--listen", "127.0.0.1:0"])
@@ -171,6 +191,8 @@ fn schemathesis(root: &Path) -> Result<(), String> {
         "1",
         "--request-timeout",
         "10",
+        "--header",
+        &format!("Authorization: Bearer {secret}"),
     ]);
     let result = status(c);
     let _ = server.kill();

@@ -415,6 +415,9 @@ pub struct Attempt {
     /// so "not attempted" proves nothing. `None` on attempts recorded before it was kept.
     #[serde(default)]
     pub call_deadline_at: Option<Timestamp>,
+    /// The API key id of the request that started it, when the caller proved one.
+    #[serde(default)]
+    pub requested_by: Option<String>,
 }
 
 impl Attempt {

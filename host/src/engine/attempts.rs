@@ -64,6 +64,7 @@ impl Host {
             created_at: now,
             updated_at: now,
             call_deadline_at: Some(call_deadline_at),
+            requested_by: current_actor(),
         }
     }
 

@@ -30,10 +30,11 @@ impl Host {
         let Some(key) = key else {
             return CLIENT_KEY.scope(None, f()).await;
         };
-        if key.is_empty() || key.len() > 255 {
+        // 255 of the client's own, and room for the namespace the HTTP layer puts in front.
+        if key.is_empty() || key.len() > 512 {
             return Err(EngineError::invalid(
                 "idempotency_key",
-                "must be 1 to 255 characters",
+                "must be 1 to 512 characters",
             ));
         }
         let mut request = serde_json::to_value(request).unwrap_or_default();

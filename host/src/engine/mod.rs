@@ -183,6 +183,20 @@ tokio::task_local! {
     /// The client idempotency key of the operation running in this task, so that the write that
     /// starts a money movement also links the key to its attempt.
     static CLIENT_KEY: Option<String>;
+    /// Who asked for what runs in this task (an API key id), recorded with the attempts it
+    /// starts and the resolutions it makes.
+    static ACTOR: String;
+}
+
+/// Runs `operation` on behalf of `actor` (an API key id): the attempts it starts record it as
+/// `requested_by`.
+pub async fn acting_as<F: Future>(actor: String, operation: F) -> F::Output {
+    ACTOR.scope(actor, operation).await
+}
+
+/// Who the running operation acts for, if anyone said.
+pub fn current_actor() -> Option<String> {
+    ACTOR.try_with(Clone::clone).ok()
 }
 
 /// Striped async locks: operations on one session or payment run one at a time in this process

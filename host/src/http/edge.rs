@@ -28,11 +28,11 @@ use tokio::time::{Instant, Sleep};
 use tower::ServiceExt;
 
 /// How a listener treats its connections.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EdgeSettings {
     /// `api` or `admin`, in logs and metrics.
     pub name: &'static str,
-    /// From a request's first byte to the end of its head.
+    /// From a request's first byte to the end of its head (and for a TLS handshake).
     pub header_timeout: Duration,
     /// Between two requests on one connection.
     pub idle_timeout: Duration,
@@ -40,6 +40,63 @@ pub struct EdgeSettings {
     pub max_connections: usize,
     /// After the shutdown signal: how long requests in progress may take.
     pub shutdown_grace: Duration,
+    /// Serve HTTPS with this.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for EdgeSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeSettings")
+            .field("name", &self.name)
+            .field("header_timeout", &self.header_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_connections", &self.max_connections)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// Why a TLS configuration cannot be used; names the file.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct TlsError {
+    /// The file at fault.
+    pub file: std::path::PathBuf,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+/// A TLS acceptor from a PEM certificate chain and private key.
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |file: &std::path::Path, message: String| TlsError {
+        file: file.to_owned(),
+        message,
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad(cert, format!("cannot read a PEM certificate: {e}")))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(cert, format!("not a PEM certificate chain: {e}")))?;
+    if chain.is_empty() {
+        return Err(bad(cert, "holds no certificate".into()));
+    }
+    let private = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| bad(key, format!("cannot read a PEM private key: {e}")))?;
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad(cert, e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(chain, private)
+    .map_err(|e| bad(key, format!("does not go with the certificate: {e}")))?;
+    let mut config = config;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then lets the requests in progress
@@ -86,28 +143,28 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let phase = Arc::new(PhaseCell::new());
-        let io = TokioIo::new(Guarded::new(stream, phase.clone(), &settings));
-        let app = app.clone();
-        let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-            phase.set(Phase::Busy);
-            let phase = phase.clone();
-            let app = app.clone();
-            async move {
-                let response = app.oneshot(request.map(Body::new)).await?;
-                Ok::<_, std::convert::Infallible>(response.map(|body| {
-                    Body::new(IdleWhenSent {
-                        inner: body,
-                        phase: Some(phase),
-                    })
-                }))
-            }
-        });
-        let connection = graceful.watch(http.serve_connection(io, service));
-        let open = open.clone();
-        open.inc();
+        let watcher = graceful.watcher();
+        let (http, app, settings, open) =
+            (http.clone(), app.clone(), settings.clone(), open.clone());
         tokio::spawn(async move {
-            let _ = connection.await;
+            open.inc();
+            match &settings.tls {
+                None => serve_connection(stream, &http, app, &settings, watcher).await,
+                Some(tls) => {
+                    match tokio::time::timeout(settings.header_timeout, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            serve_connection(stream, &http, app, &settings, watcher).await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(listener = settings.name, "TLS handshake failed: {e}")
+                        }
+                        Err(_) => crate::metrics::global()
+                            .http_connections_cut
+                            .with_label_values(&["tls_handshake_timeout"])
+                            .inc(),
+                    }
+                }
+            }
             open.dec();
             drop(permit);
         });
@@ -119,6 +176,35 @@ pub async fn serve(
             tracing::warn!(listener = settings.name, "requests still in progress after the shutdown grace period; closing their connections");
         }
     }
+}
+
+/// Serves one connection's requests until it closes.
+async fn serve_connection<T>(
+    stream: T,
+    http: &hyper::server::conn::http1::Builder,
+    app: Router,
+    settings: &EdgeSettings,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let phase = Arc::new(PhaseCell::new());
+    let io = TokioIo::new(Guarded::new(stream, phase.clone(), settings));
+    let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+        phase.set(Phase::Busy);
+        let phase = phase.clone();
+        let app = app.clone();
+        async move {
+            let response = app.oneshot(request.map(Body::new)).await?;
+            Ok::<_, std::convert::Infallible>(response.map(|body| {
+                Body::new(IdleWhenSent {
+                    inner: body,
+                    phase: Some(phase),
+                })
+            }))
+        }
+    });
+    let _ = watcher.watch(http.serve_connection(io, service)).await;
 }
 
 /// Where a connection stands.

@@ -37,6 +37,7 @@ pub struct ErrorDetail {
 pub struct ApiError {
     status: StatusCode,
     body: ErrorBody,
+    retry_after: Option<std::time::Duration>,
 }
 
 impl ApiError {
@@ -44,6 +45,7 @@ impl ApiError {
     pub fn new(status: StatusCode, kind: &str, code: &str, message: impl Into<String>) -> Self {
         ApiError {
             status,
+            retry_after: None,
             body: ErrorBody {
                 error: ErrorDetail {
                     kind: kind.into(),
@@ -53,6 +55,12 @@ impl ApiError {
                 },
             },
         }
+    }
+
+    /// Says when to retry (`Retry-After`, whole seconds, at least 1).
+    pub fn retry_after(mut self, after: std::time::Duration) -> Self {
+        self.retry_after = Some(after);
+        self
     }
 
     /// Names the field at fault.
@@ -136,7 +144,16 @@ impl From<EngineError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body)).into_response()
+        let mut response = (self.status, Json(self.body)).into_response();
+        if let Some(after) = self.retry_after {
+            let secs = after.as_secs_f64().ceil().max(1.0) as u64;
+            if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
+                response
+                    .headers_mut()
+                    .insert(axum::http::header::RETRY_AFTER, v);
+            }
+        }
+        response
     }
 }
 
@@ -147,9 +164,12 @@ pub(crate) enum ErrorResponses {
     /// Malformed JSON, a wrong type, a missing or invalid field (`param` names it).
     #[response(status = 400)]
     BadRequest(ErrorBody),
-    /// A webhook whose signature did not verify.
+    /// No API key, an unknown one, or a webhook whose signature did not verify.
     #[response(status = 401)]
     Unauthorized(ErrorBody),
+    /// The API key lacks the operation's scope.
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
     /// The provider declined.
     #[response(status = 402)]
     Declined(ErrorBody),
@@ -159,6 +179,9 @@ pub(crate) enum ErrorResponses {
     /// Another operation on the object is in progress, or an earlier outcome is still unknown.
     #[response(status = 409)]
     Conflict(ErrorBody),
+    /// The request (head or body) did not arrive in time.
+    #[response(status = 408)]
+    Timeout(ErrorBody),
     /// The body is too large.
     #[response(status = 413)]
     TooLarge(ErrorBody),
@@ -168,6 +191,9 @@ pub(crate) enum ErrorResponses {
     /// The object's state does not allow it, or the idempotency key was used for another request.
     #[response(status = 422)]
     Unprocessable(ErrorBody),
+    /// The API key's rate (or the provider's webhook rate) is spent; see `Retry-After`.
+    #[response(status = 429)]
+    TooMany(ErrorBody),
     /// The provider answered with an error.
     #[response(status = 502)]
     ProviderError(ErrorBody),

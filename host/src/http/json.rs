@@ -133,7 +133,14 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
                         "must be 1 to 255 characters",
                     ));
                 }
-                Ok(IdempotencyKey(Some(key.to_owned())))
+                // Each API key has its own keys: one client can neither replay nor block
+                // another's request by guessing its Idempotency-Key.
+                Ok(IdempotencyKey(Some(
+                    match parts.extensions.get::<crate::auth::Caller>() {
+                        Some(caller) => format!("{}/{key}", caller.key_id),
+                        None => key.to_owned(),
+                    },
+                )))
             }
         }
     }

@@ -36,22 +36,43 @@ pub struct AppState {
     host: Arc<Host>,
     failed_providers: Arc<Vec<(String, String)>>,
     body_timeout: Duration,
+    keys: Option<Arc<crate::auth::Keys>>,
+    admin_apart: bool,
+    webhook_limiter: Arc<crate::auth::Limiter>,
 }
 
 impl AppState {
     /// State over `host`; `failed_providers` (id, message) are reported by `/providers` and
-    /// keep `/ready` false.
+    /// keep `/ready` false. No key checks: the embedder's own middleware guards the router, or
+    /// it calls [`AppState::with_keys`].
     pub fn new(host: Arc<Host>, failed_providers: Vec<(String, String)>) -> AppState {
         AppState {
             host,
             failed_providers: Arc::new(failed_providers),
             body_timeout: DEFAULT_BODY_TIMEOUT,
+            keys: None,
+            admin_apart: false,
+            webhook_limiter: Arc::default(),
         }
     }
 
     /// How long a request body may take to arrive (default 30 s); `408` after.
     pub fn with_body_timeout(mut self, timeout: Duration) -> AppState {
         self.body_timeout = timeout;
+        self
+    }
+
+    /// Every route but `/health`, `/openapi.json` and the webhooks needs one of `keys`, with
+    /// the route's scope ([`crate::auth::scope_for`]).
+    pub fn with_keys(mut self, keys: crate::auth::Keys) -> AppState {
+        self.keys = Some(Arc::new(keys));
+        self
+    }
+
+    /// `/ready`, `/metrics` and the operator routes are served by [`admin_router`] instead of
+    /// [`router`].
+    pub fn with_admin_apart(mut self) -> AppState {
+        self.admin_apart = true;
         self
     }
 }
@@ -61,7 +82,40 @@ pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// Which listener a router serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listener {
+    Api,
+    Admin,
+}
+
+fn operator_routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/attempts", get(list_attempts))
+        .route("/v1/attempts/{id}/resolve", post(resolve_attempt))
+        .route("/v1/providers", get(list_providers))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+}
+
+/// Layers every router has: key checks, body guards, metrics.
+fn finish(routes: Router<AppState>, state: AppState, listener: Listener) -> Router {
+    routes
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            (state.clone(), listener),
+            authorize,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard::guard_body,
+        ))
+        .layer(middleware::from_fn(observe))
+        .with_state(state)
+}
+
 /// The whole API as one router: mount it at the root, or nest it under a prefix of your own.
+/// With [`AppState::with_admin_apart`] it leaves readiness, metrics and the operator routes to
+/// [`admin_router`].
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/v1/payment-collections", post(create_collection))
@@ -84,33 +138,149 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/payments/{id}/capture", post(capture_payment))
         .route("/v1/payments/{id}/refund", post(refund_payment))
         .route("/v1/payments/{id}/cancel", post(cancel_payment))
-        .route("/v1/attempts", get(list_attempts))
-        .route("/v1/attempts/{id}/resolve", post(resolve_attempt))
-        .route("/v1/providers", get(list_providers))
         .layer(DefaultBodyLimit::max(MAX_BODY));
     let hooks = Router::new()
         .route("/hooks/{provider_id}", post(receive_webhook))
         .layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY));
-    Router::new()
+    let mut routes = Router::new()
         .merge(api)
         .merge(hooks)
         .route("/health", get(health))
+        .route("/openapi.json", get(openapi_json));
+    if !state.admin_apart {
+        routes = routes
+            .merge(operator_routes())
+            .route("/ready", get(ready))
+            .route("/metrics", get(metrics));
+    }
+    finish(routes, state, Listener::Api)
+}
+
+/// The admin listener's router: `/health`, `/ready` and `/metrics` open (it should listen on a
+/// private address), the operator routes behind the `operator` scope when keys exist.
+pub fn admin_router(state: AppState) -> Router {
+    let routes = operator_routes()
+        .route("/health", get(health))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
-        .route("/openapi.json", get(openapi_json))
-        .fallback(not_found)
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            guard::guard_body,
-        ))
-        .layer(middleware::from_fn(observe))
-        .with_state(state)
+        .route("/metrics", get(metrics));
+    finish(routes, state, Listener::Admin)
+}
+
+/// Who the caller is, and whether it may: the key check of every route that needs one.
+async fn authorize(
+    State((s, listener)): State<(AppState, Listener)>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    use crate::auth::{AuthError, scope_for};
+    if request
+        .uri()
+        .query()
+        .is_some_and(crate::auth::query_holds_a_key)
+    {
+        return auth_refusal(&AuthError::InUrl);
+    }
+    let Some(keys) = s.keys.clone() else {
+        return next.run(request).await;
+    };
+    let template = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let scope = template.as_deref().and_then(|t| {
+        // The admin listener is private: probes and scrapes need no key there.
+        match (listener, t) {
+            (Listener::Admin, "/health" | "/ready" | "/metrics") => None,
+            _ => scope_for(request.method(), t),
+        }
+    });
+    let Some(scope) = scope else {
+        return next.run(request).await;
+    };
+    let caller = match keys.authenticate(
+        request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes()),
+    ) {
+        Ok(caller) => caller,
+        Err(e) => return auth_refusal(&e),
+    };
+    if !caller.may(scope) {
+        return auth_refusal(&AuthError::MissingScope(scope));
+    }
+    if let Err(e) = keys.admit(&caller) {
+        return auth_refusal(&e);
+    }
+    let mutating = !matches!(request.method().as_str(), "GET" | "HEAD");
+    let method = request.method().clone();
+    let key_id = caller.key_id.clone();
+    request.extensions_mut().insert(caller);
+    let response = acting_as(key_id.clone(), next.run(request)).await;
+    if mutating {
+        tracing::info!(
+            key = %key_id,
+            method = %method,
+            route = template.as_deref().unwrap_or("?"),
+            status = response.status().as_u16(),
+            "request"
+        );
+    }
+    response
+}
+
+fn auth_refusal(e: &crate::auth::AuthError) -> Response {
+    use crate::auth::AuthError;
+    let (status, kind) = match e {
+        AuthError::MissingScope(_) => (StatusCode::FORBIDDEN, "permission_error"),
+        AuthError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
+        AuthError::InUrl => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+        _ => (StatusCode::UNAUTHORIZED, "authentication_error"),
+    };
+    let mut response = ApiError::new(status, kind, e.code(), e.to_string()).into_response();
+    let headers = response.headers_mut();
+    match e {
+        AuthError::Missing => {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"payhost\""),
+            );
+        }
+        AuthError::Malformed(_) | AuthError::Unknown => {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static(
+                    "Bearer realm=\"payhost\", error=\"invalid_token\"",
+                ),
+            );
+        }
+        AuthError::MissingScope(scope) => {
+            if let Ok(v) = header::HeaderValue::from_str(&format!(
+                "Bearer realm=\"payhost\", error=\"insufficient_scope\", scope=\"{}\"",
+                scope.as_str()
+            )) {
+                headers.insert(header::WWW_AUTHENTICATE, v);
+            }
+        }
+        AuthError::RateLimited { retry_after } => {
+            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            if let Ok(v) = header::HeaderValue::from_str(&secs.to_string()) {
+                headers.insert(header::RETRY_AFTER, v);
+            }
+        }
+        AuthError::InUrl => {}
+    }
+    response
 }
 
 /// Counts and times every request by its route template.
 async fn observe(request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().to_string();
+    // Label values come from a fixed set: a random method or path must not grow the registry.
+    let method = match request.method().as_str() {
+        m @ ("GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS") => m.to_owned(),
+        _ => "other".to_owned(),
+    };
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -163,7 +333,8 @@ impl From<Payment> for PaymentView {
 /// Create a payment collection.
 #[utoipa::path(post, path = "/v1/payment-collections", request_body = NewCollection,
     params(("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")),
-    responses((status = 201, body = PaymentCollection), ErrorResponses))]
+    responses((status = 201, body = PaymentCollection), ErrorResponses),
+    security(("api_key" = ["payments"])))]
 async fn create_collection(
     State(s): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,
@@ -175,7 +346,8 @@ async fn create_collection(
 
 /// A payment collection with its derived status, sessions and payments.
 #[utoipa::path(get, path = "/v1/payment-collections/{id}", params(("id" = String, Path)),
-    responses((status = 200, body = CollectionView), ErrorResponses))]
+    responses((status = 200, body = CollectionView), ErrorResponses),
+    security(("api_key" = ["read"])))]
 async fn get_collection(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -186,7 +358,8 @@ async fn get_collection(
 /// Create a payment session (initiated with its provider unless `initiate` is false).
 #[utoipa::path(post, path = "/v1/payment-sessions", request_body = NewSession,
     params(("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")),
-    responses((status = 201, body = PaymentSession), ErrorResponses))]
+    responses((status = 201, body = PaymentSession), ErrorResponses),
+    security(("api_key" = ["payments"])))]
 async fn create_session(
     State(s): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,
@@ -215,7 +388,8 @@ struct SessionList {
 
 /// List the sessions of a cart or of a collection.
 #[utoipa::path(get, path = "/v1/payment-sessions", params(SessionFilter),
-    responses((status = 200, body = SessionList), ErrorResponses))]
+    responses((status = 200, body = SessionList), ErrorResponses),
+    security(("api_key" = ["read"])))]
 async fn list_sessions(
     State(s): State<AppState>,
     filter: Result<Query<SessionFilter>, axum::extract::rejection::QueryRejection>,
@@ -236,7 +410,8 @@ async fn list_sessions(
 
 /// A payment session.
 #[utoipa::path(get, path = "/v1/payment-sessions/{id}", params(("id" = String, Path)),
-    responses((status = 200, body = PaymentSession), ErrorResponses))]
+    responses((status = 200, body = PaymentSession), ErrorResponses),
+    security(("api_key" = ["read"])))]
 async fn get_session(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -247,7 +422,8 @@ async fn get_session(
 /// Update a session's amount, cart, context, data or metadata.
 #[utoipa::path(post, path = "/v1/payment-sessions/{id}", request_body = SessionUpdate,
     params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")),
-    responses((status = 200, body = PaymentSession), ErrorResponses))]
+    responses((status = 200, body = PaymentSession), ErrorResponses),
+    security(("api_key" = ["payments"])))]
 async fn update_session(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -261,7 +437,8 @@ async fn update_session(
 
 /// Delete a session that was never authorized (kept as `canceled`).
 #[utoipa::path(delete, path = "/v1/payment-sessions/{id}", params(("id" = String, Path)),
-    responses((status = 200, body = PaymentSession), ErrorResponses))]
+    responses((status = 200, body = PaymentSession), ErrorResponses),
+    security(("api_key" = ["payments"])))]
 async fn delete_session(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -271,7 +448,8 @@ async fn delete_session(
 
 /// Select a session for its cart and collection (initiating a placeholder).
 #[utoipa::path(post, path = "/v1/payment-sessions/{id}/select", params(("id" = String, Path)),
-    responses((status = 200, body = PaymentSession), ErrorResponses))]
+    responses((status = 200, body = PaymentSession), ErrorResponses),
+    security(("api_key" = ["payments"])))]
 async fn select_session(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -283,7 +461,8 @@ async fn select_session(
 /// (the session is then in `error`).
 #[utoipa::path(post, path = "/v1/payment-sessions/{id}/authorize", request_body = AuthorizeInput,
     params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")),
-    responses((status = 200, body = AuthorizeResult), ErrorResponses))]
+    responses((status = 200, body = AuthorizeResult), ErrorResponses),
+    security(("api_key" = ["payments"])))]
 async fn authorize_session(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -303,7 +482,8 @@ async fn authorize_session(
 
 /// Ask the provider where a session stands and apply it (never backwards).
 #[utoipa::path(post, path = "/v1/payment-sessions/{id}/sync", params(("id" = String, Path)),
-    responses((status = 200, body = PaymentSession), ErrorResponses))]
+    responses((status = 200, body = PaymentSession), ErrorResponses),
+    security(("api_key" = ["payments"])))]
 async fn sync_session(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -313,7 +493,8 @@ async fn sync_session(
 
 /// A payment with its captures and refunds.
 #[utoipa::path(get, path = "/v1/payments/{id}", params(("id" = String, Path)),
-    responses((status = 200, body = PaymentView), ErrorResponses))]
+    responses((status = 200, body = PaymentView), ErrorResponses),
+    security(("api_key" = ["read"])))]
 async fn get_payment(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -324,7 +505,8 @@ async fn get_payment(
 /// Capture `amount` (default: what remains).
 #[utoipa::path(post, path = "/v1/payments/{id}/capture", request_body = CaptureInput,
     params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")),
-    responses((status = 200, body = PaymentView), ErrorResponses))]
+    responses((status = 200, body = PaymentView), ErrorResponses),
+    security(("api_key" = ["payments"])))]
 async fn capture_payment(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -342,7 +524,8 @@ async fn capture_payment(
 /// Refund `amount` (default: everything captured and not refunded).
 #[utoipa::path(post, path = "/v1/payments/{id}/refund", request_body = RefundInput,
     params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")),
-    responses((status = 200, body = PaymentView), ErrorResponses))]
+    responses((status = 200, body = PaymentView), ErrorResponses),
+    security(("api_key" = ["payments"])))]
 async fn refund_payment(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -360,7 +543,8 @@ async fn refund_payment(
 /// Cancel (void) a payment with no captures.
 #[utoipa::path(post, path = "/v1/payments/{id}/cancel",
     params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")),
-    responses((status = 200, body = PaymentView), ErrorResponses))]
+    responses((status = 200, body = PaymentView), ErrorResponses),
+    security(("api_key" = ["payments"])))]
 async fn cancel_payment(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -379,7 +563,8 @@ struct AttemptList {
 }
 
 /// Attempts whose outcome is open (in flight, unknown, waiting for an operator).
-#[utoipa::path(get, path = "/v1/attempts", responses((status = 200, body = AttemptList), ErrorResponses))]
+#[utoipa::path(get, path = "/v1/attempts", responses((status = 200, body = AttemptList), ErrorResponses),
+    security(("api_key" = ["operator"])))]
 async fn list_attempts(State(s): State<AppState>) -> ApiResult<Json<AttemptList>> {
     Ok(Json(AttemptList {
         attempts: s.host.open_attempts().await?,
@@ -393,8 +578,9 @@ struct Resolve {
     /// `succeeded` or `failed`.
     #[serde(rename = "as")]
     outcome: ResolveOutcome,
-    /// Who resolves it.
-    by: String,
+    /// Who resolves it. Only without API keys: with keys, the key that asks is recorded.
+    #[serde(default)]
+    by: Option<String>,
     /// How they know.
     note: String,
 }
@@ -406,22 +592,36 @@ enum ResolveOutcome {
     Failed,
 }
 
-/// Settle an open attempt by hand, recorded with who, when and why.
+/// Settle an open attempt by hand, recorded with who (the API key), when and why. Refused while
+/// its call may still reach the processor.
 #[utoipa::path(post, path = "/v1/attempts/{id}/resolve", request_body = Resolve,
-    params(("id" = String, Path)), responses((status = 200, body = Attempt), ErrorResponses))]
+    params(("id" = String, Path)), responses((status = 200, body = Attempt), ErrorResponses),
+    security(("api_key" = ["operator"])))]
 async fn resolve_attempt(
     State(s): State<AppState>,
     Path(id): Path<String>,
+    caller: Option<axum::Extension<crate::auth::Caller>>,
     ApiJson(input): ApiJson<Resolve>,
 ) -> ApiResult<Json<Attempt>> {
     let as_ = match input.outcome {
         ResolveOutcome::Succeeded => ResolveAs::Succeeded,
         ResolveOutcome::Failed => ResolveAs::Failed,
     };
+    let by = match (caller, input.by) {
+        (Some(caller), None) => format!("key:{}", caller.key_id),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "by",
+                "the operator is the API key that asks; leave `by` out",
+            ));
+        }
+        (None, Some(by)) => by,
+        (None, None) => {
+            return Err(ApiError::bad_request("by", "say who resolves the attempt"));
+        }
+    };
     Ok(Json(
-        s.host
-            .resolve_attempt(&id, as_, &input.by, &input.note)
-            .await?,
+        s.host.resolve_attempt(&id, as_, &by, &input.note).await?,
     ))
 }
 
@@ -455,7 +655,8 @@ struct ProviderList {
 }
 
 /// The configured providers with their manifests and health.
-#[utoipa::path(get, path = "/v1/providers", responses((status = 200, body = ProviderList), ErrorResponses))]
+#[utoipa::path(get, path = "/v1/providers", responses((status = 200, body = ProviderList), ErrorResponses),
+    security(("api_key" = ["operator"])))]
 async fn list_providers(State(s): State<AppState>) -> Json<ProviderList> {
     let mut providers: Vec<ProviderInfo> = s
         .host
@@ -497,6 +698,24 @@ async fn receive_webhook(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<Json<WebhookReceipt>> {
     let m = crate::metrics::global();
+    // Only ids of loaded providers become label values.
+    let provider = s.host.providers().get(&provider_id).cloned();
+    let known = provider.as_ref().map_or("other", |p| p.id());
+    if let Some(p) = &provider
+        && let Err(retry_after) = s.webhook_limiter.take(p.id(), p.webhook_rate())
+    {
+        m.webhooks.with_label_values(&[known, "rate_limited"]).inc();
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "rate_limited",
+            format!(
+                "provider `{}` sends webhooks faster than its webhook rate",
+                p.id()
+            ),
+        )
+        .retry_after(retry_after));
+    }
     let body = body.map_err(|e| {
         ApiError::new(
             e.status(),
@@ -517,7 +736,7 @@ async fn receive_webhook(
         Ok(_) => "applied",
         Err(e) => e.code(),
     };
-    m.webhooks.with_label_values(&[&provider_id, label]).inc();
+    m.webhooks.with_label_values(&[known, label]).inc();
     match result {
         Err(EngineError::ProviderNotLoaded(id)) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -561,7 +780,8 @@ struct Readiness {
 
 /// The store is reachable, every enabled provider loaded, and start-up reconciliation is done
 /// (`503` otherwise).
-#[utoipa::path(get, path = "/ready", responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
+#[utoipa::path(get, path = "/ready", responses((status = 200, body = Readiness), (status = 503, body = Readiness)),
+    security(("api_key" = ["operator"])))]
 async fn ready(State(s): State<AppState>) -> Response {
     let store = s.host.store().key("payhost-readiness-probe").await.is_ok();
     let recovered = s.host.recovered();
@@ -585,7 +805,8 @@ async fn ready(State(s): State<AppState>) -> Response {
 }
 
 /// Prometheus metrics.
-#[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain", body = String)))]
+#[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain", body = String)),
+    security(("api_key" = ["operator"])))]
 async fn metrics(State(s): State<AppState>) -> Response {
     let m = crate::metrics::global();
     if let Ok(open) = s.host.open_attempts().await {
@@ -637,9 +858,32 @@ async fn metrics(State(s): State<AppState>) -> Response {
         ready,
         metrics
     ),
-    components(schemas(ErrorBody, PaymentView))
+    components(schemas(ErrorBody, PaymentView)),
+    modifiers(&BearerKeys)
 )]
 pub struct ApiDoc;
+
+/// Declares the `api_key` bearer scheme the operations' `security` names.
+struct BearerKeys;
+
+impl utoipa::Modify for BearerKeys {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("phk_<key id>_<secret>")
+                    .description(Some(
+                        "An API key from `payhost keys new`. Each operation names the scope it needs.",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
 
 async fn openapi_json() -> Response {
     (
@@ -647,4 +891,34 @@ async fn openapi_json() -> Response {
         ApiDoc::openapi().to_json().unwrap_or_default(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The scope each operation declares in the OpenAPI document is the one the key check
+    /// enforces ([`crate::auth::scope_for`]): a route cannot say one thing and do another.
+    #[test]
+    fn the_document_declares_the_scope_the_key_check_enforces() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let mut seen = 0;
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let declared = op["security"]
+                    .as_array()
+                    .and_then(|s| s.first())
+                    .and_then(|req| req["api_key"][0].as_str())
+                    .and_then(crate::auth::Scope::parse);
+                let method: axum::http::Method = method.to_uppercase().parse().unwrap();
+                assert_eq!(
+                    declared,
+                    crate::auth::scope_for(&method, path),
+                    "{method} {path}"
+                );
+                seen += 1;
+            }
+        }
+        assert!(seen >= 20, "{seen}");
+    }
 }

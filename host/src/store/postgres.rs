@@ -239,6 +239,12 @@ ALTER TABLE idempotency_keys ADD COLUMN attempt_id TEXT;
 ALTER TABLE attempts ADD COLUMN call_deadline_at BIGINT;
 "#,
     ),
+    (
+        5,
+        r#"
+ALTER TABLE attempts ADD COLUMN requested_by TEXT;
+"#,
+    ),
 ];
 
 /// The PostgreSQL store.
@@ -412,8 +418,8 @@ async fn apply(tx: &deadpool_postgres::Transaction<'_>, op: &WriteOp) -> Result<
         }
         WriteOp::InsertAttempt(a) => {
             tx.execute(
-                "INSERT INTO attempts (id, entity_id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at, call_deadline_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19)",
-                &[&a.id.0, &a.entity(), &a.session_id.0, &a.payment_id.as_ref().map(|p| p.0.clone()), &a.provider_id, &a.operation.as_str(), &a.amount, &a.currency_code.code(), &a.idempotency_key, &a.state.as_str(), &a.outcome.as_ref().map(json), &a.error.as_ref().map(json), &a.reason, &a.checks, &a.next_check_at, &a.resolution.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()), &a.created_at, &a.updated_at, &a.call_deadline_at],
+                "INSERT INTO attempts (id, entity_id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at, call_deadline_at, requested_by) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20)",
+                &[&a.id.0, &a.entity(), &a.session_id.0, &a.payment_id.as_ref().map(|p| p.0.clone()), &a.provider_id, &a.operation.as_str(), &a.amount, &a.currency_code.code(), &a.idempotency_key, &a.state.as_str(), &a.outcome.as_ref().map(json), &a.error.as_ref().map(json), &a.reason, &a.checks, &a.next_check_at, &a.resolution.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()), &a.created_at, &a.updated_at, &a.call_deadline_at, &a.requested_by],
             )
             .await
             .map_err(|e| classify(e, &a.entity()))?;
@@ -642,12 +648,13 @@ fn attempt_row(r: &Row) -> Result<Attempt, StoreError> {
         created_at: r.get(15),
         updated_at: r.get(16),
         call_deadline_at: r.get(17),
+        requested_by: r.get(18),
     })
 }
 
 const SESSION_COLUMNS: &str = "id, payment_collection_id, cart_id, cart, context, provider_id, is_selected, is_initiated, status, data, idempotency_key, amount, currency_code, payment_authorized_at, metadata, created_at, updated_at, version";
 const PAYMENT_COLUMNS: &str = "id, payment_session_id, payment_collection_id, provider_id, amount, currency_code, data, captured_at, canceled_at, created_at, updated_at, version";
-const ATTEMPT_COLUMNS: &str = "id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at, call_deadline_at";
+const ATTEMPT_COLUMNS: &str = "id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at, call_deadline_at, requested_by";
 
 impl PostgresStore {
     async fn with_movements(&self, mut p: Payment) -> Result<Payment, StoreError> {

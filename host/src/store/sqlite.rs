@@ -200,6 +200,13 @@ ALTER TABLE idempotency_keys ADD COLUMN attempt_id TEXT;
 ALTER TABLE attempts ADD COLUMN call_deadline_at INTEGER;
 "#,
     ),
+    (
+        5,
+        r#"
+-- The API key id of the request that started the attempt.
+ALTER TABLE attempts ADD COLUMN requested_by TEXT;
+"#,
+    ),
 ];
 
 /// How many waiting writes one commit takes at most.
@@ -516,8 +523,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
             }
             WriteOp::InsertAttempt(a) => {
                 tx.execute(
-                    "INSERT INTO attempts (id, entity_id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at, call_deadline_at) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19)",
-                    params![a.id.0, a.entity(), a.session_id.0, a.payment_id.as_ref().map(|p| &p.0), a.provider_id, a.operation.as_str(), a.amount, a.currency_code.code(), a.idempotency_key, a.state.as_str(), a.outcome.as_ref().map(json), a.error.as_ref().map(json), a.reason, a.checks, a.next_check_at, a.resolution.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()), a.created_at, a.updated_at, a.call_deadline_at],
+                    "INSERT INTO attempts (id, entity_id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at, call_deadline_at, requested_by) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20)",
+                    params![a.id.0, a.entity(), a.session_id.0, a.payment_id.as_ref().map(|p| &p.0), a.provider_id, a.operation.as_str(), a.amount, a.currency_code.code(), a.idempotency_key, a.state.as_str(), a.outcome.as_ref().map(json), a.error.as_ref().map(json), a.reason, a.checks, a.next_check_at, a.resolution.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()), a.created_at, a.updated_at, a.call_deadline_at, a.requested_by],
                 )
                 .map_err(|e| classify(e, &a.entity()))?;
             }
@@ -753,7 +760,7 @@ fn with_movements(conn: &Connection, mut p: Payment) -> rusqlite::Result<Payment
     Ok(p)
 }
 
-const ATTEMPT_COLUMNS: &str = "id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at, call_deadline_at";
+const ATTEMPT_COLUMNS: &str = "id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at, call_deadline_at, requested_by";
 
 fn attempt_row(r: &Row<'_>) -> rusqlite::Result<Attempt> {
     let operation: String = r.get(4)?;
@@ -778,6 +785,7 @@ fn attempt_row(r: &Row<'_>) -> rusqlite::Result<Attempt> {
         created_at: r.get(15)?,
         updated_at: r.get(16)?,
         call_deadline_at: r.get(17)?,
+        requested_by: r.get(18)?,
     })
 }
 

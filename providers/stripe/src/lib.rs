@@ -390,6 +390,42 @@ impl PaymentProvider for StripeProvider {
                     .param("options.api_base"),
             );
         }
+        // A secret anyone can read in an example config is no secret: with it, anybody could
+        // sign webhooks that authorize sessions.
+        let placeholder = |v: &str| {
+            let v = v.to_ascii_lowercase();
+            [
+                "replace_me",
+                "change_me",
+                "changeme",
+                "placeholder",
+                "example",
+                "your_",
+            ]
+            .iter()
+            .any(|p| v.contains(p))
+        };
+        if placeholder(&options.api_key) {
+            return Err(ProviderError::invalid_options(
+                "api_key is a placeholder: set your Stripe secret key (STRIPE_API_KEY)",
+            )
+            .param("options.api_key"));
+        }
+        match options.webhook_secret.as_deref() {
+            Some(secret) if secret.trim().is_empty() => {
+                return Err(ProviderError::invalid_options(
+                    "webhook_secret is empty: set the endpoint's signing secret (whsec_…) or leave it out to refuse webhooks",
+                )
+                .param("options.webhook_secret"));
+            }
+            Some(secret) if placeholder(secret) => {
+                return Err(ProviderError::invalid_options(
+                    "webhook_secret is a placeholder: set the endpoint's signing secret (STRIPE_WEBHOOK_SECRET), or anyone can forge webhooks",
+                )
+                .param("options.webhook_secret"));
+            }
+            _ => {}
+        }
         if options.request_timeout_ms <= 0 || options.webhook_tolerance_s <= 0 {
             return Err(ProviderError::invalid_options(
                 "request_timeout_ms and webhook_tolerance_s must be positive",
@@ -730,6 +766,27 @@ mod tests {
             "webhook_secret": "whsec_test",
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn placeholder_and_empty_secrets_are_refused() {
+        for (options, param) in [
+            (json!({"api_key": "sk_test_replace_me"}), "options.api_key"),
+            (
+                json!({"api_key": "sk_test_x", "webhook_secret": "whsec_replace_me"}),
+                "options.webhook_secret",
+            ),
+            (
+                json!({"api_key": "sk_test_x", "webhook_secret": ""}),
+                "options.webhook_secret",
+            ),
+        ] {
+            let e = TestHost::new()
+                .instantiate::<StripeProvider>(options)
+                .err()
+                .unwrap();
+            assert_eq!(e.param.as_deref(), Some(param), "{e:?}");
+        }
     }
 
     #[test]

@@ -1,0 +1,395 @@
+//! API keys: who a caller is, what it may do, and how fast.
+//!
+//! A key is a secret shown once, `phk_<key id>_<64 hex digits>` (244 random bits). The config
+//! holds only its id, the SHA-256 of the whole secret and its scopes. A presented key is hashed
+//! and compared with the digest in constant time; a key id that does not exist costs the same
+//! work, so timing tells nothing.
+//!
+//! Invariants: a secret never appears in a log line, an error, `payhost check` or a metric
+//! (errors say *what* was wrong with a header, never echo it); keys in a URL are refused;
+//! every `/v1` route names its scope in one table ([`scope_for`]), which the OpenAPI document
+//! declares too (a test walks it).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// What a key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Every `GET` of collections, sessions and payments.
+    Read,
+    /// Collections, sessions, authorize, capture, refund, cancel.
+    Payments,
+    /// Attempts and their resolution, providers, readiness and metrics.
+    Operator,
+}
+
+impl Scope {
+    /// Every scope.
+    pub const ALL: [Scope; 3] = [Scope::Read, Scope::Payments, Scope::Operator];
+
+    /// The name in configs, errors and the OpenAPI document.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Payments => "payments",
+            Scope::Operator => "operator",
+        }
+    }
+
+    /// The scope with this name.
+    pub fn parse(name: &str) -> Option<Scope> {
+        Scope::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+/// The scope a route needs (`None`: open, like `/health`, `/openapi.json` and the webhooks,
+/// whose signature is their credential). `template` is axum's route template.
+pub fn scope_for(method: &axum::http::Method, template: &str) -> Option<Scope> {
+    use axum::http::Method;
+    match template {
+        "/health" | "/openapi.json" => None,
+        t if t.starts_with("/hooks/") => None,
+        "/ready" | "/metrics" => Some(Scope::Operator),
+        t if t.starts_with("/v1/attempts") || t.starts_with("/v1/providers") => {
+            Some(Scope::Operator)
+        }
+        t if t.starts_with("/v1/") => Some(if method == Method::GET || method == Method::HEAD {
+            Scope::Read
+        } else {
+            Scope::Payments
+        }),
+        _ => None,
+    }
+}
+
+/// A token bucket: `rate` per second, up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    /// Requests per second, sustained.
+    pub rate: f64,
+    /// Requests at once.
+    pub burst: f64,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    limit: RateLimit,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(limit: RateLimit) -> Bucket {
+        Bucket {
+            limit,
+            tokens: limit.burst,
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes a token, or says how long until one is there.
+    fn take(&mut self) -> Result<(), Duration> {
+        let now = Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * self.limit.rate;
+        self.tokens = (self.tokens + refill).min(self.limit.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(
+                (1.0 - self.tokens) / self.limit.rate,
+            ))
+        }
+    }
+}
+
+/// A limiter per name (a key id, a provider id).
+#[derive(Debug, Default)]
+pub struct Limiter(Mutex<HashMap<String, Bucket>>);
+
+impl Limiter {
+    /// Takes a token from `name`'s bucket, or says how long to wait.
+    pub fn take(&self, name: &str, limit: RateLimit) -> Result<(), Duration> {
+        let mut buckets = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        buckets
+            .entry(name.to_owned())
+            .or_insert_with(|| Bucket::new(limit))
+            .take()
+    }
+}
+
+/// One configured key.
+#[derive(Debug, Clone)]
+pub struct KeySpec {
+    /// Its id (`[a-z0-9_-]`, at most 64).
+    pub id: String,
+    /// SHA-256 of the whole secret.
+    pub digest: [u8; 32],
+    /// What it may do.
+    pub scopes: Vec<Scope>,
+    /// How fast (none: unlimited).
+    pub rate: Option<RateLimit>,
+}
+
+/// Who made a request: a key that proved itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The key's id: logged, stored with what the key did, and the namespace of its
+    /// idempotency keys.
+    pub key_id: String,
+    scopes: Vec<Scope>,
+}
+
+impl Caller {
+    /// Whether it holds `scope`.
+    pub fn may(&self, scope: Scope) -> bool {
+        self.scopes.contains(&scope)
+    }
+}
+
+/// Why a request is refused. [`AuthError::code`] is stable; no message holds the secret.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AuthError {
+    /// No `Authorization` header.
+    #[error("this route needs an API key: send `Authorization: Bearer phk_…`")]
+    Missing,
+    /// A header that is not `Bearer <key>` (what is wrong with it, never the header).
+    #[error("the Authorization header is not usable: {0}")]
+    Malformed(&'static str),
+    /// No key with that id, or the secret does not match (revoked keys are gone from the
+    /// config: the same answer).
+    #[error("the API key is not valid (unknown, revoked, or mistyped)")]
+    Unknown,
+    /// A key in the URL's query: URLs end up in logs and caches.
+    #[error(
+        "API keys are never accepted in a URL (they end up in logs); send `Authorization: Bearer …`"
+    )]
+    InUrl,
+    /// A valid key without the route's scope.
+    #[error("this key lacks the `{}` scope this route needs", .0.as_str())]
+    MissingScope(Scope),
+    /// The key's rate is spent.
+    #[error("rate limit of this key exceeded; retry after {} s", retry_after.as_secs().max(1))]
+    RateLimited {
+        /// When a request would be accepted again.
+        retry_after: Duration,
+    },
+}
+
+impl AuthError {
+    /// The stable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "api_key_missing",
+            AuthError::Malformed(_) => "authorization_malformed",
+            AuthError::Unknown => "api_key_invalid",
+            AuthError::InUrl => "api_key_in_url",
+            AuthError::MissingScope(_) => "scope_missing",
+            AuthError::RateLimited { .. } => "rate_limited",
+        }
+    }
+}
+
+/// The configured keys.
+#[derive(Debug, Default)]
+pub struct Keys {
+    by_id: HashMap<String, KeySpec>,
+    limiter: Limiter,
+}
+
+/// The secret's prefix.
+pub const PREFIX: &str = "phk_";
+
+impl Keys {
+    /// Keys from the config.
+    pub fn new(specs: Vec<KeySpec>) -> Keys {
+        Keys {
+            by_id: specs.into_iter().map(|k| (k.id.clone(), k)).collect(),
+            limiter: Limiter::default(),
+        }
+    }
+
+    /// Whether any key is configured.
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    /// The caller an `Authorization` header proves, if any. Constant-time in the secret.
+    pub fn authenticate(&self, header: Option<&[u8]>) -> Result<Caller, AuthError> {
+        let header = header.ok_or(AuthError::Missing)?;
+        let header = std::str::from_utf8(header)
+            .map_err(|_| AuthError::Malformed("it is not visible ASCII"))?;
+        let (scheme, secret) = header
+            .split_once(' ')
+            .ok_or(AuthError::Malformed("expected `Bearer <key>`"))?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(AuthError::Malformed("the scheme must be `Bearer`"));
+        }
+        let secret = secret.trim();
+        if secret.is_empty() {
+            return Err(AuthError::Malformed("the bearer token is empty"));
+        }
+        if secret.len() > 256 {
+            return Err(AuthError::Malformed("the bearer token is too long"));
+        }
+        let presented: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+        let id = key_id(secret).unwrap_or("");
+        // Compare against a real digest whatever the id, so an unknown id costs the same.
+        let (expected, spec) = match self.by_id.get(id) {
+            Some(spec) => (spec.digest, Some(spec)),
+            None => ([0u8; 32], None),
+        };
+        let differs = presented
+            .iter()
+            .zip(expected.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        match spec {
+            Some(spec) if differs == 0 => Ok(Caller {
+                key_id: spec.id.clone(),
+                scopes: spec.scopes.clone(),
+            }),
+            _ => Err(AuthError::Unknown),
+        }
+    }
+
+    /// Takes one request from the caller's rate, if its key has one.
+    pub fn admit(&self, caller: &Caller) -> Result<(), AuthError> {
+        match self.by_id.get(&caller.key_id).and_then(|k| k.rate) {
+            None => Ok(()),
+            Some(limit) => self
+                .limiter
+                .take(&caller.key_id, limit)
+                .map_err(|retry_after| AuthError::RateLimited { retry_after }),
+        }
+    }
+}
+
+/// The key id inside a secret `phk_<id>_<random>`.
+fn key_id(secret: &str) -> Option<&str> {
+    let rest = secret.strip_prefix(PREFIX)?;
+    let (id, random) = rest.rsplit_once('_')?;
+    (!id.is_empty() && !random.is_empty()).then_some(id)
+}
+
+/// Whether `id` is a valid key id.
+pub fn valid_key_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// A new key: (the secret, shown once; its digest as the config writes it, `sha256:<hex>`).
+pub fn generate(id: &str) -> (String, String) {
+    let random = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let secret = format!("{PREFIX}{id}_{random}");
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(secret.as_bytes())));
+    (secret, digest)
+}
+
+/// Reads a config digest `sha256:<64 hex>`.
+pub fn parse_digest(text: &str) -> Option<[u8; 32]> {
+    let hex_part = text.strip_prefix("sha256:")?;
+    let bytes = hex::decode(hex_part).ok()?;
+    bytes.try_into().ok()
+}
+
+/// Whether a URL query carries something that looks like a key.
+pub fn query_holds_a_key(query: &str) -> bool {
+    query.contains(PREFIX)
+        || query.split('&').any(|pair| {
+            let name = pair.split('=').next().unwrap_or("").to_ascii_lowercase();
+            matches!(
+                name.as_str(),
+                "api_key" | "apikey" | "key" | "token" | "access_token"
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> (Keys, String) {
+        let (secret, digest) = generate("shop");
+        let keys = Keys::new(vec![KeySpec {
+            id: "shop".into(),
+            digest: parse_digest(&digest).unwrap(),
+            scopes: vec![Scope::Payments, Scope::Read],
+            rate: None,
+        }]);
+        (keys, secret)
+    }
+
+    #[test]
+    fn a_generated_key_proves_its_id_and_nothing_else_does() {
+        let (keys, secret) = keys();
+        let caller = keys
+            .authenticate(Some(format!("Bearer {secret}").as_bytes()))
+            .unwrap();
+        assert_eq!(caller.key_id, "shop");
+        assert!(caller.may(Scope::Payments) && !caller.may(Scope::Operator));
+        let mut wrong = secret.clone();
+        wrong.pop();
+        wrong.push('0');
+        for header in [
+            format!("Bearer {wrong}"),
+            format!("Bearer phk_other_{}", &secret[9..]),
+            "Bearer ".into(),
+            "Basic abc".into(),
+            secret.clone(),
+        ] {
+            let e = keys.authenticate(Some(header.as_bytes())).unwrap_err();
+            assert!(!e.to_string().contains(&secret[9..]), "{e}");
+        }
+        assert_eq!(keys.authenticate(None), Err(AuthError::Missing));
+    }
+
+    #[test]
+    fn routes_name_their_scope() {
+        use axum::http::Method;
+        assert_eq!(scope_for(&Method::GET, "/health"), None);
+        assert_eq!(scope_for(&Method::POST, "/hooks/{provider_id}"), None);
+        assert_eq!(
+            scope_for(&Method::GET, "/v1/payments/{id}"),
+            Some(Scope::Read)
+        );
+        assert_eq!(
+            scope_for(&Method::POST, "/v1/payments/{id}/refund"),
+            Some(Scope::Payments)
+        );
+        assert_eq!(
+            scope_for(&Method::POST, "/v1/attempts/{id}/resolve"),
+            Some(Scope::Operator)
+        );
+        assert!(query_holds_a_key("cart_id=1&api_key=x"));
+        assert!(query_holds_a_key("q=phk_a_b"));
+        assert!(!query_holds_a_key("cart_id=cart_1"));
+    }
+
+    #[test]
+    fn a_rate_refills_and_says_when() {
+        let limiter = Limiter::default();
+        let limit = RateLimit {
+            rate: 10.0,
+            burst: 2.0,
+        };
+        assert!(limiter.take("k", limit).is_ok());
+        assert!(limiter.take("k", limit).is_ok());
+        let wait = limiter.take("k", limit).unwrap_err();
+        assert!(wait <= Duration::from_millis(100), "{wait:?}");
+        assert!(limiter.take("other", limit).is_ok(), "buckets are per name");
+    }
+}

@@ -1,0 +1,658 @@
+//! API keys, scopes, the two listeners, the safe default and TLS, over real HTTP against a
+//! spawned `payhost serve`.
+
+use std::time::Duration;
+
+use payhost_e2e::{HOST, Scratch, Server, payhost, text};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// A key made by `payhost keys new`: (secret, its `[[api_keys]]` table).
+fn new_key(id: &str, scopes: &str, extra: &[&str]) -> (String, String) {
+    let mut args = vec!["keys", "new", "--id", id, "--scope", scopes];
+    args.extend_from_slice(extra);
+    let out = payhost(&args, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let secret = stdout.lines().next().unwrap().to_owned();
+    assert!(secret.starts_with(&format!("phk_{id}_")), "{stdout}");
+    let table: String = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("[[api_keys]]"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(
+        !table.contains(&secret),
+        "the config table never holds the key"
+    );
+    (secret, table)
+}
+
+struct Keyed {
+    server: Server,
+    scratch: Scratch,
+    client: reqwest::Client,
+    /// One key per scope, and one with all three.
+    read: String,
+    payments: String,
+    operator: String,
+    all: String,
+    log: std::path::PathBuf,
+}
+
+impl Keyed {
+    fn start(extra_config: &str) -> Keyed {
+        let (read, t1) = new_key("reader", "read", &[]);
+        let (payments, t2) = new_key("shop", "payments", &[]);
+        let (operator, t3) = new_key("ops", "operator", &[]);
+        let (all, t4) = new_key("all", "read,payments,operator", &[]);
+        let scratch = Scratch::new();
+        let text = format!("{extra_config}\n{HOST}\n{t1}{t2}{t3}{t4}")
+            .replace("{dir}", &scratch.dir.path().display().to_string());
+        let config = scratch.config(&text);
+        let log = scratch.dir.path().join("server.log");
+        Keyed {
+            server: Server::start_logging(&config, &log),
+            scratch,
+            client: reqwest::Client::new(),
+            read,
+            payments,
+            operator,
+            all,
+            log,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.server.base)
+    }
+
+    async fn send(
+        &self,
+        r: reqwest::RequestBuilder,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let r = r.send().await.unwrap();
+        let status = r.status();
+        let headers = r.headers().clone();
+        let text = r.text().await.unwrap();
+        (
+            status,
+            headers,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+}
+
+fn scope_of(op: &Value) -> Option<String> {
+    op["security"].as_array()?.iter().find_map(|req| {
+        req["api_key"]
+            .as_array()
+            .and_then(|scopes| scopes.first())
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_refuses_a_missing_key_and_a_key_without_its_scope() {
+    let k = Keyed::start("");
+    let doc: Value = k
+        .client
+        .get(k.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        doc["components"]["securitySchemes"]["api_key"]["scheme"], "bearer",
+        "{}",
+        doc["components"]
+    );
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let url = k.url(
+                &path
+                    .replace("{id}", "x_1")
+                    .replace("{provider_id}", "sandbox"),
+            );
+            let request = |key: Option<&str>| {
+                let mut r = k
+                    .client
+                    .request(method.to_uppercase().parse().unwrap(), &url)
+                    .header("content-type", "application/json")
+                    .body("{}");
+                if let Some(key) = key {
+                    r = r.bearer_auth(key);
+                }
+                r
+            };
+            let Some(scope) = scope_of(op) else {
+                // Open: /health, /openapi.json and the webhooks (whose signature is the key).
+                assert!(
+                    ["/health", "/openapi.json", "/hooks/{provider_id}"].contains(&path.as_str()),
+                    "{method} {path} declares no scope"
+                );
+                continue;
+            };
+            let (status, headers, body) = k.send(request(None)).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}: {body}");
+            assert!(
+                headers["www-authenticate"]
+                    .to_str()
+                    .unwrap()
+                    .starts_with("Bearer")
+            );
+            assert_eq!(body["error"]["code"], "api_key_missing");
+            let (wrong, right) = match scope.as_str() {
+                "read" => (&k.payments, &k.read),
+                "payments" => (&k.read, &k.payments),
+                "operator" => (&k.payments, &k.operator),
+                other => panic!("unknown scope {other}"),
+            };
+            let (status, _, body) = k.send(request(Some(wrong))).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}: {body}");
+            assert!(
+                body["error"]["message"].as_str().unwrap().contains(&scope),
+                "names the scope: {body}"
+            );
+            let (status, _, body) = k.send(request(Some(right))).await;
+            assert!(
+                status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN,
+                "{method} {path} with its scope: {status} {body}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 17, "only {checked} operations checked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_credentials_are_refused_clearly_and_no_secret_is_ever_shown() {
+    let k = Keyed::start("");
+    let url = k.url("/v1/payment-collections");
+    let body = json!({"amount": 100, "currency_code": "eur"});
+    let mut almost = k.payments.clone();
+    almost.pop();
+    almost.push(if k.payments.ends_with('0') { '1' } else { '0' });
+    for (auth, code) in [
+        ("Bearer".to_owned(), "authorization_malformed"),
+        ("Bearer ".to_owned(), "authorization_malformed"),
+        ("Basic dXNlcjpwYXNz".to_owned(), "authorization_malformed"),
+        (k.payments.clone(), "authorization_malformed"),
+        (format!("Bearer {almost}"), "api_key_invalid"),
+        (
+            "Bearer phk_nobody_0123456789abcdef".to_owned(),
+            "api_key_invalid",
+        ),
+        (
+            format!("Bearer {}", "x".repeat(5000)),
+            "authorization_malformed",
+        ),
+    ] {
+        let (status, _, e) = k
+            .send(
+                k.client
+                    .post(&url)
+                    .header("authorization", &auth)
+                    .json(&body),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{auth:.40}: {e}");
+        assert_eq!(e["error"]["code"], code, "{e}");
+        assert!(!e.to_string().contains(&almost[10..]), "{e}");
+    }
+    // A header past the server's limits.
+    let (status, _, _) = k
+        .send(
+            k.client
+                .post(&url)
+                .header("authorization", format!("Bearer {}", "y".repeat(200_000)))
+                .json(&body),
+        )
+        .await;
+    assert!(status.is_client_error(), "{status}");
+    // A key in the URL is refused, with or without a header.
+    let (status, _, e) = k
+        .send(
+            k.client
+                .get(k.url(&format!(
+                    "/v1/payment-sessions?cart_id=c&api_key={}",
+                    k.read
+                )))
+                .bearer_auth(&k.read),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(e["error"]["code"], "api_key_in_url");
+    // Nothing changed.
+    let (status, _, _) = k
+        .send(
+            k.client
+                .get(k.url("/v1/payment-sessions?cart_id=c"))
+                .bearer_auth(&k.read),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, _, metrics) = k
+        .send(k.client.get(k.url("/metrics")).bearer_auth(&k.operator))
+        .await;
+    let metrics = metrics.as_str().unwrap().to_owned();
+    let check = payhost(
+        &[
+            "check",
+            "--config",
+            k.scratch.dir.path().join("payhost.toml").to_str().unwrap(),
+        ],
+        &[],
+    );
+    let check = format!("{}{}", text(&check.stdout), text(&check.stderr));
+    assert!(check.contains("key shop scopes payments"), "{check}");
+    std::thread::sleep(Duration::from_millis(200));
+    let logs = std::fs::read_to_string(&k.log).unwrap();
+    for secret in [&k.read, &k.payments, &k.operator, &k.all] {
+        let random = &secret[secret.rfind('_').unwrap() + 1..];
+        for (what, haystack) in [("log", &logs), ("metrics", &metrics), ("check", &check)] {
+            assert!(!haystack.contains(random), "a key is in the {what}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_belong_to_their_api_key() {
+    let (shop, t1) = new_key("shop", "payments,read", &[]);
+    let (rival, t2) = new_key("rival", "payments,read", &[]);
+    let scratch = Scratch::new();
+    let config = scratch.config(
+        &format!("{HOST}\n{t1}{t2}").replace("{dir}", &scratch.dir.path().display().to_string()),
+    );
+    let server = Server::start(&config);
+    let client = reqwest::Client::new();
+    let create = |key: &str, amount: i64| {
+        client
+            .post(format!("{}/v1/payment-collections", server.base))
+            .bearer_auth(key)
+            .header("Idempotency-Key", "order-1001")
+            .json(&json!({"amount": amount, "currency_code": "eur"}))
+            .send()
+    };
+    let mine: Value = create(&shop, 1000).await.unwrap().json().await.unwrap();
+    // The rival guesses the key: it neither sees the shop's answer nor blocks it.
+    let r = create(&rival, 1000).await.unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let theirs: Value = r.json().await.unwrap();
+    assert_ne!(
+        mine["id"], theirs["id"],
+        "a replay of another client's request"
+    );
+    let again: Value = create(&shop, 1000).await.unwrap().json().await.unwrap();
+    assert_eq!(again["id"], mine["id"], "the shop's own retry replays");
+    let other_body = create(&rival, 5).await.unwrap();
+    assert_eq!(other_body.status(), StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn money_operations_and_resolutions_record_the_key_that_asked() {
+    let k = Keyed::start("[reconcile]\nlanding_margin_ms = 0\n");
+    let post = |path: &str, key: &str, body: Value| {
+        k.client.post(k.url(path)).bearer_auth(key).json(&body)
+    };
+    let (_, _, col) = k
+        .send(post(
+            "/v1/payment-collections",
+            &k.payments,
+            json!({"amount": 800, "currency_code": "eur"}),
+        ))
+        .await;
+    let (_, _, s) = k
+        .send(post(
+            "/v1/payment-sessions",
+            &k.payments,
+            json!({"payment_collection_id": col["id"], "provider_id": "sandbox", "data": {"card_number": "4000000000000119"}}),
+        ))
+        .await;
+    let sid = s["id"].as_str().unwrap();
+    let (status, _, _) = k
+        .send(post(
+            &format!("/v1/payment-sessions/{sid}/authorize"),
+            &k.payments,
+            json!({}),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    let (_, _, list) = k
+        .send(k.client.get(k.url("/v1/attempts")).bearer_auth(&k.operator))
+        .await;
+    let attempt = &list["attempts"][0];
+    assert_eq!(attempt["requested_by"], "shop", "{attempt}");
+    let id = attempt["id"].as_str().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The operator is the key, never a name the body claims.
+    let (status, _, e) = k
+        .send(post(
+            &format!("/v1/attempts/{id}/resolve"),
+            &k.operator,
+            json!({"as": "succeeded", "note": "seen in the dashboard", "by": "someone else"}),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
+    let (status, _, resolved) = k
+        .send(post(
+            &format!("/v1/attempts/{id}/resolve"),
+            &k.operator,
+            json!({"as": "succeeded", "note": "seen in the dashboard"}),
+        ))
+        .await;
+    // Settled already by the reconciler, or resolved now: either way by a known hand.
+    if status == StatusCode::OK {
+        assert_eq!(resolved["resolution"]["by"], "key:ops", "{resolved}");
+    } else {
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{resolved}");
+    }
+    let logs = std::fs::read_to_string(&k.log).unwrap();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("key=shop") && l.contains("/v1/payment-collections")),
+        "every mutating request is logged with its key id: {logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_past_its_rate_gets_429_while_another_key_is_served() {
+    let (slow, t1) = new_key("slow", "read", &["--rate-per-second", "2"]);
+    let (fast, t2) = new_key("fast", "read", &[]);
+    let scratch = Scratch::new();
+    let config = scratch.config(
+        &format!("{HOST}\n{t1}{t2}").replace("{dir}", &scratch.dir.path().display().to_string()),
+    );
+    let server = Server::start(&config);
+    let client = reqwest::Client::new();
+    let get = |key: &str| {
+        client
+            .get(format!("{}/v1/payment-sessions?cart_id=c", server.base))
+            .bearer_auth(key)
+            .send()
+    };
+    let mut limited = None;
+    for _ in 0..10 {
+        let r = get(&slow).await.unwrap();
+        if r.status() == StatusCode::TOO_MANY_REQUESTS {
+            limited = Some(r);
+            break;
+        }
+    }
+    let r = limited.expect("the slow key is limited within 10 requests (burst 4)");
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited");
+    for _ in 0..20 {
+        assert_eq!(get(&fast).await.unwrap().status(), StatusCode::OK);
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        get(&slow).await.unwrap().status(),
+        StatusCode::OK,
+        "refilled"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_keys_serve_stays_on_loopback_unless_told_otherwise() {
+    let scratch = Scratch::new();
+    let config = scratch.config(&HOST.replace("{dir}", &scratch.dir.path().display().to_string()));
+    let out = std::process::Command::new(payhost_e2e::payhost_bin())
+        .args([
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "0.0.0.0:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("without API keys") && err.contains("auth = \"none\""),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    // Told otherwise: it serves.
+    let open = scratch.config(
+        &format!("[server]\nauth = \"none\"\n{HOST}")
+            .replace("{dir}", &scratch.dir.path().display().to_string()),
+    );
+    let mut child = std::process::Command::new(payhost_e2e::payhost_bin())
+        .args([
+            "serve",
+            "--config",
+            open.to_str().unwrap(),
+            "--listen",
+            "0.0.0.0:0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let line = std::io::BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .next()
+        .unwrap()
+        .unwrap();
+    assert!(line.starts_with("listening on http://0.0.0.0:"), "{line}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_takes_operations_off_the_public_port() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let k = Keyed::start(&format!("[server]\nadmin_listen = \"127.0.0.1:{port}\"\n"));
+    let admin = format!("http://127.0.0.1:{port}");
+    for path in ["/ready", "/metrics", "/v1/attempts", "/v1/providers"] {
+        let r = k
+            .client
+            .get(k.url(path))
+            .bearer_auth(&k.all)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::NOT_FOUND,
+            "{path} on the public port"
+        );
+    }
+    // Probes and scrapes need no key on the admin listener; operator routes do.
+    for path in ["/health", "/ready", "/metrics"] {
+        let r = k.client.get(format!("{admin}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path} on the admin listener");
+    }
+    let r = k
+        .client
+        .get(format!("{admin}/v1/attempts"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = k
+        .client
+        .get(format!("{admin}/v1/attempts"))
+        .bearer_auth(&k.operator)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // The API stays on the public port; webhooks need no key.
+    let r = k
+        .client
+        .get(k.url("/v1/payment-sessions?cart_id=c"))
+        .bearer_auth(&k.read)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = k
+        .client
+        .post(k.url("/hooks/sandbox"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::UNAUTHORIZED,
+        "a webhook without a signature"
+    );
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unverified", "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_https_and_a_certificate_that_does_not_load_is_named() {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let scratch = Scratch::new();
+    let dir = scratch.dir.path();
+    std::fs::write(dir.join("cert.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), cert.key_pair.serialize_pem()).unwrap();
+    let config = scratch.config(
+        &format!("[server.tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n{HOST}")
+            .replace("{dir}", &dir.display().to_string()),
+    );
+    let server = Server::start(&config);
+    assert!(server.base.starts_with("https://"), "{}", server.base);
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let port = server.base.rsplit(':').next().unwrap();
+    let r = client
+        .get(format!("https://localhost:{port}/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let plain = reqwest::get(format!("http://127.0.0.1:{port}/health")).await;
+    assert!(
+        plain.is_err() || !plain.unwrap().status().is_success(),
+        "no plain HTTP on a TLS port"
+    );
+    drop(server);
+
+    std::fs::write(dir.join("broken.pem"), "not a certificate").unwrap();
+    let broken = scratch.config(
+        &format!("[server.tls]\ncert = \"broken.pem\"\nkey = \"key.pem\"\n{HOST}")
+            .replace("{dir}", &dir.display().to_string()),
+    );
+    let out = std::process::Command::new(payhost_e2e::payhost_bin())
+        .args([
+            "serve",
+            "--config",
+            broken.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("broken.pem") && err.contains("tls.invalid"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_webhook_paths_and_methods_do_not_grow_the_metrics() {
+    let k = Keyed::start("");
+    for i in 0..30 {
+        let _ = k
+            .client
+            .post(k.url(&format!("/hooks/nope{i}")))
+            .body("{}")
+            .send()
+            .await;
+        let _ = k
+            .client
+            .request(
+                reqwest::Method::from_bytes(format!("BREW{i}").as_bytes()).unwrap(),
+                k.url("/health"),
+            )
+            .send()
+            .await;
+    }
+    let metrics = k
+        .client
+        .get(k.url("/metrics"))
+        .bearer_auth(&k.operator)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!metrics.contains("nope"), "{metrics}");
+    assert!(!metrics.contains("BREW"), "{metrics}");
+    assert!(metrics.contains("method=\"other\""), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_password_never_reaches_the_log() {
+    let Some(url) = payhost_e2e::fresh_postgres_database().await else {
+        return;
+    };
+    let with_password = url.replacen("://root@", "://root:hunter2-secret@", 1);
+    assert_ne!(with_password, url, "the test URL names its user");
+    let scratch = Scratch::new();
+    let config = scratch.config(&HOST.replace(
+        "url = \"sqlite://{dir}/payhost.db\"",
+        &format!("url = \"{with_password}\""),
+    ));
+    let log = scratch.dir.path().join("server.log");
+    let server = Server::start_logging(&config, &log);
+    let r = reqwest::get(format!("{}/ready", server.base))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    drop(server);
+    let check = payhost(&["check", "--config", config.to_str().unwrap()], &[]);
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(logs.contains("root:***@"), "{logs}");
+    for haystack in [logs, text(&check.stdout), text(&check.stderr)] {
+        assert!(!haystack.contains("hunter2"), "{haystack}");
+    }
+    payhost_e2e::drop_postgres_database(&url);
+}
+
+#[test]
+fn check_fails_on_a_placeholder_webhook_secret_naming_the_key() {
+    let scratch = Scratch::new();
+    let config = scratch.config(
+        "[plugins]\ndir = \"{plugins}\"\n\n[providers.stripe]\nlibrary = \"payhost_provider_stripe\"\n\n[providers.stripe.options]\napi_key = \"sk_test_real\"\nwebhook_secret = \"${STRIPE_WEBHOOK_SECRET:-whsec_replace_me}\"\n",
+    );
+    let out = payhost(&["check", "--config", config.to_str().unwrap()], &[]);
+    assert!(!out.status.success());
+    let report = text(&out.stdout);
+    assert!(
+        report.contains("webhook_secret is a placeholder")
+            && report.contains("providers.stripe.options.webhook_secret")
+            && report.contains("payhost.toml:9"),
+        "{report}"
+    );
+    // The example config keeps working: Stripe is disabled there.
+    let example = payhost_e2e::workspace().join("config/payhost.toml");
+    let out = payhost(&["check", "--config", example.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", text(&out.stdout));
+}
