@@ -342,8 +342,8 @@ mod tests {
         assert_eq!(caller.key_id, "shop");
         assert!(caller.may(Scope::Payments) && !caller.may(Scope::Operator));
         let mut wrong = secret.clone();
-        wrong.pop();
-        wrong.push('0');
+        let last = wrong.pop().unwrap();
+        wrong.push(if last == '0' { '1' } else { '0' });
         for header in [
             format!("Bearer {wrong}"),
             format!("Bearer phk_other_{}", &secret[9..]),
