@@ -169,6 +169,21 @@ pub struct StorageConfig {
     /// PostgreSQL: longest statement.
     #[serde(default = "default_statement_timeout")]
     pub statement_timeout_ms: u64,
+    /// PostgreSQL: how long a host's lease lasts unless renewed. Once it lapses (and a call's
+    /// deadline has passed) other hosts take over that host's open attempts and claimed keys.
+    #[serde(default = "default_lease")]
+    pub lease_ms: u64,
+    /// PostgreSQL: how often a host renews its lease.
+    #[serde(default = "default_renew")]
+    pub renew_ms: u64,
+}
+
+fn default_lease() -> u64 {
+    5_000
+}
+
+fn default_renew() -> u64 {
+    1_000
 }
 
 impl Default for StorageConfig {
@@ -178,6 +193,8 @@ impl Default for StorageConfig {
             pool_size: default_pool_size(),
             connect_timeout_ms: default_connect_timeout(),
             statement_timeout_ms: default_statement_timeout(),
+            lease_ms: default_lease(),
+            renew_ms: default_renew(),
         }
     }
 }
@@ -212,6 +229,13 @@ pub struct ReconcileConfig {
     /// processor's "no such call" proves nothing, and the attempt stays unknown.
     #[serde(default = "default_landing_margin")]
     pub landing_margin_ms: u64,
+    /// How often the background reconciler looks for due attempts.
+    #[serde(default = "default_reconcile_interval")]
+    pub interval_ms: u64,
+}
+
+fn default_reconcile_interval() -> u64 {
+    1_000
 }
 
 impl Default for ReconcileConfig {
@@ -220,6 +244,7 @@ impl Default for ReconcileConfig {
             first_check_ms: default_first_check(),
             max_checks: default_max_checks(),
             landing_margin_ms: default_landing_margin(),
+            interval_ms: default_reconcile_interval(),
         }
     }
 }
@@ -715,6 +740,11 @@ impl Config {
                 raw.reconcile.landing_margin_ms,
                 3_600_000,
             ),
+            (
+                "reconcile.interval_ms",
+                raw.reconcile.interval_ms.max(1),
+                600_000,
+            ),
         ] {
             if value > max || (key == "reconcile.max_checks" && value == 0) {
                 return Err(invalid(
@@ -734,6 +764,15 @@ impl Config {
                 source.value_span("server.max_connections"),
                 "server.max_connections".into(),
                 "`max_connections` must be between 1 and 1000000".into(),
+            ));
+        }
+        if !(100..=600_000).contains(&raw.storage.lease_ms)
+            || !(10..raw.storage.lease_ms.max(11)).contains(&raw.storage.renew_ms)
+        {
+            return Err(invalid(
+                source.value_span("storage.renew_ms"),
+                "storage.renew_ms".into(),
+                "`lease_ms` must be between 100 and 600000, and `renew_ms` at least 10 and shorter than the lease".into(),
             ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&raw.log.level) {

@@ -51,6 +51,15 @@ enum Command {
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
     },
+    /// List the hosts sharing the store: live and expired, with the open attempts each owns.
+    Hosts {
+        /// The config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage API keys.
     Keys {
         #[command(subcommand)]
@@ -126,6 +135,7 @@ fn main() -> ExitCode {
             json,
         } => inspect(&library, plugin_dir, json),
         Command::Serve { config, listen } => serve(&config, listen),
+        Command::Hosts { config, json } => hosts(&config, json),
         Command::Keys {
             action:
                 KeysAction::New {
@@ -146,6 +156,73 @@ fn main() -> ExitCode {
             attempts(&config, json, action)
         }
     }
+}
+
+fn hosts(path: &Path, json: bool) -> ExitCode {
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging("warn", config.log.format);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        if config.storage.url.starts_with("sqlite://") {
+            println!(
+                "one host per SQLite file: no leases (the file's lock names the host that has it)"
+            );
+            return ExitCode::SUCCESS;
+        }
+        let store = match payhost::engine::open_store(&config).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: {}", config.redact(&e.to_string()));
+                return ExitCode::FAILURE;
+            }
+        };
+        let (hosts, now) = match (store.hosts().await, store.now_ms().await) {
+            (Ok(h), Ok(n)) => (h, n),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("error[{}]: {e}", e.code());
+                return ExitCode::FAILURE;
+            }
+        };
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&hosts).unwrap_or_default()
+            );
+            return ExitCode::SUCCESS;
+        }
+        if hosts.is_empty() {
+            println!("no hosts registered");
+        }
+        for h in &hosts {
+            let lease = h.lease_expires_at - now;
+            println!(
+                "{}  {:<7} epoch {:<4} {}  open attempts {}  ({})",
+                h.host_id,
+                if h.live { "live" } else { "expired" },
+                h.epoch,
+                if lease >= 0 {
+                    format!("lease ends in {} ms", lease)
+                } else {
+                    format!("lease lapsed {} s ago", -lease / 1000)
+                },
+                h.open_attempts,
+                h.info
+            );
+        }
+        ExitCode::SUCCESS
+    })
 }
 
 fn new_key(scopes: &[String], id: Option<String>, rate: Option<f64>) -> ExitCode {
@@ -511,7 +588,12 @@ fn serve(path: &Path, listen: Option<std::net::SocketAddr>) -> ExitCode {
         .map(|f| (f.id.clone(), f.error.to_string()))
         .collect();
     let host = match runtime.block_on(payhost::Host::open(&config, report.providers)) {
-        Ok(host) => std::sync::Arc::new(host),
+        // A test hook: this host's clock set off by PAYHOST_TEST_CLOCK_SKEW_MS (a host whose
+        // clock is wrong). On a shared store, only the database's clock decides ownership.
+        Ok(host) => std::sync::Arc::new(match skewed_clock() {
+            Some(clock) => host.with_clock(clock),
+            None => host,
+        }),
         Err(e) => {
             tracing::error!("cannot open the host: {}", config.redact(&e.to_string()));
             return ExitCode::FAILURE;
@@ -603,8 +685,36 @@ fn serve(path: &Path, listen: Option<std::net::SocketAddr>) -> ExitCode {
         "shutting down: waiting up to {} ms for provider calls in progress",
         grace.as_millis()
     );
+    // Calls still running keep their attempts in flight; once they return (or the grace period
+    // ends), the lease goes, so other hosts take over at once instead of after it lapses.
+    runtime.block_on(async {
+        let started = std::time::Instant::now();
+        while host.providers().iter().any(|p| p.calls_in_progress() > 0)
+            && started.elapsed() < grace
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        host.release_lease().await;
+    });
     runtime.shutdown_timeout(grace);
     ExitCode::SUCCESS
+}
+
+/// The system clock set off by `PAYHOST_TEST_CLOCK_SKEW_MS`, for tests of hosts with wrong
+/// clocks.
+fn skewed_clock() -> Option<std::sync::Arc<dyn payhost::Clock>> {
+    struct Skewed(i64);
+    impl payhost::Clock for Skewed {
+        fn now_unix_ms(&self) -> i64 {
+            payhost::Clock::now_unix_ms(&payhost::SystemClock) + self.0
+        }
+    }
+    let skew: i64 = std::env::var("PAYHOST_TEST_CLOCK_SKEW_MS")
+        .ok()?
+        .parse()
+        .ok()?;
+    tracing::warn!(skew_ms = skew, "this host's clock is set off for a test");
+    Some(std::sync::Arc::new(Skewed(skew)))
 }
 
 async fn shutdown_signal() {

@@ -30,6 +30,12 @@ pub struct Metrics {
     pub http_connections_open: IntGaugeVec,
     /// `payhost_http_connection_limit{listener}`: connections served at once at most.
     pub http_connection_limit: IntGaugeVec,
+    /// `payhost_attempt_takeovers_total`: attempts taken over from a host whose lease lapsed.
+    pub attempt_takeovers: prometheus::IntCounter,
+    /// `payhost_hosts{state}`: hosts on the shared store, `live` or `expired`, at every scrape.
+    pub hosts: IntGaugeVec,
+    /// `payhost_lease_lost_total`: times this host found its lease lapsed.
+    pub lease_lost: prometheus::IntCounter,
 }
 
 const BUCKETS: &[f64] = &[
@@ -114,8 +120,26 @@ impl Metrics {
             &["listener"],
         )
         .expect("valid metric");
+        let attempt_takeovers = prometheus::IntCounter::new(
+            "payhost_attempt_takeovers_total",
+            "Attempts taken over from a host whose lease lapsed",
+        )
+        .expect("valid metric");
+        let hosts = IntGaugeVec::new(
+            Opts::new("payhost_hosts", "Hosts on the shared store, by lease state"),
+            &["state"],
+        )
+        .expect("valid metric");
+        let lease_lost = prometheus::IntCounter::new(
+            "payhost_lease_lost_total",
+            "Times this host found its lease lapsed and registered again",
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(http_connections_cut.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(attempt_takeovers.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(hosts.clone()),
+            Box::new(lease_lost.clone()),
+            Box::new(http_connections_cut.clone()),
             Box::new(http_connections_open.clone()),
             Box::new(http_connection_limit.clone()),
             Box::new(provider_http.clone()),
@@ -138,6 +162,9 @@ impl Metrics {
             http_connections_cut,
             http_connections_open,
             http_connection_limit,
+            attempt_takeovers,
+            hosts,
+            lease_lost,
         }
     }
 

@@ -276,12 +276,18 @@ impl Server {
     }
 
     fn spawn(program: &Path, args: &[&str], stderr: std::process::Stdio) -> Server {
-        use std::io::BufRead;
-        let mut child = Command::new(program)
-            .args(args)
+        let mut c = Command::new(program);
+        c.args(args)
             .args(["--listen", "127.0.0.1:0"])
+            .stderr(stderr);
+        Server::from_command(c)
+    }
+
+    /// Starts a prepared command (its arguments must make it listen and print `listening on`).
+    pub fn from_command(mut c: Command) -> Server {
+        use std::io::BufRead;
+        let mut child = c
             .stdout(std::process::Stdio::piped())
-            .stderr(stderr)
             .env_remove("RUST_LOG")
             .spawn()
             .expect("start the server");

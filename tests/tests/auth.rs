@@ -622,10 +622,18 @@ async fn a_storage_password_never_reaches_the_log() {
     ));
     let log = scratch.dir.path().join("server.log");
     let server = Server::start_logging(&config, &log);
-    let r = reqwest::get(format!("{}/ready", server.base))
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
+    let mut ready = StatusCode::SERVICE_UNAVAILABLE;
+    for _ in 0..50 {
+        ready = reqwest::get(format!("{}/ready", server.base))
+            .await
+            .unwrap()
+            .status();
+        if ready == StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready, StatusCode::OK);
     drop(server);
     let check = payhost(&["check", "--config", config.to_str().unwrap()], &[]);
     let logs = std::fs::read_to_string(&log).unwrap();

@@ -278,10 +278,8 @@ impl World {
     async fn agree_with_the_sandbox(&self) {
         // Calls that answered `unknown` may land until their deadline has passed.
         payhost_e2e::reconcile_until_settled(&self.host, std::time::Duration::from_secs(5)).await;
-        assert!(
-            self.host.open_attempts().await.unwrap().is_empty(),
-            "every outcome settled"
-        );
+        let open = self.host.open_attempts().await.unwrap();
+        assert!(open.is_empty(), "every outcome settled: {open:?}");
         let view = self.host.collection(&self.collection).await.unwrap();
         let sandbox = self.host.providers().get("sandbox").unwrap();
         for s in view

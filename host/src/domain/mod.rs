@@ -418,6 +418,17 @@ pub struct Attempt {
     /// The API key id of the request that started it, when the caller proved one.
     #[serde(default)]
     pub requested_by: Option<String>,
+    /// On a shared store: the host whose call it is (or who took it over), and that host's
+    /// epoch. Only a live owner writes it; another host takes it over only once the owner's
+    /// lease lapsed and the call's deadline passed.
+    #[serde(default)]
+    pub owner_host: Option<String>,
+    /// The owner's epoch.
+    #[serde(default)]
+    pub owner_epoch: Option<i64>,
+    /// How many times the reconciler sent it again with its idempotency key (at most once).
+    #[serde(default)]
+    pub resends: i64,
 }
 
 impl Attempt {

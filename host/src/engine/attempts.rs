@@ -65,6 +65,10 @@ impl Host {
             updated_at: now,
             call_deadline_at: Some(call_deadline_at),
             requested_by: current_actor(),
+            // The store records the owner (this host, on a shared store).
+            owner_host: None,
+            owner_epoch: None,
+            resends: 0,
         }
     }
 
@@ -367,12 +371,16 @@ impl Host {
             .map_err(read)?
             .ok_or_else(|| not_sent("the payment's session is gone".into()))?;
         let now = self.now();
-        attempt.call_deadline_at = Some(now + provider.timeout().as_millis() as i64);
-        attempt.updated_at = now;
+        let call_ms = provider.timeout().as_millis() as i64;
         self.store
-            .write(vec![WriteOp::UpdateAttempt(attempt.clone())])
+            .write(vec![WriteOp::ExtendDeadline {
+                id: attempt.id.clone(),
+                call_ms,
+                now,
+            }])
             .await
             .map_err(|e| not_sent(format!("cannot record the new deadline: {e}")))?;
+        attempt.call_deadline_at = Some(now + call_ms);
         tracing::info!(attempt = %attempt.id, operation = %attempt.operation, "sending the attempt again with its idempotency key");
         let request = Self::payment_request(&session, &payment, &attempt);
         let response = self.call_money(&provider, &attempt, request).await?;

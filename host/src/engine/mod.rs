@@ -14,6 +14,7 @@
 mod attempts;
 mod idempotency;
 mod inputs;
+mod lease;
 mod payments;
 mod reconcile;
 mod reports;
@@ -34,6 +35,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 pub use inputs::*;
+pub use lease::LeaseSettings;
 pub use reconcile::{ReconcileReport, ReconcileSettings, ResolveAs};
 
 use crate::domain::transitions::{self, PaymentInput, SessionInput, Step};
@@ -327,6 +329,23 @@ pub struct Host {
     live: Arc<LiveCalls>,
     late: LateQueue,
     recovered: std::sync::atomic::AtomicBool,
+    lease: LeaseSettings,
+    lease_ok: Arc<std::sync::atomic::AtomicBool>,
+    lease_keeper: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // A host dropped without giving its lease up lets it lapse, as if it had died.
+        if let Some(keeper) = self
+            .lease_keeper
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            keeper.abort();
+        }
+    }
 }
 
 impl std::fmt::Debug for Host {
@@ -483,6 +502,7 @@ pub fn reconcile_settings(config: &crate::Config, providers: &Providers) -> Reco
         first_check_ms: r.first_check_ms as i64,
         max_checks: i64::from(r.max_checks),
         landing_margin_ms: r.landing_margin_ms as i64,
+        interval: Duration::from_millis(r.interval_ms.max(10)),
         ..ReconcileSettings::default()
     }
 }
@@ -505,7 +525,13 @@ impl Host {
     pub async fn open(config: &crate::Config, providers: Providers) -> Result<Host, OpenError> {
         let store = open_store(config).await?;
         let settings = reconcile_settings(config, &providers);
-        let host = Host::new(store, providers).with_reconcile(settings);
+        let host = Host::new(store, providers)
+            .with_reconcile(settings)
+            .with_lease(LeaseSettings {
+                lease: Duration::from_millis(config.storage.lease_ms),
+                renew: Duration::from_millis(config.storage.renew_ms),
+            });
+        host.register().await?;
         // Asking the providers about what the previous run left open is the reconciler's first
         // pass, so that the host serves meanwhile (those attempts block only their payments).
         host.take_over_abandoned().await?;
@@ -523,6 +549,9 @@ impl Host {
             live: Arc::default(),
             late: LateQueue::new(),
             recovered: std::sync::atomic::AtomicBool::new(false),
+            lease: LeaseSettings::default(),
+            lease_ok: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            lease_keeper: std::sync::Mutex::new(None),
         }
     }
 
@@ -530,6 +559,22 @@ impl Host {
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Host {
         self.clock = clock;
         self
+    }
+
+    /// Replaces the lease settings (shared stores).
+    pub fn with_lease(mut self, settings: LeaseSettings) -> Host {
+        self.lease = settings;
+        self
+    }
+
+    /// Now on the store's clock: the database's on a shared store (hosts' clocks never decide
+    /// whether another host's call can still land), this host's otherwise.
+    pub(super) async fn store_now(&self) -> Result<Timestamp, EngineError> {
+        if self.store.shared() {
+            Ok(self.store.now_ms().await?)
+        } else {
+            Ok(self.now())
+        }
     }
 
     /// Replaces the reconciler's settings.

@@ -88,6 +88,16 @@ impl Host {
     /// first pass asks; until it is done, [`Host::recovered`] is false.
     pub async fn take_over_abandoned(&self) -> Result<(), EngineError> {
         let now = self.now();
+        if self.store.shared() {
+            // Other hosts may be live: only the keys of lapsed hosts go; their attempts are
+            // taken over one by one by the reconciler's claims, on the database's clock.
+            self.store
+                .write(vec![WriteOp::ReleasePendingKeys {
+                    older_than: now - self.reconcile.stale_after_ms,
+                }])
+                .await?;
+            return Ok(());
+        }
         let horizon = if self.store.shared() {
             now - self.reconcile.stale_after_ms
         } else {
@@ -133,20 +143,34 @@ impl Host {
             }
         }
         let now = self.now();
+        let me = self.store.host_lease();
         let due: Vec<Attempt> = self
             .store
             .open_attempts()
             .await?
             .into_iter()
-            .filter(|a| is_due(a, now, self.reconcile.stale_after_ms))
+            .filter(|a| match &me {
+                // Another host's attempt: the database decides whether it can be taken over.
+                Some(me)
+                    if a.owner_host.as_deref() != Some(me.host_id.as_str())
+                        || a.owner_epoch != Some(me.epoch) =>
+                {
+                    a.state != AttemptState::NeedsOperator
+                }
+                Some(_) => {
+                    a.state == AttemptState::Unknown && a.next_check_at.is_none_or(|t| t <= now)
+                }
+                None => is_due(a, now, self.reconcile.stale_after_ms),
+            })
             .collect();
         let mut results = futures_util::stream::iter(due)
-            .map(|a| async move { (self.reconcile_attempt(&a.id.0).await, a) })
+            .map(|a| async move { (self.reconcile_one(&a.id.0).await, a) })
             .buffer_unordered(self.reconcile.concurrency.max(1));
         while let Some((result, a)) = results.next().await {
             match result {
-                Ok(AttemptState::Succeeded | AttemptState::Failed) => report.settled += 1,
-                Ok(AttemptState::NeedsOperator) => report.needs_operator += 1,
+                Ok((_, false)) => {}
+                Ok((AttemptState::Succeeded | AttemptState::Failed, _)) => report.settled += 1,
+                Ok((AttemptState::NeedsOperator, _)) => report.needs_operator += 1,
                 Ok(_) => report.still_open += 1,
                 Err(e) => {
                     tracing::warn!(attempt = %a.id, code = e.code(), "reconciling failed: {e}");
@@ -211,9 +235,15 @@ impl Host {
     /// Asks the provider about one open attempt and settles it if the answer is definitive;
     /// otherwise backs off (and after the last check leaves it to an operator).
     pub async fn reconcile_attempt(&self, id: &str) -> Result<AttemptState, EngineError> {
+        Ok(self.reconcile_one(id).await?.0)
+    }
+
+    /// [`Host::reconcile_attempt`], and whether this host could claim the attempt (it is not
+    /// due, or it belongs to another live host, or it is settled already: `false`).
+    async fn reconcile_one(&self, id: &str) -> Result<(AttemptState, bool), EngineError> {
         let (_guard, mut attempt) = self.lock_attempt(id).await?;
         if !attempt.state.is_open() {
-            return Ok(attempt.state);
+            return Ok((attempt.state, false));
         }
         // Claim it, so another host does not ask and settle it at the same time.
         let now = self.now();
@@ -231,11 +261,18 @@ impl Host {
                 attempt.state = AttemptState::Unknown;
                 attempt.next_check_at = Some(now + self.reconcile.stale_after_ms);
             }
-            Err(crate::store::StoreError::VersionConflict(_)) => return Ok(attempt.state),
+            Err(crate::store::StoreError::VersionConflict(_)) => return Ok((attempt.state, false)),
             Err(e) => return Err(e.into()),
         }
-        let verdict = match self.ask_about(&attempt).await {
-            Ok(Outcome::NotAttempted { reason }) if self.may_still_land(&attempt, self.now()) => {
+        let asked = self.ask_about(&attempt).await;
+        // Whether the call can still land is decided on the store's clock, and with the
+        // attempt as stored (its deadline as the database recorded it).
+        let store_now = self.store_now().await?;
+        if let Some(stored) = self.store.attempt(attempt.id.as_str()).await? {
+            attempt.call_deadline_at = stored.call_deadline_at;
+        }
+        let verdict = match asked {
+            Ok(Outcome::NotAttempted { reason }) if self.may_still_land(&attempt, store_now) => {
                 let why = format!(
                     "the provider has no record of it ({reason}), but the call may still land"
                 );
@@ -272,17 +309,25 @@ impl Host {
                     .attempt(&entity)
                     .await?
                     .map_or(AttemptState::Unknown, |a| a.state);
-                Ok(settled)
+                Ok((settled, true))
             }
             Err(why) => {
                 let now = self.now();
                 let horizon = self.landing_horizon(&attempt);
                 let mut wait = (self.reconcile.base_backoff_ms << (attempt.checks + 1).min(20))
                     .min(self.reconcile.max_backoff_ms);
-                if !self.live.contains(attempt.id.as_str()) && now < horizon {
+                let live = self.live.contains(attempt.id.as_str());
+                if live {
+                    // Its call is still running here: its answer will settle it. An operator
+                    // could not decide it either, so no check of theirs is spent.
+                    wait = wait.max(self.reconcile.first_check_ms).max(1);
+                    if store_now >= horizon {
+                        tracing::warn!(attempt = %attempt.id, provider = %attempt.provider_id, "a provider call is still running long after its deadline; it keeps its slot and its attempt stays unknown until it returns");
+                    }
+                } else if store_now < horizon {
                     // Nobody can know before the call can no longer land: ask again then, and
                     // do not spend the operator's budget of checks on it.
-                    wait = wait.min(horizon + 1 - now).max(1);
+                    wait = wait.min(horizon + 1 - store_now).max(1);
                 } else {
                     attempt.checks += 1;
                 }
@@ -301,15 +346,18 @@ impl Host {
                 self.store
                     .write(vec![WriteOp::UpdateAttempt(attempt)])
                     .await?;
-                Ok(state)
+                Ok((state, true))
             }
         }
     }
 
-    /// Whether the reconciler may send an attempt again with its idempotency key: its provider
-    /// declares that its processor replays a repeated key for this operation.
+    /// Whether the reconciler may send an attempt again with its idempotency key: it has not
+    /// yet, and its provider declares that its processor replays a repeated key for this
+    /// operation.
     fn replays(&self, attempt: &Attempt) -> bool {
-        attempt.payment_id.is_some()
+        // Once: every call sent may land, and pushes the horizon out again.
+        attempt.resends == 0
+            && attempt.payment_id.is_some()
             && self
                 .providers
                 .get(&attempt.provider_id)
@@ -367,7 +415,7 @@ impl Host {
                 attempt.state.as_str()
             )));
         }
-        if self.may_still_land(&attempt, self.now()) {
+        if self.may_still_land(&attempt, self.store_now().await?) {
             return Err(EngineError::CallMayLand {
                 attempt_id: attempt.id.0.clone(),
                 until: (!self.live.contains(attempt.id.as_str()))

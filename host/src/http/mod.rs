@@ -776,6 +776,8 @@ struct Readiness {
     providers_failed: Vec<String>,
     /// The reconciler asked about everything a previous run left open.
     recovered: bool,
+    /// This host holds a current lease on the shared store (always true on SQLite).
+    lease: bool,
 }
 
 /// The store is reachable, every enabled provider loaded, and start-up reconciliation is done
@@ -785,10 +787,12 @@ struct Readiness {
 async fn ready(State(s): State<AppState>) -> Response {
     let store = s.host.store().key("payhost-readiness-probe").await.is_ok();
     let recovered = s.host.recovered();
+    let lease = s.host.lease_ok();
     let r = Readiness {
-        ready: store && s.failed_providers.is_empty() && recovered,
+        ready: store && s.failed_providers.is_empty() && recovered && lease,
         store,
         recovered,
+        lease,
         providers_loaded: s.host.providers().len(),
         providers_failed: s
             .failed_providers
@@ -809,6 +813,15 @@ async fn ready(State(s): State<AppState>) -> Response {
     security(("api_key" = ["operator"])))]
 async fn metrics(State(s): State<AppState>) -> Response {
     let m = crate::metrics::global();
+    if let Ok(hosts) = s.host.store().hosts().await
+        && !hosts.is_empty()
+    {
+        let live = hosts.iter().filter(|h| h.live).count() as i64;
+        m.hosts.with_label_values(&["live"]).set(live);
+        m.hosts
+            .with_label_values(&["expired"])
+            .set(hosts.len() as i64 - live);
+    }
     if let Ok(open) = s.host.open_attempts().await {
         for state in [
             AttemptState::InFlight,

@@ -33,8 +33,19 @@ pub enum WriteOp {
     /// Records an attempt. At most one open attempt per session or payment
     /// (else [`StoreError::AttemptOpen`]).
     InsertAttempt(Attempt),
-    /// Replaces an attempt (by id).
+    /// Replaces an attempt's state, outcome and checks (by id; on a shared store only as its
+    /// owner, else [`StoreError::Fenced`]).
     UpdateAttempt(Attempt),
+    /// Gives an attempt a new call deadline, `call_ms` from now on the store's clock (it is
+    /// about to be sent again).
+    ExtendDeadline {
+        /// The attempt.
+        id: crate::domain::AttemptId,
+        /// The new call's timeout.
+        call_ms: i64,
+        /// Now on the host's clock (a store of one host has no other).
+        now: Timestamp,
+    },
     /// A new payment (its captures and refunds are inserted separately).
     InsertPayment(Payment),
     /// Replaces a payment's own fields (data, captured_at, canceled_at, version) if its stored
@@ -120,6 +131,34 @@ pub enum WriteOp {
     },
 }
 
+/// This host's registration on a shared store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostLease {
+    /// The host's id.
+    pub host_id: String,
+    /// Its epoch: new at every registration; what it owns carries it.
+    pub epoch: i64,
+}
+
+/// A registered host, for `payhost hosts` and metrics.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HostRecord {
+    /// Its id.
+    pub host_id: String,
+    /// Its current epoch.
+    pub epoch: i64,
+    /// When it registered first (store clock, Unix ms).
+    pub started_at: Timestamp,
+    /// When its lease ends (store clock).
+    pub lease_expires_at: Timestamp,
+    /// Whether the lease is current.
+    pub live: bool,
+    /// What it said about itself (pid, address, version).
+    pub info: String,
+    /// Open attempts it owns.
+    pub open_attempts: i64,
+}
+
 /// A verified webhook as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WebhookEventRecord {
@@ -173,6 +212,10 @@ pub enum StoreError {
     /// The embedded database belongs to another running host.
     #[error("{0}")]
     Locked(String),
+    /// This host's lease lapsed: what it tried to write may belong to another host now, so the
+    /// database refused it (it re-registers and carries on).
+    #[error("refused: this host's lease lapsed ({0}); another host may own it now")]
+    Fenced(String),
 }
 
 impl StoreError {
@@ -185,6 +228,7 @@ impl StoreError {
             StoreError::Invariant(_) => "store.invariant",
             StoreError::Unavailable(_) => "store.unavailable",
             StoreError::Locked(_) => "store.locked",
+            StoreError::Fenced(_) => "store.fenced",
         }
     }
 }
@@ -196,9 +240,42 @@ pub trait Store: Send + Sync + 'static {
     /// undo them.
     async fn write(&self, ops: Vec<WriteOp>) -> Result<(), StoreError>;
     /// Whether several hosts may use this store at once (then an in-flight attempt may belong to
-    /// a live host, and start-up recovery only takes stale ones).
+    /// a live host: hosts hold leases, and only a lapsed owner's work is taken over).
     fn shared(&self) -> bool {
         false
+    }
+    /// Registers this host (a new epoch) with a lease of `lease`, on the store's clock. A store
+    /// of one host has no leases: `None`.
+    async fn register_host(
+        &self,
+        lease: std::time::Duration,
+    ) -> Result<Option<HostLease>, StoreError> {
+        let _ = lease;
+        Ok(None)
+    }
+    /// This host's current registration, if it holds one.
+    fn host_lease(&self) -> Option<HostLease> {
+        None
+    }
+    /// Extends this host's lease; `false`: it had lapsed (the host must register again).
+    async fn renew_host(&self, lease: std::time::Duration) -> Result<bool, StoreError> {
+        let _ = lease;
+        Ok(true)
+    }
+    /// Gives the lease up (graceful shutdown): other hosts take over at once.
+    async fn release_host(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// The hosts registered, live or not, with their open attempts.
+    async fn hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// Now on the store's clock (the database's, for a shared store: hosts' clocks never
+    /// decide who owns what).
+    async fn now_ms(&self) -> Result<Timestamp, StoreError> {
+        Ok(crate::provider::Clock::now_unix_ms(
+            &crate::provider::SystemClock,
+        ))
     }
     /// A collection.
     async fn collection(&self, id: &CollectionId) -> Result<Option<PaymentCollection>, StoreError>;

@@ -245,11 +245,37 @@ ALTER TABLE attempts ADD COLUMN call_deadline_at BIGINT;
 ALTER TABLE attempts ADD COLUMN requested_by TEXT;
 "#,
     ),
+    (
+        6,
+        r#"
+-- Host leases, on the database's clock: who owns what is decided here, never by a host's clock.
+CREATE SEQUENCE host_epochs;
+CREATE TABLE hosts (
+    id TEXT PRIMARY KEY,
+    epoch BIGINT NOT NULL,
+    started_at BIGINT NOT NULL,
+    lease_expires_at BIGINT NOT NULL,
+    info TEXT NOT NULL
+);
+ALTER TABLE attempts ADD COLUMN owner_host TEXT, ADD COLUMN owner_epoch BIGINT;
+ALTER TABLE idempotency_keys ADD COLUMN owner_host TEXT, ADD COLUMN owner_epoch BIGINT;
+ALTER TABLE attempts ADD COLUMN resends BIGINT NOT NULL DEFAULT 0;
+CREATE FUNCTION payhost_now_ms() RETURNS BIGINT AS $$
+    SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT
+$$ LANGUAGE sql VOLATILE;
+CREATE FUNCTION payhost_host_live(h TEXT, e BIGINT) RETURNS BOOLEAN AS $$
+    SELECT EXISTS (SELECT 1 FROM hosts WHERE id = h AND epoch = e AND lease_expires_at > payhost_now_ms())
+$$ LANGUAGE sql VOLATILE;
+"#,
+    ),
 ];
 
 /// The PostgreSQL store.
 pub struct PostgresStore {
     pool: Pool,
+    /// This process's host id (fixed) and its current epoch (from the last registration).
+    host_id: String,
+    lease: std::sync::RwLock<Option<super::HostLease>>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -289,7 +315,11 @@ impl PostgresStore {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(unavailable)?;
-        let store = PostgresStore { pool };
+        let store = PostgresStore {
+            pool,
+            host_id: format!("host_{}", uuid::Uuid::new_v4().simple()),
+            lease: std::sync::RwLock::new(None),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -375,7 +405,20 @@ fn classify(e: tokio_postgres::Error, what: &str) -> StoreError {
     unavailable(e)
 }
 
-async fn apply(tx: &deadpool_postgres::Transaction<'_>, op: &WriteOp) -> Result<(), StoreError> {
+/// Applies one op as this host (`me`: its lease; `None` before it registered, as in tools).
+async fn apply(
+    tx: &deadpool_postgres::Transaction<'_>,
+    op: &WriteOp,
+    me: Option<&super::HostLease>,
+) -> Result<(), StoreError> {
+    let (me_id, me_epoch) = (me.map(|l| l.host_id.clone()), me.map(|l| l.epoch));
+    let fenced = |what: &str| {
+        StoreError::Fenced(format!(
+            "{what}: host {} epoch {}",
+            me_id.as_deref().unwrap_or("?"),
+            me_epoch.unwrap_or(0)
+        ))
+    };
     match op {
         WriteOp::InsertCollection(c) => {
             tx.execute(
@@ -417,20 +460,43 @@ async fn apply(tx: &deadpool_postgres::Transaction<'_>, op: &WriteOp) -> Result<
             .map_err(|e| classify(e, id.as_str()))?;
         }
         WriteOp::InsertAttempt(a) => {
-            tx.execute(
-                "INSERT INTO attempts (id, entity_id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at, call_deadline_at, requested_by) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20)",
-                &[&a.id.0, &a.entity(), &a.session_id.0, &a.payment_id.as_ref().map(|p| p.0.clone()), &a.provider_id, &a.operation.as_str(), &a.amount, &a.currency_code.code(), &a.idempotency_key, &a.state.as_str(), &a.outcome.as_ref().map(json), &a.error.as_ref().map(json), &a.reason, &a.checks, &a.next_check_at, &a.resolution.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()), &a.created_at, &a.updated_at, &a.call_deadline_at, &a.requested_by],
+            // The deadline on the database's clock; owned by this host, and only while its
+            // lease is current (a host that slept through it starts nothing).
+            let call_ms = a.call_deadline_at.map(|d| d - a.created_at);
+            let n = tx.execute(
+                "INSERT INTO attempts (id, entity_id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at, call_deadline_at, requested_by, owner_host, owner_epoch) SELECT $1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18, payhost_now_ms() + $19::BIGINT, $20, $21::TEXT, $22::BIGINT WHERE $21::TEXT IS NULL OR payhost_host_live($21, $22)",
+                &[&a.id.0, &a.entity(), &a.session_id.0, &a.payment_id.as_ref().map(|p| p.0.clone()), &a.provider_id, &a.operation.as_str(), &a.amount, &a.currency_code.code(), &a.idempotency_key, &a.state.as_str(), &a.outcome.as_ref().map(json), &a.error.as_ref().map(json), &a.reason, &a.checks, &a.next_check_at, &a.resolution.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()), &a.created_at, &a.updated_at, &call_ms, &a.requested_by, &me_id, &me_epoch],
             )
             .await
             .map_err(|e| classify(e, &a.entity()))?;
+            if n == 0 {
+                return Err(fenced(&format!("starting attempt {}", a.id)));
+            }
         }
         WriteOp::UpdateAttempt(a) => {
-            tx.execute(
-                "UPDATE attempts SET state=$2, outcome=$3, error=$4, checks=$5, next_check_at=$6, resolution=$7, updated_at=$8, call_deadline_at=$9 WHERE id=$1",
-                &[&a.id.0, &a.state.as_str(), &a.outcome.as_ref().map(json), &a.error.as_ref().map(json), &a.checks, &a.next_check_at, &a.resolution.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()), &a.updated_at, &a.call_deadline_at],
+            // Only its owner writes an attempt: a host whose lease lapsed while another took the
+            // attempt over cannot write over what that one settled.
+            let n = tx.execute(
+                "UPDATE attempts SET state=$2, outcome=$3, error=$4, checks=$5, next_check_at=$6, resolution=$7, updated_at=$8 WHERE id=$1 AND (owner_host IS NULL OR $9::TEXT IS NULL OR (owner_host = $9 AND owner_epoch = $10))",
+                &[&a.id.0, &a.state.as_str(), &a.outcome.as_ref().map(json), &a.error.as_ref().map(json), &a.checks, &a.next_check_at, &a.resolution.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()), &a.updated_at, &me_id, &me_epoch],
             )
             .await
             .map_err(|e| classify(e, a.id.as_str()))?;
+            if n == 0 {
+                return Err(fenced(&format!("writing attempt {}", a.id)));
+            }
+        }
+        WriteOp::ExtendDeadline { id, call_ms, .. } => {
+            let n = tx
+                .execute(
+                    "UPDATE attempts SET call_deadline_at = payhost_now_ms() + $2, resends = resends + 1 WHERE id = $1 AND (owner_host IS NULL OR $3::TEXT IS NULL OR (owner_host = $3 AND owner_epoch = $4))",
+                    &[&id.0, call_ms, &me_id, &me_epoch],
+                )
+                .await
+                .map_err(|e| classify(e, id.as_str()))?;
+            if n == 0 {
+                return Err(fenced(&format!("sending attempt {id} again")));
+            }
         }
         WriteOp::InsertPayment(p) => {
             tx.execute(
@@ -477,25 +543,31 @@ async fn apply(tx: &deadpool_postgres::Transaction<'_>, op: &WriteOp) -> Result<
             request_hash,
             at,
         } => {
-            tx.execute(
-                "INSERT INTO idempotency_keys (key, operation, request_hash, response, created_at) VALUES ($1,$2,$3,NULL,$4)",
-                &[key, operation, request_hash, at],
-            )
-            .await
-            .map_err(|e| classify(e, key))?;
+            // A key claimed by a host whose lease lapsed, and linked to nothing (it moved no
+            // money), is taken over at once.
+            let n = tx
+                .execute(
+                    "INSERT INTO idempotency_keys AS k (key, operation, request_hash, response, created_at, owner_host, owner_epoch) VALUES ($1,$2,$3,NULL,$4,$5,$6) ON CONFLICT (key) DO UPDATE SET operation = EXCLUDED.operation, request_hash = EXCLUDED.request_hash, created_at = EXCLUDED.created_at, owner_host = EXCLUDED.owner_host, owner_epoch = EXCLUDED.owner_epoch WHERE k.response IS NULL AND k.attempt_id IS NULL AND NOT payhost_host_live(k.owner_host, k.owner_epoch)",
+                    &[key, operation, request_hash, at, &me_id, &me_epoch],
+                )
+                .await
+                .map_err(|e| classify(e, key))?;
+            if n == 0 {
+                return Err(StoreError::KeyExists(key.clone()));
+            }
         }
         WriteOp::CompleteKey { key, response } => {
             tx.execute(
-                "UPDATE idempotency_keys SET response = $2 WHERE key = $1",
-                &[key, &json(response)],
+                "UPDATE idempotency_keys SET response = $2 WHERE key = $1 AND (owner_host IS NULL OR $3::TEXT IS NULL OR (owner_host = $3 AND owner_epoch = $4))",
+                &[key, &json(response), &me_id, &me_epoch],
             )
             .await
             .map_err(|e| classify(e, key))?;
         }
         WriteOp::ReleaseKey(key) => {
             tx.execute(
-                "DELETE FROM idempotency_keys WHERE key = $1 AND response IS NULL AND attempt_id IS NULL",
-                &[key],
+                "DELETE FROM idempotency_keys WHERE key = $1 AND response IS NULL AND attempt_id IS NULL AND (owner_host IS NULL OR $2::TEXT IS NULL OR (owner_host = $2 AND owner_epoch = $3))",
+                &[key, &me_id, &me_epoch],
             )
             .await
             .map_err(|e| classify(e, key))?;
@@ -513,20 +585,37 @@ async fn apply(tx: &deadpool_postgres::Transaction<'_>, op: &WriteOp) -> Result<
             }
         }
         WriteOp::LinkKey { key, attempt_id } => {
-            tx.execute(
-                "UPDATE idempotency_keys SET attempt_id = $2 WHERE key = $1",
-                &[key, attempt_id],
-            )
-            .await
-            .map_err(|e| classify(e, key))?;
+            let n = tx
+                .execute(
+                    "UPDATE idempotency_keys SET attempt_id = $2 WHERE key = $1 AND (owner_host IS NULL OR $3::TEXT IS NULL OR (owner_host = $3 AND owner_epoch = $4))",
+                    &[key, attempt_id, &me_id, &me_epoch],
+                )
+                .await
+                .map_err(|e| classify(e, key))?;
+            if n == 0 {
+                return Err(fenced(&format!("linking key {key}")));
+            }
         }
         WriteOp::ReleasePendingKeys { older_than } => {
-            tx.execute(
-                "DELETE FROM idempotency_keys WHERE response IS NULL AND attempt_id IS NULL AND created_at < $1",
-                &[older_than],
-            )
-            .await
-            .map_err(|e| classify(e, "idempotency keys"))?;
+            // Keys of hosts whose lease lapsed (nothing moved under them); on a store without
+            // leases yet, the old horizon.
+            let released = match me_id {
+                Some(_) => {
+                    tx.execute(
+                        "DELETE FROM idempotency_keys WHERE response IS NULL AND attempt_id IS NULL AND NOT payhost_host_live(owner_host, owner_epoch)",
+                        &[],
+                    )
+                    .await
+                }
+                None => {
+                    tx.execute(
+                        "DELETE FROM idempotency_keys WHERE response IS NULL AND attempt_id IS NULL AND created_at < $1",
+                        &[older_than],
+                    )
+                    .await
+                }
+            };
+            released.map_err(|e| classify(e, "idempotency keys"))?;
         }
         WriteOp::InsertWebhookEvent(e) => {
             tx.execute(
@@ -554,13 +643,37 @@ async fn apply(tx: &deadpool_postgres::Transaction<'_>, op: &WriteOp) -> Result<
             now,
             stale_before,
         } => {
-            let n = tx
-                .execute(
-                    "UPDATE attempts SET next_check_at = $2, state = 'unknown' WHERE id = $1 AND ((state = 'unknown' AND COALESCE(next_check_at, 0) <= $3) OR (state = 'in_flight' AND updated_at < $4))",
-                    &[&id.0, until, now, stale_before],
-                )
-                .await
-                .map_err(|e| classify(e, id.as_str()))?;
+            let n = match me {
+                // With leases: an open attempt of mine that is due, or one whose owner's lease
+                // lapsed and whose call's deadline passed (database clock): then no request of
+                // the dead owner can still be on its way. It becomes mine.
+                Some(_) => {
+                    let row = tx
+                        .query_opt(
+                            "WITH old AS (SELECT owner_host, owner_epoch FROM attempts WHERE id = $1 FOR UPDATE) \
+                             UPDATE attempts a SET next_check_at = $2, state = 'unknown', owner_host = $4, owner_epoch = $5 FROM old \
+                             WHERE a.id = $1 AND a.state IN ('in_flight', 'unknown') AND ( \
+                               (a.owner_host = $4 AND a.owner_epoch = $5 AND a.state = 'unknown' AND COALESCE(a.next_check_at, 0) <= $3) \
+                               OR (NOT payhost_host_live(a.owner_host, a.owner_epoch) AND COALESCE(a.call_deadline_at, a.created_at + 600000) < payhost_now_ms())) \
+                             RETURNING (old.owner_host IS DISTINCT FROM $4 OR old.owner_epoch IS DISTINCT FROM $5)",
+                            &[&id.0, until, now, &me_id, &me_epoch],
+                        )
+                        .await
+                        .map_err(|e| classify(e, id.as_str()))?;
+                    if row.as_ref().is_some_and(|r| r.get::<_, bool>(0)) {
+                        crate::metrics::global().attempt_takeovers.inc();
+                        tracing::info!(attempt = %id, "took over an attempt whose host's lease lapsed");
+                    }
+                    u64::from(row.is_some())
+                }
+                None => tx
+                    .execute(
+                        "UPDATE attempts SET next_check_at = $2, state = 'unknown' WHERE id = $1 AND ((state = 'unknown' AND COALESCE(next_check_at, 0) <= $3) OR (state = 'in_flight' AND updated_at < $4))",
+                        &[&id.0, until, now, stale_before],
+                    )
+                    .await
+                    .map_err(|e| classify(e, id.as_str()))?,
+            };
             if n == 0 {
                 return Err(StoreError::VersionConflict(id.0.clone()));
             }
@@ -649,12 +762,15 @@ fn attempt_row(r: &Row) -> Result<Attempt, StoreError> {
         updated_at: r.get(16),
         call_deadline_at: r.get(17),
         requested_by: r.get(18),
+        owner_host: r.get(19),
+        owner_epoch: r.get(20),
+        resends: r.get(21),
     })
 }
 
 const SESSION_COLUMNS: &str = "id, payment_collection_id, cart_id, cart, context, provider_id, is_selected, is_initiated, status, data, idempotency_key, amount, currency_code, payment_authorized_at, metadata, created_at, updated_at, version";
 const PAYMENT_COLUMNS: &str = "id, payment_session_id, payment_collection_id, provider_id, amount, currency_code, data, captured_at, canceled_at, created_at, updated_at, version";
-const ATTEMPT_COLUMNS: &str = "id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at, call_deadline_at, requested_by";
+const ATTEMPT_COLUMNS: &str = "id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at, call_deadline_at, requested_by, owner_host, owner_epoch, resends";
 
 impl PostgresStore {
     async fn with_movements(&self, mut p: Payment) -> Result<Payment, StoreError> {
@@ -751,16 +867,112 @@ impl PostgresStore {
 #[async_trait]
 impl Store for PostgresStore {
     async fn write(&self, ops: Vec<WriteOp>) -> Result<(), StoreError> {
+        let me = self.lease.read().unwrap_or_else(|e| e.into_inner()).clone();
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(unavailable)?;
         for op in &ops {
-            apply(&tx, op).await?;
+            apply(&tx, op, me.as_ref()).await?;
         }
         tx.commit().await.map_err(|e| classify(e, "commit"))
     }
 
     fn shared(&self) -> bool {
         true
+    }
+
+    async fn register_host(&self, lease: Duration) -> Result<Option<super::HostLease>, StoreError> {
+        let info = format!(
+            "pid {} on {}, payhost {}",
+            std::process::id(),
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_default()
+                .trim(),
+            env!("CARGO_PKG_VERSION")
+        );
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "INSERT INTO hosts (id, epoch, started_at, lease_expires_at, info) VALUES ($1, nextval('host_epochs'), payhost_now_ms(), payhost_now_ms() + $2, $3) ON CONFLICT (id) DO UPDATE SET epoch = nextval('host_epochs'), lease_expires_at = payhost_now_ms() + $2 RETURNING epoch",
+                &[&self.host_id, &(lease.as_millis() as i64), &info],
+            )
+            .await
+            .map_err(unavailable)?;
+        let registered = super::HostLease {
+            host_id: self.host_id.clone(),
+            epoch: row.get(0),
+        };
+        *self.lease.write().unwrap_or_else(|e| e.into_inner()) = Some(registered.clone());
+        Ok(Some(registered))
+    }
+
+    fn host_lease(&self) -> Option<super::HostLease> {
+        self.lease.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    async fn renew_host(&self, lease: Duration) -> Result<bool, StoreError> {
+        let Some(me) = self.lease.read().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Ok(false);
+        };
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE hosts SET lease_expires_at = payhost_now_ms() + $3 WHERE id = $1 AND epoch = $2 AND lease_expires_at > payhost_now_ms()",
+                &[&me.host_id, &me.epoch, &(lease.as_millis() as i64)],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(n == 1)
+    }
+
+    async fn release_host(&self) -> Result<(), StoreError> {
+        let Some(me) = self.lease.write().unwrap_or_else(|e| e.into_inner()).take() else {
+            return Ok(());
+        };
+        self.client()
+            .await?
+            .execute(
+                "UPDATE hosts SET lease_expires_at = payhost_now_ms() WHERE id = $1 AND epoch = $2",
+                &[&me.host_id, &me.epoch],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn hosts(&self) -> Result<Vec<super::HostRecord>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT h.id, h.epoch, h.started_at, h.lease_expires_at, h.lease_expires_at > payhost_now_ms(), h.info, (SELECT count(*) FROM attempts a WHERE a.owner_host = h.id AND a.state IN ('in_flight','unknown','needs_operator')) FROM hosts h ORDER BY h.started_at, h.id",
+                &[],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(rows
+            .iter()
+            .map(|r| super::HostRecord {
+                host_id: r.get(0),
+                epoch: r.get(1),
+                started_at: r.get(2),
+                lease_expires_at: r.get(3),
+                live: r.get(4),
+                info: r.get(5),
+                open_attempts: r.get(6),
+            })
+            .collect())
+    }
+
+    async fn now_ms(&self) -> Result<Timestamp, StoreError> {
+        Ok(self
+            .client()
+            .await?
+            .query_one("SELECT payhost_now_ms()", &[])
+            .await
+            .map_err(unavailable)?
+            .get(0))
     }
 
     async fn collection(&self, id: &CollectionId) -> Result<Option<PaymentCollection>, StoreError> {

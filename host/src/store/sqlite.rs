@@ -207,6 +207,13 @@ ALTER TABLE attempts ADD COLUMN call_deadline_at INTEGER;
 ALTER TABLE attempts ADD COLUMN requested_by TEXT;
 "#,
     ),
+    (
+        6,
+        r#"
+-- How many times the reconciler sent the attempt again with its idempotency key.
+ALTER TABLE attempts ADD COLUMN resends INTEGER NOT NULL DEFAULT 0;
+"#,
+    ),
 ];
 
 /// How many waiting writes one commit takes at most.
@@ -530,10 +537,17 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
             }
             WriteOp::UpdateAttempt(a) => {
                 tx.execute(
-                    "UPDATE attempts SET state=?2, outcome=?3, error=?4, checks=?5, next_check_at=?6, resolution=?7, updated_at=?8, call_deadline_at=?9 WHERE id=?1",
-                    params![a.id.0, a.state.as_str(), a.outcome.as_ref().map(json), a.error.as_ref().map(json), a.checks, a.next_check_at, a.resolution.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()), a.updated_at, a.call_deadline_at],
+                    "UPDATE attempts SET state=?2, outcome=?3, error=?4, checks=?5, next_check_at=?6, resolution=?7, updated_at=?8 WHERE id=?1",
+                    params![a.id.0, a.state.as_str(), a.outcome.as_ref().map(json), a.error.as_ref().map(json), a.checks, a.next_check_at, a.resolution.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()), a.updated_at],
                 )
                 .map_err(|e| classify(e, a.id.as_str()))?;
+            }
+            WriteOp::ExtendDeadline { id, call_ms, now } => {
+                tx.execute(
+                    "UPDATE attempts SET call_deadline_at = ?2, resends = resends + 1 WHERE id = ?1",
+                    params![id.0, now + call_ms],
+                )
+                .map_err(|e| classify(e, id.as_str()))?;
             }
             WriteOp::InsertPayment(p) => {
                 tx.execute(
@@ -760,7 +774,7 @@ fn with_movements(conn: &Connection, mut p: Payment) -> rusqlite::Result<Payment
     Ok(p)
 }
 
-const ATTEMPT_COLUMNS: &str = "id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at, call_deadline_at, requested_by";
+const ATTEMPT_COLUMNS: &str = "id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at, call_deadline_at, requested_by, resends";
 
 fn attempt_row(r: &Row<'_>) -> rusqlite::Result<Attempt> {
     let operation: String = r.get(4)?;
@@ -786,6 +800,9 @@ fn attempt_row(r: &Row<'_>) -> rusqlite::Result<Attempt> {
         updated_at: r.get(16)?,
         call_deadline_at: r.get(17)?,
         requested_by: r.get(18)?,
+        owner_host: None,
+        owner_epoch: None,
+        resends: r.get(19)?,
     })
 }
 

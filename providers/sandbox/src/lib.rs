@@ -85,6 +85,8 @@ pub struct SandboxProvider {
 struct Behaviour {
     outcome: Option<String>,
     delay_ms: u64,
+    /// After acting: a processor that did it, but whose answer is slow.
+    delay_after_ms: u64,
 }
 
 /// What a test card does on authorize (`ok` for any other number).
@@ -163,11 +165,15 @@ fn behaviour(op: Operation, input: &Value, data: &Value, context: &Value) -> Beh
                 if let Some(ms) = spec.get("delay_ms").and_then(Value::as_u64) {
                     b.delay_ms = ms;
                 }
+                if let Some(ms) = spec.get("delay_after_ms").and_then(Value::as_u64) {
+                    b.delay_after_ms = ms;
+                }
             }
             _ => {}
         }
     }
     b.delay_ms = b.delay_ms.min(600_000);
+    b.delay_after_ms = b.delay_after_ms.min(600_000);
     b
 }
 
@@ -290,6 +296,9 @@ impl SandboxProvider {
             })?;
             Ok((response, outcome == "unknown"))
         })?;
+        if b.delay_after_ms > 0 {
+            std::thread::sleep(Duration::from_millis(b.delay_after_ms));
+        }
         if lost {
             return Ok(ProviderResponse::with_outcome(Outcome::Unknown {
                 reason: "sandbox: the answer was lost (the effect happened)".into(),
