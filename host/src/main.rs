@@ -298,16 +298,64 @@ fn check(path: &Path, json: bool) -> ExitCode {
         .filter(|p| !p.enabled)
         .map(|p| p.id.as_str())
         .collect();
+    let durability = postgres_durability(&config);
     if json {
-        println!("{}", check_json(&config, &report, &disabled));
+        let mut out = check_json(&config, &report, &disabled);
+        out["storage_durability"] = match &durability {
+            None => serde_json::Value::Null,
+            Some(Ok(d)) => serde_json::json!({"report": d, "warning": d.warning()}),
+            Some(Err(e)) => serde_json::json!({"error": config.redact(&e.to_string())}),
+        };
+        println!("{out}");
     } else {
         print_check(&config, &report, &disabled);
+        match &durability {
+            None => {}
+            Some(Ok(d)) => {
+                println!(
+                    "storage {} ; synchronous_commit {} ; synchronous standbys {} ({})",
+                    if d.primary { "primary" } else { "STANDBY" },
+                    d.synchronous_commit,
+                    d.synchronous_standbys,
+                    if d.synchronous_standby_names.is_empty() {
+                        "none named"
+                    } else {
+                        &d.synchronous_standby_names
+                    }
+                );
+                if let Some(w) = d.warning() {
+                    println!("WARN    {w}");
+                }
+            }
+            Some(Err(e)) => println!(
+                "WARN    cannot reach the store: {}",
+                config.redact(&e.to_string())
+            ),
+        }
     }
     if report.failures.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_PROVIDERS)
     }
+}
+
+/// For a PostgreSQL store: how durable an acknowledged write is on the server the URL reaches.
+fn postgres_durability(
+    config: &Config,
+) -> Option<Result<payhost::store::postgres::Durability, payhost::store::StoreError>> {
+    let url = &config.storage.url;
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return None;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    Some(runtime.block_on(payhost::store::postgres::durability(
+        url,
+        Duration::from_millis(config.storage.connect_timeout_ms),
+    )))
 }
 
 fn capability_names(c: &Capabilities) -> Vec<&'static str> {

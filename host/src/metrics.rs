@@ -36,6 +36,16 @@ pub struct Metrics {
     pub hosts: IntGaugeVec,
     /// `payhost_lease_lost_total`: times this host found its lease lapsed.
     pub lease_lost: prometheus::IntCounter,
+    /// `payhost_store_errors_total{code}`.
+    pub store_errors: IntCounterVec,
+    /// `payhost_store_up`: 1 while the store answers, 0 from its first failure to its recovery.
+    pub store_up: prometheus::IntGauge,
+    /// `payhost_store_outage_seconds_total`: time the store spent unreachable.
+    pub store_outage_seconds: prometheus::Counter,
+    /// When the current outage began.
+    store_down_since: std::sync::Mutex<Option<std::time::Instant>>,
+    /// `payhost_owed_writes`: writes the host owes the store, waiting for it to answer.
+    pub owed_writes: prometheus::IntGauge,
 }
 
 const BUCKETS: &[f64] = &[
@@ -135,8 +145,30 @@ impl Metrics {
             "Times this host found its lease lapsed and registered again",
         )
         .expect("valid metric");
+        let store_errors = IntCounterVec::new(
+            Opts::new("payhost_store_errors_total", "Store failures, by code"),
+            &["code"],
+        )
+        .expect("valid metric");
+        let store_up = prometheus::IntGauge::new("payhost_store_up", "Whether the store answers")
+            .expect("valid metric");
+        store_up.set(1);
+        let store_outage_seconds = prometheus::Counter::new(
+            "payhost_store_outage_seconds_total",
+            "Time the store spent unreachable",
+        )
+        .expect("valid metric");
+        let owed_writes = prometheus::IntGauge::new(
+            "payhost_owed_writes",
+            "Writes waiting for the store to answer (released claims, known outcomes, completed keys)",
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(attempt_takeovers.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(store_errors.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(store_up.clone()),
+            Box::new(store_outage_seconds.clone()),
+            Box::new(owed_writes.clone()),
+            Box::new(attempt_takeovers.clone()),
             Box::new(hosts.clone()),
             Box::new(lease_lost.clone()),
             Box::new(http_connections_cut.clone()),
@@ -165,6 +197,42 @@ impl Metrics {
             attempt_takeovers,
             hosts,
             lease_lost,
+            store_errors,
+            store_up,
+            store_outage_seconds,
+            store_down_since: std::sync::Mutex::new(None),
+            owed_writes,
+        }
+    }
+
+    /// The store failed: counted, and an outage begins if none is on.
+    pub fn store_failed(&self, code: &str) {
+        self.store_errors.with_label_values(&[code]).inc();
+        let mut since = self
+            .store_down_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if since.is_none() {
+            *since = Some(std::time::Instant::now());
+            self.store_up.set(0);
+            tracing::error!("the store stopped answering");
+        }
+    }
+
+    /// The store answered: an outage on ends, and its length is counted.
+    pub fn store_ok(&self) {
+        let mut since = self
+            .store_down_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(began) = since.take() {
+            let lasted = began.elapsed();
+            self.store_outage_seconds.inc_by(lasted.as_secs_f64());
+            self.store_up.set(1);
+            tracing::warn!(
+                outage_ms = lasted.as_millis() as u64,
+                "the store answers again"
+            );
         }
     }
 

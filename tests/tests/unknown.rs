@@ -347,6 +347,7 @@ async fn forgetting_a_failed_keys_claim_removes_only_the_claim_it_read(backend: 
         operation: "capture:pay_x".into(),
         request_hash: "h".into(),
         at: 0,
+        claim_id: "c1".into(),
     };
     store.write(vec![claim.clone()]).await.unwrap();
     store

@@ -30,7 +30,24 @@ impl Host {
                 attempt_id: attempt.id.0.clone(),
             });
         }
-        self.store.write(ops).await.map_err(EngineError::from)
+        match self.store.write(ops).await {
+            Ok(()) => Ok(()),
+            Err(e) if owed::is_transient(&e) => {
+                // Maybe it committed, maybe not; either way no call was made: an attempt that
+                // did get recorded must not stay in flight, blocking its payment.
+                let mut never_called = attempt.clone();
+                never_called.state = AttemptState::Failed;
+                never_called.error = Some(Value::String(format!(
+                    "the store did not confirm this attempt ({e}); the provider was not called"
+                )));
+                self.owed.push(
+                    "closing an attempt whose start was not confirmed",
+                    vec![WriteOp::UpdateAttempt(never_called)],
+                );
+                Err(e.into())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub(super) fn new_attempt(
@@ -135,10 +152,21 @@ impl Host {
             Ok(response) => {
                 let outcome = response.outcome.clone();
                 let data = match self.providers.get(&attempt.provider_id) {
-                    Some(p) => provider_data(p, response.data),
-                    None => response.data,
+                    Some(p) => provider_data(p, response.data.clone()),
+                    None => response.data.clone(),
                 };
-                self.settle(attempt, outcome.clone(), data, None).await?;
+                match self.settle(attempt, outcome.clone(), data, None).await {
+                    Ok(()) => {}
+                    // The answer is known: kept, and recorded as soon as the store answers.
+                    Err(EngineError::Store(e)) if owed::is_transient(&e) => {
+                        self.late.requeue(attempt_id.clone(), Ok(response));
+                        return Err(EngineError::Store(StoreError::Unavailable(format!(
+                            "the provider answered {} for attempt {attempt_id}, and the store failed to record it ({e}); it is kept and recorded once the store answers — retry with your idempotency key",
+                            outcome.name()
+                        ))));
+                    }
+                    Err(e) => return Err(e),
+                }
                 match outcome {
                     Outcome::Unknown { reason } => {
                         Err(EngineError::OutcomeUnknown { attempt_id, reason })
@@ -152,9 +180,11 @@ impl Host {
                 attempt.error = serde_json::to_value(e.to_string()).ok();
                 attempt.next_check_at = Some(self.now() + self.reconcile.first_check_ms);
                 attempt.updated_at = self.now();
-                self.store
-                    .write(vec![WriteOp::UpdateAttempt(attempt)])
-                    .await?;
+                self.write_or_owe(
+                    "marking an attempt unknown",
+                    vec![WriteOp::UpdateAttempt(attempt)],
+                )
+                .await?;
                 tracing::warn!(attempt = %attempt_id, "provider outcome unknown: {e}");
                 Err(EngineError::OutcomeUnknown {
                     attempt_id,
@@ -168,15 +198,33 @@ impl Host {
                     other => Value::String(other.to_string()),
                 });
                 attempt.updated_at = self.now();
-                self.store
-                    .write(vec![WriteOp::UpdateAttempt(attempt)])
-                    .await?;
+                self.write_or_owe(
+                    "recording a failed attempt",
+                    vec![WriteOp::UpdateAttempt(attempt)],
+                )
+                .await?;
                 Err(match e {
                     CallError::NotAttempted { reason } => EngineError::NotAttempted { reason },
                     CallError::Provider(pe) => EngineError::Provider(pe),
                     CallError::Unknown { reason } => EngineError::NotAttempted { reason },
                 })
             }
+        }
+    }
+
+    /// Writes `ops`, or, when the store does not answer, keeps them to write once it does.
+    pub(super) async fn write_or_owe(
+        &self,
+        what: &'static str,
+        ops: Vec<WriteOp>,
+    ) -> Result<(), EngineError> {
+        match self.store.write(ops.clone()).await {
+            Ok(()) => Ok(()),
+            Err(e) if owed::is_transient(&e) => {
+                self.owed.push(what, ops);
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
         }
     }
 

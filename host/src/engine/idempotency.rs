@@ -44,14 +44,29 @@ impl Host {
             *input = shape(input);
         }
         let hash = hex::encode(Sha256::digest(format!("{operation}\n{request}")));
+        let claim_id = uuid::Uuid::new_v4().simple().to_string();
+        let release = || WriteOp::ReleaseKey {
+            key: key.to_owned(),
+            claim_id: claim_id.clone(),
+        };
         let claim = WriteOp::ClaimKey {
             key: key.to_owned(),
             operation: operation.to_owned(),
             request_hash: hash.clone(),
             at: self.now(),
+            claim_id: claim_id.clone(),
         };
         match self.store.write(vec![claim.clone()]).await {
             Ok(()) => {}
+            Err(e) if owed::is_transient(&e) => {
+                // The claim may have committed: release it once the store answers (it moved
+                // nothing), or every retry would find it "in progress".
+                self.owed.push(
+                    "releasing a key whose claim was not confirmed",
+                    vec![release()],
+                );
+                return Err(e.into());
+            }
             Err(StoreError::KeyExists(_)) => {
                 let stored = self.store.key(key).await?;
                 let stored = match stored {
@@ -111,6 +126,13 @@ impl Host {
                         };
                         match self.store.write(vec![forget, claim]).await {
                             Ok(()) => {}
+                            Err(e) if owed::is_transient(&e) => {
+                                self.owed.push(
+                                    "releasing a key whose claim was not confirmed",
+                                    vec![release()],
+                                );
+                                return Err(e.into());
+                            }
                             Err(StoreError::KeyExists(_)) => {
                                 return Err(EngineError::InProgress(format!(
                                     "a request with idempotency key `{key}` is in progress"
@@ -130,9 +152,21 @@ impl Host {
                 response: serde_json::to_value(value).unwrap_or(Value::Null),
             },
             // A key linked to an attempt stays; an unlinked one (nothing moved) is released.
-            Err(_) => WriteOp::ReleaseKey(key.to_owned()),
+            Err(_) => release(),
         };
-        self.store.write(vec![write]).await?;
+        match self.store.write(vec![write.clone()]).await {
+            Ok(()) => {}
+            // What happened stands; the key's record follows once the store answers (until
+            // then a retry with the key is told it is in progress, never run twice).
+            Err(e) if owed::is_transient(&e) => {
+                let what = match write {
+                    WriteOp::CompleteKey { .. } => "completing an idempotency key",
+                    _ => "releasing an idempotency key",
+                };
+                self.owed.push(what, vec![write]);
+            }
+            Err(e) => return Err(e.into()),
+        }
         result
     }
 

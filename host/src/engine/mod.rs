@@ -15,6 +15,7 @@ mod attempts;
 mod idempotency;
 mod inputs;
 mod lease;
+mod owed;
 mod payments;
 mod reconcile;
 mod reports;
@@ -309,6 +310,11 @@ impl LateQueue {
         let _ = self.tx.send((attempt_id, answer));
         self.arrived.notify_one();
     }
+    /// Puts an answer back to try at the next pass (the store did not answer): no wake-up, so
+    /// an unreachable store is not hammered.
+    fn requeue(&self, attempt_id: String, answer: Result<ProviderResponse, CallError>) {
+        let _ = self.tx.send((attempt_id, answer));
+    }
     fn drain(&self) -> Vec<Late> {
         let mut rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
@@ -332,6 +338,7 @@ pub struct Host {
     lease: LeaseSettings,
     lease_ok: Arc<std::sync::atomic::AtomicBool>,
     lease_keeper: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    owed: owed::OwedWrites,
 }
 
 impl Drop for Host {
@@ -552,6 +559,7 @@ impl Host {
             lease: LeaseSettings::default(),
             lease_ok: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             lease_keeper: std::sync::Mutex::new(None),
+            owed: owed::OwedWrites::default(),
         }
     }
 

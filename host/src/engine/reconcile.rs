@@ -137,6 +137,8 @@ impl Host {
     /// attempts that are due, a few at a time.
     pub async fn reconcile_due(&self) -> Result<ReconcileReport, EngineError> {
         let mut report = ReconcileReport::default();
+        // First what is owed to the store, then the answers waiting to be recorded.
+        self.owed.flush(&*self.store).await;
         for (attempt_id, answer) in self.late.drain() {
             if self.apply_late(&attempt_id, answer).await {
                 report.settled += 1;
@@ -205,10 +207,19 @@ impl Host {
             return false;
         }
         let applied = async {
-            let (_guard, attempt) = self.lock_attempt(attempt_id).await?;
+            let (_guard, attempt) = match self.lock_attempt(attempt_id).await {
+                Ok(locked) => locked,
+                Err(EngineError::Store(e)) if super::owed::is_transient(&e) => {
+                    // Not readable now: the answer waits for the next pass.
+                    self.late.requeue(attempt_id.to_owned(), answer);
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
+            };
             if !attempt.state.is_open() {
                 return Ok(false);
             }
+            // after_call keeps a known answer itself when the store fails to record it.
             match self.after_call(attempt, answer).await {
                 Err(EngineError::Store(e)) => Err(EngineError::Store(e)),
                 _ => Ok(true),

@@ -136,7 +136,9 @@ impl From<EngineError> for ApiError {
             }
             EngineError::Store(_) => {
                 tracing::error!(code, "storage error: {message}");
+                // The store is down or failing over: retry shortly, with the same key.
                 ApiError::new(S::SERVICE_UNAVAILABLE, "api_error", code, message)
+                    .retry_after(std::time::Duration::from_secs(1))
             }
         }
     }

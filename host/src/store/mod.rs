@@ -71,6 +71,8 @@ pub enum WriteOp {
         request_hash: String,
         /// When.
         at: Timestamp,
+        /// This claim's own id: a release names it, so it never removes another run's claim.
+        claim_id: String,
     },
     /// Stores the response of a claimed key.
     CompleteKey {
@@ -79,9 +81,14 @@ pub enum WriteOp {
         /// The response to replay.
         response: Value,
     },
-    /// Forgets a claimed key whose operation failed without effect; a key linked to an attempt
-    /// is kept.
-    ReleaseKey(String),
+    /// Forgets the claim `claim_id` of a key whose operation failed without effect; a key linked
+    /// to an attempt, completed, or claimed anew by another run is kept.
+    ReleaseKey {
+        /// The key.
+        key: String,
+        /// The claim to remove.
+        claim_id: String,
+    },
     /// Forgets a key linked to `attempt_id` (which failed and moved nothing), so a retry may run
     /// afresh. Compare-and-delete: a key no longer linked to that attempt (another retry claimed
     /// it anew) is left alone and the write fails with [`StoreError::KeyExists`].

@@ -260,6 +260,7 @@ CREATE TABLE hosts (
 ALTER TABLE attempts ADD COLUMN owner_host TEXT, ADD COLUMN owner_epoch BIGINT;
 ALTER TABLE idempotency_keys ADD COLUMN owner_host TEXT, ADD COLUMN owner_epoch BIGINT;
 ALTER TABLE attempts ADD COLUMN resends BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE idempotency_keys ADD COLUMN claim_id TEXT;
 CREATE FUNCTION payhost_now_ms() RETURNS BIGINT AS $$
     SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT
 $$ LANGUAGE sql VOLATILE;
@@ -270,12 +271,75 @@ $$ LANGUAGE sql VOLATILE;
     ),
 ];
 
+/// What `payhost check` says about the server a URL reaches: whether an acknowledged write
+/// survives losing it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Durability {
+    /// The server reached is the primary (not in recovery).
+    pub primary: bool,
+    /// Its `synchronous_commit`.
+    pub synchronous_commit: String,
+    /// Its `synchronous_standby_names`.
+    pub synchronous_standby_names: String,
+    /// Standbys replicating synchronously now.
+    pub synchronous_standbys: i64,
+}
+
+impl Durability {
+    /// What an operator must hear, if anything.
+    pub fn warning(&self) -> Option<String> {
+        if !self.primary {
+            return Some("the server reached is a standby, not the primary: writes will fail (add target_session_attrs=read-write and every node to the URL)".into());
+        }
+        if self.synchronous_standbys == 0 || self.synchronous_standby_names.trim().is_empty() {
+            return Some("no synchronous standby: an acknowledged payment is lost if this server's disk is lost (see README, Running highly available)".into());
+        }
+        if matches!(self.synchronous_commit.as_str(), "off" | "local") {
+            return Some(format!(
+                "synchronous_commit = {}: an acknowledged payment may not have reached the standby",
+                self.synchronous_commit
+            ));
+        }
+        None
+    }
+}
+
+/// Connects to `url` (no migrations, nothing written) and reads how durable a write there is.
+pub async fn durability(url: &str, timeout: Duration) -> Result<Durability, StoreError> {
+    let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
+        StoreError::Unavailable(format!("storage.url is not a PostgreSQL URL: {e}"))
+    })?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(timeout);
+    }
+    let (client, connection) = tokio::time::timeout(timeout, config.connect(NoTls))
+        .await
+        .map_err(|_| StoreError::Unavailable("PostgreSQL: connecting timed out".into()))?
+        .map_err(unavailable)?;
+    tokio::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT NOT pg_is_in_recovery(), current_setting('synchronous_commit'), current_setting('synchronous_standby_names'), (SELECT count(*) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum'))",
+            &[],
+        )
+        .await
+        .map_err(unavailable)?;
+    Ok(Durability {
+        primary: row.get(0),
+        synchronous_commit: row.get(1),
+        synchronous_standby_names: row.get(2),
+        synchronous_standbys: row.get(3),
+    })
+}
+
 /// The PostgreSQL store.
 pub struct PostgresStore {
     pool: Pool,
     /// This process's host id (fixed) and its current epoch (from the last registration).
     host_id: String,
     lease: std::sync::RwLock<Option<super::HostLease>>,
+    /// Longest wait for one statement's answer, on the client's side.
+    op_timeout: Duration,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -286,6 +350,19 @@ impl std::fmt::Debug for PostgresStore {
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
+}
+
+/// How a server that is no longer the primary refuses a write (SQLSTATE 25006).
+const READ_ONLY: &str = "read-only transaction";
+
+/// A failure to even start a transaction: the connection or the server.
+fn connection_error(e: tokio_postgres::Error) -> StoreError {
+    match e.as_db_error() {
+        Some(db) if *db.code() == SqlState::READ_ONLY_SQL_TRANSACTION => {
+            StoreError::Unavailable(format!("{READ_ONLY}: {}", db.message()))
+        }
+        _ => unavailable(e),
+    }
 }
 
 impl PostgresStore {
@@ -301,6 +378,14 @@ impl PostgresStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(settings.acquire_timeout);
         }
+        // A silent partition (no RST) must end a connection in seconds, not hang requests:
+        // keepalives probe an idle one, the user timeout bounds unacknowledged writes.
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(5))
+            .keepalives_interval(Duration::from_secs(1))
+            .keepalives_retries(3)
+            .tcp_user_timeout(settings.acquire_timeout.max(Duration::from_secs(2)));
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -319,16 +404,93 @@ impl PostgresStore {
             pool,
             host_id: format!("host_{}", uuid::Uuid::new_v4().simple()),
             lease: std::sync::RwLock::new(None),
+            op_timeout: settings.statement_timeout + Duration::from_secs(1),
         };
         store.migrate().await?;
         Ok(store)
     }
 
+    /// What one statement on `client` gave within `op_timeout`: a server that takes the bytes
+    /// and never answers (a hung or blackholed connection) ends in seconds, and its connection
+    /// is thrown away rather than handed to the next caller.
+    fn answered<T>(
+        &self,
+        client: deadpool_postgres::Object,
+        answered: Result<Result<T, tokio_postgres::Error>, tokio::time::error::Elapsed>,
+    ) -> Result<T, StoreError> {
+        let m = crate::metrics::global();
+        match answered {
+            Ok(Ok(v)) => {
+                m.store_ok();
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                if client.is_closed() {
+                    drop(deadpool_postgres::Object::take(client));
+                    m.store_failed("store.unavailable");
+                }
+                Err(unavailable(e))
+            }
+            Err(_) => {
+                drop(deadpool_postgres::Object::take(client));
+                m.store_failed("store.unavailable");
+                Err(StoreError::Unavailable(format!(
+                    "PostgreSQL did not answer within {} ms",
+                    self.op_timeout.as_millis()
+                )))
+            }
+        }
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let client = self.client().await?;
+        let answered = tokio::time::timeout(self.op_timeout, client.query(sql, params)).await;
+        self.answered(client, answered)
+    }
+
+    async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Option<Row>, StoreError> {
+        let client = self.client().await?;
+        let answered = tokio::time::timeout(self.op_timeout, client.query_opt(sql, params)).await;
+        self.answered(client, answered)
+    }
+
+    async fn query_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Row, StoreError> {
+        let client = self.client().await?;
+        let answered = tokio::time::timeout(self.op_timeout, client.query_one(sql, params)).await;
+        self.answered(client, answered)
+    }
+
+    async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let answered = tokio::time::timeout(self.op_timeout, client.execute(sql, params)).await;
+        self.answered(client, answered)
+    }
+
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("PostgreSQL: {e}")))
+        match self.pool.get().await {
+            Ok(client) => Ok(client),
+            Err(e) => {
+                let e = StoreError::Unavailable(format!("PostgreSQL: {e}"));
+                crate::metrics::global().store_failed(e.code());
+                Err(e)
+            }
+        }
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -395,6 +557,12 @@ fn classify(e: tokio_postgres::Error, what: &str) -> StoreError {
         }
         if db.code().code().starts_with("23") {
             return StoreError::Invariant(format!("{what}: {message}"));
+        }
+        if *db.code() == SqlState::READ_ONLY_SQL_TRANSACTION {
+            return StoreError::Unavailable(format!(
+                "{READ_ONLY}: the server is not the primary ({})",
+                db.message()
+            ));
         }
         if *db.code() == SqlState::T_R_SERIALIZATION_FAILURE
             || *db.code() == SqlState::T_R_DEADLOCK_DETECTED
@@ -542,13 +710,14 @@ async fn apply(
             operation,
             request_hash,
             at,
+            claim_id,
         } => {
             // A key claimed by a host whose lease lapsed, and linked to nothing (it moved no
             // money), is taken over at once.
             let n = tx
                 .execute(
-                    "INSERT INTO idempotency_keys AS k (key, operation, request_hash, response, created_at, owner_host, owner_epoch) VALUES ($1,$2,$3,NULL,$4,$5,$6) ON CONFLICT (key) DO UPDATE SET operation = EXCLUDED.operation, request_hash = EXCLUDED.request_hash, created_at = EXCLUDED.created_at, owner_host = EXCLUDED.owner_host, owner_epoch = EXCLUDED.owner_epoch WHERE k.response IS NULL AND k.attempt_id IS NULL AND NOT payhost_host_live(k.owner_host, k.owner_epoch)",
-                    &[key, operation, request_hash, at, &me_id, &me_epoch],
+                    "INSERT INTO idempotency_keys AS k (key, operation, request_hash, response, created_at, owner_host, owner_epoch, claim_id) VALUES ($1,$2,$3,NULL,$4,$5,$6,$7) ON CONFLICT (key) DO UPDATE SET operation = EXCLUDED.operation, request_hash = EXCLUDED.request_hash, created_at = EXCLUDED.created_at, owner_host = EXCLUDED.owner_host, owner_epoch = EXCLUDED.owner_epoch, claim_id = EXCLUDED.claim_id WHERE k.response IS NULL AND k.attempt_id IS NULL AND NOT payhost_host_live(k.owner_host, k.owner_epoch)",
+                    &[key, operation, request_hash, at, &me_id, &me_epoch, claim_id],
                 )
                 .await
                 .map_err(|e| classify(e, key))?;
@@ -564,10 +733,10 @@ async fn apply(
             .await
             .map_err(|e| classify(e, key))?;
         }
-        WriteOp::ReleaseKey(key) => {
+        WriteOp::ReleaseKey { key, claim_id } => {
             tx.execute(
-                "DELETE FROM idempotency_keys WHERE key = $1 AND response IS NULL AND attempt_id IS NULL AND (owner_host IS NULL OR $2::TEXT IS NULL OR (owner_host = $2 AND owner_epoch = $3))",
-                &[key, &me_id, &me_epoch],
+                "DELETE FROM idempotency_keys WHERE key = $1 AND response IS NULL AND attempt_id IS NULL AND claim_id IS NOT DISTINCT FROM $2",
+                &[key, claim_id],
             )
             .await
             .map_err(|e| classify(e, key))?;
@@ -774,14 +943,12 @@ const ATTEMPT_COLUMNS: &str = "id, session_id, payment_id, provider_id, operatio
 
 impl PostgresStore {
     async fn with_movements(&self, mut p: Payment) -> Result<Payment, StoreError> {
-        let client = self.client().await?;
-        p.captures = client
+        p.captures = self
             .query(
                 "SELECT id, amount, attempt_id, created_at FROM captures WHERE payment_id = $1 ORDER BY created_at, id",
                 &[&p.id.0],
             )
-            .await
-            .map_err(unavailable)?
+            .await?
             .iter()
             .map(|r| Capture {
                 id: CaptureId(r.get(0)),
@@ -790,13 +957,12 @@ impl PostgresStore {
                 created_at: r.get(3),
             })
             .collect();
-        p.refunds = client
+        p.refunds = self
             .query(
                 "SELECT id, amount, reason, attempt_id, created_at FROM refunds WHERE payment_id = $1 ORDER BY created_at, id",
                 &[&p.id.0],
             )
-            .await
-            .map_err(unavailable)?
+            .await?
             .iter()
             .map(|r| Refund {
                 id: RefundId(r.get(0)),
@@ -811,16 +977,13 @@ impl PostgresStore {
 
     async fn payments_where(&self, clause: &str, arg: &str) -> Result<Vec<Payment>, StoreError> {
         let rows = self
-            .client()
-            .await?
             .query(
                 &format!(
                     "SELECT {PAYMENT_COLUMNS} FROM payments WHERE {clause} ORDER BY created_at, id"
                 ),
                 &[&arg],
             )
-            .await
-            .map_err(unavailable)?;
+            .await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
             out.push(self.with_movements(payment_row(r)?).await?);
@@ -833,14 +996,11 @@ impl PostgresStore {
         clause: &str,
         arg: &str,
     ) -> Result<Vec<PaymentSession>, StoreError> {
-        self.client()
-            .await?
-            .query(
+        self.query(
                 &format!("SELECT {SESSION_COLUMNS} FROM payment_sessions WHERE {clause} ORDER BY created_at, id"),
                 &[&arg],
             )
-            .await
-            .map_err(unavailable)?
+            .await?
             .iter()
             .map(session_row)
             .collect()
@@ -854,12 +1014,10 @@ impl PostgresStore {
         let sql = format!(
             "SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE {clause} ORDER BY created_at, id"
         );
-        let client = self.client().await?;
         let rows = match arg {
-            Some(a) => client.query(&sql, &[&a]).await,
-            None => client.query(&sql, &[]).await,
-        }
-        .map_err(unavailable)?;
+            Some(a) => self.query(&sql, &[&a]).await?,
+            None => self.query(&sql, &[]).await?,
+        };
         rows.iter().map(attempt_row).collect()
     }
 }
@@ -869,11 +1027,43 @@ impl Store for PostgresStore {
     async fn write(&self, ops: Vec<WriteOp>) -> Result<(), StoreError> {
         let me = self.lease.read().unwrap_or_else(|e| e.into_inner()).clone();
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(unavailable)?;
-        for op in &ops {
-            apply(&tx, op, me.as_ref()).await?;
+        let timed = tokio::time::timeout(self.op_timeout, async {
+            let tx = client.transaction().await.map_err(connection_error)?;
+            for op in &ops {
+                apply(&tx, op, me.as_ref()).await?;
+            }
+            tx.commit().await.map_err(|e| classify(e, "commit"))
+        })
+        .await;
+        let result = match timed {
+            Ok(r) => r,
+            Err(_) => {
+                // Whether it committed is unknown: the callers' compensations and the
+                // database's guards make a retry safe either way.
+                crate::metrics::global().store_failed("store.unavailable");
+                drop(deadpool_postgres::Object::take(client));
+                return Err(StoreError::Unavailable(format!(
+                    "PostgreSQL did not answer the write within {} ms",
+                    self.op_timeout.as_millis()
+                )));
+            }
+        };
+        let m = crate::metrics::global();
+        match &result {
+            Ok(()) => m.store_ok(),
+            Err(StoreError::Unavailable(why)) => {
+                m.store_failed("store.unavailable");
+                // A server that is no longer writable (a demoted primary) or a broken
+                // connection: throw the connection away, so the pool reconnects through the
+                // URL's host list to the new primary.
+                if why.contains(READ_ONLY) || client.is_closed() {
+                    tracing::warn!("dropping a PostgreSQL connection: {why}");
+                    drop(deadpool_postgres::Object::take(client));
+                }
+            }
+            Err(_) => m.store_ok(),
         }
-        tx.commit().await.map_err(|e| classify(e, "commit"))
+        result
     }
 
     fn shared(&self) -> bool {
@@ -889,15 +1079,11 @@ impl Store for PostgresStore {
                 .trim(),
             env!("CARGO_PKG_VERSION")
         );
-        let row = self
-            .client()
-            .await?
-            .query_one(
+        let row = self.query_one(
                 "INSERT INTO hosts (id, epoch, started_at, lease_expires_at, info) VALUES ($1, nextval('host_epochs'), payhost_now_ms(), payhost_now_ms() + $2, $3) ON CONFLICT (id) DO UPDATE SET epoch = nextval('host_epochs'), lease_expires_at = payhost_now_ms() + $2 RETURNING epoch",
                 &[&self.host_id, &(lease.as_millis() as i64), &info],
             )
-            .await
-            .map_err(unavailable)?;
+            .await?;
         let registered = super::HostLease {
             host_id: self.host_id.clone(),
             epoch: row.get(0),
@@ -914,15 +1100,11 @@ impl Store for PostgresStore {
         let Some(me) = self.lease.read().unwrap_or_else(|e| e.into_inner()).clone() else {
             return Ok(false);
         };
-        let n = self
-            .client()
-            .await?
-            .execute(
+        let n = self.execute(
                 "UPDATE hosts SET lease_expires_at = payhost_now_ms() + $3 WHERE id = $1 AND epoch = $2 AND lease_expires_at > payhost_now_ms()",
                 &[&me.host_id, &me.epoch, &(lease.as_millis() as i64)],
             )
-            .await
-            .map_err(unavailable)?;
+            .await?;
         Ok(n == 1)
     }
 
@@ -930,27 +1112,20 @@ impl Store for PostgresStore {
         let Some(me) = self.lease.write().unwrap_or_else(|e| e.into_inner()).take() else {
             return Ok(());
         };
-        self.client()
-            .await?
-            .execute(
-                "UPDATE hosts SET lease_expires_at = payhost_now_ms() WHERE id = $1 AND epoch = $2",
-                &[&me.host_id, &me.epoch],
-            )
-            .await
-            .map_err(unavailable)?;
+        self.execute(
+            "UPDATE hosts SET lease_expires_at = payhost_now_ms() WHERE id = $1 AND epoch = $2",
+            &[&me.host_id, &me.epoch],
+        )
+        .await?;
         Ok(())
     }
 
     async fn hosts(&self) -> Result<Vec<super::HostRecord>, StoreError> {
-        let rows = self
-            .client()
-            .await?
-            .query(
+        let rows = self.query(
                 "SELECT h.id, h.epoch, h.started_at, h.lease_expires_at, h.lease_expires_at > payhost_now_ms(), h.info, (SELECT count(*) FROM attempts a WHERE a.owner_host = h.id AND a.state IN ('in_flight','unknown','needs_operator')) FROM hosts h ORDER BY h.started_at, h.id",
                 &[],
             )
-            .await
-            .map_err(unavailable)?;
+            .await?;
         Ok(rows
             .iter()
             .map(|r| super::HostRecord {
@@ -966,25 +1141,15 @@ impl Store for PostgresStore {
     }
 
     async fn now_ms(&self) -> Result<Timestamp, StoreError> {
-        Ok(self
-            .client()
-            .await?
-            .query_one("SELECT payhost_now_ms()", &[])
-            .await
-            .map_err(unavailable)?
-            .get(0))
+        Ok(self.query_one("SELECT payhost_now_ms()", &[]).await?.get(0))
     }
 
     async fn collection(&self, id: &CollectionId) -> Result<Option<PaymentCollection>, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
+        let row = self.query_opt(
                 "SELECT id, amount, currency_code, metadata, created_at, updated_at FROM payment_collections WHERE id = $1",
                 &[&id.0],
             )
-            .await
-            .map_err(unavailable)?;
+            .await?;
         row.map(|r| {
             Ok(PaymentCollection {
                 id: CollectionId(r.get(0)),
@@ -1048,15 +1213,11 @@ impl Store for PostgresStore {
         provider_id: &str,
         event_id: &str,
     ) -> Result<Option<WebhookEventRecord>, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
+        let row = self.query_opt(
                 "SELECT provider_id, event_id, body, session_id, action, received_at, applied_at FROM webhook_events WHERE provider_id = $1 AND event_id = $2",
                 &[&provider_id, &event_id],
             )
-            .await
-            .map_err(unavailable)?;
+            .await?;
         Ok(row.map(|r| WebhookEventRecord {
             provider_id: r.get(0),
             event_id: r.get(1),
@@ -1069,15 +1230,11 @@ impl Store for PostgresStore {
     }
 
     async fn key(&self, key: &str) -> Result<Option<StoredKey>, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
+        let row = self.query_opt(
                 "SELECT operation, request_hash, response, attempt_id FROM idempotency_keys WHERE key = $1",
                 &[&key],
             )
-            .await
-            .map_err(unavailable)?;
+            .await?;
         Ok(row.map(|r| StoredKey {
             operation: r.get(0),
             request_hash: r.get(1),

@@ -214,6 +214,13 @@ ALTER TABLE attempts ADD COLUMN requested_by TEXT;
 ALTER TABLE attempts ADD COLUMN resends INTEGER NOT NULL DEFAULT 0;
 "#,
     ),
+    (
+        7,
+        r#"
+-- Each claim of a key has its own id, so releasing one never removes another run's.
+ALTER TABLE idempotency_keys ADD COLUMN claim_id TEXT;
+"#,
+    ),
 ];
 
 /// How many waiting writes one commit takes at most.
@@ -589,10 +596,11 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
                 operation,
                 request_hash,
                 at,
+                claim_id,
             } => {
                 tx.execute(
-                    "INSERT INTO idempotency_keys (key, operation, request_hash, response, created_at) VALUES (?1,?2,?3,NULL,?4)",
-                    params![key, operation, request_hash, at],
+                    "INSERT INTO idempotency_keys (key, operation, request_hash, response, created_at, claim_id) VALUES (?1,?2,?3,NULL,?4,?5)",
+                    params![key, operation, request_hash, at, claim_id],
                 )
                 .map_err(|e| classify(e, key))?;
             }
@@ -603,10 +611,10 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
                 )
                 .map_err(|e| classify(e, key))?;
             }
-            WriteOp::ReleaseKey(key) => {
+            WriteOp::ReleaseKey { key, claim_id } => {
                 tx.execute(
-                    "DELETE FROM idempotency_keys WHERE key = ?1 AND response IS NULL AND attempt_id IS NULL",
-                    params![key],
+                    "DELETE FROM idempotency_keys WHERE key = ?1 AND response IS NULL AND attempt_id IS NULL AND claim_id IS ?2",
+                    params![key, claim_id],
                 )
                 .map_err(|e| classify(e, key))?;
             }
