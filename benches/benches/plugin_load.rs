@@ -27,6 +27,9 @@ fn settings(id: &str, path: std::path::PathBuf) -> ProviderSettings {
         max_concurrency: 8,
         resend_unknown: true,
         webhook_rate: payhost::config::DEFAULT_WEBHOOK_RATE,
+        isolation: payhost::config::Isolation::InProcess,
+        max_memory_mb: None,
+        kill_after: Duration::from_secs(2),
         options: serde_json::json!({}),
     }
 }

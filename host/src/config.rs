@@ -325,11 +325,28 @@ pub struct ProviderSettings {
     /// idempotency key, even when the provider says its processor replays keys (for a test
     /// double that ignores them); it only asks `retrieve`.
     pub resend_unknown: bool,
+    /// Where the provider's code runs.
+    pub isolation: Isolation,
+    /// `isolation = "process"`: the worker's address-space limit, in MiB (kernel-enforced).
+    pub max_memory_mb: Option<u64>,
+    /// `isolation = "process"`: a call this far past its deadline kills its worker.
+    pub kill_after: Duration,
     /// How fast `/hooks/<id>` takes webhooks (default 100/s, bursts of 200), so a flood of
     /// forged ones cannot starve the API.
     pub webhook_rate: crate::auth::RateLimit,
     /// `[providers.<id>.options]` as JSON, handed to the provider. May hold secrets: never log it.
     pub options: serde_json::Value,
+}
+
+/// Where a provider's code runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// In the host's process: the fastest, for first-party providers.
+    #[default]
+    InProcess,
+    /// In a supervised worker process: a crash costs only its own calls.
+    Process,
 }
 
 /// The default webhook intake rate of a provider.
@@ -383,6 +400,10 @@ struct RawProvider {
     resend_unknown: bool,
     webhook_rate_per_second: Option<Spanned<f64>>,
     webhook_burst: Option<Spanned<f64>>,
+    #[serde(default)]
+    isolation: Isolation,
+    max_memory_mb: Option<Spanned<u64>>,
+    kill_after_ms: Option<Spanned<u64>>,
     #[serde(default)]
     options: toml::Table,
 }
@@ -663,6 +684,40 @@ impl Config {
                     *slot = *v.get_ref();
                 }
             }
+            if p.isolation == Isolation::InProcess {
+                for (name, given) in [
+                    ("max_memory_mb", p.max_memory_mb.as_ref().map(|v| v.span())),
+                    ("kill_after_ms", p.kill_after_ms.as_ref().map(|v| v.span())),
+                ] {
+                    if let Some(span) = given {
+                        return Err(invalid(
+                            Some(span),
+                            key(name),
+                            format!("`{name}` applies to `isolation = \"process\"` only"),
+                        ));
+                    }
+                }
+            }
+            if let Some(mb) = &p.max_memory_mb
+                && !(16..=1_048_576).contains(mb.get_ref())
+            {
+                return Err(invalid(
+                    Some(mb.span()),
+                    key("max_memory_mb"),
+                    "`max_memory_mb` must be between 16 and 1048576".into(),
+                ));
+            }
+            let kill_after_ms = match &p.kill_after_ms {
+                None => 2_000,
+                Some(k) if (1..=600_000).contains(k.get_ref()) => *k.get_ref(),
+                Some(k) => {
+                    return Err(invalid(
+                        Some(k.span()),
+                        key("kill_after_ms"),
+                        "`kill_after_ms` must be between 1 and 600000".into(),
+                    ));
+                }
+            };
             providers.push(ProviderSettings {
                 id,
                 library,
@@ -671,6 +726,9 @@ impl Config {
                 timeout: Duration::from_millis(timeout_ms),
                 max_concurrency,
                 resend_unknown: p.resend_unknown,
+                isolation: p.isolation,
+                max_memory_mb: p.max_memory_mb.map(|m| m.into_inner()),
+                kill_after: Duration::from_millis(kill_after_ms),
                 webhook_rate,
                 options: toml_to_json(toml::Value::Table(p.options)),
             });

@@ -51,6 +51,17 @@ enum Command {
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
     },
+    /// Serve one provider library for a host, over the socket it gives (started by the host for
+    /// `isolation = "process"`; not for people).
+    #[command(hide = true)]
+    Worker {
+        /// The host's socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// The address-space limit, in MiB.
+        #[arg(long)]
+        max_memory_mb: Option<u64>,
+    },
     /// List the hosts sharing the store: live and expired, with the open attempts each owns.
     Hosts {
         /// The config file.
@@ -136,6 +147,10 @@ fn main() -> ExitCode {
         } => inspect(&library, plugin_dir, json),
         Command::Serve { config, listen } => serve(&config, listen),
         Command::Hosts { config, json } => hosts(&config, json),
+        Command::Worker {
+            socket,
+            max_memory_mb,
+        } => payhost::worker::run(&socket, max_memory_mb),
         Command::Keys {
             action:
                 KeysAction::New {
@@ -472,6 +487,7 @@ fn print_check(config: &Config, report: &LoadReport, disabled: &[&str]) {
             p.timeout().as_millis(),
             p.max_concurrency()
         );
+        println!("      isolation     {}", p.isolation().0);
         println!("      library       {}", p.library().path.display());
         println!("      sha256        {}", p.library().sha256);
     }
@@ -506,6 +522,7 @@ fn check_json(config: &Config, report: &LoadReport, disabled: &[&str]) -> serde_
                 "sha256": p.library().sha256,
                 "timeout_ms": p.timeout().as_millis() as u64,
                 "max_concurrency": p.max_concurrency(),
+                "isolation": p.isolation().0,
             })
         })
         .collect();
@@ -729,6 +746,7 @@ fn serve(path: &Path, listen: Option<std::net::SocketAddr>) -> ExitCode {
         let _ = runtime.block_on(admin);
     }
     reconciler.abort();
+    let stop_workers = host.clone();
     tracing::info!(
         "shutting down: waiting up to {} ms for provider calls in progress",
         grace.as_millis()
@@ -744,6 +762,9 @@ fn serve(path: &Path, listen: Option<std::net::SocketAddr>) -> ExitCode {
         }
         host.release_lease().await;
     });
+    for p in stop_workers.providers().iter() {
+        p.stop();
+    }
     runtime.shutdown_timeout(grace);
     ExitCode::SUCCESS
 }

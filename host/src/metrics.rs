@@ -46,6 +46,12 @@ pub struct Metrics {
     store_down_since: std::sync::Mutex<Option<std::time::Instant>>,
     /// `payhost_owed_writes`: writes the host owes the store, waiting for it to answer.
     pub owed_writes: prometheus::IntGauge,
+    /// `payhost_worker_restarts_total{provider}`: isolated providers' workers that died.
+    pub worker_restarts: IntCounterVec,
+    /// `payhost_worker_kills_total{provider}`: workers killed for a call past its deadline.
+    pub worker_kills: IntCounterVec,
+    /// `payhost_provider_healthy{provider}`: 0 while an isolated provider's worker crash-loops.
+    pub provider_healthy: IntGaugeVec,
 }
 
 const BUCKETS: &[f64] = &[
@@ -163,8 +169,35 @@ impl Metrics {
             "Writes waiting for the store to answer (released claims, known outcomes, completed keys)",
         )
         .expect("valid metric");
+        let worker_restarts = IntCounterVec::new(
+            Opts::new(
+                "payhost_worker_restarts_total",
+                "Worker processes of isolated providers that died and were restarted",
+            ),
+            &["provider"],
+        )
+        .expect("valid metric");
+        let worker_kills = IntCounterVec::new(
+            Opts::new(
+                "payhost_worker_kills_total",
+                "Workers killed because a call overran its deadline by the kill margin",
+            ),
+            &["provider"],
+        )
+        .expect("valid metric");
+        let provider_healthy = IntGaugeVec::new(
+            Opts::new(
+                "payhost_provider_healthy",
+                "1 while a provider serves, 0 while its worker crash-loops",
+            ),
+            &["provider"],
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(store_errors.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(worker_restarts.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(worker_kills.clone()),
+            Box::new(provider_healthy.clone()),
+            Box::new(store_errors.clone()),
             Box::new(store_up.clone()),
             Box::new(store_outage_seconds.clone()),
             Box::new(owed_writes.clone()),
@@ -202,6 +235,9 @@ impl Metrics {
             store_outage_seconds,
             store_down_since: std::sync::Mutex::new(None),
             owed_writes,
+            worker_restarts,
+            worker_kills,
+            provider_healthy,
         }
     }
 

@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use payhost_provider_api::envelope::{
-    HostObject_TO, OpenError, PluginModuleRef, RResult, RStr, TD_Opaque, open_plugin,
+    HostBox, HostObject_TO, OpenError, PluginModuleRef, ProviderBox, RResult, RStr, TD_Opaque,
+    open_plugin,
 };
 use payhost_provider_api::{
     ErrorKind, InstanceConfig, Manifest, ProviderError, SUPPORTED_PROTOCOLS,
@@ -149,6 +150,14 @@ pub enum LoadError {
         /// The provider's error.
         error: ProviderError,
     },
+    /// The provider's worker process could not be started or said why it did not load.
+    #[error("provider `{id}` could not start in its worker process: {message}")]
+    WorkerFailed {
+        /// The provider id.
+        id: String,
+        /// What went wrong.
+        message: String,
+    },
     /// The provider failed to start for another reason (or panicked doing so).
     #[error("provider `{id}` failed to start: {error}")]
     InitFailed {
@@ -175,6 +184,7 @@ impl LoadError {
             LoadError::BadManifest { .. } => "plugin.bad_manifest",
             LoadError::OptionsRejected { .. } => "plugin.options_rejected",
             LoadError::InitFailed { .. } => "plugin.init_failed",
+            LoadError::WorkerFailed { .. } => "plugin.worker_failed",
         }
     }
 }
@@ -386,79 +396,125 @@ impl Loader {
         config: Option<&Config>,
     ) -> Result<Provider, LoadError> {
         let path = self.resolve(&settings.library)?;
-        let library = open(&path, settings.sha256.as_deref(), self.after_check.as_ref())?;
-        let (manifest, protocol) = read_manifest(&path, &library.module)?;
-        let protocol = protocol.ok_or_else(|| incompatible_protocol(&path, &manifest))?;
-        let instance = InstanceConfig {
-            instance_id: settings.id.clone(),
-            protocol,
-            options: settings.options.clone(),
-            config_dir: config
-                .map(|c| c.dir.display().to_string())
-                .unwrap_or_default(),
-            log_level: tracing::level_filters::LevelFilter::current()
-                .to_string()
-                .to_ascii_lowercase(),
+        let config_dir = config
+            .map(|c| c.dir.display().to_string())
+            .unwrap_or_default();
+        let host_side = HostSide {
+            provider_id: settings.id.clone(),
+            clock: self.clock.clone(),
         };
-        let host = HostObject_TO::from_value(
-            HostSide {
-                provider_id: settings.id.clone(),
-                clock: self.clock.clone(),
-            },
-            TD_Opaque,
-        );
-        let instance_json =
-            serde_json::to_string(&instance).map_err(|e| LoadError::InitFailed {
-                id: settings.id.clone(),
-                error: ProviderError::internal(e.to_string()),
-            })?;
-        let object = match (library.module.new_provider())(RStr::from_str(&instance_json), host) {
-            RResult::ROk(object) => object,
-            RResult::RErr(e) => {
-                let mut error = read_error(&e);
-                if let Some(c) = config {
-                    error.message = c.redact(&error.message);
+        let (opened, backend) = match settings.isolation {
+            crate::config::Isolation::InProcess => {
+                let host = HostObject_TO::from_value(host_side, TD_Opaque);
+                let opened = open_and_instantiate_checked(
+                    &path,
+                    settings.sha256.as_deref(),
+                    self.after_check.as_ref(),
+                    &settings.id,
+                    settings.options.clone(),
+                    config_dir,
+                    current_log_level(),
+                    host,
+                )
+                .map_err(|f| self.failure(settings, config, f))?;
+                let object = std::sync::Arc::new(opened.object);
+                (
+                    (opened.manifest, opened.protocol, opened.sha256),
+                    crate::provider::Backend::InProcess(object),
+                )
+            }
+            crate::config::Isolation::Process => {
+                let worker_settings = crate::worker::WorkerSettings {
+                    provider_id: settings.id.clone(),
+                    library: path.clone(),
+                    sha256: settings.sha256.clone(),
+                    options: settings.options.clone(),
+                    config_dir,
+                    max_memory_mb: settings.max_memory_mb,
+                    kill_after: settings.kill_after,
+                };
+                let (worker, started) =
+                    crate::worker::Worker::start(worker_settings, Arc::new(host_side)).map_err(
+                        |message| LoadError::WorkerFailed {
+                            id: settings.id.clone(),
+                            message,
+                        },
+                    )?;
+                match started {
+                    crate::worker::Started::Ready {
+                        manifest,
+                        protocol,
+                        sha256,
+                        ..
+                    } => (
+                        (manifest, protocol, sha256),
+                        crate::provider::Backend::Worker(worker),
+                    ),
+                    crate::worker::Started::Failed {
+                        refused: Some(error),
+                        ..
+                    } => return Err(self.failure(settings, config, OpenFailure::Refused(error))),
+                    crate::worker::Started::Failed { code, message, .. } => {
+                        return Err(LoadError::WorkerFailed {
+                            id: settings.id.clone(),
+                            message: format!("[{code}] {message}"),
+                        });
+                    }
                 }
-                return Err(if error.kind == ErrorKind::InvalidOptions {
-                    let location = config.and_then(|c| {
-                        let base = format!("providers.{}", settings.id);
-                        let key = error
-                            .param
-                            .as_deref()
-                            .map(|p| format!("{base}.{p}"))
-                            .unwrap_or_else(|| format!("{base}.options"));
-                        c.locate(&key)
-                            .or_else(|| c.locate(&format!("{base}.options")))
-                            .or_else(|| c.locate(&base))
-                    });
-                    LoadError::OptionsRejected {
-                        id: settings.id.clone(),
-                        location,
-                        error,
-                    }
-                } else {
-                    LoadError::InitFailed {
-                        id: settings.id.clone(),
-                        error,
-                    }
-                });
             }
         };
+        let (manifest, protocol, sha256) = opened;
         Ok(Provider::new(ProviderParts {
             id: settings.id.clone(),
             manifest,
             protocol,
-            library: LibraryInfo {
-                path,
-                sha256: library.sha256.clone(),
-            },
-            object,
+            library: LibraryInfo { path, sha256 },
+            backend,
             max_concurrency: settings.max_concurrency,
             timeout: settings.timeout,
             resend_unknown: settings.resend_unknown,
             webhook_rate: settings.webhook_rate,
             clock: self.clock.clone(),
         }))
+    }
+
+    /// A provider's refusal as a load error, pointing at the option's line when it can.
+    fn failure(
+        &self,
+        settings: &ProviderSettings,
+        config: Option<&Config>,
+        failure: OpenFailure,
+    ) -> LoadError {
+        let mut error = match failure {
+            OpenFailure::Load(e) => return e,
+            OpenFailure::Refused(e) => e,
+        };
+        if let Some(c) = config {
+            error.message = c.redact(&error.message);
+        }
+        if error.kind == ErrorKind::InvalidOptions {
+            let location = config.and_then(|c| {
+                let base = format!("providers.{}", settings.id);
+                let key = error
+                    .param
+                    .as_deref()
+                    .map(|p| format!("{base}.{p}"))
+                    .unwrap_or_else(|| format!("{base}.options"));
+                c.locate(&key)
+                    .or_else(|| c.locate(&format!("{base}.options")))
+                    .or_else(|| c.locate(&base))
+            });
+            LoadError::OptionsRejected {
+                id: settings.id.clone(),
+                location,
+                error,
+            }
+        } else {
+            LoadError::InitFailed {
+                id: settings.id.clone(),
+                error,
+            }
+        }
     }
 
     /// Opens one library and reads its manifest, without a config or an instance.
@@ -504,6 +560,87 @@ fn default_plugin_dir() -> PathBuf {
         .ok()
         .and_then(|exe| exe.parent().map(Path::to_owned))
         .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn current_log_level() -> String {
+    tracing::level_filters::LevelFilter::current()
+        .to_string()
+        .to_ascii_lowercase()
+}
+
+/// A library opened and its provider instantiated.
+pub(crate) struct Opened {
+    pub(crate) manifest: Manifest,
+    pub(crate) protocol: u32,
+    pub(crate) sha256: String,
+    pub(crate) object: ProviderBox,
+}
+
+/// Why [`open_and_instantiate`] gave no provider.
+pub(crate) enum OpenFailure {
+    /// The file or its manifest was refused.
+    Load(LoadError),
+    /// The provider refused its options or failed to start.
+    Refused(ProviderError),
+}
+
+/// Opens a library (checks, pin, layout, manifest, protocol) and instantiates its provider with
+/// `host` as its host services: in the host process, or in a worker (`payhost worker`).
+pub(crate) fn open_and_instantiate(
+    path: &Path,
+    pin: Option<&str>,
+    instance_id: &str,
+    options: serde_json::Value,
+    config_dir: String,
+    log_level: String,
+    host: HostBox,
+) -> Result<Opened, OpenFailure> {
+    open_and_instantiate_checked(
+        path,
+        pin,
+        None,
+        instance_id,
+        options,
+        config_dir,
+        log_level,
+        host,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn open_and_instantiate_checked(
+    path: &Path,
+    pin: Option<&str>,
+    after_check: Option<&AfterCheck>,
+    instance_id: &str,
+    options: serde_json::Value,
+    config_dir: String,
+    log_level: String,
+    host: HostBox,
+) -> Result<Opened, OpenFailure> {
+    let library = open(path, pin, after_check).map_err(OpenFailure::Load)?;
+    let (manifest, protocol) = read_manifest(path, &library.module).map_err(OpenFailure::Load)?;
+    let protocol = protocol
+        .ok_or_else(|| incompatible_protocol(path, &manifest))
+        .map_err(OpenFailure::Load)?;
+    let instance = InstanceConfig {
+        instance_id: instance_id.to_owned(),
+        protocol,
+        options,
+        config_dir,
+        log_level,
+    };
+    let instance_json = serde_json::to_string(&instance)
+        .map_err(|e| OpenFailure::Refused(ProviderError::internal(e.to_string())))?;
+    match (library.module.new_provider())(RStr::from_str(&instance_json), host) {
+        RResult::ROk(object) => Ok(Opened {
+            manifest,
+            protocol,
+            sha256: library.sha256.clone(),
+            object,
+        }),
+        RResult::RErr(e) => Err(OpenFailure::Refused(read_error(&e))),
+    }
 }
 
 /// The descriptors libraries were loaded through; never closed (see [`open`]).

@@ -116,7 +116,7 @@ pub struct Provider {
     manifest: Manifest,
     protocol: u32,
     library: LibraryInfo,
-    object: Arc<ProviderBox>,
+    backend: Backend,
     permits: Arc<Semaphore>,
     max_concurrency: usize,
     timeout: Duration,
@@ -143,7 +143,7 @@ pub(crate) struct ProviderParts {
     pub(crate) manifest: Manifest,
     pub(crate) protocol: u32,
     pub(crate) library: LibraryInfo,
-    pub(crate) object: ProviderBox,
+    pub(crate) backend: Backend,
     pub(crate) max_concurrency: usize,
     pub(crate) timeout: Duration,
     pub(crate) resend_unknown: bool,
@@ -158,7 +158,7 @@ impl Provider {
             manifest: parts.manifest,
             protocol: parts.protocol,
             library: parts.library,
-            object: Arc::new(parts.object),
+            backend: parts.backend,
             permits: Arc::new(Semaphore::new(parts.max_concurrency)),
             max_concurrency: parts.max_concurrency,
             timeout: parts.timeout,
@@ -261,9 +261,9 @@ impl Provider {
                 }
                 Ok(Ok(permit)) => permit,
             };
-        let object = self.object.clone();
+        let backend = self.backend.clone();
         let mut task = tokio::task::spawn_blocking(move || {
-            let answer = object.call(RStr::from_str(op.as_str()), RStr::from_str(&json));
+            let answer = backend.call(op.as_str(), &json, deadline);
             drop(permit);
             answer
         });
@@ -291,17 +291,11 @@ impl Provider {
         let json = serde_json::to_string(request).map_err(|e| CallError::NotAttempted {
             reason: e.to_string(),
         })?;
-        match self
-            .object
-            .call(RStr::from_str(R::OPERATION.as_str()), RStr::from_str(&json))
-        {
-            RResult::ROk(answer) => {
-                serde_json::from_str(answer.as_str()).map_err(|e| CallError::Unknown {
-                    reason: e.to_string(),
-                })
-            }
-            RResult::RErr(error) => Err(CallError::Provider(read_error(&error))),
-        }
+        let deadline = Instant::now() + self.timeout;
+        read_answer::<R>(
+            R::OPERATION,
+            Ok(self.backend.call(R::OPERATION.as_str(), &json, deadline)),
+        )
     }
 
     /// Calls a provider-specific `x.<name>` operation (diagnostics, test helpers).
@@ -310,12 +304,11 @@ impl Provider {
         name: &str,
         payload: serde_json::Value,
     ) -> Result<serde_json::Value, CallError> {
-        let object = self.object.clone();
+        let backend = self.backend.clone();
         let op = format!("x.{name}");
         let json = payload.to_string();
-        let task = tokio::task::spawn_blocking(move || {
-            object.call(RStr::from_str(&op), RStr::from_str(&json))
-        });
+        let deadline = Instant::now() + self.timeout;
+        let task = tokio::task::spawn_blocking(move || backend.call(&op, &json, deadline));
         match tokio::time::timeout(self.timeout, task).await {
             Err(_) => Err(CallError::Unknown {
                 reason: format!("no answer within {} ms", self.timeout.as_millis()),
@@ -323,12 +316,39 @@ impl Provider {
             Ok(Err(join)) => Err(CallError::Unknown {
                 reason: join.to_string(),
             }),
-            Ok(Ok(RResult::ROk(answer))) => {
-                serde_json::from_str(answer.as_str()).map_err(|e| CallError::Unknown {
-                    reason: e.to_string(),
-                })
-            }
-            Ok(Ok(RResult::RErr(error))) => Err(CallError::Provider(read_error(&error))),
+            Ok(Ok(raw)) => decode(raw, "x"),
+        }
+    }
+
+    /// How the provider's code is run, and how it is doing.
+    pub fn isolation(&self) -> (&'static str, Option<crate::worker::WorkerHealth>) {
+        match &self.backend {
+            Backend::InProcess(_) => ("in_process", None),
+            Backend::Worker(w) => ("process", Some(w.health())),
+        }
+    }
+
+    /// Whether it can serve: always in-process; an isolated one while its worker is not
+    /// crash-looping.
+    pub fn healthy(&self) -> bool {
+        !matches!(
+            self.isolation().1,
+            Some(crate::worker::WorkerHealth::Unhealthy)
+        )
+    }
+
+    /// How many times its worker was restarted (0 in-process).
+    pub fn worker_restarts(&self) -> u64 {
+        match &self.backend {
+            Backend::InProcess(_) => 0,
+            Backend::Worker(w) => w.restarts(),
+        }
+    }
+
+    /// Stops its worker, if it has one (the host is shutting down).
+    pub fn stop(&self) {
+        if let Backend::Worker(w) = &self.backend {
+            w.stop();
         }
     }
 
@@ -365,7 +385,7 @@ impl Provider {
 
 /// The answer of a call that overran its deadline, once its thread returns.
 pub struct LateAnswer<R: Request> {
-    task: tokio::task::JoinHandle<RResult<RString, RString>>,
+    task: tokio::task::JoinHandle<Raw>,
     provider: String,
     started: Instant,
     _request: std::marker::PhantomData<fn() -> R>,
@@ -397,28 +417,61 @@ impl<R: Request> LateAnswer<R> {
 
 fn read_answer<R: Request>(
     op: Operation,
-    joined: Result<RResult<RString, RString>, tokio::task::JoinError>,
+    joined: Result<Raw, tokio::task::JoinError>,
 ) -> Result<R::Response, CallError> {
     match joined {
         Err(join) => Err(CallError::Unknown {
             reason: format!("the call's thread failed: {join}"),
         }),
-        Ok(RResult::ROk(answer)) => {
-            serde_json::from_str(answer.as_str()).map_err(|e| CallError::Unknown {
-                reason: format!("the {op} answer could not be read: {e}"),
-            })
-        }
-        Ok(RResult::RErr(error)) => Err(CallError::Provider(read_error(&error))),
+        Ok(raw) => decode(raw, op.as_str()),
     }
 }
 
+fn decode<T: serde::de::DeserializeOwned>(raw: Raw, op: &str) -> Result<T, CallError> {
+    match raw {
+        Raw::Ok(answer) => serde_json::from_str(&answer).map_err(|e| CallError::Unknown {
+            reason: format!("the {op} answer could not be read: {e}"),
+        }),
+        Raw::Err(error) => Err(CallError::Provider(read_error_str(&error))),
+        Raw::NotSent(reason) => Err(CallError::NotAttempted { reason }),
+        Raw::Lost(reason) => Err(CallError::Unknown { reason }),
+    }
+}
+
+/// Where a provider's code runs.
+#[derive(Clone)]
+pub(crate) enum Backend {
+    /// Loaded into this process.
+    InProcess(Arc<ProviderBox>),
+    /// In a supervised worker process.
+    Worker(Arc<crate::worker::Worker>),
+}
+
+impl Backend {
+    /// One call through the envelope (blocking).
+    fn call(&self, op: &str, json: &str, deadline: Instant) -> Raw {
+        match self {
+            Backend::InProcess(object) => {
+                match object.call(RStr::from_str(op), RStr::from_str(json)) {
+                    RResult::ROk(answer) => Raw::Ok(answer.into_string()),
+                    RResult::RErr(error) => Raw::Err(error.into_string()),
+                }
+            }
+            Backend::Worker(worker) => worker.call(op, json, deadline),
+        }
+    }
+}
+
+use crate::worker::Raw;
+
 /// Reads a provider's error JSON; an unreadable one is an internal error quoting it.
 pub(crate) fn read_error(json: &RString) -> ProviderError {
-    serde_json::from_str(json.as_str()).unwrap_or_else(|_| {
-        ProviderError::internal(format!(
-            "the provider returned an unreadable error: {}",
-            json.as_str()
-        ))
+    read_error_str(json.as_str())
+}
+
+fn read_error_str(json: &str) -> ProviderError {
+    serde_json::from_str(json).unwrap_or_else(|_| {
+        ProviderError::internal(format!("the provider returned an unreadable error: {json}"))
     })
 }
 
@@ -468,7 +521,7 @@ impl HostObject for HostSide {
 }
 
 impl HostSide {
-    fn serve(&self, op: &str, request: &str) -> Result<String, String> {
+    pub(crate) fn serve(&self, op: &str, request: &str) -> Result<String, String> {
         match op {
             host_ops::CLOCK_NOW => Ok(format!("{{\"unix_ms\":{}}}", self.clock.now_unix_ms())),
             host_ops::HTTP => {

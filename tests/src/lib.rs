@@ -57,6 +57,8 @@ pub fn ensure_built() {
                 "-p",
                 "payhost-fixture-future-protocol",
                 "-p",
+                "payhost-fixture-faulty",
+                "-p",
                 "payhost-e2e",
                 "-p",
                 "payhost-example-embed",

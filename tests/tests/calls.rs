@@ -239,6 +239,9 @@ fn a_library_replaced_on_disk_after_loading_is_refused_until_restart() {
         max_concurrency: 1,
         resend_unknown: true,
         webhook_rate: payhost::config::DEFAULT_WEBHOOK_RATE,
+        isolation: payhost::config::Isolation::InProcess,
+        max_memory_mb: None,
+        kill_after: Duration::from_secs(2),
         options: json!({}),
     };
     let loader = payhost::Loader::with_plugin_dir(s.dir.path());
@@ -275,6 +278,9 @@ fn a_library_swapped_between_its_pin_check_and_its_load_is_not_the_one_loaded() 
         max_concurrency: 1,
         resend_unknown: true,
         webhook_rate: payhost::config::DEFAULT_WEBHOOK_RATE,
+        isolation: payhost::config::Isolation::InProcess,
+        max_memory_mb: None,
+        kill_after: Duration::from_secs(2),
         options: json!({}),
     };
     // Right after the pin matched, another file takes the library's place.

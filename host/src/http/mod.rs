@@ -630,8 +630,11 @@ async fn resolve_attempt(
 struct ProviderInfo {
     /// The operator's id.
     id: String,
-    /// `loaded` or `failed`.
+    /// `loaded`, `restarting` (its worker died), `unhealthy` (its worker crash-loops) or
+    /// `failed` (it did not load).
     health: String,
+    /// `in_process` or `process`.
+    isolation: Option<String>,
     /// The plugin's manifest, when loaded.
     #[schema(value_type = Object)]
     manifest: Option<serde_json::Value>,
@@ -664,7 +667,13 @@ async fn list_providers(State(s): State<AppState>) -> Json<ProviderList> {
         .iter()
         .map(|p| ProviderInfo {
             id: p.id().to_owned(),
-            health: "loaded".into(),
+            health: match p.isolation().1 {
+                None | Some(crate::worker::WorkerHealth::Up) => "loaded",
+                Some(crate::worker::WorkerHealth::Restarting) => "restarting",
+                Some(crate::worker::WorkerHealth::Unhealthy) => "unhealthy",
+            }
+            .into(),
+            isolation: Some(p.isolation().0.into()),
             manifest: serde_json::to_value(p.manifest()).ok(),
             protocol: Some(p.protocol()),
             library: Some(p.library().path.display().to_string()),
@@ -676,6 +685,7 @@ async fn list_providers(State(s): State<AppState>) -> Json<ProviderList> {
     providers.extend(s.failed_providers.iter().map(|(id, e)| ProviderInfo {
         id: id.clone(),
         health: "failed".into(),
+        isolation: None,
         manifest: None,
         protocol: None,
         library: None,
@@ -778,6 +788,8 @@ struct Readiness {
     recovered: bool,
     /// This host holds a current lease on the shared store (always true on SQLite).
     lease: bool,
+    /// Isolated providers whose worker crash-loops.
+    providers_unhealthy: Vec<String>,
 }
 
 /// The store is reachable, every enabled provider loaded, and start-up reconciliation is done
@@ -788,8 +800,16 @@ async fn ready(State(s): State<AppState>) -> Response {
     let store = s.host.store().key("payhost-readiness-probe").await.is_ok();
     let recovered = s.host.recovered();
     let lease = s.host.lease_ok();
+    let unhealthy: Vec<String> = s
+        .host
+        .providers()
+        .iter()
+        .filter(|p| !p.healthy())
+        .map(|p| p.id().to_owned())
+        .collect();
     let r = Readiness {
-        ready: store && s.failed_providers.is_empty() && recovered && lease,
+        ready: store && s.failed_providers.is_empty() && recovered && lease && unhealthy.is_empty(),
+        providers_unhealthy: unhealthy,
         store,
         recovered,
         lease,
@@ -821,6 +841,11 @@ async fn metrics(State(s): State<AppState>) -> Response {
         m.hosts
             .with_label_values(&["expired"])
             .set(hosts.len() as i64 - live);
+    }
+    for p in s.host.providers().iter() {
+        m.provider_healthy
+            .with_label_values(&[p.id()])
+            .set(i64::from(p.healthy()));
     }
     if let Ok(open) = s.host.open_attempts().await {
         for state in [

@@ -1,0 +1,808 @@
+//! Providers in supervised worker processes (`isolation = "process"`): a vendor's segfault,
+//! `abort()`, `exit()`, stack overflow, runaway allocation or hung call costs only its own calls.
+//!
+//! The host starts `payhost worker --socket <path>` (the same binary), which loads the same
+//! library and serves the same `call(op, json)` envelope over a Unix socket in a private folder.
+//! Frames are a 4-byte big-endian length and a JSON object ([`Frame`]); the payloads are the
+//! provider protocol's own versioned JSON, untouched, so a provider cannot tell the difference
+//! and no vendor recompiles. Host services (log, clock, `http.request`) travel back over the
+//! same socket.
+//!
+//! Invariants:
+//! - A call in flight when its worker dies is *unknown* (the reconciler asks `retrieve` once the
+//!   worker is back); a call made while the worker is down is *not attempted*.
+//! - A call that overruns its deadline by `kill_after` kills its worker, so a hung call never holds
+//!   its slot for ever. Every other call in flight there becomes unknown too.
+//! - A worker that died is restarted with a backoff (100 ms doubling to 5 s); one that died five
+//!   times within a minute is reported unhealthy (`/ready`, `/v1/providers`, metrics) while the
+//!   other providers go on.
+//! - The worker runs with a cleared environment (the options it needs were resolved by the host),
+//!   `no_new_privs`, an address-space limit of `max_memory_mb` (enforced by the kernel), stdout
+//!   discarded and stderr forwarded to the host's log (capped).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use payhost_provider_api::envelope::{
+    HostObject, HostObject_TO, ProviderBox, RResult, RStr, RString, TD_Opaque,
+};
+use payhost_provider_api::{Manifest, ProviderError};
+use serde::{Deserialize, Serialize};
+
+use crate::provider::HostSide;
+
+/// One message on the socket.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Frame {
+    /// Host → worker, first: what to load.
+    Init {
+        library: PathBuf,
+        sha256: Option<String>,
+        instance_id: String,
+        options: serde_json::Value,
+        config_dir: String,
+        log_level: String,
+    },
+    /// Worker → host: loaded.
+    Ready {
+        manifest: Box<Manifest>,
+        protocol: u32,
+        sha256: String,
+        path: PathBuf,
+    },
+    /// Worker → host: could not load (`refused`: the provider refused its options).
+    LoadFailed {
+        code: String,
+        message: String,
+        refused: Option<ProviderError>,
+    },
+    /// Host → worker: a provider call.
+    Call {
+        id: u64,
+        op: String,
+        payload: String,
+    },
+    /// Worker → host: its answer (`ok` the answer's JSON, or `err` the error's).
+    Answer {
+        id: u64,
+        ok: Option<String>,
+        err: Option<String>,
+    },
+    /// Worker → host: a host service call from the provider.
+    HostCall {
+        id: u64,
+        op: String,
+        payload: String,
+    },
+    /// Host → worker: its answer.
+    HostAnswer {
+        id: u64,
+        ok: Option<String>,
+        err: Option<String>,
+    },
+}
+
+/// The largest frame either side accepts.
+const MAX_FRAME: usize = 64 * 1024 * 1024;
+
+fn write_frame(stream: &mut impl Write, frame: &Frame) -> std::io::Result<()> {
+    let body = serde_json::to_vec(frame).map_err(std::io::Error::other)?;
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    stream.write_all(&out)?;
+    stream.flush()
+}
+
+fn read_frame(stream: &mut impl Read) -> std::io::Result<Frame> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::other(format!("a {len}-byte frame")));
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body)?;
+    serde_json::from_slice(&body).map_err(std::io::Error::other)
+}
+
+/// What a call through a worker gave.
+#[derive(Debug, Clone)]
+pub(crate) enum Raw {
+    /// The answer's JSON.
+    Ok(String),
+    /// The provider's error JSON.
+    Err(String),
+    /// Nothing was sent: the worker is down.
+    NotSent(String),
+    /// Sent, and the worker died before answering.
+    Lost(String),
+}
+
+/// How a worker is run.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerSettings {
+    pub(crate) provider_id: String,
+    pub(crate) library: PathBuf,
+    pub(crate) sha256: Option<String>,
+    pub(crate) options: serde_json::Value,
+    pub(crate) config_dir: String,
+    pub(crate) max_memory_mb: Option<u64>,
+    pub(crate) kill_after: Duration,
+}
+
+/// Where a worker stands, for health reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerHealth {
+    /// Serving.
+    Up,
+    /// Restarting after a death.
+    Restarting,
+    /// Died five times within a minute: still restarted, with the longest backoff.
+    Unhealthy,
+}
+
+struct Connection {
+    writer: Mutex<UnixStream>,
+    pending: Mutex<HashMap<u64, (Instant, mpsc::Sender<Raw>)>>,
+}
+
+/// A started worker's reader, handed from `spawn_once` to the supervisor.
+type Reader = (BufReader<UnixStream>, Arc<Connection>, Arc<HostSide>);
+
+/// One provider's worker process and its supervisor.
+pub(crate) struct Worker {
+    settings: WorkerSettings,
+    connection: Mutex<Option<Arc<Connection>>>,
+    reader: Mutex<Option<Reader>>,
+    child: Mutex<Option<Child>>,
+    next_id: AtomicU64,
+    health: Mutex<WorkerHealth>,
+    stopping: AtomicBool,
+    restarts: AtomicU64,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("provider", &self.settings.provider_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a freshly started worker said: the plugin's description, or why it did not load.
+pub(crate) enum Started {
+    Ready {
+        manifest: Manifest,
+        protocol: u32,
+        sha256: String,
+    },
+    Failed {
+        code: String,
+        message: String,
+        refused: Option<ProviderError>,
+    },
+}
+
+impl Worker {
+    /// Starts the worker and its supervisor; returns once the first worker answered.
+    pub(crate) fn start(
+        settings: WorkerSettings,
+        host: Arc<HostSide>,
+    ) -> Result<(Arc<Worker>, Started), String> {
+        let worker = Arc::new(Worker {
+            settings,
+            connection: Mutex::new(None),
+            reader: Mutex::new(None),
+            child: Mutex::new(None),
+            next_id: AtomicU64::new(1),
+            health: Mutex::new(WorkerHealth::Restarting),
+            stopping: AtomicBool::new(false),
+            restarts: AtomicU64::new(0),
+        });
+        let started = worker.spawn_once(&host)?;
+        if let Started::Failed { .. } = started {
+            worker.kill();
+            return Ok((worker, started));
+        }
+        let (w, h) = (worker.clone(), host);
+        std::thread::Builder::new()
+            .name(format!("payhost-worker-{}", w.settings.provider_id))
+            .spawn(move || w.supervise(h))
+            .map_err(|e| e.to_string())?;
+        let w = worker.clone();
+        std::thread::Builder::new()
+            .name(format!("payhost-watchdog-{}", w.settings.provider_id))
+            .spawn(move || w.watchdog())
+            .map_err(|e| e.to_string())?;
+        Ok((worker, started))
+    }
+
+    /// Its health now.
+    pub(crate) fn health(&self) -> WorkerHealth {
+        *self.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many times it was restarted.
+    pub(crate) fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::SeqCst)
+    }
+
+    /// Makes one call and waits for its answer (bounded: the watchdog kills a worker whose call
+    /// overruns its deadline by `kill_after`).
+    pub(crate) fn call(&self, op: &str, payload: &str, deadline: Instant) -> Raw {
+        let Some(conn) = self
+            .connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        else {
+            return Raw::NotSent(format!(
+                "the worker of provider `{}` is down (restarting)",
+                self.settings.provider_id
+            ));
+        };
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let (tx, rx) = mpsc::channel();
+        conn.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, (deadline, tx));
+        let frame = Frame::Call {
+            id,
+            op: op.to_owned(),
+            payload: payload.to_owned(),
+        };
+        let sent = {
+            let mut w = conn.writer.lock().unwrap_or_else(|e| e.into_inner());
+            write_frame(&mut *w, &frame)
+        };
+        if let Err(e) = sent {
+            // An incomplete frame is never executed.
+            conn.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            return Raw::NotSent(format!("the worker did not take the call: {e}"));
+        }
+        rx.recv()
+            .unwrap_or_else(|_| Raw::Lost("the worker died before answering".into()))
+    }
+
+    fn kill(&self) {
+        if let Some(child) = self
+            .child
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            let _ = child.kill();
+        }
+    }
+
+    /// Stops for good (the host is shutting down).
+    pub(crate) fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.kill();
+    }
+
+    /// Starts a worker process, hands it the library, and waits for its first word.
+    fn spawn_once(&self, host: &Arc<HostSide>) -> Result<Started, String> {
+        let s = &self.settings;
+        let dir =
+            private_dir().map_err(|e| format!("cannot make the worker's socket folder: {e}"))?;
+        let socket = dir.join(format!("{}.sock", s.provider_id));
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket)
+            .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+        let exe = std::env::var_os("PAYHOST_WORKER_EXE")
+            .map(PathBuf::from)
+            .or_else(|| std::env::current_exe().ok())
+            .ok_or("cannot find the payhost executable")?;
+        let mut command = Command::new(&exe);
+        command
+            .arg("worker")
+            .arg("--socket")
+            .arg(&socket)
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(mb) = s.max_memory_mb {
+            command.arg("--max-memory-mb").arg(mb.to_string());
+        }
+        let mut child = command
+            .spawn()
+            .map_err(|e| format!("cannot start {} worker: {e}", exe.display()))?;
+        if let Some(stderr) = child.stderr.take() {
+            let id = s.provider_id.clone();
+            let _ = std::thread::Builder::new()
+                .name(format!("payhost-worker-log-{id}"))
+                .spawn(move || forward_stderr(&id, stderr));
+        }
+        // Wait for it to connect, at most 10 s.
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let started = Instant::now();
+        let stream = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        return Err(format!("the worker exited before connecting ({status})"));
+                    }
+                    if started.elapsed() > Duration::from_secs(10) {
+                        let _ = child.kill();
+                        return Err("the worker did not connect within 10 s".into());
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        };
+        let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_dir(&dir);
+        stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+        let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+        let mut reader = BufReader::new(stream);
+        write_frame(
+            &mut writer,
+            &Frame::Init {
+                library: s.library.clone(),
+                sha256: s.sha256.clone(),
+                instance_id: s.provider_id.clone(),
+                options: s.options.clone(),
+                config_dir: s.config_dir.clone(),
+                log_level: tracing::level_filters::LevelFilter::current()
+                    .to_string()
+                    .to_ascii_lowercase(),
+            },
+        )
+        .map_err(|e| format!("cannot talk to the worker: {e}"))?;
+        // The first answer may take a while (loading, hashing), but not for ever.
+        let _ = reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(30)));
+        // A provider may use host services while it starts (it logs, reads the clock).
+        let first = loop {
+            match read_frame(&mut reader) {
+                Ok(Frame::HostCall { id, op, payload }) => {
+                    let (ok, err) = match host.serve(&op, &payload) {
+                        Ok(ok) => (Some(ok), None),
+                        Err(err) => (None, Some(err)),
+                    };
+                    if let Err(e) = write_frame(&mut writer, &Frame::HostAnswer { id, ok, err }) {
+                        break Err(e);
+                    }
+                }
+                other => break other,
+            }
+        };
+        let _ = reader.get_ref().set_read_timeout(None);
+        *self.child.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
+        match first {
+            Ok(Frame::Ready {
+                manifest,
+                protocol,
+                sha256,
+                ..
+            }) => {
+                let conn = Arc::new(Connection {
+                    writer: Mutex::new(writer),
+                    pending: Mutex::new(HashMap::new()),
+                });
+                *self.connection.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+                *self.reader.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((reader, conn, host.clone()));
+                Ok(Started::Ready {
+                    manifest: *manifest,
+                    protocol,
+                    sha256,
+                })
+            }
+            Ok(Frame::LoadFailed {
+                code,
+                message,
+                refused,
+            }) => Ok(Started::Failed {
+                code,
+                message,
+                refused,
+            }),
+            Ok(other) => Err(format!("the worker said {other:?} before it was ready")),
+            Err(e) => Err(format!("the worker died while loading the library: {e}")),
+        }
+    }
+
+    /// Serves the connection until the worker dies, then restarts it with a backoff.
+    fn supervise(self: Arc<Self>, host: Arc<HostSide>) {
+        let mut backoff = Duration::from_millis(100);
+        let mut deaths: Vec<Instant> = Vec::new();
+        loop {
+            let taken = self.reader.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some((reader, conn, host_side)) = taken {
+                *self.health.lock().unwrap_or_else(|e| e.into_inner()) = if deaths
+                    .iter()
+                    .filter(|t| t.elapsed() < Duration::from_secs(60))
+                    .count()
+                    >= 5
+                {
+                    WorkerHealth::Unhealthy
+                } else {
+                    WorkerHealth::Up
+                };
+                let served_since = Instant::now();
+                self.serve_connection(reader, &conn, &host_side);
+                // It died: what was in flight is unknown, what comes now is not attempted.
+                *self.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                let lost: Vec<_> = conn
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .drain()
+                    .collect();
+                let status = self
+                    .child
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_mut()
+                    .and_then(|c| c.wait().ok())
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "gone".into());
+                for (_, (_, tx)) in lost {
+                    let _ = tx.send(Raw::Lost(format!("the worker died ({status})")));
+                }
+                if self.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                if served_since.elapsed() > Duration::from_secs(30) {
+                    backoff = Duration::from_millis(100);
+                }
+                deaths.push(Instant::now());
+                deaths.retain(|t| t.elapsed() < Duration::from_secs(60));
+                let unhealthy = deaths.len() >= 5;
+                *self.health.lock().unwrap_or_else(|e| e.into_inner()) = if unhealthy {
+                    WorkerHealth::Unhealthy
+                } else {
+                    WorkerHealth::Restarting
+                };
+                crate::metrics::global()
+                    .worker_restarts
+                    .with_label_values(&[&self.settings.provider_id])
+                    .inc();
+                tracing::error!(
+                    provider = %self.settings.provider_id,
+                    status = %status,
+                    restart_in_ms = backoff.as_millis() as u64,
+                    unhealthy,
+                    "the provider's worker died; calls in flight are unknown and will be reconciled; restarting it"
+                );
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            match self.spawn_once(&host) {
+                Ok(Started::Ready { .. }) => {
+                    self.restarts.fetch_add(1, Ordering::SeqCst);
+                    tracing::info!(provider = %self.settings.provider_id, "the provider's worker is back");
+                }
+                Ok(Started::Failed { code, message, .. }) => {
+                    tracing::error!(provider = %self.settings.provider_id, code, "the restarted worker could not load its library: {message}");
+                    self.kill();
+                }
+                Err(e) => {
+                    tracing::error!(provider = %self.settings.provider_id, "restarting the worker failed: {e}")
+                }
+            }
+        }
+    }
+
+    fn serve_connection(
+        &self,
+        mut reader: BufReader<UnixStream>,
+        conn: &Arc<Connection>,
+        host: &Arc<HostSide>,
+    ) {
+        while let Ok(frame) = read_frame(&mut reader) {
+            match frame {
+                Frame::Answer { id, ok, err } => {
+                    let waiting = conn
+                        .pending
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id);
+                    if let Some((_, tx)) = waiting {
+                        let _ = tx.send(match (ok, err) {
+                            (Some(ok), _) => Raw::Ok(ok),
+                            (None, Some(err)) => Raw::Err(err),
+                            (None, None) => Raw::Lost("an empty answer".into()),
+                        });
+                    }
+                }
+                Frame::HostCall { id, op, payload } => {
+                    let is_http = op == payhost_provider_api::host_ops::HTTP;
+                    let (conn, host) = (conn.clone(), host.clone());
+                    let serve = move || {
+                        let answer = match host.serve(&op, &payload) {
+                            Ok(ok) => Frame::HostAnswer {
+                                id,
+                                ok: Some(ok),
+                                err: None,
+                            },
+                            Err(err) => Frame::HostAnswer {
+                                id,
+                                ok: None,
+                                err: Some(err),
+                            },
+                        };
+                        let mut w = conn.writer.lock().unwrap_or_else(|e| e.into_inner());
+                        let _ = write_frame(&mut *w, &answer);
+                    };
+                    // Logs and the clock answer at once; an HTTP request may take its deadline.
+                    if is_http {
+                        let _ = std::thread::Builder::new()
+                            .name("payhost-worker-http".into())
+                            .spawn(serve);
+                    } else {
+                        serve();
+                    }
+                }
+                other => {
+                    tracing::warn!(provider = %self.settings.provider_id, "unexpected frame from the worker: {other:?}");
+                }
+            }
+        }
+    }
+
+    /// Kills the worker when a call overruns its deadline by `kill_after`.
+    fn watchdog(self: Arc<Self>) {
+        while !self.stopping.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(50));
+            let conn = self
+                .connection
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let Some(conn) = conn else { continue };
+            let overdue = conn
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .any(|(deadline, _)| Instant::now() > *deadline + self.settings.kill_after);
+            if overdue {
+                tracing::error!(
+                    provider = %self.settings.provider_id,
+                    kill_after_ms = self.settings.kill_after.as_millis() as u64,
+                    "a call overran its deadline by the kill margin: killing the provider's worker"
+                );
+                crate::metrics::global()
+                    .worker_kills
+                    .with_label_values(&[&self.settings.provider_id])
+                    .inc();
+                self.kill();
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// A folder only this user can enter, for the worker's socket.
+fn private_dir() -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = std::env::temp_dir().join(format!(
+        "payhost-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(dir)
+}
+
+/// Forwards a worker's stderr to the log, at most 200 lines per worker process.
+fn forward_stderr(provider: &str, stderr: std::process::ChildStderr) {
+    let mut lines = BufReader::new(stderr).lines();
+    let mut n = 0;
+    while let Some(Ok(line)) = lines.next() {
+        n += 1;
+        if n <= 200 {
+            tracing::warn!(provider, "worker stderr: {line}");
+        } else if n == 201 {
+            tracing::warn!(provider, "worker stderr: (further lines dropped)");
+        }
+    }
+}
+
+// ------------------------------------------------------------------ the worker process
+
+/// Host service calls waiting for the host's answer, by id.
+type HostCalls = Arc<Mutex<HashMap<u64, mpsc::Sender<Result<String, String>>>>>;
+
+/// A host service call answered by the host at the other end of the socket.
+struct RemoteHost {
+    writer: Arc<Mutex<UnixStream>>,
+    pending: HostCalls,
+    next_id: AtomicU64,
+}
+
+impl HostObject for RemoteHost {
+    fn call(&self, op: RStr<'_>, request: RStr<'_>) -> RResult<RString, RString> {
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let (tx, rx) = mpsc::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
+        let frame = Frame::HostCall {
+            id,
+            op: op.as_str().to_owned(),
+            payload: request.as_str().to_owned(),
+        };
+        let sent = write_frame(
+            &mut *self.writer.lock().unwrap_or_else(|e| e.into_inner()),
+            &frame,
+        );
+        if let Err(e) = sent {
+            return RResult::RErr(RString::from(format!("the host is gone: {e}")));
+        }
+        match rx.recv() {
+            Ok(Ok(answer)) => RResult::ROk(RString::from(answer)),
+            Ok(Err(err)) => RResult::RErr(RString::from(err)),
+            Err(_) => RResult::RErr(RString::from("the host is gone")),
+        }
+    }
+}
+
+/// `payhost worker`: loads one library and serves its calls over `socket` until the host
+/// closes it.
+pub fn run(socket: &Path, max_memory_mb: Option<u64>) -> ExitCode {
+    // Before any vendor code runs: no privileges to gain, and the kernel's memory limit.
+    if let Err(e) = nix::sys::prctl::set_no_new_privs() {
+        eprintln!("worker: cannot set no_new_privs: {e}");
+        return ExitCode::FAILURE;
+    }
+    if let Some(mb) = max_memory_mb {
+        let bytes = mb.saturating_mul(1024 * 1024);
+        if let Err(e) = rlimit::setrlimit(rlimit::Resource::AS, bytes, bytes) {
+            eprintln!("worker: cannot limit memory to {mb} MiB: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let stream = match UnixStream::connect(socket) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("worker: cannot connect to {}: {e}", socket.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let writer = match stream.try_clone() {
+        Ok(w) => Arc::new(Mutex::new(w)),
+        Err(e) => {
+            eprintln!("worker: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut reader = BufReader::new(stream);
+    let Ok(Frame::Init {
+        library,
+        sha256,
+        instance_id,
+        options,
+        config_dir,
+        log_level,
+    }) = read_frame(&mut reader)
+    else {
+        eprintln!("worker: the host sent no Init frame");
+        return ExitCode::FAILURE;
+    };
+    let pending: HostCalls = Arc::default();
+    let host = HostObject_TO::from_value(
+        RemoteHost {
+            writer: writer.clone(),
+            pending: pending.clone(),
+            next_id: AtomicU64::new(1),
+        },
+        TD_Opaque,
+    );
+    // Host answers arrive on this same socket while loading (a provider may log in `new`).
+    let loading = {
+        let (writer, library) = (writer.clone(), library.clone());
+        std::thread::spawn(move || {
+            let opened = crate::plugins::open_and_instantiate(
+                &library,
+                sha256.as_deref(),
+                &instance_id,
+                options,
+                config_dir,
+                log_level,
+                host,
+            );
+            let frame = match &opened {
+                Ok(o) => Frame::Ready {
+                    manifest: Box::new(o.manifest.clone()),
+                    protocol: o.protocol,
+                    sha256: o.sha256.clone(),
+                    path: library.clone(),
+                },
+                Err(crate::plugins::OpenFailure::Load(e)) => Frame::LoadFailed {
+                    code: e.code().to_owned(),
+                    message: e.to_string(),
+                    refused: None,
+                },
+                Err(crate::plugins::OpenFailure::Refused(e)) => Frame::LoadFailed {
+                    code: "plugin.options_rejected".into(),
+                    message: e.message.clone(),
+                    refused: Some(e.clone()),
+                },
+            };
+            let _ = write_frame(
+                &mut *writer.lock().unwrap_or_else(|e| e.into_inner()),
+                &frame,
+            );
+            opened.ok().map(|o| Arc::new(o.object))
+        })
+    };
+    let mut object: Option<Arc<ProviderBox>> = None;
+    let mut loader = Some(loading);
+    loop {
+        let frame = match read_frame(&mut reader) {
+            Ok(f) => f,
+            // The host closed the socket (or died): nothing more to do.
+            Err(_) => return ExitCode::SUCCESS,
+        };
+        match frame {
+            Frame::HostAnswer { id, ok, err } => {
+                if let Some(tx) = pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id)
+                {
+                    let _ = tx.send(match (ok, err) {
+                        (Some(ok), _) => Ok(ok),
+                        (None, Some(err)) => Err(err),
+                        (None, None) => Err("an empty host answer".into()),
+                    });
+                }
+            }
+            Frame::Call { id, op, payload } => {
+                if object.is_none()
+                    && let Some(l) = loader.take()
+                {
+                    object = l.join().ok().flatten();
+                }
+                let Some(object) = object.clone() else {
+                    return ExitCode::FAILURE;
+                };
+                let writer = writer.clone();
+                let _ = std::thread::Builder::new()
+                    .name("payhost-worker-call".into())
+                    .spawn(move || {
+                        let answer =
+                            match object.call(RStr::from_str(&op), RStr::from_str(&payload)) {
+                                RResult::ROk(ok) => Frame::Answer {
+                                    id,
+                                    ok: Some(ok.into_string()),
+                                    err: None,
+                                },
+                                RResult::RErr(err) => Frame::Answer {
+                                    id,
+                                    ok: None,
+                                    err: Some(err.into_string()),
+                                },
+                            };
+                        let _ = write_frame(
+                            &mut *writer.lock().unwrap_or_else(|e| e.into_inner()),
+                            &answer,
+                        );
+                    });
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! Providers in worker processes: a fixture plugin whose authorize segfaults, aborts, exits,
+//! overflows its stack, allocates without bound, never returns or floods stdout. Isolated, each
+//! costs only its own call: the host lives, the other providers (in-process and isolated) keep
+//! serving, the call is unknown and then settled by the reconciler in agreement with the
+//! fixture's own ledger, and the worker is back within a second or two. In-process, the same
+//! faults take the host down — which is why isolation exists.
+
+use std::time::{Duration, Instant};
+
+use payhost_e2e::{HOST, Scratch, Server};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const ISOLATED: &str = r#"
+[providers.faulty]
+library = "payhost_fixture_faulty"
+isolation = "process"
+timeout_ms = 1000
+kill_after_ms = 500
+max_memory_mb = 512
+
+[providers.faulty.options]
+state_dir = "{state}"
+
+[providers.isolated_sandbox]
+library = "payhost_provider_sandbox"
+isolation = "process"
+timeout_ms = 1000
+
+[providers.isolated_sandbox.options]
+state_dir = "{state}/isolated"
+webhook_secret = "whsec_test_secret"
+
+[reconcile]
+landing_margin_ms = 0
+interval_ms = 200
+first_check_ms = 0
+"#;
+
+struct Api {
+    base: String,
+    client: reqwest::Client,
+}
+
+impl Api {
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        match self
+            .client
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+        {
+            Ok(r) => {
+                let s = r.status();
+                (s, r.json().await.unwrap_or(Value::Null))
+            }
+            Err(e) => panic!("the host did not answer {path}: {e}"),
+        }
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        self.client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("the host answers")
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn session(&self, provider: &str) -> String {
+        let (_, col) = self
+            .post(
+                "/v1/payment-collections",
+                json!({"amount": 1000, "currency_code": "eur"}),
+            )
+            .await;
+        let (s, ses) = self
+            .post(
+                "/v1/payment-sessions",
+                json!({"payment_collection_id": col["id"], "provider_id": provider}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{ses}");
+        ses["id"].as_str().unwrap().to_owned()
+    }
+
+    /// A whole flow on `provider`: authorize and capture.
+    async fn flow(&self, provider: &str) {
+        let sid = self.session(provider).await;
+        let (s, a) = self
+            .post(&format!("/v1/payment-sessions/{sid}/authorize"), json!({}))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{provider}: {a}");
+        let pay = a["payment"]["id"].as_str().unwrap();
+        let (s, p) = self
+            .post(&format!("/v1/payments/{pay}/capture"), json!({}))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{provider}: {p}");
+    }
+
+    async fn health(&self, id: &str) -> String {
+        let list = self.get("/v1/providers").await;
+        list["providers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["id"] == id)
+            .map(|p| p["health"].as_str().unwrap().to_owned())
+            .unwrap_or_default()
+    }
+}
+
+fn ledger(scratch: &Scratch) -> String {
+    std::fs::read_to_string(scratch.dir.path().join("state/faulty.ledger")).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_native_fault_of_an_isolated_provider_costs_only_its_own_call() {
+    let scratch = Scratch::new();
+    let config = scratch.config(
+        &format!("{HOST}{ISOLATED}").replace("{dir}", &scratch.dir.path().display().to_string()),
+    );
+    let server = Server::start(&config);
+    let api = Api {
+        base: server.base.clone(),
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap(),
+    };
+    let providers = api.get("/v1/providers").await;
+    assert!(
+        providers.to_string().contains("\"isolation\":\"process\""),
+        "{providers}"
+    );
+    api.flow("isolated_sandbox").await;
+    let mut restarts = Vec::new();
+    for fault in [
+        "segfault",
+        "abort",
+        "exit",
+        "stack_overflow",
+        "alloc",
+        "hang",
+        "flood",
+    ] {
+        let sid = api.session("faulty").await;
+        let started = Instant::now();
+        let authorize = {
+            let (client, url) = (
+                api.client.clone(),
+                format!("{}/v1/payment-sessions/{sid}/authorize", api.base),
+            );
+            tokio::spawn(async move {
+                client
+                    .post(url)
+                    .json(&json!({"data": {"fault": fault}}))
+                    .send()
+                    .await
+                    .map(|r| r.status())
+            })
+        };
+        // Meanwhile the other providers serve, in-process and isolated.
+        api.flow("sandbox").await;
+        api.flow("isolated_sandbox").await;
+        let status = authorize.await.unwrap().expect("the host answered");
+        if fault == "flood" {
+            assert_eq!(status, StatusCode::OK, "a flood of stdout is harmless");
+        } else {
+            assert_eq!(
+                status,
+                StatusCode::GATEWAY_TIMEOUT,
+                "{fault}: the outcome is unknown"
+            );
+        }
+        // The worker is back, and the call settles in agreement with the fixture's ledger.
+        let back = loop {
+            let health = api.health("faulty").await;
+            if health == "loaded" || health == "unhealthy" {
+                break started.elapsed();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "{fault}: the worker is not back ({health})"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        if fault != "flood" {
+            restarts.push(back);
+        }
+        let settle_by = Instant::now() + Duration::from_secs(10);
+        let session = loop {
+            let s = api.get(&format!("/v1/payment-sessions/{sid}")).await;
+            let open = api.get("/v1/attempts").await;
+            if open["attempts"].as_array().unwrap().is_empty() {
+                break s;
+            }
+            assert!(Instant::now() < settle_by, "{fault}: never settled: {open}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let acted = ledger(&scratch)
+            .lines()
+            .any(|l| l.contains(&sid) && l.ends_with("authorize"));
+        assert_eq!(
+            session["status"] == "authorized",
+            acted,
+            "{fault}: payhost and the fixture agree: {session}"
+        );
+        assert_eq!(acted, fault == "flood", "{fault}");
+        // The host is alive.
+        assert_eq!(api.get("/health").await["status"], "ok");
+    }
+    // Six deaths within a minute: a crash loop, reported while the others go on.
+    assert_eq!(api.health("faulty").await, "unhealthy");
+    let ready = api
+        .client
+        .get(format!("{}/ready", api.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body["providers_unhealthy"][0], "faulty", "{body}");
+    api.flow("sandbox").await;
+    api.flow("isolated_sandbox").await;
+    let metrics = api
+        .client
+        .get(format!("{}/metrics", api.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("payhost_worker_restarts_total{provider=\"faulty\"} 6"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("payhost_worker_kills_total{provider=\"faulty\"} 1"),
+        "the hung call's worker was killed"
+    );
+    assert!(
+        metrics.contains("payhost_provider_healthy{provider=\"faulty\"} 0"),
+        "{metrics}"
+    );
+    restarts.sort();
+    eprintln!(
+        "fault to worker back (includes detecting the death; the hang includes its 1 s deadline and 0.5 s kill margin): {restarts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_faults_in_process_take_the_host_down() {
+    for fault in ["segfault", "abort", "exit"] {
+        let scratch = Scratch::new();
+        let config = scratch.config(
+            &format!(
+                "{HOST}\n[providers.faulty]\nlibrary = \"payhost_fixture_faulty\"\ntimeout_ms = 1000\n[providers.faulty.options]\nstate_dir = \"{{state}}\"\n"
+            )
+            .replace("{dir}", &scratch.dir.path().display().to_string()),
+        );
+        let mut server = Server::start(&config);
+        let api = Api {
+            base: server.base.clone(),
+            client: reqwest::Client::new(),
+        };
+        let sid = api.session("faulty").await;
+        let answered = api
+            .client
+            .post(format!("{}/v1/payment-sessions/{sid}/authorize", api.base))
+            .json(&json!({"data": {"fault": fault}}))
+            .send()
+            .await;
+        assert!(answered.is_err(), "{fault}: the host answered");
+        let status = server
+            .wait(Duration::from_secs(5))
+            .expect("the host is gone");
+        eprintln!("in-process {fault}: the host exited ({status:?})");
+        assert!(
+            reqwest::get(format!("{}/health", api.base)).await.is_err(),
+            "{fault}: every provider and session went with it"
+        );
+    }
+}
