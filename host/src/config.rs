@@ -26,6 +26,9 @@ pub struct Config {
     pub storage: StorageConfig,
     /// `[plugins] dir`, resolved; `None` means the folder of the payhost executable.
     pub plugin_dir: Option<PathBuf>,
+    /// `[plugins] worker`, resolved: the payhost executable isolated providers run in
+    /// (`payhost worker`); `None` means this process's own executable (set it when embedding).
+    pub worker_exe: Option<PathBuf>,
     /// `[log]`.
     pub log: LogConfig,
     /// `[reconcile]`.
@@ -384,6 +387,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawPlugins {
     dir: Option<PathBuf>,
+    worker: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -926,6 +930,7 @@ impl Config {
         Ok(Config {
             dir: dir.clone(),
             plugin_dir: raw.plugins.dir.map(|d| dir.join(d)),
+            worker_exe: raw.plugins.worker.map(|w| dir.join(w)),
             server,
             storage: raw.storage,
             log: raw.log,

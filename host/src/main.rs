@@ -560,6 +560,7 @@ fn inspect(library: &Path, plugin_dir: Option<PathBuf>, json: bool) -> ExitCode 
                     "protocol": i.protocol,
                     "library": i.library.path,
                     "sha256": i.library.sha256,
+                    "isolation": ["in_process", "process"],
                 })
             );
             ExitCode::SUCCESS
@@ -597,6 +598,10 @@ fn print_inspection(i: &Inspection) {
     );
     println!("library       {}", i.library.path.display());
     println!("sha256        {}", i.library.sha256);
+    // Isolation is the operator's choice per provider, not the library's: say what it can be.
+    println!(
+        "isolation     loaded in_process here; any library also runs in a worker (isolation = \"process\"), see `payhost check` for a config's choice"
+    );
 }
 
 fn serve(path: &Path, listen: Option<std::net::SocketAddr>) -> ExitCode {

@@ -432,6 +432,7 @@ impl Loader {
                     config_dir,
                     max_memory_mb: settings.max_memory_mb,
                     kill_after: settings.kill_after,
+                    exe: config.and_then(|c| c.worker_exe.clone()),
                 };
                 let (worker, started) =
                     crate::worker::Worker::start(worker_settings, Arc::new(host_side)).map_err(

@@ -3,10 +3,12 @@
 //!
 //! The host starts `payhost worker --socket <path>` (the same binary), which loads the same
 //! library and serves the same `call(op, json)` envelope over a Unix socket in a private folder.
-//! Frames are a 4-byte big-endian length and a JSON object ([`Frame`]); the payloads are the
-//! provider protocol's own versioned JSON, untouched, so a provider cannot tell the difference
-//! and no vendor recompiles. Host services (log, clock, `http.request`) travel back over the
-//! same socket.
+//! Frames are length-prefixed binary records ([`Frame`], see `write_frame`): a tag, a call id
+//! and two byte strings. Calls and answers carry the operation name and the provider protocol's
+//! own versioned JSON untouched, so a provider cannot tell the difference and no vendor
+//! recompiles; only the control frames (init, ready, load failed) are JSON. Host services (log,
+//! clock, `http.request`) travel back over the same socket. Calls are multiplexed by id; the
+//! worker runs each on a pooled thread that is never shared by two calls at once.
 //!
 //! Invariants:
 //! - A call in flight when its worker dies is *unknown* (the reconciler asks `retrieve` once the
@@ -90,28 +92,123 @@ enum Frame {
     },
 }
 
+/// The worker's call socket, in the private folder beside the control socket.
+const CALL_SOCKET: &str = "calls.sock";
+
 /// The largest frame either side accepts.
 const MAX_FRAME: usize = 64 * 1024 * 1024;
 
+// The wire: `[u32 BE length of the rest][u8 tag][u64 id][u32 len][a][u32 len][b]`. Calls,
+// answers and host calls carry their operation and JSON payload as raw bytes (no re-encoding
+// on the hot path); the control frames (`Init`, `Ready`, `LoadFailed`) are JSON in `a`.
+const CONTROL: u8 = 1;
+const CALL: u8 = 2;
+const ANSWER_OK: u8 = 3;
+const ANSWER_ERR: u8 = 4;
+const HOST_CALL: u8 = 5;
+const HOST_OK: u8 = 6;
+const HOST_ERR: u8 = 7;
+
 fn write_frame(stream: &mut impl Write, frame: &Frame) -> std::io::Result<()> {
-    let body = serde_json::to_vec(frame).map_err(std::io::Error::other)?;
-    let mut out = Vec::with_capacity(4 + body.len());
-    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    out.extend_from_slice(&body);
+    let control;
+    let (tag, id, a, b): (u8, u64, &[u8], &[u8]) = match frame {
+        Frame::Call { id, op, payload } => (CALL, *id, op.as_bytes(), payload.as_bytes()),
+        Frame::HostCall { id, op, payload } => (HOST_CALL, *id, op.as_bytes(), payload.as_bytes()),
+        Frame::Answer {
+            id, ok: Some(ok), ..
+        } => (ANSWER_OK, *id, ok.as_bytes(), b""),
+        Frame::Answer { id, err, .. } => (
+            ANSWER_ERR,
+            *id,
+            err.as_deref().unwrap_or("").as_bytes(),
+            b"",
+        ),
+        Frame::HostAnswer {
+            id, ok: Some(ok), ..
+        } => (HOST_OK, *id, ok.as_bytes(), b""),
+        Frame::HostAnswer { id, err, .. } => {
+            (HOST_ERR, *id, err.as_deref().unwrap_or("").as_bytes(), b"")
+        }
+        other => {
+            control = serde_json::to_vec(other).map_err(std::io::Error::other)?;
+            (CONTROL, 0, &control[..], b"")
+        }
+    };
+    let len = 1 + 8 + 4 + a.len() + 4 + b.len();
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    out.push(tag);
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&(a.len() as u32).to_be_bytes());
+    out.extend_from_slice(a);
+    out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+    out.extend_from_slice(b);
     stream.write_all(&out)?;
     stream.flush()
 }
 
 fn read_frame(stream: &mut impl Read) -> std::io::Result<Frame> {
+    let bad = |what: &str| std::io::Error::other(format!("a malformed frame: {what}"));
     let mut len = [0u8; 4];
     stream.read_exact(&mut len)?;
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(std::io::Error::other(format!("a {len}-byte frame")));
+    if !(17..=MAX_FRAME).contains(&len) {
+        return Err(bad(&format!("{len} bytes")));
     }
     let mut body = vec![0u8; len];
     stream.read_exact(&mut body)?;
-    serde_json::from_slice(&body).map_err(std::io::Error::other)
+    let tag = body[0];
+    let id = u64::from_be_bytes(body[1..9].try_into().map_err(|_| bad("id"))?);
+    let a_len = u32::from_be_bytes(body[9..13].try_into().map_err(|_| bad("length"))?) as usize;
+    let a_end = 13 + a_len;
+    if a_end + 4 > len {
+        return Err(bad("first part"));
+    }
+    let b_len = u32::from_be_bytes(
+        body[a_end..a_end + 4]
+            .try_into()
+            .map_err(|_| bad("length"))?,
+    ) as usize;
+    if a_end + 4 + b_len != len {
+        return Err(bad("second part"));
+    }
+    let text = |bytes: &[u8]| String::from_utf8(bytes.to_vec()).map_err(|_| bad("not UTF-8"));
+    let a = &body[13..a_end];
+    let b = &body[a_end + 4..];
+    Ok(match tag {
+        CONTROL => serde_json::from_slice(a).map_err(std::io::Error::other)?,
+        CALL => Frame::Call {
+            id,
+            op: text(a)?,
+            payload: text(b)?,
+        },
+        HOST_CALL => Frame::HostCall {
+            id,
+            op: text(a)?,
+            payload: text(b)?,
+        },
+        ANSWER_OK => Frame::Answer {
+            id,
+            ok: Some(text(a)?),
+            err: None,
+        },
+        ANSWER_ERR => Frame::Answer {
+            id,
+            ok: None,
+            err: Some(text(a)?),
+        },
+        HOST_OK => Frame::HostAnswer {
+            id,
+            ok: Some(text(a)?),
+            err: None,
+        },
+        HOST_ERR => Frame::HostAnswer {
+            id,
+            ok: None,
+            err: Some(text(a)?),
+        },
+        other => return Err(bad(&format!("tag {other}"))),
+    })
 }
 
 /// What a call through a worker gave.
@@ -137,6 +234,8 @@ pub(crate) struct WorkerSettings {
     pub(crate) config_dir: String,
     pub(crate) max_memory_mb: Option<u64>,
     pub(crate) kill_after: Duration,
+    /// The payhost executable to run as the worker (default: this process's).
+    pub(crate) exe: Option<PathBuf>,
 }
 
 /// Where a worker stands, for health reports.
@@ -150,9 +249,43 @@ pub enum WorkerHealth {
     Unhealthy,
 }
 
+/// One worker process as the host sees it: the control socket, the socket calls connect to,
+/// and the calls in flight there (with their deadlines, for the watchdog).
 struct Connection {
+    /// Host-service calls from provider threads that are not serving a call come back here.
     writer: Mutex<UnixStream>,
-    pending: Mutex<HashMap<u64, (Instant, mpsc::Sender<Raw>)>>,
+    /// The worker's call socket (`calls.sock` in the private folder).
+    calls: PathBuf,
+    /// Call connections not in use.
+    idle: Mutex<Vec<CallStream>>,
+    /// Calls in flight, by id: their deadlines.
+    pending: Mutex<HashMap<u64, Instant>>,
+    /// The private folder, removed when this worker is gone.
+    dir: PathBuf,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.calls);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// A connection to a worker's call socket: one call at a time, with the host services that
+/// call uses coming back on it.
+struct CallStream {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl CallStream {
+    fn connect(path: &Path) -> std::io::Result<CallStream> {
+        let stream = UnixStream::connect(path)?;
+        Ok(CallStream {
+            writer: stream.try_clone()?,
+            reader: BufReader::new(stream),
+        })
+    }
 }
 
 /// A started worker's reader, handed from `spawn_once` to the supervisor.
@@ -161,6 +294,8 @@ type Reader = (BufReader<UnixStream>, Arc<Connection>, Arc<HostSide>);
 /// One provider's worker process and its supervisor.
 pub(crate) struct Worker {
     settings: WorkerSettings,
+    /// Serves the host services a provider asks for.
+    host: Arc<HostSide>,
     connection: Mutex<Option<Arc<Connection>>>,
     reader: Mutex<Option<Reader>>,
     child: Mutex<Option<Child>>,
@@ -200,6 +335,7 @@ impl Worker {
     ) -> Result<(Arc<Worker>, Started), String> {
         let worker = Arc::new(Worker {
             settings,
+            host: host.clone(),
             connection: Mutex::new(None),
             reader: Mutex::new(None),
             child: Mutex::new(None),
@@ -250,31 +386,84 @@ impl Worker {
                 self.settings.provider_id
             ));
         };
+        let idle = conn.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut stream = match idle {
+            Some(stream) => stream,
+            None => match CallStream::connect(&conn.calls) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    return Raw::NotSent(format!("the worker did not take the call: {e}"));
+                }
+            },
+        };
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
-        let (tx, rx) = mpsc::channel();
         conn.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, (deadline, tx));
+            .insert(id, deadline);
+        let raw = Self::exchange(&mut stream, id, op, payload, &self.host);
+        conn.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        if matches!(raw, Raw::Ok(_) | Raw::Err(_)) {
+            conn.idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(stream);
+        }
+        raw
+    }
+
+    /// Sends one call on its own connection and reads until its answer, serving the host
+    /// services the provider asks for meanwhile. Unbounded by itself: a worker whose call
+    /// overruns its deadline by `kill_after` is killed by the watchdog, which ends the read.
+    fn exchange(stream: &mut CallStream, id: u64, op: &str, payload: &str, host: &HostSide) -> Raw {
         let frame = Frame::Call {
             id,
             op: op.to_owned(),
             payload: payload.to_owned(),
         };
-        let sent = {
-            let mut w = conn.writer.lock().unwrap_or_else(|e| e.into_inner());
-            write_frame(&mut *w, &frame)
-        };
-        if let Err(e) = sent {
-            // An incomplete frame is never executed.
-            conn.pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
+        if let Err(e) = write_frame(&mut stream.writer, &frame) {
+            // `write_all` failed, so the frame is incomplete, and an incomplete frame is never
+            // executed.
             return Raw::NotSent(format!("the worker did not take the call: {e}"));
         }
-        rx.recv()
-            .unwrap_or_else(|_| Raw::Lost("the worker died before answering".into()))
+        loop {
+            match read_frame(&mut stream.reader) {
+                Ok(Frame::Answer { id: got, ok, err }) if got == id => {
+                    return match (ok, err) {
+                        (Some(ok), _) => Raw::Ok(ok),
+                        (None, Some(err)) => Raw::Err(err),
+                        (None, None) => Raw::Lost("an empty answer".into()),
+                    };
+                }
+                Ok(Frame::HostCall {
+                    id: host_id,
+                    op,
+                    payload,
+                }) => {
+                    let (ok, err) = match host.serve(&op, &payload) {
+                        Ok(ok) => (Some(ok), None),
+                        Err(err) => (None, Some(err)),
+                    };
+                    let answer = Frame::HostAnswer {
+                        id: host_id,
+                        ok,
+                        err,
+                    };
+                    if let Err(e) = write_frame(&mut stream.writer, &answer) {
+                        return Raw::Lost(format!("the worker's connection broke: {e}"));
+                    }
+                }
+                Ok(other) => {
+                    return Raw::Lost(format!("the worker answered out of turn: {other:?}"));
+                }
+                Err(e) => {
+                    return Raw::Lost(format!("the worker died before answering ({e})"));
+                }
+            }
+        }
     }
 
     fn kill(&self) {
@@ -303,8 +492,9 @@ impl Worker {
         let _ = std::fs::remove_file(&socket);
         let listener = UnixListener::bind(&socket)
             .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
-        let exe = std::env::var_os("PAYHOST_WORKER_EXE")
-            .map(PathBuf::from)
+        let exe = s
+            .exe
+            .clone()
             .or_else(|| std::env::current_exe().ok())
             .ok_or("cannot find the payhost executable")?;
         let mut command = Command::new(&exe);
@@ -347,8 +537,8 @@ impl Worker {
                 Err(e) => return Err(e.to_string()),
             }
         };
+        // The folder stays until this worker is gone: its call socket is made there.
         let _ = std::fs::remove_file(&socket);
-        let _ = std::fs::remove_dir(&dir);
         stream.set_nonblocking(false).map_err(|e| e.to_string())?;
         let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
         let mut reader = BufReader::new(stream);
@@ -396,7 +586,10 @@ impl Worker {
             }) => {
                 let conn = Arc::new(Connection {
                     writer: Mutex::new(writer),
+                    calls: dir.join(CALL_SOCKET),
+                    idle: Mutex::new(Vec::new()),
                     pending: Mutex::new(HashMap::new()),
+                    dir,
                 });
                 *self.connection.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
                 *self.reader.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -411,13 +604,22 @@ impl Worker {
                 code,
                 message,
                 refused,
-            }) => Ok(Started::Failed {
-                code,
-                message,
-                refused,
-            }),
-            Ok(other) => Err(format!("the worker said {other:?} before it was ready")),
-            Err(e) => Err(format!("the worker died while loading the library: {e}")),
+            }) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Ok(Started::Failed {
+                    code,
+                    message,
+                    refused,
+                })
+            }
+            Ok(other) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(format!("the worker said {other:?} before it was ready"))
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(format!("the worker died while loading the library: {e}"))
+            }
         }
     }
 
@@ -441,13 +643,9 @@ impl Worker {
                 let served_since = Instant::now();
                 self.serve_connection(reader, &conn, &host_side);
                 // It died: what was in flight is unknown, what comes now is not attempted.
+                // (Each call in flight sees its own connection close and reports itself lost.)
                 *self.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                let lost: Vec<_> = conn
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .drain()
-                    .collect();
+                drop(conn);
                 let status = self
                     .child
                     .lock()
@@ -456,9 +654,6 @@ impl Worker {
                     .and_then(|c| c.wait().ok())
                     .map(|s| s.to_string())
                     .unwrap_or_else(|| "gone".into());
-                for (_, (_, tx)) in lost {
-                    let _ = tx.send(Raw::Lost(format!("the worker died ({status})")));
-                }
                 if self.stopping.load(Ordering::SeqCst) {
                     return;
                 }
@@ -511,20 +706,6 @@ impl Worker {
     ) {
         while let Ok(frame) = read_frame(&mut reader) {
             match frame {
-                Frame::Answer { id, ok, err } => {
-                    let waiting = conn
-                        .pending
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&id);
-                    if let Some((_, tx)) = waiting {
-                        let _ = tx.send(match (ok, err) {
-                            (Some(ok), _) => Raw::Ok(ok),
-                            (None, Some(err)) => Raw::Err(err),
-                            (None, None) => Raw::Lost("an empty answer".into()),
-                        });
-                    }
-                }
                 Frame::HostCall { id, op, payload } => {
                     let is_http = op == payhost_provider_api::host_ops::HTTP;
                     let (conn, host) = (conn.clone(), host.clone());
@@ -575,7 +756,7 @@ impl Worker {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .values()
-                .any(|(deadline, _)| Instant::now() > *deadline + self.settings.kill_after);
+                .any(|deadline| Instant::now() > *deadline + self.settings.kill_after);
             if overdue {
                 tracing::error!(
                     provider = %self.settings.provider_id,
@@ -631,9 +812,45 @@ struct RemoteHost {
     next_id: AtomicU64,
 }
 
+thread_local! {
+    /// The call connection this worker thread is serving a call on: the host services that
+    /// call uses go out and come back on it.
+    static SERVING: std::cell::RefCell<Option<CallStream>> = const { std::cell::RefCell::new(None) };
+}
+
 impl HostObject for RemoteHost {
     fn call(&self, op: RStr<'_>, request: RStr<'_>) -> RResult<RString, RString> {
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let on_call = SERVING.with(|serving| {
+            let mut serving = serving.borrow_mut();
+            let stream = serving.as_mut()?;
+            let frame = Frame::HostCall {
+                id,
+                op: op.as_str().to_owned(),
+                payload: request.as_str().to_owned(),
+            };
+            if let Err(e) = write_frame(&mut stream.writer, &frame) {
+                return Some(Err(format!("the host is gone: {e}")));
+            }
+            Some(match read_frame(&mut stream.reader) {
+                Ok(Frame::HostAnswer {
+                    id: got,
+                    ok: Some(ok),
+                    ..
+                }) if got == id => Ok(ok),
+                Ok(Frame::HostAnswer { id: got, err, .. }) if got == id => {
+                    Err(err.unwrap_or_else(|| "an empty host answer".into()))
+                }
+                Ok(other) => Err(format!("the host answered out of turn: {other:?}")),
+                Err(e) => Err(format!("the host is gone: {e}")),
+            })
+        });
+        match on_call {
+            Some(Ok(answer)) => return RResult::ROk(RString::from(answer)),
+            Some(Err(err)) => return RResult::RErr(RString::from(err)),
+            // A thread of the provider's own: through the control socket.
+            None => {}
+        }
         let (tx, rx) = mpsc::channel();
         self.pending
             .lock()
@@ -711,6 +928,7 @@ pub fn run(socket: &Path, max_memory_mb: Option<u64>) -> ExitCode {
         TD_Opaque,
     );
     // Host answers arrive on this same socket while loading (a provider may log in `new`).
+    let calls_path = socket.with_file_name(CALL_SOCKET);
     let loading = {
         let (writer, library) = (writer.clone(), library.clone());
         std::thread::spawn(move || {
@@ -723,86 +941,117 @@ pub fn run(socket: &Path, max_memory_mb: Option<u64>) -> ExitCode {
                 log_level,
                 host,
             );
-            let frame = match &opened {
-                Ok(o) => Frame::Ready {
+            let calls = match &opened {
+                Ok(_) => Some(UnixListener::bind(&calls_path)),
+                Err(_) => None,
+            };
+            let frame = match (&opened, &calls) {
+                (Ok(_), Some(Err(e))) => Frame::LoadFailed {
+                    code: "worker.socket".into(),
+                    message: format!("cannot listen on {}: {e}", calls_path.display()),
+                    refused: None,
+                },
+                (Ok(o), _) => Frame::Ready {
                     manifest: Box::new(o.manifest.clone()),
                     protocol: o.protocol,
                     sha256: o.sha256.clone(),
                     path: library.clone(),
                 },
-                Err(crate::plugins::OpenFailure::Load(e)) => Frame::LoadFailed {
+                (Err(crate::plugins::OpenFailure::Load(e)), _) => Frame::LoadFailed {
                     code: e.code().to_owned(),
                     message: e.to_string(),
                     refused: None,
                 },
-                Err(crate::plugins::OpenFailure::Refused(e)) => Frame::LoadFailed {
+                (Err(crate::plugins::OpenFailure::Refused(e)), _) => Frame::LoadFailed {
                     code: "plugin.options_rejected".into(),
                     message: e.message.clone(),
                     refused: Some(e.clone()),
                 },
             };
+            // Listening before the host hears Ready, so its first call finds the socket.
+            if let (Ok(o), Some(Ok(calls))) = (opened, calls) {
+                let object = Arc::new(o.object);
+                let _ = std::thread::Builder::new()
+                    .name("payhost-worker-accept".into())
+                    .spawn(move || accept_calls(calls, object));
+            }
             let _ = write_frame(
                 &mut *writer.lock().unwrap_or_else(|e| e.into_inner()),
                 &frame,
             );
-            opened.ok().map(|o| Arc::new(o.object))
         })
     };
-    let mut object: Option<Arc<ProviderBox>> = None;
-    let mut loader = Some(loading);
+    drop(loading);
     loop {
         let frame = match read_frame(&mut reader) {
             Ok(f) => f,
             // The host closed the socket (or died): nothing more to do.
             Err(_) => return ExitCode::SUCCESS,
         };
-        match frame {
-            Frame::HostAnswer { id, ok, err } => {
-                if let Some(tx) = pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id)
-                {
-                    let _ = tx.send(match (ok, err) {
-                        (Some(ok), _) => Ok(ok),
-                        (None, Some(err)) => Err(err),
-                        (None, None) => Err("an empty host answer".into()),
-                    });
-                }
-            }
-            Frame::Call { id, op, payload } => {
-                if object.is_none()
-                    && let Some(l) = loader.take()
-                {
-                    object = l.join().ok().flatten();
-                }
-                let Some(object) = object.clone() else {
-                    return ExitCode::FAILURE;
-                };
-                let writer = writer.clone();
-                let _ = std::thread::Builder::new()
-                    .name("payhost-worker-call".into())
-                    .spawn(move || {
-                        let answer =
-                            match object.call(RStr::from_str(&op), RStr::from_str(&payload)) {
-                                RResult::ROk(ok) => Frame::Answer {
-                                    id,
-                                    ok: Some(ok.into_string()),
-                                    err: None,
-                                },
-                                RResult::RErr(err) => Frame::Answer {
-                                    id,
-                                    ok: None,
-                                    err: Some(err.into_string()),
-                                },
-                            };
-                        let _ = write_frame(
-                            &mut *writer.lock().unwrap_or_else(|e| e.into_inner()),
-                            &answer,
-                        );
-                    });
-            }
-            _ => {}
+        // Only answers to host services asked from the provider's own threads come here.
+        if let Frame::HostAnswer { id, ok, err } = frame
+            && let Some(tx) = pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id)
+        {
+            let _ = tx.send(match (ok, err) {
+                (Some(ok), _) => Ok(ok),
+                (None, Some(err)) => Err(err),
+                (None, None) => Err("an empty host answer".into()),
+            });
+        }
+    }
+}
+
+/// Serves the host's call connections, each on a thread of its own (the host opens one per
+/// call in flight, so a call never waits behind another; its `max_concurrency` bounds them).
+fn accept_calls(listener: UnixListener, object: Arc<ProviderBox>) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let object = object.clone();
+        let _ = std::thread::Builder::new()
+            .name("payhost-worker-call".into())
+            .spawn(move || serve_calls(stream, &object));
+    }
+}
+
+/// Runs the calls that arrive on one connection, one after another, until the host closes it.
+fn serve_calls(stream: UnixStream, object: &ProviderBox) {
+    let Ok(writer) = stream.try_clone() else {
+        return;
+    };
+    SERVING.with(|s| {
+        *s.borrow_mut() = Some(CallStream {
+            reader: BufReader::new(stream),
+            writer,
+        })
+    });
+    loop {
+        let frame = SERVING.with(|s| s.borrow_mut().as_mut().map(|c| read_frame(&mut c.reader)));
+        let Some(Ok(Frame::Call { id, op, payload })) = frame else {
+            return;
+        };
+        // No borrow is held here: the provider's host services use the connection meanwhile.
+        let answer = match object.call(RStr::from_str(&op), RStr::from_str(&payload)) {
+            RResult::ROk(ok) => Frame::Answer {
+                id,
+                ok: Some(ok.into_string()),
+                err: None,
+            },
+            RResult::RErr(err) => Frame::Answer {
+                id,
+                ok: None,
+                err: Some(err.into_string()),
+            },
+        };
+        let written = SERVING.with(|s| {
+            s.borrow_mut()
+                .as_mut()
+                .map(|c| write_frame(&mut c.writer, &answer))
+        });
+        if !matches!(written, Some(Ok(()))) {
+            return;
         }
     }
 }

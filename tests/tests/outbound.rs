@@ -166,3 +166,54 @@ impl std::io::Write for Capture {
         Ok(())
     }
 }
+
+/// An isolated provider (`isolation = "process"`) gets the same host services: its HTTP
+/// request goes out through the host, over the worker's call connection, and its answer and the
+/// host's log line come back as they do in-process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_provider_uses_the_host_services_through_its_worker() {
+    let s = Scratch::new();
+    let config = BOTH
+        .replace(
+            "[plugins]\n",
+            &format!(
+                "[plugins]\nworker = \"{}\"\n",
+                payhost_e2e::payhost_bin().display()
+            ),
+        )
+        .replace(
+            "library = \"payhost_provider_sandbox\"\n",
+            "library = \"payhost_provider_sandbox\"\nisolation = \"process\"\n",
+        );
+    let (_config, report) = s.load(&config);
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    let sandbox = report.providers.get("sandbox").unwrap();
+    assert_eq!(sandbox.isolation().0, "process");
+    let echo = serve(Router::new().route(
+        "/v1/charges",
+        post(|body: String| async move { (StatusCode::CREATED, format!("echo {body}")) }),
+    ))
+    .await;
+    // Several at once: each call has its own connection, and its host calls come back on it.
+    let url = format!("{echo}/v1/charges");
+    let call = || sandbox.call_custom("http", request(&url, 2000));
+    let (a, b, c, d) = tokio::join!(call(), call(), call(), call());
+    for answer in [a, b, c, d] {
+        let answer = answer.unwrap();
+        assert_eq!(answer["ok"]["status"], 201, "{answer}");
+        assert_eq!(answer["ok"]["body"], "echo amount=100", "{answer}");
+    }
+    // A request that never left is still told apart from one whose answer was lost.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let answer = sandbox
+        .call_custom(
+            "http",
+            request(&format!("http://{closed}/v1/charges"), 2000),
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer["error"]["kind"], "not_sent", "{answer}");
+}
