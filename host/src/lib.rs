@@ -40,6 +40,7 @@ mod outbound;
 pub mod plugins;
 pub mod provider;
 pub mod store;
+pub mod vendor;
 pub mod worker;
 
 pub use config::{Config, ConfigError, ConfigErrorKind, LibrarySource, ProviderSettings};

@@ -71,6 +71,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The vendor kit: start a provider crate, or test a built library.
+    Provider {
+        #[command(subcommand)]
+        action: ProviderAction,
+    },
     /// Manage API keys.
     Keys {
         #[command(subcommand)]
@@ -105,6 +110,44 @@ enum AttemptsAction {
         /// Who resolves it (default: $USER).
         #[arg(long)]
         by: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProviderAction {
+    /// Write a ready provider crate (a cdylib on payhost-provider-api, options with validation,
+    /// unit tests, a README, an example config); no network needed.
+    New {
+        /// The provider's name and id: a-z, 0-9 and `_`, starting with a letter.
+        name: String,
+        /// Where to write it (default: ./payhost-provider-<name>); must be empty or absent.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Depend on the provider-api source in this folder instead of the registry.
+        #[arg(long)]
+        api_path: Option<PathBuf>,
+    },
+    /// Check a built provider library as the host loads it: manifest, options, every
+    /// operation, idempotency, retrieve, concurrency, deadlines, webhooks, secrets, latency.
+    /// Exits 0 only if no check failed.
+    Test {
+        /// The built library (`target/release/libpayhost_provider_x.so`).
+        library: PathBuf,
+        /// A TOML file holding the options table.
+        #[arg(long)]
+        options: Option<PathBuf>,
+        /// A TOML scenario: amounts, test inputs, the webhook signing scheme.
+        #[arg(long)]
+        scenario: Option<PathBuf>,
+        /// Run it in a worker process (`process`) instead of in this one.
+        #[arg(long, default_value = "in_process")]
+        isolation: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Also write a JUnit XML report to this file.
+        #[arg(long)]
+        junit: Option<PathBuf>,
     },
 }
 
@@ -151,6 +194,32 @@ fn main() -> ExitCode {
             socket,
             max_memory_mb,
         } => payhost::worker::run(&socket, max_memory_mb),
+        Command::Provider {
+            action:
+                ProviderAction::New {
+                    name,
+                    dir,
+                    api_path,
+                },
+        } => provider_new(&name, dir.as_deref(), api_path.as_deref()),
+        Command::Provider {
+            action:
+                ProviderAction::Test {
+                    library,
+                    options,
+                    scenario,
+                    isolation,
+                    json,
+                    junit,
+                },
+        } => provider_test(
+            &library,
+            options.as_deref(),
+            scenario.as_deref(),
+            &isolation,
+            json,
+            junit.as_deref(),
+        ),
         Command::Keys {
             action:
                 KeysAction::New {
@@ -170,6 +239,143 @@ fn main() -> ExitCode {
             };
             attempts(&config, json, action)
         }
+    }
+}
+
+fn provider_new(name: &str, dir: Option<&Path>, api_path: Option<&Path>) -> ExitCode {
+    match payhost::vendor::new_provider(name, dir, api_path) {
+        Ok(made) => {
+            println!("wrote {}:", made.dir.display());
+            for f in &made.files {
+                println!("  {f}");
+            }
+            println!("depends on {}", made.api_dependency);
+            println!();
+            println!("next:");
+            println!("  cd {}", made.dir.display());
+            println!("  cargo test && cargo build --release");
+            println!(
+                "  payhost provider test target/release/{}{}{} --options options.toml --scenario scenario.toml",
+                std::env::consts::DLL_PREFIX,
+                made.lib,
+                std::env::consts::DLL_SUFFIX
+            );
+            println!("  payhost check --config payhost.example.toml");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn provider_test(
+    library: &Path,
+    options: Option<&Path>,
+    scenario: Option<&Path>,
+    isolation: &str,
+    json: bool,
+    junit: Option<&Path>,
+) -> ExitCode {
+    use payhost::vendor::conformance::{self, Verdict};
+    if !matches!(isolation, "in_process" | "process") {
+        eprintln!("error: --isolation is `in_process` or `process`, not `{isolation}`");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let options = match options {
+        None => toml::Table::new(),
+        Some(path) => match std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| t.parse::<toml::Table>().map_err(|e| e.to_string()))
+        {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: --options {}: {e}", path.display());
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
+    let scenario = match scenario {
+        None => conformance::Scenario::default(),
+        Some(path) => match conformance::read_scenario(path) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: --scenario {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
+    let library = std::fs::canonicalize(library).unwrap_or_else(|_| library.to_path_buf());
+    // Everything the provider logs is kept, to look for secrets in; none of it is printed.
+    let logs = conformance::LogCapture::default();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new("debug"))
+        .with_ansi(false)
+        .with_writer(logs.clone())
+        .try_init();
+    let target = conformance::Target {
+        library,
+        options,
+        isolation: isolation.to_owned(),
+        worker: std::env::current_exe().ok(),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = runtime.block_on(conformance::run(&target, &scenario, &logs));
+    if let Some(path) = junit
+        && let Err(e) = std::fs::write(path, report.junit())
+    {
+        eprintln!("error: --junit {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        match &report.manifest {
+            Some(m) => println!(
+                "payhost provider test: {} {} ({}, {})",
+                m.id,
+                m.version,
+                report.library.display(),
+                report.isolation
+            ),
+            None => println!("payhost provider test: {}", report.library.display()),
+        }
+        for c in &report.checks {
+            let mark = match c.verdict {
+                Verdict::Pass => "PASS",
+                Verdict::Fail => "FAIL",
+                Verdict::Skip => "SKIP",
+            };
+            println!("  {mark}  {:<28} {}", c.name, c.expected);
+            if c.verdict != Verdict::Pass || c.name == "latency" {
+                println!("        {:<28} got: {}", "", c.got);
+            }
+        }
+        println!(
+            "{} checks: {} passed, {} failed, {} skipped",
+            report.checks.len(),
+            report.count(Verdict::Pass),
+            report.count(Verdict::Fail),
+            report.count(Verdict::Skip)
+        );
+    }
+    if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -73,7 +73,7 @@ pub use dispatch::{InstanceConfig, SUPPORTED_PROTOCOLS};
 pub use host::{HostServices, HttpFailure, HttpRequest, HttpResponse, LogRecord, ops as host_ops};
 pub use manifest::{API_VERSION, Capabilities, Manifest};
 pub use protocol::*;
-pub use provider::{PaymentProvider, ProviderContext};
+pub use provider::{NoOptions, PaymentProvider, ProviderContext};
 
 /// The envelope types the host needs to load plugins. Not for vendors: a provider never needs
 /// them, and using them directly gives up the SDK's panic guard and version negotiation.

@@ -396,6 +396,13 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// `NotAttempted` with this reason: nothing reached the processor.
+    pub fn not_attempted(reason: impl Into<String>) -> Self {
+        Outcome::NotAttempted {
+            reason: reason.into(),
+        }
+    }
+
     /// The outcome's wire name (`"processed"`, `"not_attempted"`, …), for logs and metrics.
     pub const fn name(&self) -> &'static str {
         match self {
@@ -500,6 +507,20 @@ pub struct RetrieveResponse {
     /// New provider data, if it changed.
     #[serde(default)]
     pub data: Option<Value>,
+}
+
+impl RetrieveResponse {
+    /// An answer about one attempt only, with nothing known about the payment itself.
+    pub fn attempt(attempt: Option<Outcome>) -> Self {
+        RetrieveResponse {
+            status: RemoteStatus::NotFound,
+            amount_authorized: None,
+            amount_captured: None,
+            amount_refunded: None,
+            attempt,
+            data: None,
+        }
+    }
 }
 
 /// What a webhook tells the host to do.

@@ -123,3 +123,9 @@ pub trait PaymentProvider: Sized + Send + Sync + 'static {
         Err(ProviderError::unsupported(&format!("x.{name}")))
     }
 }
+
+/// Options for a provider that takes none: any key is refused at load, naming it, so an
+/// operator's typo is caught.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoOptions {}

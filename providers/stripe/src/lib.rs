@@ -202,7 +202,7 @@ impl StripeProvider {
         if intent["metadata"]["session_id"].as_str() != Some(session_id) {
             return wrong(format!("belongs to another session, not {session_id}"));
         }
-        if intent["amount"].as_i64() != Some(amount) {
+        if minor_units(&intent["amount"]) != Some(amount) {
             return wrong(format!(
                 "is for {} while the session is for {amount}",
                 intent["amount"]
@@ -319,6 +319,13 @@ impl StripeProvider {
 }
 
 /// What an intent's status means for an authorization.
+/// An amount in minor units as Stripe sends it: an integer (localstripe echoes an updated
+/// amount back as the string it was sent as; that string is read as the same integer).
+fn minor_units(v: &Value) -> Option<i64> {
+    v.as_i64()
+        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+}
+
 fn authorize_outcome(intent: &Value) -> Option<Outcome> {
     match intent["status"].as_str()? {
         "requires_capture" | "succeeded" => Some(Outcome::Processed),
@@ -655,8 +662,8 @@ impl PaymentProvider for StripeProvider {
         };
         Ok(RetrieveResponse {
             status: remote_status(&intent),
-            amount_authorized: intent["amount"].as_i64(),
-            amount_captured: intent["amount_received"].as_i64(),
+            amount_authorized: minor_units(&intent["amount"]),
+            amount_captured: minor_units(&intent["amount_received"]),
             amount_refunded: None,
             attempt,
             data: None,
@@ -727,7 +734,7 @@ impl PaymentProvider for StripeProvider {
             session_id,
             reference: object["id"].as_str().map(str::to_owned),
             action,
-            amount: object["amount"].as_i64(),
+            amount: minor_units(&object["amount"]),
             currency_code: object["currency"].as_str().map(str::to_owned),
             data: None,
         })
