@@ -371,9 +371,13 @@ impl PostgresStore {
         let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
             StoreError::Unavailable(format!("storage.url is not a PostgreSQL URL: {e}"))
         })?;
+        // The server bounds its side too: a transaction whose client vanished behind a
+        // partition (its socket still open, no RST) would otherwise sit idle in transaction
+        // holding its row locks for ever, and every later write to those rows would time out.
+        // payhost never idles inside a transaction (no provider call runs in one).
         config.options(format!(
-            "-c statement_timeout={}",
-            settings.statement_timeout.as_millis()
+            "-c statement_timeout={ms} -c idle_in_transaction_session_timeout={ms}",
+            ms = settings.statement_timeout.as_millis()
         ));
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(settings.acquire_timeout);
