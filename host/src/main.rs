@@ -320,15 +320,9 @@ fn provider_test(
         isolation: isolation.to_owned(),
         worker: std::env::current_exe().ok(),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(true) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let report = runtime.block_on(conformance::run(&target, &scenario, &logs));
     if let Some(path) = junit
@@ -379,21 +373,29 @@ fn provider_test(
     }
 }
 
+/// The async runtime of a command (`multi_thread` for those that serve or call providers at
+/// once); a failure to start it is reported and becomes the exit code.
+fn runtime(multi_thread: bool) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut builder = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("error: cannot start the async runtime: {e}");
+        ExitCode::FAILURE
+    })
+}
+
 fn hosts(path: &Path, json: bool) -> ExitCode {
     let config = match load_config(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
     init_logging("warn", config.log.format);
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(false) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async {
         if config.storage.url.starts_with("sqlite://") {
@@ -847,15 +849,9 @@ fn serve(path: &Path, listen: Option<std::net::SocketAddr>) -> ExitCode {
             rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft)
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(true) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let report = Loader::new(&config).load_all(&config);
     let failed: Vec<(String, String)> = report
@@ -1025,15 +1021,9 @@ fn attempts(path: &Path, json: bool, action: Option<AttemptsAction>) -> ExitCode
         Err(code) => return code,
     };
     init_logging("warn", config.log.format);
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(false) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async {
         let store = match payhost::engine::open_store(&config).await {
