@@ -56,7 +56,10 @@ pub fn scope_for(method: &axum::http::Method, template: &str) -> Option<Scope> {
         "/health" | "/openapi.json" => None,
         t if t.starts_with("/hooks/") => None,
         "/ready" | "/metrics" => Some(Scope::Operator),
-        t if t.starts_with("/v1/attempts") || t.starts_with("/v1/providers") => {
+        t if t.starts_with("/v1/attempts")
+            || t.starts_with("/v1/providers")
+            || t.starts_with("/v1/event-deliveries") =>
+        {
             Some(Scope::Operator)
         }
         t if t.starts_with("/v1/") => Some(if method == Method::GET || method == Method::HEAD {

@@ -35,6 +35,8 @@ pub struct Config {
     pub reconcile: ReconcileConfig,
     /// `[[api_keys]]`, validated.
     pub api_keys: Vec<crate::auth::KeySpec>,
+    /// `[events]` and `[[events.endpoints]]`, validated.
+    pub events: crate::events::EventSettings,
     /// `[providers.<id>]`, in id order.
     pub providers: Vec<ProviderSettings>,
     source: Source,
@@ -380,7 +382,33 @@ struct RawConfig {
     #[serde(default)]
     api_keys: Vec<Spanned<RawKey>>,
     #[serde(default)]
+    events: RawEvents,
+    #[serde(default)]
     providers: BTreeMap<String, Spanned<RawProvider>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvents {
+    retention_ms: Option<u64>,
+    poll_ms: Option<u64>,
+    claim_ms: Option<u64>,
+    max_wait_ms: Option<u64>,
+    #[serde(default)]
+    endpoints: Vec<Spanned<RawEndpoint>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    id: String,
+    url: String,
+    secret: String,
+    types: Option<Vec<String>>,
+    timeout_ms: Option<u64>,
+    retry_for_ms: Option<u64>,
+    retry_base_ms: Option<u64>,
+    retry_max_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -414,6 +442,122 @@ struct RawProvider {
 
 fn yes() -> bool {
     true
+}
+
+/// Validates `[events]`: each endpoint's id, URL, secret, types and timings.
+fn events_settings(
+    raw: RawEvents,
+    invalid: &dyn Fn(Option<Range<usize>>, String, String) -> ConfigError,
+) -> Result<crate::events::EventSettings, ConfigError> {
+    use std::time::Duration;
+    let defaults = crate::events::EventSettings::default();
+    let ms = |v: Option<u64>, d: Duration| v.map_or(d, Duration::from_millis);
+    let mut settings = crate::events::EventSettings {
+        endpoints: Vec::new(),
+        retention: ms(raw.retention_ms, defaults.retention),
+        poll: ms(raw.poll_ms, defaults.poll),
+        claim: ms(raw.claim_ms, defaults.claim),
+        max_wait: ms(raw.max_wait_ms, defaults.max_wait),
+    };
+    if settings.max_wait > Duration::from_secs(300) {
+        return Err(invalid(
+            None,
+            "events.max_wait_ms".into(),
+            "`events.max_wait_ms` must be at most 300000".into(),
+        ));
+    }
+    if !(10..=60_000).contains(&(settings.poll.as_millis() as u64)) {
+        return Err(invalid(
+            None,
+            "events.poll_ms".into(),
+            "`events.poll_ms` must be between 10 and 60000".into(),
+        ));
+    }
+    for (i, spanned) in raw.endpoints.into_iter().enumerate() {
+        let span = spanned.span();
+        let e = spanned.into_inner();
+        let at = |field: &str| format!("events.endpoints[{i}].{field}");
+        let bad = |field: &str, message: String| invalid(Some(span.clone()), at(field), message);
+        if !crate::auth::valid_key_id(&e.id) {
+            return Err(bad(
+                "id",
+                format!(
+                    "endpoint id `{}` must be 1 to 64 of a-z, 0-9, `-` and `_`",
+                    e.id
+                ),
+            ));
+        }
+        if settings.endpoints.iter().any(|o| o.id == e.id) {
+            return Err(bad("id", format!("two endpoints have the id `{}`", e.id)));
+        }
+        match reqwest::Url::parse(&e.url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+            _ => {
+                return Err(bad(
+                    "url",
+                    format!("`{}` is not an http(s) URL", redact_url(&e.url)),
+                ));
+            }
+        }
+        if e.secret.len() < 16 {
+            return Err(bad(
+                "secret",
+                "the signing secret must be at least 16 characters (take it from the environment: \"${PAYHOST_EVENTS_SECRET}\")".into(),
+            ));
+        }
+        let types = e.types.unwrap_or_else(|| vec!["*".into()]);
+        if let Some(t) = types.iter().find(|t| !crate::events::valid_pattern(t)) {
+            return Err(bad(
+                "types",
+                format!(
+                    "`{t}` names no event type; the types are {}, and `prefix.*` or `*`",
+                    crate::events::EventType::ALL
+                        .iter()
+                        .map(|t| t.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        let timeout = ms(e.timeout_ms, Duration::from_secs(10));
+        let retry_for = ms(e.retry_for_ms, Duration::from_secs(3 * 24 * 3600));
+        let retry_base = ms(e.retry_base_ms, Duration::from_secs(5));
+        let retry_max = ms(e.retry_max_ms, Duration::from_secs(3600));
+        if timeout.is_zero() || timeout > Duration::from_secs(60) {
+            return Err(bad(
+                "timeout_ms",
+                "`timeout_ms` must be between 1 and 60000".into(),
+            ));
+        }
+        if retry_base.is_zero() || retry_max < retry_base {
+            return Err(bad(
+                "retry_base_ms",
+                "`retry_base_ms` must be positive and at most `retry_max_ms`".into(),
+            ));
+        }
+        if settings.claim <= timeout + Duration::from_secs(1) {
+            return Err(invalid(
+                None,
+                "events.claim_ms".into(),
+                format!(
+                    "`events.claim_ms` ({} ms) must be longer than endpoint `{}`'s timeout plus a second, or another host could send an event while this one still is",
+                    settings.claim.as_millis(),
+                    e.id
+                ),
+            ));
+        }
+        settings.endpoints.push(crate::events::Endpoint {
+            id: e.id,
+            url: e.url,
+            secret: e.secret,
+            types,
+            timeout,
+            retry_for,
+            retry_base,
+            retry_max,
+        });
+    }
+    Ok(settings)
 }
 
 /// What kind of config error; [`ConfigErrorKind::code`] is stable.
@@ -921,6 +1065,7 @@ impl Config {
                 "`auth = \"none\"` turns key checks off, but `[[api_keys]]` are configured: remove one or the other".into(),
             ));
         }
+        let events = events_settings(raw.events, &invalid)?;
         let mut server = raw.server;
         if let Some(tls) = &mut server.tls {
             tls.cert = dir.join(&tls.cert);
@@ -936,6 +1081,7 @@ impl Config {
             log: raw.log,
             reconcile: raw.reconcile,
             api_keys,
+            events,
             providers,
             path,
             source,

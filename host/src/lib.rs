@@ -34,6 +34,7 @@ pub mod auth;
 pub mod config;
 pub mod domain;
 pub mod engine;
+pub mod events;
 pub mod http;
 pub mod metrics;
 mod outbound;

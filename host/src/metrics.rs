@@ -52,6 +52,9 @@ pub struct Metrics {
     pub worker_kills: IntCounterVec,
     /// `payhost_provider_healthy{provider}`: 0 while an isolated provider's worker crash-loops.
     pub provider_healthy: IntGaugeVec,
+    /// `payhost_event_deliveries_seconds{endpoint,outcome}`: tries to POST an event
+    /// (delivered, failed, parked) and how long each took.
+    pub event_deliveries: HistogramVec,
 }
 
 const BUCKETS: &[f64] = &[
@@ -193,8 +196,18 @@ impl Metrics {
             &["provider"],
         )
         .expect("valid metric");
+        let event_deliveries = HistogramVec::new(
+            HistogramOpts::new(
+                "payhost_event_deliveries_seconds",
+                "Tries to POST an event to an endpoint, by outcome (delivered, failed, parked)",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["endpoint", "outcome"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(worker_restarts.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(event_deliveries.clone()),
             Box::new(worker_kills.clone()),
             Box::new(provider_healthy.clone()),
             Box::new(store_errors.clone()),
@@ -238,7 +251,15 @@ impl Metrics {
             worker_restarts,
             worker_kills,
             provider_healthy,
+            event_deliveries,
         }
+    }
+
+    /// One try to deliver an event to `endpoint`.
+    pub fn event_delivered(&self, endpoint: &str, outcome: &str, took: std::time::Duration) {
+        self.event_deliveries
+            .with_label_values(&[endpoint, outcome])
+            .observe(took.as_secs_f64());
     }
 
     /// The store failed: counted, and an outage begins if none is on.

@@ -149,7 +149,7 @@ fn schemathesis(root: &Path) -> Result<(), String> {
     std::fs::write(
         &config,
         format!(
-            "[storage]\nurl = \"sqlite://{}/fuzz.db\"\n[log]\nlevel = \"warn\"\n[plugins]\ndir = \"{}\"\n[providers.system]\nlibrary = \"payhost_provider_system\"\n{key_table}",
+            "[storage]\nurl = \"sqlite://{}/fuzz.db\"\n[log]\nlevel = \"warn\"\n[events]\nmax_wait_ms = 200\n[plugins]\ndir = \"{}\"\n[providers.system]\nlibrary = \"payhost_provider_system\"\n{key_table}",
             dir.display(),
             root.join("target/debug").display()
         ),

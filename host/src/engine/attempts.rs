@@ -180,9 +180,10 @@ impl Host {
                 attempt.error = serde_json::to_value(e.to_string()).ok();
                 attempt.next_check_at = Some(self.now() + self.reconcile.first_check_ms);
                 attempt.updated_at = self.now();
+                let event = self.attempt_event(EventType::AttemptUnknown, &attempt, None);
                 self.write_or_owe(
                     "marking an attempt unknown",
-                    vec![WriteOp::UpdateAttempt(attempt)],
+                    vec![WriteOp::UpdateAttempt(attempt), event],
                 )
                 .await?;
                 tracing::warn!(attempt = %attempt_id, "provider outcome unknown: {e}");
@@ -192,15 +193,26 @@ impl Host {
                 })
             }
             Err(e) => {
+                // A late answer can settle an attempt that was unknown: that resolves it.
+                let was_unknown = matches!(
+                    attempt.state,
+                    AttemptState::Unknown | AttemptState::NeedsOperator
+                );
                 attempt.state = AttemptState::Failed;
                 attempt.error = Some(match &e {
                     CallError::Provider(pe) => serde_json::to_value(pe).unwrap_or(Value::Null),
                     other => Value::String(other.to_string()),
                 });
                 attempt.updated_at = self.now();
+                let event = was_unknown.then(|| {
+                    self.attempt_event(EventType::AttemptResolved, &attempt, Some("late answer"))
+                });
                 self.write_or_owe(
                     "recording a failed attempt",
-                    vec![WriteOp::UpdateAttempt(attempt)],
+                    [WriteOp::UpdateAttempt(attempt)]
+                        .into_iter()
+                        .chain(event)
+                        .collect(),
                 )
                 .await?;
                 Err(match e {
@@ -264,18 +276,35 @@ impl Host {
         resolution: Option<Resolution>,
     ) -> Result<(), EngineError> {
         let now = self.now();
+        // Whether it was unknown (or with an operator) before: then this write resolves it.
+        let was_unknown = matches!(
+            attempt.state,
+            AttemptState::Unknown | AttemptState::NeedsOperator
+        );
+        let resolved_by = match &resolution {
+            Some(r) => r.by.clone(),
+            None => "reconciler".to_owned(),
+        };
         attempt.updated_at = now;
         attempt.outcome = serde_json::to_value(&outcome).ok();
         attempt.resolution = resolution;
         attempt.state = moved(&outcome);
         if attempt.state == AttemptState::Unknown {
             attempt.next_check_at = Some(now + self.reconcile.first_check_ms);
+            let event = (!was_unknown)
+                .then(|| self.attempt_event(EventType::AttemptUnknown, &attempt, None));
             self.store
-                .write(vec![WriteOp::UpdateAttempt(attempt)])
+                .write(
+                    [WriteOp::UpdateAttempt(attempt)]
+                        .into_iter()
+                        .chain(event)
+                        .collect(),
+                )
                 .await?;
             return Ok(());
         }
         let mut ops = Vec::new();
+        let mut events = Vec::new();
         match attempt.operation {
             Operation::Authorize => {
                 let mut session = self
@@ -284,11 +313,15 @@ impl Host {
                     .await?
                     .ok_or_else(|| not_found("payment session", attempt.session_id.as_str()))?;
                 let expected = session.version;
+                let before = session.status;
+                let mut payment_id = None;
                 match transitions::session(session.status, SessionInput::Authorized(&outcome)) {
                     Step::To(status) => {
                         if status == SessionStatus::Authorized && session.status != status {
                             session.payment_authorized_at = Some(now);
-                            ops.push(WriteOp::InsertPayment(self.payment_for(&session, now)));
+                            let payment = self.payment_for(&session, now);
+                            payment_id = Some(payment.id.clone());
+                            ops.push(WriteOp::InsertPayment(payment));
                         }
                         session.status = status;
                     }
@@ -302,6 +335,7 @@ impl Host {
                 }
                 session.version += 1;
                 session.updated_at = now;
+                events.extend(self.session_changed(Some(before), &session, payment_id.as_ref()));
                 ops.push(WriteOp::UpdateSession {
                     session,
                     expected_version: expected,
@@ -321,6 +355,11 @@ impl Host {
                     .ok_or_else(|| not_found("payment", payment_id.as_str()))?;
                 if outcome == Outcome::Processed {
                     let expected = payment.version;
+                    let kind = match attempt.operation {
+                        Operation::Capture => EventType::PaymentCaptured,
+                        Operation::Refund => EventType::PaymentRefunded,
+                        _ => EventType::PaymentCanceled,
+                    };
                     match attempt.operation {
                         Operation::Capture => {
                             let capture = Capture {
@@ -332,19 +371,19 @@ impl Host {
                             if payment.captured_amount() + attempt.amount >= payment.amount {
                                 payment.captured_at = Some(now);
                             }
+                            payment.captures.push(capture.clone());
                             ops.push(WriteOp::InsertCapture(payment.id.clone(), capture));
                         }
                         Operation::Refund => {
-                            ops.push(WriteOp::InsertRefund(
-                                payment.id.clone(),
-                                Refund {
-                                    id: RefundId::generate(),
-                                    amount: attempt.amount,
-                                    reason: attempt.reason.clone(),
-                                    attempt_id: attempt.id.clone(),
-                                    created_at: now,
-                                },
-                            ));
+                            let refund = Refund {
+                                id: RefundId::generate(),
+                                amount: attempt.amount,
+                                reason: attempt.reason.clone(),
+                                attempt_id: attempt.id.clone(),
+                                created_at: now,
+                            };
+                            payment.refunds.push(refund.clone());
+                            ops.push(WriteOp::InsertRefund(payment.id.clone(), refund));
                         }
                         _ => payment.canceled_at = Some(now),
                     }
@@ -353,6 +392,7 @@ impl Host {
                     }
                     payment.version += 1;
                     payment.updated_at = now;
+                    events.push(self.payment_event(kind, &payment, attempt.amount, &attempt.id));
                     ops.push(WriteOp::UpdatePayment {
                         payment,
                         expected_version: expected,
@@ -367,7 +407,18 @@ impl Host {
             }
             _ => {}
         }
+        if attempt.state == AttemptState::Unknown && !was_unknown {
+            // A pending capture, refund or cancel: asked about until it ends.
+            events.push(self.attempt_event(EventType::AttemptUnknown, &attempt, None));
+        } else if attempt.state != AttemptState::Unknown && was_unknown {
+            events.push(self.attempt_event(
+                EventType::AttemptResolved,
+                &attempt,
+                Some(&resolved_by),
+            ));
+        }
         ops.insert(0, WriteOp::UpdateAttempt(attempt));
+        ops.extend(events);
         // Raw store errors: `settle` retries a version conflict.
         self.store.write(ops).await.map_err(EngineError::Store)
     }

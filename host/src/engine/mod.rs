@@ -12,6 +12,7 @@
 //! syncs), `reconcile`, `idempotency` (client keys), `inputs` (what callers send).
 
 mod attempts;
+mod events;
 mod idempotency;
 mod inputs;
 mod lease;
@@ -41,6 +42,7 @@ pub use reconcile::{ReconcileReport, ReconcileSettings, ResolveAs};
 
 use crate::domain::transitions::{self, PaymentInput, SessionInput, Step};
 use crate::domain::*;
+use crate::events::EventType;
 use crate::plugins::Providers;
 use crate::provider::{CallError, Clock, Provider, SystemClock};
 use crate::store::{Store, StoreError, WriteOp};
@@ -133,6 +135,17 @@ pub enum EngineError {
     /// A webhook whose signature did not verify; nothing was changed.
     #[error("webhook not verified: {0}")]
     Unverified(String),
+    /// The events after this cursor were pruned (delivered and past the retention): the
+    /// consumer missed them and must resynchronise from the current state.
+    #[error(
+        "events up to {pruned_through} were pruned; a consumer at {after} missed some of them (resynchronise from the current state, then read after {pruned_through})"
+    )]
+    EventsPruned {
+        /// The cursor asked for.
+        after: i64,
+        /// The highest pruned sequence number.
+        pruned_through: i64,
+    },
     /// Storage failed.
     #[error("{0}")]
     Store(StoreError),
@@ -156,6 +169,7 @@ impl EngineError {
             EngineError::NotAttempted { .. } => "not_attempted",
             EngineError::Provider(_) => "provider_error",
             EngineError::Unverified(_) => "unverified",
+            EngineError::EventsPruned { .. } => "events_pruned",
             EngineError::Store(e) => e.code(),
         }
     }
@@ -339,6 +353,7 @@ pub struct Host {
     lease_ok: Arc<std::sync::atomic::AtomicBool>,
     lease_keeper: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     owed: owed::OwedWrites,
+    events: Arc<crate::events::EventSettings>,
 }
 
 impl Drop for Host {
@@ -534,6 +549,7 @@ impl Host {
         let settings = reconcile_settings(config, &providers);
         let host = Host::new(store, providers)
             .with_reconcile(settings)
+            .with_events(config.events.clone())
             .with_lease(LeaseSettings {
                 lease: Duration::from_millis(config.storage.lease_ms),
                 renew: Duration::from_millis(config.storage.renew_ms),
@@ -560,6 +576,7 @@ impl Host {
             lease_ok: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             lease_keeper: std::sync::Mutex::new(None),
             owed: owed::OwedWrites::default(),
+            events: Arc::default(),
         }
     }
 

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::{EngineError, Host, not_found};
 use crate::domain::{Attempt, AttemptState, Resolution};
+use crate::events::EventType;
 use crate::provider::CallError;
 use crate::store::WriteOp;
 
@@ -112,6 +113,7 @@ impl Host {
                 a.state = AttemptState::Unknown;
                 a.next_check_at = Some(now);
                 a.updated_at = now;
+                ops.push(self.attempt_event(EventType::AttemptUnknown, &a, None));
                 ops.push(WriteOp::UpdateAttempt(a));
                 abandoned += 1;
             }
@@ -258,19 +260,26 @@ impl Host {
         }
         // Claim it, so another host does not ask and settle it at the same time.
         let now = self.now();
-        let claim = self
-            .store
-            .write(vec![WriteOp::ClaimAttempt {
-                id: attempt.id.clone(),
-                until: now + self.reconcile.stale_after_ms,
-                now,
-                stale_before: now - self.reconcile.stale_after_ms,
-            }])
-            .await;
+        let was = attempt.state;
+        let mut claimed = attempt.clone();
+        claimed.state = AttemptState::Unknown;
+        claimed.next_check_at = Some(now + self.reconcile.stale_after_ms);
+        claimed.updated_at = now;
+        let mut ops = vec![WriteOp::ClaimAttempt {
+            id: attempt.id.clone(),
+            until: now + self.reconcile.stale_after_ms,
+            now,
+            stale_before: now - self.reconcile.stale_after_ms,
+        }];
+        if was == AttemptState::InFlight {
+            // Abandoned by its run (or a host whose lease lapsed): unknown from now on.
+            ops.push(self.attempt_event(EventType::AttemptUnknown, &claimed, None));
+        }
+        let claim = self.store.write(ops).await;
         match claim {
             Ok(()) => {
-                attempt.state = AttemptState::Unknown;
-                attempt.next_check_at = Some(now + self.reconcile.stale_after_ms);
+                attempt.state = claimed.state;
+                attempt.next_check_at = claimed.next_check_at;
             }
             Err(crate::store::StoreError::VersionConflict(_)) => return Ok((attempt.state, false)),
             Err(e) => return Err(e.into()),
@@ -354,8 +363,16 @@ impl Host {
                     tracing::error!(attempt = %attempt.id, operation = %attempt.operation, "attempt still unknown after {} checks; an operator must resolve it (payhost attempts resolve)", attempt.checks);
                 }
                 let state = attempt.state;
+                let event = (state == AttemptState::NeedsOperator
+                    && was != AttemptState::NeedsOperator)
+                    .then(|| self.attempt_event(EventType::AttemptNeedsOperator, &attempt, None));
                 self.store
-                    .write(vec![WriteOp::UpdateAttempt(attempt)])
+                    .write(
+                        [WriteOp::UpdateAttempt(attempt)]
+                            .into_iter()
+                            .chain(event)
+                            .collect(),
+                    )
                     .await?;
                 Ok((state, true))
             }

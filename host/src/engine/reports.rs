@@ -25,10 +25,14 @@ impl Host {
         self.refuse_if_open(session.id.as_str()).await?;
         let now = self.now();
         let expected = session.version;
+        let before = session.status;
         let mut ops = Vec::new();
+        let mut payment_id = None;
         if to == SessionStatus::Authorized {
             session.payment_authorized_at = Some(now);
-            ops.push(WriteOp::InsertPayment(self.payment_for(&session, now)));
+            let payment = self.payment_for(&session, now);
+            payment_id = Some(payment.id.clone());
+            ops.push(WriteOp::InsertPayment(payment));
         }
         session.status = to;
         session.version += 1;
@@ -37,6 +41,7 @@ impl Host {
             session: session.clone(),
             expected_version: expected,
         });
+        ops.extend(self.session_changed(Some(before), &session, payment_id.as_ref()));
         self.store.write(ops).await?;
         Ok(session)
     }
@@ -110,12 +115,16 @@ impl Host {
             Ok(_) | Err(EngineError::NotFound { .. }) => {}
             Err(e) => return Err(e),
         }
+        let at = self.now();
         self.store
-            .write(vec![WriteOp::MarkWebhookApplied {
-                provider_id: provider_id.to_owned(),
-                event_id: event.event_id.clone(),
-                at: self.now(),
-            }])
+            .write(vec![
+                WriteOp::MarkWebhookApplied {
+                    provider_id: provider_id.to_owned(),
+                    event_id: event.event_id.clone(),
+                    at,
+                },
+                self.webhook_event(provider_id, &event, at),
+            ])
             .await?;
         Ok(WebhookReceipt::of(&event, false))
     }

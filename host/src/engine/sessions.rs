@@ -34,7 +34,10 @@ impl Host {
                     updated_at: now,
                 };
                 self.store
-                    .write(vec![WriteOp::InsertCollection(collection.clone())])
+                    .write(vec![
+                        WriteOp::InsertCollection(collection.clone()),
+                        self.collection_event(&collection),
+                    ])
                     .await?;
                 Ok(collection)
             },
@@ -116,8 +119,9 @@ impl Host {
                 updated_at: now,
                 version: 1,
             };
+            let created = self.session_changed(None, &session, None);
             self.store
-                .write(vec![WriteOp::InsertSession(session.clone())])
+                .write([WriteOp::InsertSession(session.clone())].into_iter().chain(created).collect())
                 .await?;
             if !input.initiate {
                 return Ok(session);
@@ -155,7 +159,8 @@ impl Host {
         if let Some(data) = provider_data(provider, response.data) {
             session.data = data;
         }
-        self.save_session(session, expected).await
+        let before = session.status;
+        self.save_session(session, expected, before).await
     }
 
     /// Changes a session's amount, cart, context, data or metadata; the provider is told (or the
@@ -256,7 +261,8 @@ impl Host {
                         session.data = data;
                     }
                 }
-                self.save_session(session, expected).await
+                let before = session.status;
+                self.save_session(session, expected, before).await
             },
         )
         .await
@@ -310,24 +316,33 @@ impl Host {
             )?;
         }
         let expected = session.version;
+        let before = session.status;
         session.status = SessionStatus::Canceled;
         session.is_selected = false;
-        self.save_session(session, expected).await
+        self.save_session(session, expected, before).await
     }
 
     /// Writes a changed session over the version it was read at (`expected`), bumping it.
+    /// `before` is the status it was read with: a new one is an event in the same write.
     pub(super) async fn save_session(
         &self,
         mut session: PaymentSession,
         expected: i64,
+        before: SessionStatus,
     ) -> Result<PaymentSession, EngineError> {
         session.version = expected + 1;
         session.updated_at = self.now();
+        let changed = self.session_changed(Some(before), &session, None);
         self.store
-            .write(vec![WriteOp::UpdateSession {
-                session: session.clone(),
-                expected_version: expected,
-            }])
+            .write(
+                [WriteOp::UpdateSession {
+                    session: session.clone(),
+                    expected_version: expected,
+                }]
+                .into_iter()
+                .chain(changed)
+                .collect(),
+            )
             .await?;
         Ok(session)
     }

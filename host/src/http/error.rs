@@ -134,6 +134,9 @@ impl From<EngineError> for ApiError {
             EngineError::OutcomeUnknown { .. } => {
                 ApiError::new(S::GATEWAY_TIMEOUT, "outcome_unknown", code, message)
             }
+            EngineError::EventsPruned { .. } => {
+                ApiError::new(S::GONE, "invalid_request_error", code, message).param("after")
+            }
             EngineError::Store(_) => {
                 tracing::error!(code, "storage error: {message}");
                 // The store is down or failing over: retry shortly, with the same key.

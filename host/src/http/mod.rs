@@ -4,6 +4,7 @@
 
 pub mod edge;
 pub mod error;
+mod events;
 mod guard;
 pub mod json;
 
@@ -94,6 +95,14 @@ fn operator_routes() -> Router<AppState> {
         .route("/v1/attempts", get(list_attempts))
         .route("/v1/attempts/{id}/resolve", post(resolve_attempt))
         .route("/v1/providers", get(list_providers))
+        .route(
+            "/v1/event-deliveries/parked",
+            get(events::parked_deliveries),
+        )
+        .route(
+            "/v1/event-deliveries/{id}/redeliver",
+            post(events::redeliver),
+        )
         .layer(DefaultBodyLimit::max(MAX_BODY))
 }
 
@@ -138,6 +147,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/payments/{id}/capture", post(capture_payment))
         .route("/v1/payments/{id}/refund", post(refund_payment))
         .route("/v1/payments/{id}/cancel", post(cancel_payment))
+        .route("/v1/events", get(events::list_events))
         .layer(DefaultBodyLimit::max(MAX_BODY));
     let hooks = Router::new()
         .route("/hooks/{provider_id}", post(receive_webhook))
@@ -891,6 +901,9 @@ async fn metrics(State(s): State<AppState>) -> Response {
         list_attempts,
         resolve_attempt,
         list_providers,
+        events::list_events,
+        events::parked_deliveries,
+        events::redeliver,
         receive_webhook,
         health,
         ready,

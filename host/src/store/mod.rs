@@ -8,6 +8,8 @@ pub mod sqlite;
 use async_trait::async_trait;
 use serde_json::Value;
 
+use crate::events::{Delivery, DeliveryState, Event, EventPage};
+
 use crate::domain::{
     Attempt, Capture, CollectionId, Payment, PaymentCollection, PaymentId, PaymentSession, Refund,
     SessionId, Timestamp,
@@ -127,6 +129,45 @@ pub enum WriteOp {
     },
     /// Stores a verified webhook (else [`StoreError::KeyExists`] for a duplicate event id).
     InsertWebhookEvent(WebhookEventRecord),
+    /// Appends an event to the outbox with the next sequence number, and a pending delivery of it
+    /// to each endpoint in `deliver_to`. Applied after every other op of the write. An event
+    /// whose id is stored already (a redone write) is skipped.
+    AppendEvent {
+        /// The event (its `seq` is ignored: the store numbers it).
+        event: crate::events::Event,
+        /// Endpoint ids that receive it.
+        deliver_to: Vec<String>,
+    },
+    /// Marks a delivery delivered, if `claimer` still holds it.
+    DeliveryDone {
+        /// The delivery.
+        id: String,
+        /// Who delivered it.
+        claimer: String,
+    },
+    /// Records a failed try of a delivery held by `claimer`: tried again after `retry_in_ms`,
+    /// or parked when `None`.
+    DeliveryFailed {
+        /// The delivery.
+        id: String,
+        /// Who tried.
+        claimer: String,
+        /// The delay before the next try; `None`: park it.
+        retry_in_ms: Option<i64>,
+        /// What the try got.
+        error: String,
+    },
+    /// Sends parked deliveries again from scratch: one (`Some(id)`) or all.
+    Redeliver {
+        /// The delivery, or every parked one.
+        id: Option<String>,
+    },
+    /// Prunes the events committed before `before` whose deliveries are all delivered, as a
+    /// prefix of the sequence (an event that must stay keeps every later one).
+    PruneEvents {
+        /// Events created before this may go.
+        before: Timestamp,
+    },
     /// Marks a stored webhook as applied.
     MarkWebhookApplied {
         /// The provider.
@@ -315,4 +356,29 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<WebhookEventRecord>, StoreError>;
     /// A client idempotency key.
     async fn key(&self, key: &str) -> Result<Option<StoredKey>, StoreError>;
+    /// Up to `limit` events after sequence number `after`, of the `types` named (all: `None`),
+    /// in order.
+    async fn events_after(
+        &self,
+        after: i64,
+        types: Option<Vec<String>>,
+        limit: usize,
+    ) -> Result<EventPage, StoreError>;
+    /// Claims up to `limit` deliveries due now for `claimer` for `claim_ms`, each the first
+    /// undelivered one of its endpoint and session, with their events. A store of one host
+    /// claims nothing in the database (it has one deliverer).
+    async fn claim_deliveries(
+        &self,
+        claimer: &str,
+        claim_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(Delivery, Event)>, StoreError>;
+    /// Deliveries in `state`, oldest first, at most `limit`.
+    async fn deliveries(
+        &self,
+        state: DeliveryState,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StoreError>;
+    /// Woken after every write that appended events (so streams in this process need not poll).
+    fn appended(&self) -> std::sync::Arc<tokio::sync::Notify>;
 }

@@ -13,6 +13,7 @@ use tokio_postgres::{NoTls, Row};
 
 use super::{Store, StoreError, StoredKey, WebhookEventRecord, WriteOp};
 use crate::domain::*;
+use crate::events::{Delivery, DeliveryState, Event, EventPage, EventType};
 
 /// Pool and timeouts.
 #[derive(Debug, Clone)]
@@ -269,6 +270,49 @@ CREATE FUNCTION payhost_host_live(h TEXT, e BIGINT) RETURNS BOOLEAN AS $$
 $$ LANGUAGE sql VOLATILE;
 "#,
     ),
+    (
+        7,
+        r#"
+-- The outbox. Numbers come from one counter row, updated as the last statement of each write:
+-- its lock is held from there to the commit, so numbers are taken in commit order and a
+-- rolled-back write takes none (a sequence would leave gaps and commit out of order).
+CREATE TABLE event_seq (one BOOLEAN PRIMARY KEY DEFAULT true CHECK (one), last BIGINT NOT NULL);
+INSERT INTO event_seq (one, last) VALUES (true, 0);
+CREATE TABLE events (
+    seq BIGINT PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    collection_id TEXT,
+    session_id TEXT,
+    payment_id TEXT,
+    attempt_id TEXT,
+    amount BIGINT,
+    currency_code TEXT,
+    created_at BIGINT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE TABLE event_deliveries (
+    id TEXT PRIMARY KEY,
+    endpoint_id TEXT NOT NULL,
+    event_seq BIGINT NOT NULL,
+    order_key TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'parked')),
+    attempts BIGINT NOT NULL DEFAULT 0,
+    next_at BIGINT NOT NULL,
+    first_tried_at BIGINT,
+    claimed_by TEXT,
+    claimed_until BIGINT,
+    last_error TEXT,
+    created_at BIGINT NOT NULL,
+    delivered_at BIGINT
+);
+CREATE INDEX event_deliveries_open ON event_deliveries (endpoint_id, order_key, event_seq) WHERE state <> 'delivered';
+CREATE INDEX event_deliveries_due ON event_deliveries (next_at) WHERE state = 'pending';
+CREATE INDEX event_deliveries_event ON event_deliveries (event_seq);
+CREATE TABLE event_meta (k TEXT PRIMARY KEY, v BIGINT NOT NULL);
+INSERT INTO event_meta (k, v) VALUES ('pruned_through', 0);
+"#,
+    ),
 ];
 
 /// What `payhost check` says about the server a URL reaches: whether an acknowledged write
@@ -340,6 +384,7 @@ pub struct PostgresStore {
     lease: std::sync::RwLock<Option<super::HostLease>>,
     /// Longest wait for one statement's answer, on the client's side.
     op_timeout: Duration,
+    appended: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -409,6 +454,7 @@ impl PostgresStore {
             host_id: format!("host_{}", uuid::Uuid::new_v4().simple()),
             lease: std::sync::RwLock::new(None),
             op_timeout: settings.statement_timeout + Duration::from_secs(1),
+            appended: std::sync::Arc::new(tokio::sync::Notify::new()),
         };
         store.migrate().await?;
         Ok(store)
@@ -798,6 +844,67 @@ async fn apply(
             .await
             .map_err(|err| classify(err, &format!("{}/{}", e.provider_id, e.event_id)))?;
         }
+        WriteOp::AppendEvent {
+            event: e,
+            deliver_to,
+        } => {
+            // One statement: skipped if the event is stored already (a redone write), else
+            // numbered from the counter row (locked from here to the commit) and given its
+            // deliveries.
+            tx.execute(
+                "WITH fresh AS (SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM events WHERE id = $1)), \
+                 n AS (UPDATE event_seq SET last = last + 1 WHERE EXISTS (SELECT 1 FROM fresh) RETURNING last), \
+                 ev AS (INSERT INTO events (seq, id, type, collection_id, session_id, payment_id, attempt_id, amount, currency_code, created_at, data) \
+                        SELECT last, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 FROM n RETURNING seq) \
+                 INSERT INTO event_deliveries (id, endpoint_id, event_seq, order_key, state, next_at, created_at) \
+                 SELECT $1 || ':' || ep, ep, ev.seq, $11, 'pending', payhost_now_ms(), payhost_now_ms() FROM ev, unnest($12::TEXT[]) AS ep",
+                &[&e.id, &e.kind.as_str(), &e.payment_collection_id, &e.payment_session_id, &e.payment_id, &e.attempt_id, &e.amount, &e.currency_code, &e.created_at, &json(&e.data), &e.order_key(), deliver_to],
+            )
+            .await
+            .map_err(|err| classify(err, &e.id))?;
+        }
+        WriteOp::DeliveryDone { id, claimer } => {
+            tx.execute(
+                "UPDATE event_deliveries SET state = 'delivered', delivered_at = payhost_now_ms(), attempts = attempts + 1, first_tried_at = COALESCE(first_tried_at, payhost_now_ms()), last_error = NULL, claimed_until = NULL WHERE id = $1 AND state = 'pending' AND claimed_by = $2",
+                &[id, claimer],
+            )
+            .await
+            .map_err(|e| classify(e, id))?;
+        }
+        WriteOp::DeliveryFailed {
+            id,
+            claimer,
+            retry_in_ms,
+            error,
+        } => {
+            tx.execute(
+                "UPDATE event_deliveries SET attempts = attempts + 1, first_tried_at = COALESCE(first_tried_at, payhost_now_ms()), next_at = payhost_now_ms() + COALESCE($3::BIGINT, 0), state = CASE WHEN $3::BIGINT IS NULL THEN 'parked' ELSE 'pending' END, last_error = $4, claimed_until = NULL WHERE id = $1 AND state = 'pending' AND claimed_by = $2",
+                &[id, claimer, retry_in_ms, error],
+            )
+            .await
+            .map_err(|e| classify(e, id))?;
+        }
+        WriteOp::Redeliver { id } => {
+            tx.execute(
+                "UPDATE event_deliveries SET state = 'pending', attempts = 0, first_tried_at = NULL, next_at = payhost_now_ms(), claimed_by = NULL, claimed_until = NULL WHERE state = 'parked' AND ($1::TEXT IS NULL OR id = $1)",
+                &[id],
+            )
+            .await
+            .map_err(|e| classify(e, id.as_deref().unwrap_or("deliveries")))?;
+        }
+        WriteOp::PruneEvents { before } => {
+            // The delivered prefix older than `before`, as this statement's snapshot sees it
+            // (an event committed later has a higher number: numbers follow commit order).
+            tx.execute(
+                "WITH cut AS (SELECT COALESCE((SELECT MIN(seq) FROM events e WHERE e.created_at >= $1 OR EXISTS (SELECT 1 FROM event_deliveries d WHERE d.event_seq = e.seq AND d.state <> 'delivered')) - 1, (SELECT MAX(seq) FROM events), 0) AS through), \
+                 gone_d AS (DELETE FROM event_deliveries WHERE event_seq <= (SELECT through FROM cut)), \
+                 gone_e AS (DELETE FROM events WHERE seq <= (SELECT through FROM cut)) \
+                 UPDATE event_meta SET v = GREATEST(v, (SELECT through FROM cut)) WHERE k = 'pruned_through'",
+                &[before],
+            )
+            .await
+            .map_err(|e| classify(e, "events"))?;
+        }
         WriteOp::MarkWebhookApplied {
             provider_id,
             event_id,
@@ -853,6 +960,45 @@ async fn apply(
         }
     }
     Ok(())
+}
+
+const EVENT_COLUMNS: &str = "e.seq, e.id, e.type, e.collection_id, e.session_id, e.payment_id, e.attempt_id, e.amount, e.currency_code, e.created_at, e.data";
+const DELIVERY_COLUMNS: &str = "d.id, d.endpoint_id, d.event_seq, d.state, d.attempts, d.next_at, d.first_tried_at, d.last_error, d.delivered_at";
+
+fn event_row(r: &Row, i: usize) -> Result<Event, StoreError> {
+    let kind: String = r.get(i + 2);
+    Ok(Event {
+        seq: r.get(i),
+        id: r.get(i + 1),
+        kind: EventType::parse(&kind).ok_or_else(|| {
+            StoreError::Unavailable(format!("unknown event type `{kind}` in the database"))
+        })?,
+        payment_collection_id: r.get(i + 3),
+        payment_session_id: r.get(i + 4),
+        payment_id: r.get(i + 5),
+        attempt_id: r.get(i + 6),
+        amount: r.get(i + 7),
+        currency_code: r.get(i + 8),
+        created_at: r.get(i + 9),
+        data: parse_json(r.get(i + 10)),
+    })
+}
+
+fn delivery_row(r: &Row) -> Result<Delivery, StoreError> {
+    let state: String = r.get(3);
+    Ok(Delivery {
+        id: r.get(0),
+        endpoint_id: r.get(1),
+        event_seq: r.get(2),
+        state: DeliveryState::parse(&state).ok_or_else(|| {
+            StoreError::Unavailable(format!("unknown delivery state `{state}` in the database"))
+        })?,
+        attempts: r.get(4),
+        next_at: r.get(5),
+        first_tried_at: r.get(6),
+        last_error: r.get(7),
+        delivered_at: r.get(8),
+    })
 }
 
 fn parse_json(text: String) -> Value {
@@ -1033,7 +1179,11 @@ impl Store for PostgresStore {
         let mut client = self.client().await?;
         let timed = tokio::time::timeout(self.op_timeout, async {
             let tx = client.transaction().await.map_err(connection_error)?;
-            for op in &ops {
+            // Events last: the counter row's lock is held from the first to the commit.
+            let (events, rest): (Vec<&WriteOp>, Vec<&WriteOp>) = ops
+                .iter()
+                .partition(|op| matches!(op, WriteOp::AppendEvent { .. }));
+            for op in rest.into_iter().chain(events) {
                 apply(&tx, op, me.as_ref()).await?;
             }
             tx.commit().await.map_err(|e| classify(e, "commit"))
@@ -1053,6 +1203,13 @@ impl Store for PostgresStore {
             }
         };
         let m = crate::metrics::global();
+        if result.is_ok()
+            && ops
+                .iter()
+                .any(|op| matches!(op, WriteOp::AppendEvent { .. }))
+        {
+            self.appended.notify_waiters();
+        }
         match &result {
             Ok(()) => m.store_ok(),
             Err(StoreError::Unavailable(why)) => {
@@ -1231,6 +1388,80 @@ impl Store for PostgresStore {
             received_at: r.get(5),
             applied_at: r.get(6),
         }))
+    }
+
+    async fn events_after(
+        &self,
+        after: i64,
+        types: Option<Vec<String>>,
+        limit: usize,
+    ) -> Result<EventPage, StoreError> {
+        let rows = self
+            .query(
+                &format!("SELECT {EVENT_COLUMNS}, (SELECT v FROM event_meta WHERE k = 'pruned_through') FROM events e WHERE seq > $1 AND ($2::TEXT[] IS NULL OR type = ANY($2)) ORDER BY seq LIMIT $3"),
+                &[&after, &types, &(limit as i64)],
+            )
+            .await?;
+        let pruned_through = match rows.first() {
+            Some(r) => r.get(11),
+            None => self
+                .query_one("SELECT v FROM event_meta WHERE k = 'pruned_through'", &[])
+                .await?
+                .get(0),
+        };
+        Ok(EventPage {
+            events: rows
+                .iter()
+                .map(|r| event_row(r, 0))
+                .collect::<Result<_, _>>()?,
+            pruned_through,
+        })
+    }
+
+    async fn claim_deliveries(
+        &self,
+        claimer: &str,
+        claim_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(Delivery, Event)>, StoreError> {
+        // The first undelivered delivery of each endpoint and session that is due and not held
+        // by a live claim; rows another host is claiming right now are skipped, not waited for.
+        let rows = self
+            .query(
+                &format!(
+                    "WITH due AS ( \
+                       SELECT d.id FROM event_deliveries d \
+                       WHERE d.state = 'pending' AND d.next_at <= payhost_now_ms() \
+                         AND (d.claimed_until IS NULL OR d.claimed_until < payhost_now_ms()) \
+                         AND NOT EXISTS (SELECT 1 FROM event_deliveries p WHERE p.endpoint_id = d.endpoint_id AND p.order_key = d.order_key AND p.event_seq < d.event_seq AND p.state <> 'delivered') \
+                       ORDER BY d.event_seq LIMIT $3 FOR UPDATE SKIP LOCKED), \
+                     claimed AS (UPDATE event_deliveries d SET claimed_by = $1, claimed_until = payhost_now_ms() + $2 FROM due WHERE d.id = due.id RETURNING d.*) \
+                     SELECT {DELIVERY_COLUMNS}, {EVENT_COLUMNS} FROM claimed d JOIN events e ON e.seq = d.event_seq ORDER BY d.event_seq"
+                ),
+                &[&claimer, &claim_ms, &(limit as i64)],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| Ok((delivery_row(r)?, event_row(r, 9)?)))
+            .collect()
+    }
+
+    async fn deliveries(
+        &self,
+        state: DeliveryState,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let rows = self
+            .query(
+                &format!("SELECT {DELIVERY_COLUMNS} FROM event_deliveries d WHERE d.state = $1 ORDER BY d.event_seq LIMIT $2"),
+                &[&state.as_str(), &(limit as i64)],
+            )
+            .await?;
+        rows.iter().map(delivery_row).collect()
+    }
+
+    fn appended(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.appended.clone()
     }
 
     async fn key(&self, key: &str) -> Result<Option<StoredKey>, StoreError> {

@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 
 use super::{Store, StoreError, StoredKey, WebhookEventRecord, WriteOp};
 use crate::domain::*;
+use crate::events::{Delivery, DeliveryState, Event, EventPage, EventType};
 
 /// The schema, one migration per entry, applied in order and recorded in `schema_migrations`.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -221,6 +222,45 @@ ALTER TABLE attempts ADD COLUMN resends INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE idempotency_keys ADD COLUMN claim_id TEXT;
 "#,
     ),
+    (
+        8,
+        r#"
+-- The outbox: one row per committed change, numbered in commit order (AUTOINCREMENT: a number
+-- is never reused, and a rolled-back write takes none).
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    collection_id TEXT,
+    session_id TEXT,
+    payment_id TEXT,
+    attempt_id TEXT,
+    amount INTEGER,
+    currency_code TEXT,
+    created_at INTEGER NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE TABLE event_deliveries (
+    id TEXT PRIMARY KEY,
+    endpoint_id TEXT NOT NULL,
+    event_seq INTEGER NOT NULL,
+    order_key TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'parked')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at INTEGER NOT NULL,
+    first_tried_at INTEGER,
+    claimed_by TEXT,
+    claimed_until INTEGER,
+    last_error TEXT,
+    created_at INTEGER NOT NULL,
+    delivered_at INTEGER
+);
+CREATE INDEX event_deliveries_open ON event_deliveries (endpoint_id, order_key, event_seq) WHERE state <> 'delivered';
+CREATE INDEX event_deliveries_event ON event_deliveries (event_seq);
+CREATE TABLE event_meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+INSERT INTO event_meta (k, v) VALUES ('pruned_through', 0);
+"#,
+    ),
 ];
 
 /// How many waiting writes one commit takes at most.
@@ -238,6 +278,7 @@ pub struct SqliteStore {
     readers: Arc<Mutex<Vec<Connection>>>,
     /// Held while the store is open: one host per file.
     _lock: Option<std::fs::File>,
+    appended: Arc<tokio::sync::Notify>,
 }
 
 /// The lock file beside a database: `<file>.lock`, holding its owner's pid.
@@ -339,6 +380,7 @@ impl SqliteStore {
             writer: Some(tx),
             readers: Arc::new(Mutex::new(readers)),
             _lock: Some(lock),
+            appended: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -358,6 +400,7 @@ impl SqliteStore {
             writer: None,
             readers: Arc::new(Mutex::new(readers)),
             _lock: None,
+            appended: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -497,9 +540,100 @@ fn classify(e: rusqlite::Error, what: &str) -> StoreError {
     unavailable(text)
 }
 
+fn now_ms() -> Timestamp {
+    crate::provider::Clock::now_unix_ms(&crate::provider::SystemClock)
+}
+
 fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreError> {
-    for op in ops {
+    // Events last (their numbers follow everything else the write did).
+    let (events, rest): (Vec<&WriteOp>, Vec<&WriteOp>) = ops
+        .iter()
+        .partition(|op| matches!(op, WriteOp::AppendEvent { .. }));
+    for op in rest.into_iter().chain(events) {
         match op {
+            WriteOp::AppendEvent {
+                event: e,
+                deliver_to,
+            } => {
+                let n = tx
+                    .prepare_cached(
+                        "INSERT INTO events (id, type, collection_id, session_id, payment_id, attempt_id, amount, currency_code, created_at, data) SELECT ?1,?2,?3,?4,?5,?6,?7,?8,?9,?10 WHERE NOT EXISTS (SELECT 1 FROM events WHERE id = ?1)",
+                    )
+                    .and_then(|mut st| st.execute(params![e.id, e.kind.as_str(), e.payment_collection_id, e.payment_session_id, e.payment_id, e.attempt_id, e.amount, e.currency_code, e.created_at, json(&e.data)]))
+                    .map_err(|err| classify(err, &e.id))?;
+                if n == 1 {
+                    let seq = tx.last_insert_rowid();
+                    let key = e.order_key();
+                    for endpoint in deliver_to {
+                        tx.prepare_cached(
+                            "INSERT INTO event_deliveries (id, endpoint_id, event_seq, order_key, state, next_at, created_at) VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5)",
+                        )
+                        .and_then(|mut st| {
+                            st.execute(params![format!("{}:{endpoint}", e.id), endpoint, seq, key, e.created_at])
+                        })
+                        .map_err(|err| classify(err, &e.id))?;
+                    }
+                }
+            }
+            WriteOp::DeliveryDone { id, .. } => {
+                tx.execute(
+                    "UPDATE event_deliveries SET state = 'delivered', delivered_at = ?2, attempts = attempts + 1, first_tried_at = COALESCE(first_tried_at, ?2), last_error = NULL WHERE id = ?1 AND state = 'pending'",
+                    params![id, now_ms()],
+                )
+                .map_err(|e| classify(e, id))?;
+            }
+            WriteOp::DeliveryFailed {
+                id,
+                retry_in_ms,
+                error,
+                ..
+            } => {
+                let now = now_ms();
+                tx.execute(
+                    "UPDATE event_deliveries SET attempts = attempts + 1, first_tried_at = COALESCE(first_tried_at, ?2), next_at = ?2 + ?3, state = CASE WHEN ?4 THEN 'parked' ELSE 'pending' END, last_error = ?5 WHERE id = ?1 AND state = 'pending'",
+                    params![id, now, retry_in_ms.unwrap_or(0), retry_in_ms.is_none(), error],
+                )
+                .map_err(|e| classify(e, id))?;
+            }
+            WriteOp::Redeliver { id } => {
+                tx.execute(
+                    "UPDATE event_deliveries SET state = 'pending', attempts = 0, first_tried_at = NULL, next_at = ?2, claimed_by = NULL, claimed_until = NULL WHERE state = 'parked' AND (?1 IS NULL OR id = ?1)",
+                    params![id, now_ms()],
+                )
+                .map_err(|e| classify(e, id.as_deref().unwrap_or("deliveries")))?;
+            }
+            WriteOp::PruneEvents { before } => {
+                // The first event that must stay: young, or not yet delivered everywhere.
+                let keep: Option<i64> = tx
+                    .query_row(
+                        "SELECT MIN(seq) FROM events e WHERE e.created_at >= ?1 OR EXISTS (SELECT 1 FROM event_deliveries d WHERE d.event_seq = e.seq AND d.state <> 'delivered')",
+                        params![before],
+                        |r| r.get(0),
+                    )
+                    .map_err(|e| classify(e, "events"))?;
+                let through: Option<i64> = match keep {
+                    Some(k) => Some(k - 1),
+                    None => tx
+                        .query_row("SELECT MAX(seq) FROM events", [], |r| r.get(0))
+                        .map_err(|e| classify(e, "events"))?,
+                };
+                if let Some(through) = through {
+                    tx.execute(
+                        "DELETE FROM event_deliveries WHERE event_seq <= ?1",
+                        params![through],
+                    )
+                    .and_then(|_| {
+                        tx.execute("DELETE FROM events WHERE seq <= ?1", params![through])
+                    })
+                    .and_then(|_| {
+                        tx.execute(
+                            "UPDATE event_meta SET v = MAX(v, ?1) WHERE k = 'pruned_through'",
+                            params![through],
+                        )
+                    })
+                    .map_err(|e| classify(e, "events"))?;
+                }
+            }
             WriteOp::InsertCollection(c) => {
                 tx.execute(
                     "INSERT INTO payment_collections (id, amount, currency_code, metadata, created_at, updated_at) VALUES (?1,?2,?3,?4,?5,?6)",
@@ -682,6 +816,46 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
     Ok(())
 }
 
+const EVENT_COLUMNS: &str = "seq, id, type, collection_id, session_id, payment_id, attempt_id, amount, currency_code, created_at, data";
+const EVENT_COLUMNS_E: &str = "e.seq, e.id, e.type, e.collection_id, e.session_id, e.payment_id, e.attempt_id, e.amount, e.currency_code, e.created_at, e.data";
+const DELIVERY_COLUMNS: &str = "d.id, d.endpoint_id, d.event_seq, d.state, d.attempts, d.next_at, d.first_tried_at, d.last_error, d.delivered_at";
+
+fn event_row(r: &Row<'_>) -> rusqlite::Result<Event> {
+    event_row_at(r, 0)
+}
+
+fn event_row_at(r: &Row<'_>, i: usize) -> rusqlite::Result<Event> {
+    let kind: String = r.get(i + 2)?;
+    Ok(Event {
+        seq: r.get(i)?,
+        id: r.get(i + 1)?,
+        kind: EventType::parse(&kind).ok_or_else(|| bad("event type", &kind))?,
+        payment_collection_id: r.get(i + 3)?,
+        payment_session_id: r.get(i + 4)?,
+        payment_id: r.get(i + 5)?,
+        attempt_id: r.get(i + 6)?,
+        amount: r.get(i + 7)?,
+        currency_code: r.get(i + 8)?,
+        created_at: r.get(i + 9)?,
+        data: parse_json(r.get(i + 10)?),
+    })
+}
+
+fn delivery_row(r: &Row<'_>) -> rusqlite::Result<Delivery> {
+    let state: String = r.get(3)?;
+    Ok(Delivery {
+        id: r.get(0)?,
+        endpoint_id: r.get(1)?,
+        event_seq: r.get(2)?,
+        state: DeliveryState::parse(&state).ok_or_else(|| bad("delivery state", &state))?,
+        attempts: r.get(4)?,
+        next_at: r.get(5)?,
+        first_tried_at: r.get(6)?,
+        last_error: r.get(7)?,
+        delivered_at: r.get(8)?,
+    })
+}
+
 fn parse_json(text: String) -> Value {
     serde_json::from_str(&text).unwrap_or(Value::Null)
 }
@@ -823,12 +997,20 @@ impl Store for SqliteStore {
                 self.path.display()
             )));
         };
+        let appends = ops
+            .iter()
+            .any(|op| matches!(op, WriteOp::AppendEvent { .. }));
         let (tx, rx) = oneshot::channel();
         writer
             .send((ops, tx))
             .map_err(|_| StoreError::Unavailable("the SQLite writer thread stopped".into()))?;
-        rx.await
-            .map_err(|_| StoreError::Unavailable("the SQLite writer thread stopped".into()))?
+        let result = rx
+            .await
+            .map_err(|_| StoreError::Unavailable("the SQLite writer thread stopped".into()))?;
+        if appends && result.is_ok() {
+            self.appended.notify_waiters();
+        }
+        result
     }
 
     async fn collection(&self, id: &CollectionId) -> Result<Option<PaymentCollection>, StoreError> {
@@ -994,6 +1176,71 @@ impl Store for SqliteStore {
             .optional()
         })
         .await
+    }
+
+    async fn events_after(
+        &self,
+        after: i64,
+        types: Option<Vec<String>>,
+        limit: usize,
+    ) -> Result<EventPage, StoreError> {
+        let types = types.map(|t| serde_json::to_string(&t).unwrap_or_default());
+        self.read(move |c| {
+            let pruned_through: i64 = c.query_row(
+                "SELECT v FROM event_meta WHERE k = 'pruned_through'",
+                [],
+                |r| r.get(0),
+            )?;
+            let events = c
+                .prepare_cached(&format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE seq > ?1 AND (?2 IS NULL OR type IN (SELECT value FROM json_each(?2))) ORDER BY seq LIMIT ?3"
+                ))?
+                .query_map(params![after, types, limit as i64], event_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(EventPage {
+                events,
+                pruned_through,
+            })
+        })
+        .await
+    }
+
+    async fn claim_deliveries(
+        &self,
+        _claimer: &str,
+        _claim_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(Delivery, Event)>, StoreError> {
+        // One host per file and one deliverer per host: what is due is this host's.
+        self.read(move |c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {DELIVERY_COLUMNS}, {EVENT_COLUMNS_E} FROM event_deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.state = 'pending' AND d.next_at <= ?1 AND NOT EXISTS (SELECT 1 FROM event_deliveries p WHERE p.endpoint_id = d.endpoint_id AND p.order_key = d.order_key AND p.event_seq < d.event_seq AND p.state <> 'delivered') ORDER BY d.event_seq LIMIT ?2"
+            ))?;
+            st.query_map(params![now_ms(), limit as i64], |r| {
+                Ok((delivery_row(r)?, event_row_at(r, 9)?))
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn deliveries(
+        &self,
+        state: DeliveryState,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {DELIVERY_COLUMNS} FROM event_deliveries d WHERE d.state = ?1 ORDER BY d.event_seq LIMIT ?2"
+            ))?
+            .query_map(params![state.as_str(), limit as i64], delivery_row)?
+            .collect()
+        })
+        .await
+    }
+
+    fn appended(&self) -> Arc<tokio::sync::Notify> {
+        self.appended.clone()
     }
 
     async fn key(&self, key: &str) -> Result<Option<StoredKey>, StoreError> {

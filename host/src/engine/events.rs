@@ -1,0 +1,429 @@
+//! The outbox's engine side: which change makes which event (appended to the very write that
+//! makes the change), the stream embedders read, and the deliverer that POSTs events to
+//! endpoints.
+
+use futures_util::Stream;
+
+use super::*;
+use crate::events::{Delivery, DeliveryState, Endpoint, Event, EventSettings, EventType};
+
+/// Events read per store query.
+const PAGE: usize = 256;
+
+impl Host {
+    /// Where events go and how long they are kept.
+    pub fn with_events(mut self, settings: EventSettings) -> Host {
+        self.events = Arc::new(settings);
+        self
+    }
+
+    /// The event settings.
+    pub fn event_settings(&self) -> &EventSettings {
+        &self.events
+    }
+
+    /// The op appending `event`, with a delivery to each endpoint that wants its type.
+    pub(super) fn event_op(&self, event: Event) -> WriteOp {
+        let deliver_to = self
+            .events
+            .endpoints
+            .iter()
+            .filter(|e| e.wants(event.kind))
+            .map(|e| e.id.clone())
+            .collect();
+        WriteOp::AppendEvent { event, deliver_to }
+    }
+
+    pub(super) fn collection_event(&self, collection: &PaymentCollection) -> WriteOp {
+        let mut e = Event::new(
+            EventType::CollectionCreated,
+            self.now(),
+            to_json(collection),
+        );
+        e.payment_collection_id = Some(collection.id.0.clone());
+        e.amount = Some(collection.amount);
+        e.currency_code = Some(collection.currency_code.code().to_owned());
+        self.event_op(e)
+    }
+
+    /// The event of a session's new status, if `before` was another.
+    pub(super) fn session_changed(
+        &self,
+        before: Option<SessionStatus>,
+        after: &PaymentSession,
+        payment: Option<&PaymentId>,
+    ) -> Option<WriteOp> {
+        let kind = match (before, after.status) {
+            (None, _) => EventType::SessionCreated,
+            (Some(b), a) if b == a => return None,
+            (_, SessionStatus::Pending) => EventType::SessionPending,
+            (_, SessionStatus::RequiresMore) => EventType::SessionRequiresMore,
+            (_, SessionStatus::Authorized) => EventType::SessionAuthorized,
+            (_, SessionStatus::Error) => EventType::SessionError,
+            (_, SessionStatus::Canceled) => EventType::SessionCanceled,
+        };
+        let mut e = Event::new(kind, after.updated_at, to_json(after));
+        e.payment_collection_id = Some(after.payment_collection_id.0.clone());
+        e.payment_session_id = Some(after.id.0.clone());
+        e.payment_id = payment.map(|p| p.0.clone());
+        e.amount = Some(after.amount);
+        e.currency_code = Some(after.currency_code.code().to_owned());
+        Some(self.event_op(e))
+    }
+
+    /// A payment's capture, refund or cancel: `payment` as it stands after it, `amount` the
+    /// movement's.
+    pub(super) fn payment_event(
+        &self,
+        kind: EventType,
+        payment: &Payment,
+        amount: i64,
+        attempt: &AttemptId,
+    ) -> WriteOp {
+        let mut e = Event::new(kind, payment.updated_at, to_json(payment));
+        e.payment_collection_id = Some(payment.payment_collection_id.0.clone());
+        e.payment_session_id = Some(payment.payment_session_id.0.clone());
+        e.payment_id = Some(payment.id.0.clone());
+        e.attempt_id = Some(attempt.0.clone());
+        e.amount = Some(amount);
+        e.currency_code = Some(payment.currency_code.code().to_owned());
+        self.event_op(e)
+    }
+
+    /// An attempt became unknown, needs an operator, or was resolved (`resolved_by`).
+    pub(super) fn attempt_event(
+        &self,
+        kind: EventType,
+        attempt: &Attempt,
+        resolved_by: Option<&str>,
+    ) -> WriteOp {
+        let mut data = to_json(attempt);
+        if let (Some(by), Value::Object(map)) = (resolved_by, &mut data) {
+            map.insert("resolved_by".into(), Value::String(by.to_owned()));
+        }
+        let mut e = Event::new(kind, attempt.updated_at, data);
+        e.payment_session_id = Some(attempt.session_id.0.clone());
+        e.payment_id = attempt.payment_id.as_ref().map(|p| p.0.clone());
+        e.attempt_id = Some(attempt.id.0.clone());
+        e.amount = Some(attempt.amount);
+        e.currency_code = Some(attempt.currency_code.code().to_owned());
+        self.event_op(e)
+    }
+
+    /// A verified webhook was applied.
+    pub(super) fn webhook_event(
+        &self,
+        provider_id: &str,
+        event: &WebhookEvent,
+        at: Timestamp,
+    ) -> WriteOp {
+        let mut e = Event::new(
+            EventType::WebhookApplied,
+            at,
+            serde_json::json!({
+                "provider_id": provider_id,
+                "event_id": event.event_id,
+                "action": event.action,
+                "payment_session_id": event.session_id,
+            }),
+        );
+        e.payment_session_id = event.session_id.clone();
+        self.event_op(e)
+    }
+
+    // ------------------------------------------------------------ reading
+
+    /// Up to `limit` events after `after` (0: from the start) of the `types` named, or
+    /// [`EngineError::EventsPruned`] when `after` is inside the pruned prefix.
+    pub async fn events_page(
+        &self,
+        after: i64,
+        types: Option<Vec<String>>,
+        limit: usize,
+    ) -> Result<Vec<Event>, EngineError> {
+        let page = self.store.events_after(after, types, limit).await?;
+        if after < page.pruned_through {
+            return Err(EngineError::EventsPruned {
+                after,
+                pruned_through: page.pruned_through,
+            });
+        }
+        Ok(page.events)
+    }
+
+    /// [`Host::events_page`], waiting up to `wait` for an event when there is none yet.
+    pub async fn wait_for_events(
+        &self,
+        after: i64,
+        types: Option<Vec<String>>,
+        limit: usize,
+        wait: Duration,
+    ) -> Result<Vec<Event>, EngineError> {
+        let until = tokio::time::Instant::now() + wait;
+        let appended = self.store.appended();
+        loop {
+            let woken = appended.notified();
+            let events = self.events_page(after, types.clone(), limit).await?;
+            if !events.is_empty() || tokio::time::Instant::now() >= until {
+                return Ok(events);
+            }
+            let nap = self.events.poll.min(until - tokio::time::Instant::now());
+            let _ = tokio::time::timeout(nap, woken).await;
+        }
+    }
+
+    /// Every event after `after` (`None`: from the oldest kept), then each new one as it commits:
+    /// at least once, in commit order. Store the `seq` of each event handled and resume after it.
+    /// Ends with [`EngineError::EventsPruned`] if `after` was pruned; a store error is yielded
+    /// and the stream goes on trying.
+    pub fn events(
+        self: &Arc<Self>,
+        after: Option<i64>,
+    ) -> impl Stream<Item = Result<Event, EngineError>> + Send + 'static {
+        struct State {
+            host: Arc<Host>,
+            after: i64,
+            buffer: std::collections::VecDeque<Event>,
+            done: bool,
+        }
+        let state = State {
+            host: self.clone(),
+            after: after.unwrap_or(0),
+            buffer: Default::default(),
+            done: false,
+        };
+        futures_util::stream::unfold(state, |mut s| async move {
+            if s.done {
+                return None;
+            }
+            loop {
+                if let Some(e) = s.buffer.pop_front() {
+                    s.after = e.seq;
+                    return Some((Ok(e), s));
+                }
+                let appended = s.host.store.appended();
+                let woken = appended.notified();
+                match s.host.events_page(s.after, None, PAGE).await {
+                    Ok(events) if !events.is_empty() => s.buffer.extend(events),
+                    Ok(_) => {
+                        let _ = tokio::time::timeout(s.host.events.poll, woken).await;
+                    }
+                    Err(e @ EngineError::EventsPruned { .. }) => {
+                        s.done = true;
+                        return Some((Err(e), s));
+                    }
+                    Err(e) => {
+                        tokio::time::sleep(s.host.events.poll).await;
+                        return Some((Err(e), s));
+                    }
+                }
+            }
+        })
+    }
+
+    // ------------------------------------------------------------ delivering
+
+    /// Deliveries that are parked (retried for their whole period), oldest first.
+    pub async fn parked_deliveries(&self, limit: usize) -> Result<Vec<Delivery>, EngineError> {
+        Ok(self.store.deliveries(DeliveryState::Parked, limit).await?)
+    }
+
+    /// Sends a parked delivery (or, with `None`, every parked one) again from scratch.
+    pub async fn redeliver(&self, id: Option<&str>) -> Result<usize, EngineError> {
+        let parked = self
+            .store
+            .deliveries(DeliveryState::Parked, usize::MAX >> 1)
+            .await?;
+        let n = match id {
+            Some(id) => {
+                if !parked.iter().any(|d| d.id == id) {
+                    return Err(not_found("parked delivery", id));
+                }
+                1
+            }
+            None => parked.len(),
+        };
+        self.store
+            .write(vec![WriteOp::Redeliver {
+                id: id.map(str::to_owned),
+            }])
+            .await?;
+        Ok(n)
+    }
+
+    /// Who claims deliveries for this host.
+    fn claimer(&self) -> String {
+        self.store
+            .host_lease()
+            .map(|l| format!("{}:{}", l.host_id, l.epoch))
+            .unwrap_or_else(|| "local".into())
+    }
+
+    /// One pass: claims the deliveries due, POSTs them (concurrently; one per endpoint and
+    /// session at a time) and records each outcome. Returns how many were tried.
+    pub async fn deliver_due(&self, client: &reqwest::Client) -> Result<usize, EngineError> {
+        if self.events.endpoints.is_empty() {
+            return Ok(0);
+        }
+        let claimer = self.claimer();
+        let claimed = self
+            .store
+            .claim_deliveries(&claimer, self.events.claim.as_millis() as i64, 64)
+            .await?;
+        let n = claimed.len();
+        let tries = claimed.into_iter().map(|(delivery, event)| {
+            let claimer = claimer.clone();
+            async move {
+                let Some(endpoint) = self
+                    .events
+                    .endpoints
+                    .iter()
+                    .find(|e| e.id == delivery.endpoint_id)
+                else {
+                    // An endpoint removed from the config: its deliveries wait, parked.
+                    return WriteOp::DeliveryFailed {
+                        id: delivery.id,
+                        claimer,
+                        retry_in_ms: None,
+                        error: "the endpoint is no longer configured".into(),
+                    };
+                };
+                let started = std::time::Instant::now();
+                let result = post(client, endpoint, &event).await;
+                let m = crate::metrics::global();
+                match result {
+                    Ok(()) => {
+                        m.event_delivered(&endpoint.id, "delivered", started.elapsed());
+                        WriteOp::DeliveryDone {
+                            id: delivery.id,
+                            claimer,
+                        }
+                    }
+                    Err(why) => {
+                        let now = self.store_now().await.unwrap_or_else(|_| self.now());
+                        let first = delivery.first_tried_at.unwrap_or(now);
+                        let wait = endpoint.backoff(delivery.attempts, jitter());
+                        let park = now + wait.as_millis() as i64
+                            > first + endpoint.retry_for.as_millis() as i64;
+                        m.event_delivered(
+                            &endpoint.id,
+                            if park { "parked" } else { "failed" },
+                            started.elapsed(),
+                        );
+                        if park {
+                            tracing::error!(delivery = %delivery.id, endpoint = %endpoint.id, tries = delivery.attempts + 1, "event delivery parked after its retry period: {why}; `payhost events redeliver` sends it again");
+                        } else {
+                            tracing::warn!(delivery = %delivery.id, endpoint = %endpoint.id, tries = delivery.attempts + 1, retry_in_ms = wait.as_millis() as u64, "event delivery failed: {why}");
+                        }
+                        WriteOp::DeliveryFailed {
+                            id: delivery.id,
+                            claimer,
+                            retry_in_ms: (!park).then_some(wait.as_millis() as i64),
+                            error: why,
+                        }
+                    }
+                }
+            }
+        });
+        let outcomes = futures_util::future::join_all(tries).await;
+        for op in outcomes {
+            // Each on its own: one lost claim does not undo another's record. A store error
+            // leaves the claim to lapse, and the delivery is tried again (at least once).
+            if let Err(e) = self.store.write(vec![op]).await {
+                tracing::warn!(code = e.code(), "recording an event delivery failed: {e}");
+            }
+        }
+        Ok(n)
+    }
+
+    /// Delivers events to the configured endpoints until the task is aborted, and prunes
+    /// delivered events past the retention.
+    pub fn spawn_deliverer(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let host = self.clone();
+        tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .user_agent(concat!("payhost/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .unwrap_or_default();
+            let appended = host.store.appended();
+            let mut last_prune = tokio::time::Instant::now() - Duration::from_secs(3600);
+            loop {
+                let woken = appended.notified();
+                let tried = match host.deliver_due(&client).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(code = e.code(), "event delivery pass failed: {e}");
+                        0
+                    }
+                };
+                if last_prune.elapsed() >= Duration::from_secs(60) {
+                    last_prune = tokio::time::Instant::now();
+                    if let Err(e) = host.prune_events().await {
+                        tracing::warn!(code = e.code(), "pruning events failed: {e}");
+                    }
+                }
+                if tried == 0 {
+                    let _ = tokio::time::timeout(host.events.poll, woken).await;
+                }
+            }
+        })
+    }
+
+    /// Prunes delivered events older than the retention.
+    pub async fn prune_events(&self) -> Result<(), EngineError> {
+        let before = self.now() - self.events.retention.as_millis() as i64;
+        self.store
+            .write(vec![WriteOp::PruneEvents { before }])
+            .await?;
+        Ok(())
+    }
+}
+
+fn to_json<T: Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+/// A number in [0, 1) that differs between calls and hosts.
+fn jitter() -> f64 {
+    (uuid::Uuid::new_v4().as_u128() % 1_000_000) as f64 / 1_000_000.0
+}
+
+/// POSTs one event, signed. Ok only for a 2xx read in full.
+async fn post(client: &reqwest::Client, endpoint: &Endpoint, event: &Event) -> Result<(), String> {
+    let body = serde_json::to_vec(event).map_err(|e| e.to_string())?;
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let answer = client
+        .post(&endpoint.url)
+        .timeout(endpoint.timeout)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header(
+            crate::events::SIGNATURE_HEADER,
+            crate::events::sign(&endpoint.secret, t, &body),
+        )
+        .header(crate::events::EVENT_ID_HEADER, &event.id)
+        .header("payhost-event-type", event.kind.as_str())
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| {
+            let kind = if e.is_timeout() {
+                "timed out"
+            } else if e.is_connect() {
+                "could not connect"
+            } else {
+                "failed"
+            };
+            format!("{kind}: {}", crate::config::redact_url(&e.to_string()))
+        })?;
+    let status = answer.status();
+    // Read the answer (bounded by the timeout), so the connection can be reused.
+    let _ = answer.bytes().await;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("the endpoint answered {status}"))
+    }
+}

@@ -1,0 +1,137 @@
+//! `GET /v1/events` (read scope) and the operator's delivery routes.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::AppState;
+use super::error::{ApiError, ErrorResponses};
+use crate::events::{Delivery, Event, EventType};
+
+type ApiResult<T> = Result<T, ApiError>;
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(super) struct EventQuery {
+    /// Events after this sequence number (the last `seq` you handled; 0 or absent: from the
+    /// oldest kept). Below the pruned prefix: 410.
+    after: Option<i64>,
+    /// Comma-separated types (`payment_session.authorized,payment.*`); all when absent.
+    types: Option<String>,
+    /// At most this many (1 to 1000, default 100).
+    limit: Option<usize>,
+    /// With no event after the cursor yet, wait up to this long for one (cut to the server's
+    /// `[events] max_wait_ms`, 30000 by default). An empty page is always possible.
+    wait_ms: Option<u64>,
+}
+
+/// A page of events.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(super) struct EventList {
+    /// In commit order.
+    data: Vec<Event>,
+    /// The cursor for the next page: the last event's `seq`, or `after` when empty.
+    next_after: i64,
+    /// Whether more events follow now.
+    has_more: bool,
+}
+
+/// Events after a cursor, in commit order: every committed change, each with the entity as it
+/// stands after it. Resume with `after=<next_after>`.
+#[utoipa::path(get, path = "/v1/events", params(EventQuery),
+    responses((status = 200, body = EventList), (status = 410, description = "The cursor is inside the pruned prefix: resynchronise, then read after `pruned_through`", body = super::error::ErrorBody), ErrorResponses),
+    security(("api_key" = ["read"])))]
+pub(super) async fn list_events(
+    State(s): State<AppState>,
+    query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<EventList>> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("query", e.body_text()))?;
+    let after = q.after.unwrap_or(0);
+    if after < 0 {
+        return Err(ApiError::bad_request("after", "`after` must be 0 or more"));
+    }
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "limit",
+            "`limit` must be between 1 and 1000",
+        ));
+    }
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(s.host.event_settings().max_wait);
+    let types = match q.types.as_deref() {
+        None | Some("") => None,
+        Some(list) => {
+            let mut names = Vec::new();
+            for pattern in list.split(',').map(str::trim) {
+                let matched: Vec<&str> = EventType::ALL
+                    .iter()
+                    .filter(|t| t.matches(pattern))
+                    .map(|t| t.as_str())
+                    .collect();
+                if matched.is_empty() {
+                    return Err(ApiError::bad_request(
+                        "types",
+                        format!("`{pattern}` names no event type"),
+                    ));
+                }
+                names.extend(matched.into_iter().map(str::to_owned));
+            }
+            Some(names)
+        }
+    };
+    // One more than asked, to say whether more follow.
+    let mut data = s
+        .host
+        .wait_for_events(after, types, limit + 1, wait)
+        .await?;
+    let has_more = data.len() > limit;
+    data.truncate(limit);
+    let next_after = data.last().map_or(after, |e| e.seq);
+    Ok(Json(EventList {
+        data,
+        next_after,
+        has_more,
+    }))
+}
+
+/// Parked deliveries.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(super) struct DeliveryList {
+    /// Oldest event first.
+    deliveries: Vec<Delivery>,
+}
+
+/// Deliveries parked after their retry period (later events of their sessions wait behind them).
+#[utoipa::path(get, path = "/v1/event-deliveries/parked",
+    responses((status = 200, body = DeliveryList), ErrorResponses),
+    security(("api_key" = ["operator"])))]
+pub(super) async fn parked_deliveries(State(s): State<AppState>) -> ApiResult<Json<DeliveryList>> {
+    Ok(Json(DeliveryList {
+        deliveries: s.host.parked_deliveries(1000).await?,
+    }))
+}
+
+/// How many deliveries were sent again.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(super) struct Redelivered {
+    /// Deliveries pending again.
+    redelivered: usize,
+}
+
+/// Send a parked delivery again (`all`: every parked one), with a fresh retry period.
+#[utoipa::path(post, path = "/v1/event-deliveries/{id}/redeliver", params(("id" = String, Path, description = "A delivery id, or `all`")),
+    responses((status = 200, body = Redelivered), ErrorResponses),
+    security(("api_key" = ["operator"])))]
+pub(super) async fn redeliver(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Redelivered>> {
+    let which = (id != "all").then_some(id.as_str());
+    Ok(Json(Redelivered {
+        redelivered: s.host.redeliver(which).await?,
+    }))
+}
