@@ -904,9 +904,9 @@ fn serve(path: &Path, listen: Option<std::net::SocketAddr>) -> ExitCode {
         shutdown_grace: Duration::from_millis(server.shutdown_grace_ms),
         tls,
     };
-    let reconciler = {
+    let (reconciler, deliverer) = {
         let _entered = runtime.enter();
-        host.spawn_reconciler()
+        (host.spawn_reconciler(), host.spawn_deliverer())
     };
     let scheme = if edge.tls.is_some() { "https" } else { "http" };
     let auth = if !config.api_keys.is_empty() {
@@ -953,6 +953,7 @@ fn serve(path: &Path, listen: Option<std::net::SocketAddr>) -> ExitCode {
         let _ = runtime.block_on(admin);
     }
     reconciler.abort();
+    deliverer.abort();
     let stop_workers = host.clone();
     tracing::info!(
         "shutting down: waiting up to {} ms for provider calls in progress",
