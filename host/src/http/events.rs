@@ -41,12 +41,14 @@ pub(super) struct EventList {
 }
 
 /// Events after a cursor, in commit order: every committed change, each with the entity as it
-/// stands after it. Resume with `after=<next_after>`.
+/// stands after it. Resume with `after=<next_after>`. `attempt.*` events only for keys with the
+/// operator scope.
 #[utoipa::path(get, path = "/v1/events", params(EventQuery),
     responses((status = 200, body = EventList), (status = 410, description = "The cursor is inside the pruned prefix: resynchronise, then read after `pruned_through`", body = super::error::ErrorBody), ErrorResponses),
     security(("api_key" = ["read"])))]
 pub(super) async fn list_events(
     State(s): State<AppState>,
+    caller: Option<axum::Extension<crate::auth::Caller>>,
     query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<EventList>> {
     let Query(q) = query.map_err(|e| ApiError::bad_request("query", e.body_text()))?;
@@ -82,6 +84,25 @@ pub(super) async fn list_events(
             }
             Some(names)
         }
+    };
+    // Attempts are the operator's (`/v1/attempts` needs that scope): a key without it does not
+    // see their events either.
+    let operator = caller.is_none_or(|c| c.may(crate::auth::Scope::Operator));
+    let types = if operator {
+        types
+    } else {
+        let all: Vec<String> = match types {
+            Some(t) => t,
+            None => EventType::ALL
+                .iter()
+                .map(|t| t.as_str().to_owned())
+                .collect(),
+        };
+        Some(
+            all.into_iter()
+                .filter(|t| !t.starts_with("attempt."))
+                .collect(),
+        )
     };
     // One more than asked, to say whether more follow.
     let mut data = s
