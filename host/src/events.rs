@@ -32,7 +32,7 @@ pub const SIGNATURE_HEADER: &str = "payhost-signature";
 pub const EVENT_ID_HEADER: &str = "payhost-event-id";
 
 macro_rules! event_types {
-    ($($(#[$doc:meta])* $variant:ident = $name:literal,)*) => {
+    ($($(#[$doc:meta])* $variant:ident = $name:tt,)*) => {
         /// What an event says happened. Its name is stable.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
         pub enum EventType {

@@ -972,4 +972,21 @@ mod tests {
         }
         assert!(seen >= 20, "{seen}");
     }
+
+    /// The event types the document lists are the names events carry on the wire.
+    #[test]
+    fn the_document_lists_event_types_by_their_wire_names() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let listed: Vec<&str> = doc["components"]["schemas"]["EventType"]["enum"]
+            .as_array()
+            .expect("EventType is an enum")
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        let wire: Vec<&str> = crate::events::EventType::ALL
+            .iter()
+            .map(|t| t.as_str())
+            .collect();
+        assert_eq!(listed, wire);
+    }
 }
