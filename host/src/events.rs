@@ -112,6 +112,30 @@ pub fn valid_pattern(pattern: &str) -> bool {
     EventType::ALL.iter().any(|t| t.matches(pattern))
 }
 
+/// A position in the event sequence; a consumer stores the cursor of the last event it handled
+/// and resumes after it ([`crate::Host::events`]).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct Cursor(pub i64);
+
+impl Cursor {
+    /// Before the first event.
+    pub const START: Cursor = Cursor(0);
+
+    /// The sequence number it stands at (0: before the first event).
+    pub const fn seq(self) -> i64 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// One committed change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Event {
@@ -157,6 +181,11 @@ impl Event {
             created_at: at,
             data,
         }
+    }
+
+    /// The cursor to resume after this event.
+    pub const fn cursor(&self) -> Cursor {
+        Cursor(self.seq)
     }
 
     /// What orders its deliveries: events of one session (or else one collection) reach an

@@ -81,6 +81,11 @@ enum Command {
         #[command(subcommand)]
         action: KeysAction,
     },
+    /// The outbox's deliveries to `[[events.endpoints]]`: list the parked ones, send them again.
+    Events {
+        #[command(subcommand)]
+        action: EventsAction,
+    },
     /// List the attempts whose outcome is open, or settle one (`attempts resolve`).
     Attempts {
         /// The config file.
@@ -91,6 +96,32 @@ enum Command {
         json: bool,
         #[command(subcommand)]
         action: Option<AttemptsAction>,
+    },
+}
+
+#[derive(Subcommand)]
+enum EventsAction {
+    /// List the deliveries parked after their retry period (later events of their sessions wait
+    /// behind them).
+    Failed {
+        /// The config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send parked deliveries again, with a fresh retry period (works beside a running host).
+    Redeliver {
+        /// A delivery id (`evt_…:<endpoint>`, from `payhost events failed`).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Every parked delivery to the endpoints configured.
+        #[arg(long)]
+        all: bool,
+        /// The config file.
+        #[arg(long, short)]
+        config: PathBuf,
     },
 }
 
@@ -228,6 +259,7 @@ fn main() -> ExitCode {
                     rate_per_second,
                 },
         } => new_key(&scope, id, rate_per_second),
+        Command::Events { action } => events(action),
         Command::Attempts {
             config,
             json,
@@ -1112,6 +1144,87 @@ fn attempts(path: &Path, json: bool, action: Option<AttemptsAction>) -> ExitCode
             }
         }
     })
+}
+
+fn events(action: EventsAction) -> ExitCode {
+    let path = match &action {
+        EventsAction::Failed { config, .. } | EventsAction::Redeliver { config, .. } => config,
+    };
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging("warn", config.log.format);
+    let runtime = match runtime(false) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    runtime.block_on(async {
+        let store = match payhost::engine::open_store_for_outbox(&config).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        // No providers: deliveries never call one.
+        let host = payhost::Host::new(store, payhost::Providers::default())
+            .with_events(config.events.clone());
+        let result = match action {
+            EventsAction::Failed { json, .. } => {
+                host.parked_deliveries(10_000).await.map(|list| {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&list).unwrap_or_default()
+                        );
+                    } else {
+                        print_deliveries(&list);
+                    }
+                })
+            }
+            EventsAction::Redeliver { id, .. } => {
+                host.redeliver(id.as_deref()).await.map(|n| {
+                    println!(
+                        "{n} deliver{} pending again; the running host sends {} within [events] poll_ms",
+                        if n == 1 { "y is" } else { "ies are" },
+                        if n == 1 { "it" } else { "them" }
+                    );
+                })
+            }
+        };
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error[{}]: {e}", e.code());
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn print_deliveries(list: &[payhost::events::Delivery]) {
+    if list.is_empty() {
+        println!("no parked deliveries");
+        return;
+    }
+    for d in list {
+        println!(
+            "{}  endpoint {}  event {}  tries {}{}",
+            d.id,
+            d.endpoint_id,
+            d.event_seq,
+            d.attempts,
+            d.last_error
+                .as_ref()
+                .map(|e| format!("  last error: {e}"))
+                .unwrap_or_default(),
+        );
+    }
+    println!(
+        "{} parked; `payhost events redeliver <id>` or `--all` sends them again",
+        list.len()
+    );
 }
 
 fn print_attempts(list: &[payhost::domain::Attempt]) {

@@ -5,10 +5,14 @@
 use futures_util::Stream;
 
 use super::*;
-use crate::events::{Delivery, DeliveryState, Endpoint, Event, EventSettings, EventType};
+use crate::events::{Cursor, Delivery, DeliveryState, Endpoint, Event, EventSettings, EventType};
 
 /// Events read per store query.
 const PAGE: usize = 256;
+/// Deliveries claimed (and sent at once) per pass of an endpoint.
+const CLAIM: usize = 64;
+/// How often delivered events past the retention are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 impl Host {
     /// Where events go and how long they are kept.
@@ -173,12 +177,13 @@ impl Host {
     }
 
     /// Every event after `after` (`None`: from the oldest kept), then each new one as it commits:
-    /// at least once, in commit order. Store the `seq` of each event handled and resume after it.
+    /// at least once, in commit order. Store the [`Event::cursor`] of each event handled and
+    /// resume after it.
     /// Ends with [`EngineError::EventsPruned`] if `after` was pruned; a store error is yielded
     /// and the stream goes on trying.
     pub fn events(
         self: &Arc<Self>,
-        after: Option<i64>,
+        after: Option<Cursor>,
     ) -> impl Stream<Item = Result<Event, EngineError>> + Send + 'static {
         struct State {
             host: Arc<Host>,
@@ -188,7 +193,7 @@ impl Host {
         }
         let state = State {
             host: self.clone(),
-            after: after.unwrap_or(0),
+            after: after.unwrap_or_default().seq(),
             buffer: Default::default(),
             done: false,
         };
@@ -228,24 +233,39 @@ impl Host {
         Ok(self.store.deliveries(DeliveryState::Parked, limit).await?)
     }
 
-    /// Sends a parked delivery (or, with `None`, every parked one) again from scratch.
+    /// Sends a parked delivery (or, with `None`, every parked one) again from scratch, with a
+    /// fresh retry period. Only deliveries to endpoints configured here are sent again.
     pub async fn redeliver(&self, id: Option<&str>) -> Result<usize, EngineError> {
         let parked = self
             .store
             .deliveries(DeliveryState::Parked, usize::MAX >> 1)
             .await?;
+        let configured: Vec<String> = self.events.endpoints.iter().map(|e| e.id.clone()).collect();
         let n = match id {
             Some(id) => {
-                if !parked.iter().any(|d| d.id == id) {
+                let Some(d) = parked.iter().find(|d| d.id == id) else {
                     return Err(not_found("parked delivery", id));
+                };
+                if !configured.contains(&d.endpoint_id) {
+                    return Err(EngineError::invalid(
+                        "id",
+                        format!(
+                            "delivery {id} is to endpoint `{}`, which is not configured",
+                            d.endpoint_id
+                        ),
+                    ));
                 }
                 1
             }
-            None => parked.len(),
+            None => parked
+                .iter()
+                .filter(|d| configured.contains(&d.endpoint_id))
+                .count(),
         };
         self.store
             .write(vec![WriteOp::Redeliver {
                 id: id.map(str::to_owned),
+                endpoints: configured,
             }])
             .await?;
         Ok(n)
@@ -259,35 +279,28 @@ impl Host {
             .unwrap_or_else(|| "local".into())
     }
 
-    /// One pass: claims the deliveries due, POSTs them (concurrently; one per endpoint and
-    /// session at a time) and records each outcome. Returns how many were tried.
-    pub async fn deliver_due(&self, client: &reqwest::Client) -> Result<usize, EngineError> {
-        if self.events.endpoints.is_empty() {
-            return Ok(0);
-        }
+    /// One pass for one endpoint: claims its deliveries that are due (each the first undelivered
+    /// one of its session), POSTs them at once and records each outcome. Returns how many were
+    /// tried.
+    pub async fn deliver_due(
+        &self,
+        endpoint: &Endpoint,
+        client: &reqwest::Client,
+    ) -> Result<usize, EngineError> {
         let claimer = self.claimer();
         let claimed = self
             .store
-            .claim_deliveries(&claimer, self.events.claim.as_millis() as i64, 64)
+            .claim_deliveries(
+                &endpoint.id,
+                &claimer,
+                self.events.claim.as_millis() as i64,
+                CLAIM,
+            )
             .await?;
         let n = claimed.len();
         let tries = claimed.into_iter().map(|(delivery, event)| {
             let claimer = claimer.clone();
             async move {
-                let Some(endpoint) = self
-                    .events
-                    .endpoints
-                    .iter()
-                    .find(|e| e.id == delivery.endpoint_id)
-                else {
-                    // An endpoint removed from the config: its deliveries wait, parked.
-                    return WriteOp::DeliveryFailed {
-                        id: delivery.id,
-                        claimer,
-                        retry_in_ms: None,
-                        error: "the endpoint is no longer configured".into(),
-                    };
-                };
                 let started = std::time::Instant::now();
                 let result = post(client, endpoint, &event).await;
                 let m = crate::metrics::global();
@@ -326,18 +339,19 @@ impl Host {
             }
         });
         let outcomes = futures_util::future::join_all(tries).await;
-        for op in outcomes {
-            // Each on its own: one lost claim does not undo another's record. A store error
-            // leaves the claim to lapse, and the delivery is tried again (at least once).
-            if let Err(e) = self.store.write(vec![op]).await {
-                tracing::warn!(code = e.code(), "recording an event delivery failed: {e}");
-            }
+        // One write for the pass. A store error leaves the claims to lapse, and the deliveries
+        // are sent again (at least once; receivers dedupe by event id).
+        if !outcomes.is_empty()
+            && let Err(e) = self.store.write(outcomes).await
+        {
+            tracing::warn!(code = e.code(), endpoint = %endpoint.id, "recording event deliveries failed: {e}");
         }
         Ok(n)
     }
 
-    /// Delivers events to the configured endpoints until the task is aborted, and prunes
-    /// delivered events past the retention.
+    /// Delivers events to each configured endpoint (one task each, so a slow endpoint delays
+    /// only its own deliveries) and prunes delivered events past the retention, until the tasks
+    /// are aborted.
     pub fn spawn_deliverer(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let host = self.clone();
         tokio::spawn(async move {
@@ -346,26 +360,46 @@ impl Host {
                 .user_agent(concat!("payhost/", env!("CARGO_PKG_VERSION")))
                 .build()
                 .unwrap_or_default();
-            let appended = host.store.appended();
-            let mut last_prune = tokio::time::Instant::now() - Duration::from_secs(3600);
+            // Deliveries to an endpoint removed from the config are parked, so they are listed
+            // (`payhost events failed`) rather than waiting unseen.
+            let configured = host.events.endpoints.iter().map(|e| e.id.clone()).collect();
+            if let Err(e) = host
+                .store
+                .write(vec![WriteOp::ParkUnconfigured { configured }])
+                .await
+            {
+                tracing::warn!(
+                    code = e.code(),
+                    "parking deliveries to removed endpoints failed: {e}"
+                );
+            }
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in 0..host.events.endpoints.len() {
+                let (host, client) = (host.clone(), client.clone());
+                tasks.spawn(async move {
+                    let endpoint = &host.events.endpoints[i];
+                    let appended = host.store.appended();
+                    loop {
+                        let woken = appended.notified();
+                        let tried = match host.deliver_due(endpoint, &client).await {
+                            Ok(n) => n,
+                            Err(e) => {
+                                tracing::warn!(code = e.code(), endpoint = %endpoint.id, "event delivery pass failed: {e}");
+                                0
+                            }
+                        };
+                        if tried == 0 {
+                            let _ = tokio::time::timeout(host.events.poll, woken).await;
+                        }
+                    }
+                });
+            }
             loop {
-                let woken = appended.notified();
-                let tried = match host.deliver_due(&client).await {
-                    Ok(n) => n,
-                    Err(e) => {
-                        tracing::warn!(code = e.code(), "event delivery pass failed: {e}");
-                        0
-                    }
-                };
-                if last_prune.elapsed() >= Duration::from_secs(60) {
-                    last_prune = tokio::time::Instant::now();
-                    if let Err(e) = host.prune_events().await {
-                        tracing::warn!(code = e.code(), "pruning events failed: {e}");
-                    }
+                if let Err(e) = host.prune_events().await {
+                    tracing::warn!(code = e.code(), "pruning events failed: {e}");
                 }
-                if tried == 0 {
-                    let _ = tokio::time::timeout(host.events.poll, woken).await;
-                }
+                tokio::time::sleep(PRUNE_EVERY.min(host.events.retention.max(host.events.poll)))
+                    .await;
             }
         })
     }

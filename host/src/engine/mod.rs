@@ -529,6 +529,23 @@ pub fn reconcile_settings(config: &crate::Config, providers: &Providers) -> Reco
     }
 }
 
+/// Opens `config`'s store for an operator's changes to the outbox: a shared store as usual, an
+/// embedded database that a running host has beside it ([`crate::store::sqlite::SqliteStore::open_beside`]).
+pub async fn open_store_for_outbox(config: &crate::Config) -> Result<Arc<dyn Store>, OpenError> {
+    match open_store(config).await {
+        Err(OpenError::Store(StoreError::Locked(_))) => {
+            let path = config
+                .storage
+                .url
+                .strip_prefix("sqlite://")
+                .ok_or_else(|| OpenError::Storage("only a SQLite store is locked".into()))?;
+            let store = crate::store::sqlite::SqliteStore::open_beside(config.dir.join(path))?;
+            Ok(Arc::new(store))
+        }
+        other => other,
+    }
+}
+
 /// Opens `config`'s embedded database read-only, beside the host that has it.
 pub fn open_store_read_only(config: &crate::Config) -> Result<Arc<dyn Store>, OpenError> {
     let path = config

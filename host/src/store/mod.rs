@@ -157,10 +157,18 @@ pub enum WriteOp {
         /// What the try got.
         error: String,
     },
-    /// Sends parked deliveries again from scratch: one (`Some(id)`) or all.
+    /// Sends parked deliveries to `endpoints` again from scratch: one (`Some(id)`) or all.
     Redeliver {
         /// The delivery, or every parked one.
         id: Option<String>,
+        /// Only deliveries to these endpoints.
+        endpoints: Vec<String>,
+    },
+    /// Parks the pending deliveries to endpoints that are not in `configured` (removed from the
+    /// config): they are listed with the parked ones instead of waiting unseen.
+    ParkUnconfigured {
+        /// The endpoint ids configured now.
+        configured: Vec<String>,
     },
     /// Prunes the events committed before `before` whose deliveries are all delivered, as a
     /// prefix of the sequence (an event that must stay keeps every later one).
@@ -224,6 +232,14 @@ pub struct WebhookEventRecord {
     pub received_at: Timestamp,
     /// When it was applied; `None` until then.
     pub applied_at: Option<Timestamp>,
+}
+
+impl WriteOp {
+    /// Whether it only administers the outbox's deliveries (no money, attempt or event): an
+    /// operator's tool may write it beside the host that has an embedded database.
+    pub fn is_outbox_admin(&self) -> bool {
+        matches!(self, WriteOp::Redeliver { .. })
+    }
 }
 
 /// A stored client idempotency key.
@@ -364,11 +380,12 @@ pub trait Store: Send + Sync + 'static {
         types: Option<Vec<String>>,
         limit: usize,
     ) -> Result<EventPage, StoreError>;
-    /// Claims up to `limit` deliveries due now for `claimer` for `claim_ms`, each the first
-    /// undelivered one of its endpoint and session, with their events. A store of one host
-    /// claims nothing in the database (it has one deliverer).
+    /// Claims up to `limit` deliveries to `endpoint_id` due now for `claimer` for `claim_ms`,
+    /// each the first undelivered one of its session, with their events. A store of one host
+    /// claims nothing in the database (it has one deliverer per endpoint).
     async fn claim_deliveries(
         &self,
+        endpoint_id: &str,
         claimer: &str,
         claim_ms: i64,
         limit: usize,

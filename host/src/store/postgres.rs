@@ -273,13 +273,15 @@ $$ LANGUAGE sql VOLATILE;
     (
         7,
         r#"
--- The outbox. Numbers come from one counter row, updated as the last statement of each write:
--- its lock is held from there to the commit, so numbers are taken in commit order and a
--- rolled-back write takes none (a sequence would leave gaps and commit out of order).
+-- The outbox. A write inserts its events with no number (`pos` is only insertion order: a
+-- sequence, with gaps, not in commit order); the sequencer numbers committed ones afterwards
+-- (`payhost_sequence_events`), one host at a time, so `seq` is gap-free and a number is never
+-- given below one a reader may already have seen. Writes never wait for one another here.
 CREATE TABLE event_seq (one BOOLEAN PRIMARY KEY DEFAULT true CHECK (one), last BIGINT NOT NULL);
 INSERT INTO event_seq (one, last) VALUES (true, 0);
 CREATE TABLE events (
-    seq BIGINT PRIMARY KEY,
+    pos BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    seq BIGINT UNIQUE,
     id TEXT NOT NULL UNIQUE,
     type TEXT NOT NULL,
     collection_id TEXT,
@@ -291,10 +293,11 @@ CREATE TABLE events (
     created_at BIGINT NOT NULL,
     data TEXT NOT NULL
 );
+CREATE INDEX events_unsequenced ON events (pos) WHERE seq IS NULL;
 CREATE TABLE event_deliveries (
     id TEXT PRIMARY KEY,
     endpoint_id TEXT NOT NULL,
-    event_seq BIGINT NOT NULL,
+    event_pos BIGINT NOT NULL,
     order_key TEXT NOT NULL,
     state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'parked')),
     attempts BIGINT NOT NULL DEFAULT 0,
@@ -306,10 +309,36 @@ CREATE TABLE event_deliveries (
     created_at BIGINT NOT NULL,
     delivered_at BIGINT
 );
-CREATE INDEX event_deliveries_open ON event_deliveries (endpoint_id, order_key, event_seq) WHERE state <> 'delivered';
+CREATE INDEX event_deliveries_open ON event_deliveries (endpoint_id, order_key, event_pos) WHERE state <> 'delivered';
 CREATE INDEX event_deliveries_due ON event_deliveries (next_at) WHERE state = 'pending';
-CREATE INDEX event_deliveries_event ON event_deliveries (event_seq);
+CREATE INDEX event_deliveries_event ON event_deliveries (event_pos);
 CREATE TABLE event_meta (k TEXT PRIMARY KEY, v BIGINT NOT NULL);
+-- Numbers the committed events that have none, in insertion order, after the last number given.
+-- Under a transaction-scoped advisory lock, so sequencers (one per host) take turns; every
+-- statement of a VOLATILE function sees what committed before it started, so once the lock is
+-- held the counter and the unnumbered rows are read as the previous sequencer left them.
+-- Returns how many it numbered.
+CREATE FUNCTION payhost_sequence_events() RETURNS BIGINT AS $$
+DECLARE
+    base BIGINT;
+    n BIGINT;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM events WHERE seq IS NULL) THEN
+        RETURN 0;
+    END IF;
+    PERFORM pg_advisory_xact_lock(7378697629483820646);
+    SELECT last INTO base FROM event_seq;
+    WITH todo AS (
+        SELECT pos, row_number() OVER (ORDER BY pos) AS k FROM events WHERE seq IS NULL ORDER BY pos LIMIT 10000
+    )
+    UPDATE events e SET seq = base + todo.k FROM todo WHERE e.pos = todo.pos;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+        UPDATE event_seq SET last = base + n;
+    END IF;
+    RETURN n;
+END
+$$ LANGUAGE plpgsql VOLATILE;
 INSERT INTO event_meta (k, v) VALUES ('pruned_through', 0);
 "#,
     ),
@@ -530,6 +559,13 @@ impl PostgresStore {
         let client = self.client().await?;
         let answered = tokio::time::timeout(self.op_timeout, client.execute(sql, params)).await;
         self.answered(client, answered)
+    }
+
+    /// Numbers the committed events that have no number yet (see migration 7).
+    async fn sequence_events(&self) -> Result<(), StoreError> {
+        self.query_one("SELECT payhost_sequence_events()", &[])
+            .await
+            .map(drop)
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
@@ -848,16 +884,13 @@ async fn apply(
             event: e,
             deliver_to,
         } => {
-            // One statement: skipped if the event is stored already (a redone write), else
-            // numbered from the counter row (locked from here to the commit) and given its
-            // deliveries.
+            // One statement, unnumbered (the sequencer numbers it once committed); skipped if
+            // the event is stored already (a redone write).
             tx.execute(
-                "WITH fresh AS (SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM events WHERE id = $1)), \
-                 n AS (UPDATE event_seq SET last = last + 1 WHERE EXISTS (SELECT 1 FROM fresh) RETURNING last), \
-                 ev AS (INSERT INTO events (seq, id, type, collection_id, session_id, payment_id, attempt_id, amount, currency_code, created_at, data) \
-                        SELECT last, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 FROM n RETURNING seq) \
-                 INSERT INTO event_deliveries (id, endpoint_id, event_seq, order_key, state, next_at, created_at) \
-                 SELECT $1 || ':' || ep, ep, ev.seq, $11, 'pending', payhost_now_ms(), payhost_now_ms() FROM ev, unnest($12::TEXT[]) AS ep",
+                "WITH ev AS (INSERT INTO events (id, type, collection_id, session_id, payment_id, attempt_id, amount, currency_code, created_at, data) \
+                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING RETURNING pos) \
+                 INSERT INTO event_deliveries (id, endpoint_id, event_pos, order_key, state, next_at, created_at) \
+                 SELECT $1 || ':' || ep, ep, ev.pos, $11, 'pending', payhost_now_ms(), payhost_now_ms() FROM ev, unnest($12::TEXT[]) AS ep",
                 &[&e.id, &e.kind.as_str(), &e.payment_collection_id, &e.payment_session_id, &e.payment_id, &e.attempt_id, &e.amount, &e.currency_code, &e.created_at, &json(&e.data), &e.order_key(), deliver_to],
             )
             .await
@@ -884,21 +917,31 @@ async fn apply(
             .await
             .map_err(|e| classify(e, id))?;
         }
-        WriteOp::Redeliver { id } => {
+        WriteOp::Redeliver { id, endpoints } => {
             tx.execute(
-                "UPDATE event_deliveries SET state = 'pending', attempts = 0, first_tried_at = NULL, next_at = payhost_now_ms(), claimed_by = NULL, claimed_until = NULL WHERE state = 'parked' AND ($1::TEXT IS NULL OR id = $1)",
-                &[id],
+                "UPDATE event_deliveries SET state = 'pending', attempts = 0, first_tried_at = NULL, next_at = payhost_now_ms(), claimed_by = NULL, claimed_until = NULL WHERE state = 'parked' AND ($1::TEXT IS NULL OR id = $1) AND endpoint_id = ANY($2)",
+                &[id, endpoints],
             )
             .await
             .map_err(|e| classify(e, id.as_deref().unwrap_or("deliveries")))?;
         }
-        WriteOp::PruneEvents { before } => {
-            // The delivered prefix older than `before`, as this statement's snapshot sees it
-            // (an event committed later has a higher number: numbers follow commit order).
+        WriteOp::ParkUnconfigured { configured } => {
             tx.execute(
-                "WITH cut AS (SELECT COALESCE((SELECT MIN(seq) FROM events e WHERE e.created_at >= $1 OR EXISTS (SELECT 1 FROM event_deliveries d WHERE d.event_seq = e.seq AND d.state <> 'delivered')) - 1, (SELECT MAX(seq) FROM events), 0) AS through), \
-                 gone_d AS (DELETE FROM event_deliveries WHERE event_seq <= (SELECT through FROM cut)), \
-                 gone_e AS (DELETE FROM events WHERE seq <= (SELECT through FROM cut)) \
+                "UPDATE event_deliveries SET state = 'parked', last_error = 'the endpoint `' || endpoint_id || '` is no longer configured', claimed_until = NULL WHERE state = 'pending' AND NOT (endpoint_id = ANY($1))",
+                &[configured],
+            )
+            .await
+            .map_err(|e| classify(e, "event deliveries"))?;
+        }
+        WriteOp::PruneEvents { before } => {
+            // The delivered, numbered prefix older than `before`, as this statement's snapshot
+            // sees it (numbers are given in order, so a later one is higher; unnumbered events
+            // are never pruned).
+            tx.execute(
+                "WITH cut AS (SELECT COALESCE((SELECT MIN(seq) FROM events e WHERE e.seq IS NOT NULL AND (e.created_at >= $1 OR EXISTS (SELECT 1 FROM event_deliveries d WHERE d.event_pos = e.pos AND d.state <> 'delivered'))) - 1, (SELECT MAX(seq) FROM events), 0) AS through), \
+                 gone AS (SELECT pos FROM events WHERE seq <= (SELECT through FROM cut)), \
+                 gone_d AS (DELETE FROM event_deliveries WHERE event_pos IN (SELECT pos FROM gone)), \
+                 gone_e AS (DELETE FROM events WHERE pos IN (SELECT pos FROM gone)) \
                  UPDATE event_meta SET v = GREATEST(v, (SELECT through FROM cut)) WHERE k = 'pruned_through'",
                 &[before],
             )
@@ -963,7 +1006,7 @@ async fn apply(
 }
 
 const EVENT_COLUMNS: &str = "e.seq, e.id, e.type, e.collection_id, e.session_id, e.payment_id, e.attempt_id, e.amount, e.currency_code, e.created_at, e.data";
-const DELIVERY_COLUMNS: &str = "d.id, d.endpoint_id, d.event_seq, d.state, d.attempts, d.next_at, d.first_tried_at, d.last_error, d.delivered_at";
+const DELIVERY_COLUMNS: &str = "d.id, d.endpoint_id, e.seq, d.state, d.attempts, d.next_at, d.first_tried_at, d.last_error, d.delivered_at";
 
 fn event_row(r: &Row, i: usize) -> Result<Event, StoreError> {
     let kind: String = r.get(i + 2);
@@ -1179,11 +1222,7 @@ impl Store for PostgresStore {
         let mut client = self.client().await?;
         let timed = tokio::time::timeout(self.op_timeout, async {
             let tx = client.transaction().await.map_err(connection_error)?;
-            // Events last: the counter row's lock is held from the first to the commit.
-            let (events, rest): (Vec<&WriteOp>, Vec<&WriteOp>) = ops
-                .iter()
-                .partition(|op| matches!(op, WriteOp::AppendEvent { .. }));
-            for op in rest.into_iter().chain(events) {
+            for op in &ops {
                 apply(&tx, op, me.as_ref()).await?;
             }
             tx.commit().await.map_err(|e| classify(e, "commit"))
@@ -1396,6 +1435,9 @@ impl Store for PostgresStore {
         types: Option<Vec<String>>,
         limit: usize,
     ) -> Result<EventPage, StoreError> {
+        // Whatever committed is numbered first, so the page holds every committed event (a
+        // number is never given below one already read: the sequencer numbers after the last).
+        self.sequence_events().await?;
         let rows = self
             .query(
                 &format!("SELECT {EVENT_COLUMNS}, (SELECT v FROM event_meta WHERE k = 'pruned_through') FROM events e WHERE seq > $1 AND ($2::TEXT[] IS NULL OR type = ANY($2)) ORDER BY seq LIMIT $3"),
@@ -1420,25 +1462,29 @@ impl Store for PostgresStore {
 
     async fn claim_deliveries(
         &self,
+        endpoint_id: &str,
         claimer: &str,
         claim_ms: i64,
         limit: usize,
     ) -> Result<Vec<(Delivery, Event)>, StoreError> {
-        // The first undelivered delivery of each endpoint and session that is due and not held
-        // by a live claim; rows another host is claiming right now are skipped, not waited for.
+        self.sequence_events().await?;
+        // The first undelivered delivery of each endpoint and session that is due, numbered and
+        // not held by a live claim; rows another host is claiming right now are skipped, not
+        // waited for. One session's events are inserted in commit order (each write of it
+        // starts after the one before committed), so `pos` orders them.
         let rows = self
             .query(
                 &format!(
                     "WITH due AS ( \
-                       SELECT d.id FROM event_deliveries d \
-                       WHERE d.state = 'pending' AND d.next_at <= payhost_now_ms() \
+                       SELECT d.id FROM event_deliveries d JOIN events e ON e.pos = d.event_pos \
+                       WHERE d.endpoint_id = $4 AND d.state = 'pending' AND e.seq IS NOT NULL AND d.next_at <= payhost_now_ms() \
                          AND (d.claimed_until IS NULL OR d.claimed_until < payhost_now_ms()) \
-                         AND NOT EXISTS (SELECT 1 FROM event_deliveries p WHERE p.endpoint_id = d.endpoint_id AND p.order_key = d.order_key AND p.event_seq < d.event_seq AND p.state <> 'delivered') \
-                       ORDER BY d.event_seq LIMIT $3 FOR UPDATE SKIP LOCKED), \
+                         AND NOT EXISTS (SELECT 1 FROM event_deliveries p WHERE p.endpoint_id = d.endpoint_id AND p.order_key = d.order_key AND p.event_pos < d.event_pos AND p.state <> 'delivered') \
+                       ORDER BY d.event_pos LIMIT $3 FOR UPDATE OF d SKIP LOCKED), \
                      claimed AS (UPDATE event_deliveries d SET claimed_by = $1, claimed_until = payhost_now_ms() + $2 FROM due WHERE d.id = due.id RETURNING d.*) \
-                     SELECT {DELIVERY_COLUMNS}, {EVENT_COLUMNS} FROM claimed d JOIN events e ON e.seq = d.event_seq ORDER BY d.event_seq"
+                     SELECT {DELIVERY_COLUMNS}, {EVENT_COLUMNS} FROM claimed d JOIN events e ON e.pos = d.event_pos ORDER BY e.seq"
                 ),
-                &[&claimer, &claim_ms, &(limit as i64)],
+                &[&claimer, &claim_ms, &(limit as i64), &endpoint_id],
             )
             .await?;
         rows.iter()
@@ -1451,9 +1497,10 @@ impl Store for PostgresStore {
         state: DeliveryState,
         limit: usize,
     ) -> Result<Vec<Delivery>, StoreError> {
+        self.sequence_events().await?;
         let rows = self
             .query(
-                &format!("SELECT {DELIVERY_COLUMNS} FROM event_deliveries d WHERE d.state = $1 ORDER BY d.event_seq LIMIT $2"),
+                &format!("SELECT {DELIVERY_COLUMNS} FROM event_deliveries d JOIN events e ON e.pos = d.event_pos WHERE d.state = $1 AND e.seq IS NOT NULL ORDER BY d.event_pos LIMIT $2"),
                 &[&state.as_str(), &(limit as i64)],
             )
             .await?;

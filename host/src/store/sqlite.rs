@@ -278,6 +278,8 @@ pub struct SqliteStore {
     readers: Arc<Mutex<Vec<Connection>>>,
     /// Held while the store is open: one host per file.
     _lock: Option<std::fs::File>,
+    /// Opened beside the host that has the file: only outbox administration is written.
+    beside: bool,
     appended: Arc<tokio::sync::Notify>,
 }
 
@@ -380,6 +382,7 @@ impl SqliteStore {
             writer: Some(tx),
             readers: Arc::new(Mutex::new(readers)),
             _lock: Some(lock),
+            beside: false,
             appended: Arc::new(tokio::sync::Notify::new()),
         })
     }
@@ -400,8 +403,26 @@ impl SqliteStore {
             writer: None,
             readers: Arc::new(Mutex::new(readers)),
             _lock: None,
+            beside: false,
             appended: Arc::new(tokio::sync::Notify::new()),
         })
+    }
+
+    /// Opens an existing database beside the host that has it, for the operator's changes to the
+    /// outbox only ([`WriteOp::is_outbox_admin`]: `payhost events redeliver` while `payhost
+    /// serve` runs). They touch no money and no attempt, and SQLite's own locking orders them
+    /// with the host's writes; every other write is refused.
+    pub fn open_beside(path: impl AsRef<Path>) -> Result<SqliteStore, StoreError> {
+        let mut store = SqliteStore::open_read_only(path)?;
+        let conn = connect(&store.path)?;
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("payhost-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(unavailable)?;
+        store.writer = Some(tx);
+        store.beside = true;
+        Ok(store)
     }
 
     /// The database file.
@@ -595,12 +616,20 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
                 )
                 .map_err(|e| classify(e, id))?;
             }
-            WriteOp::Redeliver { id } => {
+            WriteOp::Redeliver { id, endpoints } => {
                 tx.execute(
-                    "UPDATE event_deliveries SET state = 'pending', attempts = 0, first_tried_at = NULL, next_at = ?2, claimed_by = NULL, claimed_until = NULL WHERE state = 'parked' AND (?1 IS NULL OR id = ?1)",
-                    params![id, now_ms()],
+                    "UPDATE event_deliveries SET state = 'pending', attempts = 0, first_tried_at = NULL, next_at = ?2, claimed_by = NULL, claimed_until = NULL WHERE state = 'parked' AND (?1 IS NULL OR id = ?1) AND endpoint_id IN (SELECT value FROM json_each(?3))",
+                    params![id, now_ms(), serde_json::to_string(endpoints).unwrap_or_default()],
                 )
                 .map_err(|e| classify(e, id.as_deref().unwrap_or("deliveries")))?;
+            }
+            WriteOp::ParkUnconfigured { configured } => {
+                let configured = serde_json::to_string(configured).unwrap_or_default();
+                tx.execute(
+                    "UPDATE event_deliveries SET state = 'parked', last_error = 'the endpoint `' || endpoint_id || '` is no longer configured' WHERE state = 'pending' AND endpoint_id NOT IN (SELECT value FROM json_each(?1))",
+                    params![configured],
+                )
+                .map_err(|e| classify(e, "event deliveries"))?;
             }
             WriteOp::PruneEvents { before } => {
                 // The first event that must stay: young, or not yet delivered everywhere.
@@ -991,11 +1020,14 @@ fn attempt_row(r: &Row<'_>) -> rusqlite::Result<Attempt> {
 #[async_trait]
 impl Store for SqliteStore {
     async fn write(&self, ops: Vec<WriteOp>) -> Result<(), StoreError> {
-        let Some(writer) = &self.writer else {
-            return Err(StoreError::Locked(format!(
-                "{} is open read-only: another payhost process has it; make changes through that host",
-                self.path.display()
-            )));
+        let writer = match &self.writer {
+            Some(w) if !self.beside || ops.iter().all(WriteOp::is_outbox_admin) => w,
+            _ => {
+                return Err(StoreError::Locked(format!(
+                    "{} is open beside the payhost process that has it; make changes through that host",
+                    self.path.display()
+                )));
+            }
         };
         let appends = ops
             .iter()
@@ -1207,16 +1239,18 @@ impl Store for SqliteStore {
 
     async fn claim_deliveries(
         &self,
+        endpoint_id: &str,
         _claimer: &str,
         _claim_ms: i64,
         limit: usize,
     ) -> Result<Vec<(Delivery, Event)>, StoreError> {
-        // One host per file and one deliverer per host: what is due is this host's.
+        // One host per file and one deliverer per endpoint: what is due is this host's.
+        let endpoint_id = endpoint_id.to_owned();
         self.read(move |c| {
             let mut st = c.prepare_cached(&format!(
-                "SELECT {DELIVERY_COLUMNS}, {EVENT_COLUMNS_E} FROM event_deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.state = 'pending' AND d.next_at <= ?1 AND NOT EXISTS (SELECT 1 FROM event_deliveries p WHERE p.endpoint_id = d.endpoint_id AND p.order_key = d.order_key AND p.event_seq < d.event_seq AND p.state <> 'delivered') ORDER BY d.event_seq LIMIT ?2"
+                "SELECT {DELIVERY_COLUMNS}, {EVENT_COLUMNS_E} FROM event_deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.endpoint_id = ?3 AND d.state = 'pending' AND d.next_at <= ?1 AND NOT EXISTS (SELECT 1 FROM event_deliveries p WHERE p.endpoint_id = d.endpoint_id AND p.order_key = d.order_key AND p.event_seq < d.event_seq AND p.state <> 'delivered') ORDER BY d.event_seq LIMIT ?2"
             ))?;
-            st.query_map(params![now_ms(), limit as i64], |r| {
+            st.query_map(params![now_ms(), limit as i64, endpoint_id], |r| {
                 Ok((delivery_row(r)?, event_row_at(r, 9)?))
             })?
             .collect()
