@@ -9,6 +9,8 @@ use std::sync::OnceLock;
 
 use payhost::{Config, LoadReport, Loader};
 
+pub mod receiver;
+
 /// The workspace root.
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -155,6 +155,12 @@ impl Host {
         Ok(page.events)
     }
 
+    /// The cursor before the oldest event kept (the last pruned one's; the start if none was).
+    pub async fn oldest_cursor(&self) -> Result<Cursor, EngineError> {
+        let page = self.store.events_after(i64::MAX, None, 1).await?;
+        Ok(Cursor(page.pruned_through))
+    }
+
     /// [`Host::events_page`], waiting up to `wait` for an event when there is none yet.
     pub async fn wait_for_events(
         &self,
@@ -188,12 +194,15 @@ impl Host {
         struct State {
             host: Arc<Host>,
             after: i64,
+            /// No cursor was given: start at the oldest event kept.
+            from_oldest: bool,
             buffer: std::collections::VecDeque<Event>,
             done: bool,
         }
         let state = State {
             host: self.clone(),
             after: after.unwrap_or_default().seq(),
+            from_oldest: after.is_none(),
             buffer: Default::default(),
             done: false,
         };
@@ -209,9 +218,16 @@ impl Host {
                 let appended = s.host.store.appended();
                 let woken = appended.notified();
                 match s.host.events_page(s.after, None, PAGE).await {
-                    Ok(events) if !events.is_empty() => s.buffer.extend(events),
+                    Ok(events) if !events.is_empty() => {
+                        s.from_oldest = false;
+                        s.buffer.extend(events);
+                    }
                     Ok(_) => {
+                        s.from_oldest = false;
                         let _ = tokio::time::timeout(s.host.events.poll, woken).await;
+                    }
+                    Err(EngineError::EventsPruned { pruned_through, .. }) if s.from_oldest => {
+                        s.after = pruned_through;
                     }
                     Err(e @ EngineError::EventsPruned { .. }) => {
                         s.done = true;

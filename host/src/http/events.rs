@@ -17,8 +17,8 @@ type ApiResult<T> = Result<T, ApiError>;
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(super) struct EventQuery {
-    /// Events after this sequence number (the last `seq` you handled; 0 or absent: from the
-    /// oldest kept). Below the pruned prefix: 410.
+    /// Events after this sequence number (the last `seq` you handled; 0: from the first).
+    /// Inside the pruned prefix: 410. Absent: from the oldest event kept.
     after: Option<i64>,
     /// Comma-separated types (`payment_session.authorized,payment.*`); all when absent.
     types: Option<String>,
@@ -52,8 +52,7 @@ pub(super) async fn list_events(
     query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<EventList>> {
     let Query(q) = query.map_err(|e| ApiError::bad_request("query", e.body_text()))?;
-    let after = q.after.unwrap_or(0);
-    if after < 0 {
+    if q.after.is_some_and(|a| a < 0) {
         return Err(ApiError::bad_request("after", "`after` must be 0 or more"));
     }
     let limit = q.limit.unwrap_or(100);
@@ -105,6 +104,10 @@ pub(super) async fn list_events(
         )
     };
     // One more than asked, to say whether more follow.
+    let after = match q.after {
+        Some(a) => a,
+        None => s.host.oldest_cursor().await?.seq(),
+    };
     let mut data = s
         .host
         .wait_for_events(after, types, limit + 1, wait)

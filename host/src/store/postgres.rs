@@ -936,7 +936,10 @@ async fn apply(
         WriteOp::PruneEvents { before } => {
             // The delivered, numbered prefix older than `before`, as this statement's snapshot
             // sees it (numbers are given in order, so a later one is higher; unnumbered events
-            // are never pruned).
+            // are never pruned, so number what committed first).
+            tx.execute("SELECT payhost_sequence_events()", &[])
+                .await
+                .map_err(|e| classify(e, "events"))?;
             tx.execute(
                 "WITH cut AS (SELECT COALESCE((SELECT MIN(seq) FROM events e WHERE e.seq IS NOT NULL AND (e.created_at >= $1 OR EXISTS (SELECT 1 FROM event_deliveries d WHERE d.event_pos = e.pos AND d.state <> 'delivered'))) - 1, (SELECT MAX(seq) FROM events), 0) AS through), \
                  gone AS (SELECT pos FROM events WHERE seq <= (SELECT through FROM cut)), \
