@@ -407,15 +407,18 @@ impl Host {
             }
             _ => {}
         }
+        // The attempt's own event comes first: what became of the call, then its effects.
         if attempt.state == AttemptState::Unknown && !was_unknown {
             // A pending capture, refund or cancel: asked about until it ends.
-            events.push(self.attempt_event(EventType::AttemptUnknown, &attempt, None));
+            events.insert(
+                0,
+                self.attempt_event(EventType::AttemptUnknown, &attempt, None),
+            );
         } else if attempt.state != AttemptState::Unknown && was_unknown {
-            events.push(self.attempt_event(
-                EventType::AttemptResolved,
-                &attempt,
-                Some(&resolved_by),
-            ));
+            events.insert(
+                0,
+                self.attempt_event(EventType::AttemptResolved, &attempt, Some(&resolved_by)),
+            );
         }
         ops.insert(0, WriteOp::UpdateAttempt(attempt));
         ops.extend(events);
