@@ -32,11 +32,11 @@ pub const SIGNATURE_HEADER: &str = "payhost-signature";
 pub const EVENT_ID_HEADER: &str = "payhost-event-id";
 
 macro_rules! event_types {
-    ($($(#[$doc:meta])* $variant:ident = $name:tt,)*) => {
+    ($($(#[doc = $doc:tt])* $variant:ident = $name:tt,)*) => {
         /// What an event says happened. Its name is stable.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
         pub enum EventType {
-            $($(#[$doc])* #[serde(rename = $name)] $variant,)*
+            $($(#[doc = $doc])* #[serde(rename = $name)] $variant,)*
         }
 
         impl EventType {
@@ -47,6 +47,13 @@ macro_rules! event_types {
             pub const fn as_str(self) -> &'static str {
                 match self {
                     $(EventType::$variant => $name,)*
+                }
+            }
+
+            /// What it means (its documentation).
+            pub const fn description(self) -> &'static str {
+                match self {
+                    $(EventType::$variant => concat!($($doc),*).trim_ascii(),)*
                 }
             }
         }
@@ -86,7 +93,42 @@ event_types! {
     WebhookApplied = "webhook.applied",
 }
 
+/// What an event's `data` is: the entity as it stands after the change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject {
+    /// A [`crate::domain::PaymentCollection`].
+    Collection,
+    /// A [`crate::domain::PaymentSession`].
+    Session,
+    /// A [`crate::domain::Payment`].
+    Payment,
+    /// An [`crate::domain::Attempt`], with `resolved_by` once resolved.
+    Attempt,
+    /// A webhook: `provider_id`, `event_id`, `action`, `payment_session_id`.
+    Webhook,
+}
+
 impl EventType {
+    /// What its `data` is.
+    pub const fn subject(self) -> Subject {
+        match self {
+            EventType::CollectionCreated => Subject::Collection,
+            EventType::SessionCreated
+            | EventType::SessionPending
+            | EventType::SessionRequiresMore
+            | EventType::SessionAuthorized
+            | EventType::SessionError
+            | EventType::SessionCanceled => Subject::Session,
+            EventType::PaymentCaptured
+            | EventType::PaymentRefunded
+            | EventType::PaymentCanceled => Subject::Payment,
+            EventType::AttemptUnknown
+            | EventType::AttemptNeedsOperator
+            | EventType::AttemptResolved => Subject::Attempt,
+            EventType::WebhookApplied => Subject::Webhook,
+        }
+    }
+
     /// The type with this name.
     pub fn parse(name: &str) -> Option<EventType> {
         EventType::ALL.iter().copied().find(|t| t.as_str() == name)

@@ -1,7 +1,8 @@
 //! Repository commands, so that the README's two commands stay one line each:
 //! - `cargo xtask run [-- <payhost args>]`: build the host and every plugin, then run
 //!   `payhost serve --config config/payhost.toml` (or the given arguments);
-//! - `cargo xtask test`: build everything, then run every test (doctests, then nextest).
+//! - `cargo xtask test`: build everything, then run every test (doctests, then nextest);
+//! - `cargo xtask fuzz`: only the API fuzzing that `test` runs (schemathesis).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -15,8 +16,11 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("run") => run(&root, &args[1..]),
         Some("test") => test(&root, &args[1..]),
+        Some("fuzz") => build_all(&root).and_then(|()| schemathesis(&root)),
         _ => {
-            eprintln!("usage: cargo xtask run [payhost args…] | cargo xtask test [nextest args…]");
+            eprintln!(
+                "usage: cargo xtask run [payhost args…] | cargo xtask test [nextest args…] | cargo xtask fuzz"
+            );
             return ExitCode::from(2);
         }
     };
@@ -177,6 +181,10 @@ fn schemathesis(root: &Path) -> Result<(), String> {
             }
         }
     };
+    if let Err(e) = seed(&base, &secret) {
+        let _ = server.kill();
+        return Err(format!("seeding the fuzzed server failed: {e}"));
+    }
     let mut c = Command::new(&st);
     c.args([
         "run",
@@ -198,4 +206,90 @@ fn schemathesis(root: &Path) -> Result<(), String> {
     let _ = server.kill();
     let _ = server.wait();
     result
+}
+
+/// Makes one of everything the fuzzer cannot make on its own (it has no ids to start from): a
+/// collection, a session authorized, captured and refunded, a canceled session — so that
+/// `GET /v1/events` answers with events of those types and their schemas are checked.
+fn seed(base: &str, key: &str) -> Result<(), String> {
+    let col = request(
+        base,
+        key,
+        "POST",
+        "/v1/payment-collections",
+        r#"{"amount": 1000, "currency_code": "eur"}"#,
+    )?;
+    let col = id_after(&col, "\"id\":\"", "paycol_")?;
+    let new_session = format!(r#"{{"payment_collection_id": "{col}", "provider_id": "system"}}"#);
+    let session = request(base, key, "POST", "/v1/payment-sessions", &new_session)?;
+    let session = id_after(&session, "\"id\":\"", "ps_")?;
+    let authorized = request(
+        base,
+        key,
+        "POST",
+        &format!("/v1/payment-sessions/{session}/authorize"),
+        "{}",
+    )?;
+    let payment = id_after(&authorized, "\"payment\":{\"id\":\"", "pay_")?;
+    request(
+        base,
+        key,
+        "POST",
+        &format!("/v1/payments/{payment}/capture"),
+        r#"{"amount": 600}"#,
+    )?;
+    request(
+        base,
+        key,
+        "POST",
+        &format!("/v1/payments/{payment}/refund"),
+        r#"{"amount": 100}"#,
+    )?;
+    let other = request(base, key, "POST", "/v1/payment-sessions", &new_session)?;
+    let other = id_after(&other, "\"id\":\"", "ps_")?;
+    request(
+        base,
+        key,
+        "DELETE",
+        &format!("/v1/payment-sessions/{other}"),
+        "",
+    )?;
+    Ok(())
+}
+
+/// The id that follows `marker` in `body` and starts with `prefix`.
+fn id_after(body: &str, marker: &str, prefix: &str) -> Result<String, String> {
+    body.find(marker)
+        .map(|i| &body[i + marker.len()..])
+        .and_then(|rest| rest.split('"').next())
+        .filter(|id| id.starts_with(prefix))
+        .map(str::to_owned)
+        .ok_or_else(|| format!("no `{prefix}…` id in {body}"))
+}
+
+/// One HTTP/1.1 request on its own connection; the body of a 2xx answer.
+fn request(base: &str, key: &str, method: &str, path: &str, body: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let address = base.strip_prefix("http://").unwrap_or(base);
+    let mut stream =
+        std::net::TcpStream::connect(address).map_err(|e| format!("{address}: {e}"))?;
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nhost: {address}\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .map_err(|e| e.to_string())?;
+    let status = answer.split(' ').nth(1).unwrap_or_default();
+    if !status.starts_with('2') {
+        return Err(format!("{method} {path}: {answer}"));
+    }
+    Ok(answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default())
 }

@@ -159,3 +159,81 @@ pub(super) async fn redeliver(
         redelivered: s.host.redeliver(which).await?,
     }))
 }
+
+/// Gives each event type its own schema in the document: the envelope (`EventEnvelope`) with
+/// that `type` and its `data` as the entity it carries; `Event` is one of them, told apart by
+/// `type`.
+pub(super) struct EventSchemas;
+
+impl utoipa::Modify for EventSchemas {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use crate::events::Subject;
+        use serde_json::json;
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let Some(envelope) = components.schemas.remove("Event") else {
+            return;
+        };
+        components.schemas.insert("EventEnvelope".into(), envelope);
+        let reference = |name: &str| json!({ "$ref": format!("#/components/schemas/{name}") });
+        let mut one_of = Vec::new();
+        let mut mapping = serde_json::Map::new();
+        for kind in EventType::ALL {
+            let data = match kind.subject() {
+                Subject::Collection => reference("PaymentCollection"),
+                Subject::Session => reference("PaymentSession"),
+                Subject::Payment => reference("Payment"),
+                Subject::Attempt => json!({"allOf": [reference("Attempt"), {
+                    "type": "object",
+                    "properties": {"resolved_by": {
+                        "type": "string",
+                        "description": "Who settled it: `reconciler`, `late answer`, or the operator (`key:<id>`, a name)"
+                    }}
+                }]}),
+                Subject::Webhook => json!({
+                    "type": "object",
+                    "required": ["provider_id", "event_id", "action"],
+                    "properties": {
+                        "provider_id": {"type": "string"},
+                        "event_id": {"type": "string", "description": "The provider's event id"},
+                        "action": {"type": "string", "description": "What the provider reported: authorized, failed, canceled, requires_more, pending, …"},
+                        "payment_session_id": {"type": ["string", "null"]}
+                    }
+                }),
+            };
+            let name = format!("Event.{}", kind.as_str());
+            let schema = json!({
+                "description": kind.description(),
+                "allOf": [reference("EventEnvelope"), {
+                    "type": "object",
+                    "required": ["type", "data"],
+                    "properties": {
+                        "type": {"type": "string", "enum": [kind.as_str()]},
+                        "data": data,
+                    }
+                }]
+            });
+            match serde_json::from_value(schema) {
+                Ok(schema) => {
+                    components.schemas.insert(name.clone(), schema);
+                }
+                Err(e) => {
+                    tracing::error!("the schema of event type {kind} does not build: {e}");
+                    continue;
+                }
+            }
+            one_of.push(reference(&name));
+            mapping.insert(
+                kind.as_str().into(),
+                json!(format!("#/components/schemas/{name}")),
+            );
+        }
+        let event = json!({
+            "description": "One committed change; `type` says which, and `data` is its entity as it stands after it.",
+            "oneOf": one_of,
+            "discriminator": {"propertyName": "type", "mapping": mapping},
+        });
+        if let Ok(event) = serde_json::from_value(event) {
+            components.schemas.insert("Event".into(), event);
+        }
+    }
+}

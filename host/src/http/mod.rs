@@ -5,6 +5,7 @@
 pub mod edge;
 pub mod error;
 mod events;
+use events::EventSchemas;
 mod guard;
 pub mod json;
 
@@ -910,7 +911,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
         metrics
     ),
     components(schemas(ErrorBody, PaymentView)),
-    modifiers(&BearerKeys)
+    modifiers(&BearerKeys, &EventSchemas)
 )]
 pub struct ApiDoc;
 
@@ -988,5 +989,33 @@ mod tests {
             .map(|t| t.as_str())
             .collect();
         assert_eq!(listed, wire);
+    }
+
+    /// Every event type has its own schema (its `data` the entity it carries), and `Event` is
+    /// one of them.
+    #[test]
+    fn each_event_type_has_its_schema() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        let one_of = schemas["Event"]["oneOf"]
+            .as_array()
+            .expect("Event is a oneOf");
+        assert_eq!(one_of.len(), crate::events::EventType::ALL.len());
+        for kind in crate::events::EventType::ALL {
+            let schema = &schemas[format!("Event.{kind}")];
+            let own = &schema["allOf"][1]["properties"];
+            assert_eq!(own["type"]["enum"][0], kind.as_str());
+            assert!(!schema["description"].as_str().unwrap().is_empty());
+            assert!(own["data"].is_object(), "{kind}");
+        }
+        assert_eq!(
+            schemas["Event.payment_session.authorized"]["allOf"][1]["properties"]["data"]["$ref"],
+            "#/components/schemas/PaymentSession"
+        );
+        assert_eq!(
+            schemas["Event.webhook.applied"]["allOf"][1]["properties"]["data"]["properties"]["payment_session_id"]
+                ["type"],
+            serde_json::json!(["string", "null"])
+        );
     }
 }
