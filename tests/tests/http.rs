@@ -523,6 +523,7 @@ async fn an_embedder_mounts_the_api_beside_its_own_routes() {
     let scratch = Scratch::new();
     let text = HOST.replace("{dir}", &scratch.dir.path().display().to_string());
     let path = scratch.config(&text);
+    payhost_e2e::ensure_built();
     let server = Server::start_program(
         &artifacts().join("embed"),
         &["--config", path.to_str().unwrap()],
@@ -561,6 +562,62 @@ async fn an_embedder_mounts_the_api_beside_its_own_routes() {
         .await
         .unwrap();
     assert_eq!(health.status(), StatusCode::OK);
+
+    // The storefront learns of the payment from payhost's events, not by polling payhost.
+    let order = |id: String| {
+        let (client, url) = (client.clone(), format!("{}/store/orders/{id}", server.base));
+        async move {
+            client
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(order(id.to_owned()).await["status"], "awaiting_payment");
+    let session: Value = client
+        .post(format!("{}/payments/v1/payment-sessions", server.base))
+        .json(&json!({"payment_collection_id": id, "provider_id": "system"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let authorized = client
+        .post(format!(
+            "{}/payments/v1/payment-sessions/{}/authorize",
+            server.base,
+            session["id"].as_str().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(authorized.status(), StatusCode::OK);
+    let started = std::time::Instant::now();
+    let paid = loop {
+        let o = order(id.to_owned()).await;
+        if o["status"] == "paid" || started.elapsed() > Duration::from_secs(10) {
+            break o;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(paid["status"], "paid", "{paid}");
+    assert!(paid["paid_by_event"].as_str().unwrap().starts_with("evt_"));
+    let books = std::fs::read(scratch.dir.path().join("orders.json")).unwrap_or_else(|e| {
+        panic!(
+            "the storefront's books beside the config: {e}; {:?}",
+            std::fs::read_dir(scratch.dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect::<Vec<_>>()
+        )
+    });
+    let books: Value = serde_json::from_slice(&books).unwrap();
+    assert!(books["cursor"].as_i64().unwrap() >= 3, "{books}");
 }
 
 /// Every file under `dir`, read as bytes.
