@@ -447,6 +447,7 @@ fn yes() -> bool {
 /// Validates `[events]`: each endpoint's id, URL, secret, types and timings.
 fn events_settings(
     raw: RawEvents,
+    span: &dyn Fn(&str) -> Option<Range<usize>>,
     invalid: &dyn Fn(Option<Range<usize>>, String, String) -> ConfigError,
 ) -> Result<crate::events::EventSettings, ConfigError> {
     use std::time::Duration;
@@ -461,23 +462,23 @@ fn events_settings(
     };
     if settings.max_wait > Duration::from_secs(300) {
         return Err(invalid(
-            None,
+            span("events.max_wait_ms"),
             "events.max_wait_ms".into(),
             "`events.max_wait_ms` must be at most 300000".into(),
         ));
     }
     if !(10..=60_000).contains(&(settings.poll.as_millis() as u64)) {
         return Err(invalid(
-            None,
+            span("events.poll_ms"),
             "events.poll_ms".into(),
             "`events.poll_ms` must be between 10 and 60000".into(),
         ));
     }
     for (i, spanned) in raw.endpoints.into_iter().enumerate() {
-        let span = spanned.span();
+        let table = spanned.span();
         let e = spanned.into_inner();
         let at = |field: &str| format!("events.endpoints[{i}].{field}");
-        let bad = |field: &str, message: String| invalid(Some(span.clone()), at(field), message);
+        let bad = |field: &str, message: String| invalid(Some(table.clone()), at(field), message);
         if !crate::auth::valid_key_id(&e.id) {
             return Err(bad(
                 "id",
@@ -495,7 +496,10 @@ fn events_settings(
             _ => {
                 return Err(bad(
                     "url",
-                    format!("`{}` is not an http(s) URL", redact_url(&e.url)),
+                    format!(
+                        "`{}` is not an http(s) URL",
+                        crate::events::redact_endpoint_url(&e.url)
+                    ),
                 ));
             }
         }
@@ -537,7 +541,7 @@ fn events_settings(
         }
         if settings.claim <= timeout + Duration::from_secs(1) {
             return Err(invalid(
-                None,
+                span("events.claim_ms").or(Some(table.clone())),
                 "events.claim_ms".into(),
                 format!(
                     "`events.claim_ms` ({} ms) must be longer than endpoint `{}`'s timeout plus a second, or another host could send an event while this one still is",
@@ -1065,7 +1069,7 @@ impl Config {
                 "`auth = \"none\"` turns key checks off, but `[[api_keys]]` are configured: remove one or the other".into(),
             ));
         }
-        let events = events_settings(raw.events, &invalid)?;
+        let events = events_settings(raw.events, &|k| source.value_span(k), &invalid)?;
         let mut server = raw.server;
         if let Some(tls) = &mut server.tls {
             tls.cert = dir.join(&tls.cert);

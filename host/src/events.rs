@@ -328,11 +328,30 @@ pub struct Endpoint {
     pub retry_max: Duration,
 }
 
+/// `url` fit for logs and `check`: a password and every query value replaced by `***` (a
+/// receiver's URL often carries a token).
+pub fn redact_endpoint_url(url: &str) -> String {
+    let out = crate::config::redact_url(url);
+    match out.split_once('?') {
+        Some((base, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((k, _)) => format!("{k}=***"),
+                    None => pair.to_owned(),
+                })
+                .collect();
+            format!("{base}?{}", query.join("&"))
+        }
+        None => out,
+    }
+}
+
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Endpoint")
             .field("id", &self.id)
-            .field("url", &crate::config::redact_url(&self.url))
+            .field("url", &redact_endpoint_url(&self.url))
             .field("types", &self.types)
             .finish_non_exhaustive()
     }
@@ -511,6 +530,18 @@ mod tests {
         assert_eq!(
             verify("whsec_test", &both, body, 1_700_000_000, tol),
             Ok(())
+        );
+    }
+
+    #[test]
+    fn endpoint_urls_are_shown_without_their_secrets() {
+        assert_eq!(
+            redact_endpoint_url("https://u:pw@shop.example/hooks?token=abc&x"),
+            "https://u:***@shop.example/hooks?token=***&x"
+        );
+        assert_eq!(
+            redact_endpoint_url("http://127.0.0.1:9/h"),
+            "http://127.0.0.1:9/h"
         );
     }
 

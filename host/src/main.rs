@@ -664,6 +664,26 @@ fn server_summary(config: &Config) -> serde_json::Value {
         "max_connections_from": if s.max_connections.is_some() { "config" } else { "open-file limit" },
         "open_files": nofile,
         "storage": payhost::config::redact_url(&config.redact(&config.storage.url)),
+        "events": events_summary(&config.events),
+    })
+}
+
+fn events_summary(e: &payhost::events::EventSettings) -> serde_json::Value {
+    let ms = |d: std::time::Duration| d.as_millis() as u64;
+    serde_json::json!({
+        "retention_ms": ms(e.retention),
+        "poll_ms": ms(e.poll),
+        "claim_ms": ms(e.claim),
+        "max_wait_ms": ms(e.max_wait),
+        "endpoints": e.endpoints.iter().map(|p| serde_json::json!({
+            "id": p.id,
+            "url": payhost::events::redact_endpoint_url(&p.url),
+            "types": p.types,
+            "timeout_ms": ms(p.timeout),
+            "retry_base_ms": ms(p.retry_base),
+            "retry_max_ms": ms(p.retry_max),
+            "retry_for_ms": ms(p.retry_for),
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -709,6 +729,30 @@ fn print_check(config: &Config, report: &LoadReport, disabled: &[&str]) {
         s["open_files"]
     );
     println!("storage {}", s["storage"].as_str().unwrap_or(""));
+    let e = &s["events"];
+    println!(
+        "events  kept {} ms after delivery, long-poll up to {} ms",
+        e["retention_ms"], e["max_wait_ms"]
+    );
+    for p in e["endpoints"].as_array().into_iter().flatten() {
+        println!(
+            "        endpoint {} {} types {}, timeout {} ms, retried {}..{} ms apart for {} ms, then parked",
+            p["id"].as_str().unwrap_or(""),
+            p["url"].as_str().unwrap_or(""),
+            p["types"]
+                .as_array()
+                .map(|a| a
+                    .iter()
+                    .filter_map(|v| v.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","))
+                .unwrap_or_default(),
+            p["timeout_ms"],
+            p["retry_base_ms"],
+            p["retry_max_ms"],
+            p["retry_for_ms"]
+        );
+    }
     for p in report.providers.iter() {
         let m = p.manifest();
         println!("ok    {}", p.id());

@@ -466,7 +466,8 @@ async fn post(client: &reqwest::Client, endpoint: &Endpoint, event: &Event) -> R
             } else {
                 "failed"
             };
-            format!("{kind}: {}", crate::config::redact_url(&e.to_string()))
+            // Without the URL: its query may hold a token (the endpoint id names it).
+            format!("{kind}: {}", e.without_url())
         })?;
     let status = answer.status();
     // Read the answer (bounded by the timeout), so the connection can be reused.
