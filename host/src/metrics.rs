@@ -18,6 +18,9 @@ pub struct Metrics {
     pub provider_calls: HistogramVec,
     /// `payhost_attempts_open{state}`, refreshed at every scrape.
     pub attempts_open: IntGaugeVec,
+    /// `payhost_event_deliveries_parked`: deliveries parked after their retry period (refreshed
+    /// at every scrape; up to 10,000 are counted).
+    pub deliveries_parked: prometheus::IntGauge,
     /// `payhost_webhooks_total{provider,result}`.
     pub webhooks: IntCounterVec,
     /// `payhost_provider_http_duration_seconds{provider,outcome}`: requests the host sent for
@@ -96,6 +99,11 @@ impl Metrics {
                 "Attempts whose outcome is open, by state",
             ),
             &["state"],
+        )
+        .expect("valid metric");
+        let deliveries_parked = prometheus::IntGauge::new(
+            "payhost_event_deliveries_parked",
+            "Event deliveries parked after their retry period (payhost events failed lists them)",
         )
         .expect("valid metric");
         let webhooks = IntCounterVec::new(
@@ -225,6 +233,7 @@ impl Metrics {
             Box::new(http_duration.clone()),
             Box::new(provider_calls.clone()),
             Box::new(attempts_open.clone()),
+            Box::new(deliveries_parked.clone()),
             Box::new(webhooks.clone()),
         ] {
             registry.register(c).expect("metric registered once");
@@ -235,6 +244,7 @@ impl Metrics {
             http_duration,
             provider_calls,
             attempts_open,
+            deliveries_parked,
             webhooks,
             provider_http,
             http_connections_cut,

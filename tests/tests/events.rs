@@ -523,6 +523,21 @@ async fn a_failing_endpoint_is_retried_with_backoff_then_parked_then_redelivered
         gaps.last().unwrap() > &(gaps[0] + Duration::from_millis(40)),
         "backoff grows: {gaps:?}"
     );
+    let metrics = client
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("payhost_event_deliveries_parked 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains(
+        "payhost_event_deliveries_seconds_count{endpoint=\"shop\",outcome=\"parked\"} 1"
+    ));
     let human = payhost(&["events", "failed", "--config", config_arg], &[]);
     let human = text(&human.stdout);
     assert!(human.contains(&format!("{id}:shop")), "{human}");

@@ -640,13 +640,13 @@ impl Changes {
                     }
                     self.attempts.insert(a.id.0.clone(), a.state);
                 }
-                WriteOp::ClaimAttempt { id, .. } => {
-                    if self.attempts.get(&id.0) == Some(&AttemptState::InFlight) {
-                        let session = self.attempt_sessions[&id.0].clone();
-                        self.expected
-                            .push(("attempt.unknown".into(), session, None));
-                        self.attempts.insert(id.0.clone(), AttemptState::Unknown);
-                    }
+                WriteOp::ClaimAttempt { id, .. }
+                    if self.attempts.get(&id.0) == Some(&AttemptState::InFlight) =>
+                {
+                    let session = self.attempt_sessions[&id.0].clone();
+                    self.expected
+                        .push(("attempt.unknown".into(), session, None));
+                    self.attempts.insert(id.0.clone(), AttemptState::Unknown);
                 }
                 WriteOp::InsertPayment(p) => {
                     self.payments

@@ -870,6 +870,9 @@ async fn metrics(State(s): State<AppState>) -> Response {
                 .set(n as i64);
         }
     }
+    if let Ok(parked) = s.host.parked_deliveries(10_000).await {
+        m.deliveries_parked.set(parked.len() as i64);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         m.render(),
