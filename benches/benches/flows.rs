@@ -12,58 +12,17 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use payhost::engine::*;
 use payhost::{Config, Host, Loader};
-use serde_json::Value;
 
 const COMMITS_PER_FLOW: f64 = 7.0;
 
 async fn flow(host: &Host) -> Duration {
     let started = Instant::now();
-    let col = host
-        .create_collection(
-            NewCollection {
-                amount: 2500,
-                currency_code: "eur".into(),
-                metadata: Value::Null,
-            },
-            None,
-        )
-        .await
-        .unwrap();
-    let session = host
-        .create_session(
-            NewSession {
-                payment_collection_id: col.id.0,
-                provider_id: "system".into(),
-                cart_id: Some("cart_bench".into()),
-                cart: Value::Null,
-                context: Value::Null,
-                data: Value::Null,
-                amount: None,
-                currency_code: None,
-                metadata: Value::Null,
-                initiate: true,
-            },
-            None,
-        )
-        .await
-        .unwrap();
-    let payment = host
-        .authorize_session(&session.id.0, AuthorizeInput::default(), None)
-        .await
-        .unwrap()
-        .payment
-        .unwrap();
-    host.capture_payment(&payment.id.0, CaptureInput::default(), None)
-        .await
-        .unwrap();
+    payhost_benches::flow(host).await;
     started.elapsed()
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
+use payhost_benches::percentile;
 
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")

@@ -299,6 +299,68 @@ async fn a_consumer_behind_the_pruned_prefix_is_told_and_a_new_one_starts_at_the
     assert_eq!(first.payment_collection_id.as_deref(), Some(fresh.as_str()));
 }
 
+async fn a_session_held_back_by_a_failed_delivery_resumes_in_order(backend: Backend) {
+    let s = Scratch::new();
+    let receiver = Receiver::start(SECRET).await;
+    receiver.answer(Answer::Fail);
+    let config = with_endpoint(
+        HOST,
+        &receiver.url,
+        "poll_ms = 20\nclaim_ms = 2000",
+        "timeout_ms = 500\nretry_base_ms = 50\nretry_max_ms = 100",
+    );
+    let Some(host) = s.host_on(backend, &config).await else {
+        return;
+    };
+    let _deliverer = Task(host.spawn_deliverer());
+    let col = collection(&host, 900).await;
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        let session = host
+            .create_session(sandbox_session(&col, Value::Null), None)
+            .await
+            .unwrap();
+        let r = host
+            .authorize_session(&session.id.0, AuthorizeInput::default(), None)
+            .await
+            .unwrap();
+        let payment = r.payment.unwrap();
+        host.capture_payment(&payment.id.0, CaptureInput { amount: Some(300) }, None)
+            .await
+            .unwrap();
+        sessions.push(session.id.0);
+    }
+    // Each session's first event fails again and again; nothing after it goes.
+    receiver
+        .wait_until(Duration::from_secs(10), |r| r.len() >= 12)
+        .await;
+    let tried: Vec<String> = receiver.received().iter().map(|r| r.kind.clone()).collect();
+    assert!(
+        tried
+            .iter()
+            .all(|k| k == "payment_session.created" || k == "payment_collection.created"),
+        "only the first of each session was tried: {tried:?}"
+    );
+    receiver.answer(Answer::Ok);
+    let events = host.events_page(0, None, 1000).await.unwrap();
+    assert_eq!(events.len(), 1 + 3 * 3);
+    receiver
+        .wait_until(Duration::from_secs(10), |_| {
+            receiver.accepted().len() >= events.len()
+        })
+        .await;
+    let accepted = receiver.accepted();
+    for session in &sessions {
+        let got: Vec<String> = accepted
+            .iter()
+            .filter(|r| r.session.as_deref() == Some(session))
+            .map(|r| r.kind.clone())
+            .collect();
+        assert_eq!(got, types_of(&events, session), "order of {session}");
+    }
+    assert_eq!(accepted.len(), events.len());
+}
+
 /// Every scenario above, on SQLite and on PostgreSQL.
 macro_rules! on_both_stores {
     ($($name:ident),* $(,)?) => {
@@ -323,6 +385,7 @@ macro_rules! on_both_stores {
 
 on_both_stores!(
     webhook_completions_reach_the_stream_and_the_endpoint_once_committed,
+    a_session_held_back_by_a_failed_delivery_resumes_in_order,
     a_consumer_behind_the_pruned_prefix_is_told_and_a_new_one_starts_at_the_oldest_kept,
 );
 

@@ -9,8 +9,8 @@ use crate::events::{Cursor, Delivery, DeliveryState, Endpoint, Event, EventSetti
 
 /// Events read per store query.
 const PAGE: usize = 256;
-/// Deliveries claimed (and sent at once) per pass of an endpoint.
-const CLAIM: usize = 64;
+/// Deliveries claimed per pass of an endpoint (sessions sent at once, each in order).
+const CLAIM: usize = 256;
 /// How often delivered events past the retention are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
@@ -295,9 +295,10 @@ impl Host {
             .unwrap_or_else(|| "local".into())
     }
 
-    /// One pass for one endpoint: claims its deliveries that are due (each the first undelivered
-    /// one of its session), POSTs them at once and records each outcome. Returns how many were
-    /// tried.
+    /// One pass for one endpoint: claims its due deliveries (for each session, a run from its
+    /// first undelivered one on), sends each session's run in order — sessions at once — and
+    /// records every outcome in one write. A failed try holds the rest of its session's run
+    /// back (released untried). Returns how many were claimed.
     pub async fn deliver_due(
         &self,
         endpoint: &Endpoint,
@@ -314,19 +315,33 @@ impl Host {
             )
             .await?;
         let n = claimed.len();
-        let tries = claimed.into_iter().map(|(delivery, event)| {
-            let claimer = claimer.clone();
-            async move {
+        if n == 0 {
+            return Ok(0);
+        }
+        // A try starts only if it ends within the claim: another host never sends what this one
+        // still is.
+        let claimed_until = std::time::Instant::now() + self.events.claim;
+        // Runs by session, each in order (the store returns them ordered).
+        let mut runs: Vec<(String, Vec<(Delivery, Event)>)> = Vec::new();
+        for (delivery, event) in claimed {
+            let key = event.order_key();
+            match runs.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, run)) => run.push((delivery, event)),
+                None => runs.push((key, vec![(delivery, event)])),
+            }
+        }
+        let sent = runs.into_iter().map(|(_, run)| async move {
+            let mut outcome = Outcomes::default();
+            let mut run = run.into_iter().peekable();
+            while let Some((delivery, event)) = run.next_if(|_| {
+                std::time::Instant::now() + endpoint.timeout < claimed_until
+            }) {
                 let started = std::time::Instant::now();
-                let result = post(client, endpoint, &event).await;
                 let m = crate::metrics::global();
-                match result {
+                match post(client, endpoint, &event).await {
                     Ok(()) => {
                         m.event_delivered(&endpoint.id, "delivered", started.elapsed());
-                        WriteOp::DeliveryDone {
-                            id: delivery.id,
-                            claimer,
-                        }
+                        outcome.delivered.push(delivery.id);
                     }
                     Err(why) => {
                         let now = self.store_now().await.unwrap_or_else(|_| self.now());
@@ -344,22 +359,33 @@ impl Host {
                         } else {
                             tracing::warn!(delivery = %delivery.id, endpoint = %endpoint.id, tries = delivery.attempts + 1, retry_in_ms = wait.as_millis() as u64, "event delivery failed: {why}");
                         }
-                        WriteOp::DeliveryFailed {
-                            id: delivery.id,
-                            claimer,
-                            retry_in_ms: (!park).then_some(wait.as_millis() as i64),
-                            error: why,
-                        }
+                        outcome.failed.push((
+                            delivery.id,
+                            (!park).then_some(wait.as_millis() as i64),
+                            why,
+                        ));
+                        break;
                     }
                 }
             }
+            outcome.released.extend(run.map(|(d, _)| d.id));
+            outcome
         });
-        let outcomes = futures_util::future::join_all(tries).await;
+        let mut all = Outcomes::default();
+        for o in futures_util::future::join_all(sent).await {
+            all.delivered.extend(o.delivered);
+            all.failed.extend(o.failed);
+            all.released.extend(o.released);
+        }
         // One write for the pass. A store error leaves the claims to lapse, and the deliveries
         // are sent again (at least once; receivers dedupe by event id).
-        if !outcomes.is_empty()
-            && let Err(e) = self.store.write(outcomes).await
-        {
+        let op = WriteOp::DeliveryOutcomes {
+            claimer,
+            delivered: all.delivered,
+            failed: all.failed,
+            released: all.released,
+        };
+        if let Err(e) = self.store.write(vec![op]).await {
             tracing::warn!(code = e.code(), endpoint = %endpoint.id, "recording event deliveries failed: {e}");
         }
         Ok(n)
@@ -428,6 +454,14 @@ impl Host {
             .await?;
         Ok(())
     }
+}
+
+/// What happened to the deliveries of a pass.
+#[derive(Default)]
+struct Outcomes {
+    delivered: Vec<String>,
+    failed: Vec<(String, Option<i64>, String)>,
+    released: Vec<String>,
 }
 
 fn to_json<T: Serialize>(v: &T) -> Value {

@@ -138,24 +138,18 @@ pub enum WriteOp {
         /// Endpoint ids that receive it.
         deliver_to: Vec<String>,
     },
-    /// Marks a delivery delivered, if `claimer` still holds it.
-    DeliveryDone {
-        /// The delivery.
-        id: String,
-        /// Who delivered it.
-        claimer: String,
-    },
-    /// Records a failed try of a delivery held by `claimer`: tried again after `retry_in_ms`,
-    /// or parked when `None`.
-    DeliveryFailed {
-        /// The delivery.
-        id: String,
+    /// Records what one pass of an endpoint's deliverer did with the deliveries `claimer` holds
+    /// (a delivery no longer held by it is left alone: another host took it over).
+    DeliveryOutcomes {
         /// Who tried.
         claimer: String,
-        /// The delay before the next try; `None`: park it.
-        retry_in_ms: Option<i64>,
-        /// What the try got.
-        error: String,
+        /// Answered 2xx: delivered.
+        delivered: Vec<String>,
+        /// Tries that failed: the delivery, the delay before its next try (`None`: park it),
+        /// and what the try got.
+        failed: Vec<(String, Option<i64>, String)>,
+        /// Claimed but not tried (one before them in their session failed): free again.
+        released: Vec<String>,
     },
     /// Sends parked deliveries to `endpoints` again from scratch: one (`Some(id)`) or all.
     Redeliver {
@@ -380,9 +374,11 @@ pub trait Store: Send + Sync + 'static {
         types: Option<Vec<String>>,
         limit: usize,
     ) -> Result<EventPage, StoreError>;
-    /// Claims up to `limit` deliveries to `endpoint_id` due now for `claimer` for `claim_ms`,
-    /// each the first undelivered one of its session, with their events. A store of one host
-    /// claims nothing in the database (it has one deliverer per endpoint).
+    /// Claims, for `claimer` and `claim_ms`, up to `limit` deliveries to `endpoint_id` that are
+    /// due, with their events, in order: for each session (or collection) a run of its
+    /// undelivered deliveries from the first one on, none skipped — so that sending each run in
+    /// order keeps the session's order. A store of one host claims nothing in the database (it
+    /// has one deliverer per endpoint).
     async fn claim_deliveries(
         &self,
         endpoint_id: &str,

@@ -896,26 +896,36 @@ async fn apply(
             .await
             .map_err(|err| classify(err, &e.id))?;
         }
-        WriteOp::DeliveryDone { id, claimer } => {
-            tx.execute(
-                "UPDATE event_deliveries SET state = 'delivered', delivered_at = payhost_now_ms(), attempts = attempts + 1, first_tried_at = COALESCE(first_tried_at, payhost_now_ms()), last_error = NULL, claimed_until = NULL WHERE id = $1 AND state = 'pending' AND claimed_by = $2",
-                &[id, claimer],
-            )
-            .await
-            .map_err(|e| classify(e, id))?;
-        }
-        WriteOp::DeliveryFailed {
-            id,
+        WriteOp::DeliveryOutcomes {
             claimer,
-            retry_in_ms,
-            error,
+            delivered,
+            failed,
+            released,
         } => {
-            tx.execute(
-                "UPDATE event_deliveries SET attempts = attempts + 1, first_tried_at = COALESCE(first_tried_at, payhost_now_ms()), next_at = payhost_now_ms() + COALESCE($3::BIGINT, 0), state = CASE WHEN $3::BIGINT IS NULL THEN 'parked' ELSE 'pending' END, last_error = $4, claimed_until = NULL WHERE id = $1 AND state = 'pending' AND claimed_by = $2",
-                &[id, claimer, retry_in_ms, error],
-            )
-            .await
-            .map_err(|e| classify(e, id))?;
+            if !delivered.is_empty() {
+                tx.execute(
+                    "UPDATE event_deliveries SET state = 'delivered', delivered_at = payhost_now_ms(), attempts = attempts + 1, first_tried_at = COALESCE(first_tried_at, payhost_now_ms()), last_error = NULL, claimed_until = NULL WHERE id = ANY($1) AND state = 'pending' AND claimed_by = $2",
+                    &[delivered, claimer],
+                )
+                .await
+                .map_err(|e| classify(e, "event deliveries"))?;
+            }
+            for (id, retry_in_ms, error) in failed {
+                tx.execute(
+                    "UPDATE event_deliveries SET attempts = attempts + 1, first_tried_at = COALESCE(first_tried_at, payhost_now_ms()), next_at = payhost_now_ms() + COALESCE($3::BIGINT, 0), state = CASE WHEN $3::BIGINT IS NULL THEN 'parked' ELSE 'pending' END, last_error = $4, claimed_until = NULL WHERE id = $1 AND state = 'pending' AND claimed_by = $2",
+                    &[id, claimer, retry_in_ms, error],
+                )
+                .await
+                .map_err(|e| classify(e, id))?;
+            }
+            if !released.is_empty() {
+                tx.execute(
+                    "UPDATE event_deliveries SET claimed_until = NULL WHERE id = ANY($1) AND state = 'pending' AND claimed_by = $2",
+                    &[released, claimer],
+                )
+                .await
+                .map_err(|e| classify(e, "event deliveries"))?;
+            }
         }
         WriteOp::Redeliver { id, endpoints } => {
             tx.execute(
@@ -1470,26 +1480,65 @@ impl Store for PostgresStore {
         claim_ms: i64,
         limit: usize,
     ) -> Result<Vec<(Delivery, Event)>, StoreError> {
-        self.sequence_events().await?;
-        // The first undelivered delivery of each endpoint and session that is due, numbered and
-        // not held by a live claim; rows another host is claiming right now are skipped, not
-        // waited for. One session's events are inserted in commit order (each write of it
-        // starts after the one before committed), so `pos` orders them.
-        let rows = self
-            .query(
-                &format!(
-                    "WITH due AS ( \
-                       SELECT d.id FROM event_deliveries d JOIN events e ON e.pos = d.event_pos \
-                       WHERE d.endpoint_id = $4 AND d.state = 'pending' AND e.seq IS NOT NULL AND d.next_at <= payhost_now_ms() \
-                         AND (d.claimed_until IS NULL OR d.claimed_until < payhost_now_ms()) \
-                         AND NOT EXISTS (SELECT 1 FROM event_deliveries p WHERE p.endpoint_id = d.endpoint_id AND p.order_key = d.order_key AND p.event_pos < d.event_pos AND p.state <> 'delivered') \
-                       ORDER BY d.event_pos LIMIT $3 FOR UPDATE OF d SKIP LOCKED), \
-                     claimed AS (UPDATE event_deliveries d SET claimed_by = $1, claimed_until = payhost_now_ms() + $2 FROM due WHERE d.id = due.id RETURNING d.*) \
-                     SELECT {DELIVERY_COLUMNS}, {EVENT_COLUMNS} FROM claimed d JOIN events e ON e.pos = d.event_pos ORDER BY e.seq"
-                ),
-                &[&claimer, &claim_ms, &(limit as i64), &endpoint_id],
-            )
-            .await?;
+        // Number what committed, then claim, in one transaction (one commit).
+        //
+        // `open`: the endpoint's undelivered deliveries, `k` their place in their session's
+        // queue. `ready`: those that could go now; a session's run is its ready ones from the
+        // first of its queue on (`r = k`: none before them is parked, waiting, unnumbered or
+        // held by another host). `locked`: those rows, skipping any another host is claiming
+        // this instant; a skipped row would leave a hole, so only the run up to the first hole
+        // is kept.
+        let sql = format!(
+            "WITH now AS (SELECT payhost_now_ms() AS t), \
+             open AS ( \
+               SELECT d.id, d.order_key, d.event_pos, d.state, d.next_at, d.claimed_until, e.seq, \
+                      row_number() OVER (PARTITION BY d.order_key ORDER BY d.event_pos) AS k \
+               FROM event_deliveries d JOIN events e ON e.pos = d.event_pos \
+               WHERE d.endpoint_id = $4 AND d.state <> 'delivered'), \
+             ready AS ( \
+               SELECT o.id, o.event_pos, o.k, row_number() OVER (PARTITION BY o.order_key ORDER BY o.event_pos) AS r \
+               FROM open o, now \
+               WHERE o.state = 'pending' AND o.seq IS NOT NULL AND o.next_at <= now.t \
+                 AND (o.claimed_until IS NULL OR o.claimed_until < now.t)), \
+             wanted AS (SELECT id FROM ready WHERE r = k ORDER BY event_pos LIMIT $3), \
+             locked AS (SELECT d.id FROM event_deliveries d WHERE d.id IN (SELECT id FROM wanted) FOR UPDATE SKIP LOCKED), \
+             kept AS ( \
+               SELECT id FROM (SELECT o.id, o.k, row_number() OVER (PARTITION BY o.order_key ORDER BY o.event_pos) AS r \
+                               FROM open o JOIN locked l ON l.id = o.id) x \
+               WHERE x.r = x.k), \
+             claimed AS (UPDATE event_deliveries d SET claimed_by = $1, claimed_until = (SELECT t FROM now) + $2 FROM kept WHERE d.id = kept.id RETURNING d.*) \
+             SELECT {DELIVERY_COLUMNS}, {EVENT_COLUMNS} FROM claimed d JOIN events e ON e.pos = d.event_pos ORDER BY d.event_pos"
+        );
+        let mut client = self.client().await?;
+        let timed = tokio::time::timeout(self.op_timeout, async {
+            let tx = client.transaction().await.map_err(connection_error)?;
+            tx.execute("SELECT payhost_sequence_events()", &[])
+                .await
+                .map_err(|e| classify(e, "events"))?;
+            let rows = tx
+                .query(&sql, &[&claimer, &claim_ms, &(limit as i64), &endpoint_id])
+                .await
+                .map_err(|e| classify(e, "event deliveries"))?;
+            tx.commit().await.map_err(|e| classify(e, "commit"))?;
+            Ok::<_, StoreError>(rows)
+        })
+        .await;
+        let rows = match timed {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(e)) => {
+                if client.is_closed() {
+                    drop(deadpool_postgres::Object::take(client));
+                }
+                return Err(e);
+            }
+            Err(_) => {
+                drop(deadpool_postgres::Object::take(client));
+                return Err(StoreError::Unavailable(format!(
+                    "PostgreSQL did not answer within {} ms",
+                    self.op_timeout.as_millis()
+                )));
+            }
+        };
         rows.iter()
             .map(|r| Ok((delivery_row(r)?, event_row(r, 9)?)))
             .collect()

@@ -596,25 +596,25 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
                     }
                 }
             }
-            WriteOp::DeliveryDone { id, .. } => {
-                tx.execute(
-                    "UPDATE event_deliveries SET state = 'delivered', delivered_at = ?2, attempts = attempts + 1, first_tried_at = COALESCE(first_tried_at, ?2), last_error = NULL WHERE id = ?1 AND state = 'pending'",
-                    params![id, now_ms()],
-                )
-                .map_err(|e| classify(e, id))?;
-            }
-            WriteOp::DeliveryFailed {
-                id,
-                retry_in_ms,
-                error,
-                ..
+            WriteOp::DeliveryOutcomes {
+                delivered, failed, ..
             } => {
+                // One host per file: what it claimed is its own.
                 let now = now_ms();
-                tx.execute(
-                    "UPDATE event_deliveries SET attempts = attempts + 1, first_tried_at = COALESCE(first_tried_at, ?2), next_at = ?2 + ?3, state = CASE WHEN ?4 THEN 'parked' ELSE 'pending' END, last_error = ?5 WHERE id = ?1 AND state = 'pending'",
-                    params![id, now, retry_in_ms.unwrap_or(0), retry_in_ms.is_none(), error],
-                )
-                .map_err(|e| classify(e, id))?;
+                for id in delivered {
+                    tx.prepare_cached(
+                        "UPDATE event_deliveries SET state = 'delivered', delivered_at = ?2, attempts = attempts + 1, first_tried_at = COALESCE(first_tried_at, ?2), last_error = NULL WHERE id = ?1 AND state = 'pending'",
+                    )
+                    .and_then(|mut st| st.execute(params![id, now]))
+                    .map_err(|e| classify(e, id))?;
+                }
+                for (id, retry_in_ms, error) in failed {
+                    tx.execute(
+                        "UPDATE event_deliveries SET attempts = attempts + 1, first_tried_at = COALESCE(first_tried_at, ?2), next_at = ?2 + ?3, state = CASE WHEN ?4 THEN 'parked' ELSE 'pending' END, last_error = ?5 WHERE id = ?1 AND state = 'pending'",
+                        params![id, now, retry_in_ms.unwrap_or(0), retry_in_ms.is_none(), error],
+                    )
+                    .map_err(|e| classify(e, id))?;
+                }
             }
             WriteOp::Redeliver { id, endpoints } => {
                 tx.execute(
@@ -1244,11 +1244,20 @@ impl Store for SqliteStore {
         _claim_ms: i64,
         limit: usize,
     ) -> Result<Vec<(Delivery, Event)>, StoreError> {
-        // One host per file and one deliverer per endpoint: what is due is this host's.
+        // One host per file and one deliverer per endpoint: what is due is this host's, and
+        // nothing needs claiming. A session's run: its due deliveries from the first
+        // undelivered one on, up to the first that is not due (see the PostgreSQL driver).
         let endpoint_id = endpoint_id.to_owned();
         self.read(move |c| {
             let mut st = c.prepare_cached(&format!(
-                "SELECT {DELIVERY_COLUMNS}, {EVENT_COLUMNS_E} FROM event_deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.endpoint_id = ?3 AND d.state = 'pending' AND d.next_at <= ?1 AND NOT EXISTS (SELECT 1 FROM event_deliveries p WHERE p.endpoint_id = d.endpoint_id AND p.order_key = d.order_key AND p.event_seq < d.event_seq AND p.state <> 'delivered') ORDER BY d.event_seq LIMIT ?2"
+                "WITH open AS ( \
+                   SELECT d.id, d.event_seq, d.state, d.next_at, \
+                          row_number() OVER (PARTITION BY d.order_key ORDER BY d.event_seq) AS k, \
+                          row_number() OVER (PARTITION BY d.order_key, (d.state = 'pending' AND d.next_at <= ?1) ORDER BY d.event_seq) AS r \
+                   FROM event_deliveries d WHERE d.endpoint_id = ?3 AND d.state <> 'delivered'), \
+                 wanted AS (SELECT id FROM open WHERE state = 'pending' AND next_at <= ?1 AND r = k ORDER BY event_seq LIMIT ?2) \
+                 SELECT {DELIVERY_COLUMNS}, {EVENT_COLUMNS_E} FROM event_deliveries d JOIN events e ON e.seq = d.event_seq \
+                 WHERE d.id IN (SELECT id FROM wanted) ORDER BY d.event_seq"
             ))?;
             st.query_map(params![now_ms(), limit as i64, endpoint_id], |r| {
                 Ok((delivery_row(r)?, event_row_at(r, 9)?))
