@@ -229,6 +229,13 @@ pub struct WebhookEventRecord {
 }
 
 impl WriteOp {
+    /// Whether it is delivery bookkeeping, which a crash may lose without harm: a delivery whose
+    /// outcome was lost is sent again (deliveries are at least once). Stores commit a write made
+    /// only of these without waiting for the disk; every other write waits.
+    pub fn is_bookkeeping(&self) -> bool {
+        matches!(self, WriteOp::DeliveryOutcomes { .. })
+    }
+
     /// Whether it only administers the outbox's deliveries (no money, attempt or event): an
     /// operator's tool may write it beside the host that has an embedded database.
     pub fn is_outbox_admin(&self) -> bool {

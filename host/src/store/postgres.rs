@@ -1235,6 +1235,12 @@ impl Store for PostgresStore {
         let mut client = self.client().await?;
         let timed = tokio::time::timeout(self.op_timeout, async {
             let tx = client.transaction().await.map_err(connection_error)?;
+            if ops.iter().all(WriteOp::is_bookkeeping) {
+                // Delivery bookkeeping: a crash that loses it re-sends events, nothing more.
+                tx.batch_execute("SET LOCAL synchronous_commit = off")
+                    .await
+                    .map_err(connection_error)?;
+            }
             for op in &ops {
                 apply(&tx, op, me.as_ref()).await?;
             }

@@ -491,6 +491,8 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 }
 
 fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
+    // Whether the connection is at `synchronous = NORMAL` (it opens at FULL).
+    let mut lazy_now = false;
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
@@ -498,6 +500,26 @@ fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
                 Ok(job) => jobs.push(job),
                 Err(_) => break,
             }
+        }
+        // Only delivery bookkeeping in this commit: no need to wait for the disk (the next
+        // durable commit syncs it too; a crash before that re-sends some events).
+        let lazy = jobs
+            .iter()
+            .all(|(ops, _)| ops.iter().all(WriteOp::is_bookkeeping));
+        if lazy != lazy_now {
+            let pragma = if lazy {
+                "PRAGMA synchronous = NORMAL"
+            } else {
+                "PRAGMA synchronous = FULL"
+            };
+            if let Err(e) = conn.execute_batch(pragma) {
+                // Never commit a durable write without FULL.
+                for (_, reply) in jobs {
+                    let _ = reply.send(Err(unavailable(&e)));
+                }
+                continue;
+            }
+            lazy_now = lazy;
         }
         let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(jobs.len());
         let outcome = (|| -> rusqlite::Result<()> {
