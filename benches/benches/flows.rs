@@ -146,11 +146,15 @@ fn main() {
         let one = open().await;
         run(one.clone(), 4, 40).await; // warm-up
         for (concurrency, flows) in [(1, 200), (16, 1600)] {
+            let before = one.store().statement_counts().unwrap_or_default();
             let (rate, latencies) = run(one.clone(), concurrency, flows).await;
+            let after = one.store().statement_counts().unwrap_or_default();
             println!(
-                "PostgreSQL, one host,  concurrency {concurrency:>2}: {rate:>7.1} flows/s  p50 {:>6.2} ms  p99 {:>6.2} ms",
+                "PostgreSQL, one host,  concurrency {concurrency:>2}: {rate:>7.1} flows/s  p50 {:>6.2} ms  p99 {:>6.2} ms  {:.1} statements, {:.1} write transactions per flow",
                 percentile(&latencies, 0.50).as_secs_f64() * 1e3,
                 percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+                (after.0 - before.0) as f64 / flows as f64,
+                (after.1 - before.1) as f64 / flows as f64,
             );
         }
         let two = [one, open().await];

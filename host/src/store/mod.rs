@@ -401,4 +401,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Delivery>, StoreError>;
     /// Woken after every write that appended events (so streams in this process need not poll).
     fn appended(&self) -> std::sync::Arc<tokio::sync::Notify>;
+    /// Statements sent and write transactions committed so far, where the store counts them
+    /// (PostgreSQL): what work costs the database, for benchmarks.
+    fn statement_counts(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
