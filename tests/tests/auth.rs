@@ -475,7 +475,21 @@ async fn the_admin_listener_takes_operations_off_the_public_port() {
             "{path} on the public port"
         );
     }
-    // Probes and scrapes need no key on the admin listener; operator routes do.
+    // Probes and scrapes need no key on the admin listener; operator routes do. (Ready once
+    // start-up reconciliation is done, which a busy machine may take a moment for.)
+    let started = std::time::Instant::now();
+    while k
+        .client
+        .get(format!("{admin}/ready"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        == StatusCode::SERVICE_UNAVAILABLE
+        && started.elapsed() < std::time::Duration::from_secs(10)
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     for path in ["/health", "/ready", "/metrics"] {
         let r = k.client.get(format!("{admin}{path}")).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK, "{path} on the admin listener");
