@@ -3,6 +3,26 @@
 
 use super::*;
 
+/// The entity an attempt's outcome applies to, as this host last wrote it: settling writes over
+/// its version without reading it again, and reads afresh only if it changed meanwhile.
+pub(super) enum Current {
+    /// Not at hand: read it.
+    Unknown,
+    /// The session of an authorize.
+    Session(PaymentSession),
+    /// The payment of a capture, refund or cancel.
+    Payment(Payment),
+}
+
+/// What settling an outcome left, as written.
+#[derive(Default)]
+pub(super) struct Settled {
+    /// The session, after an authorize.
+    pub session: Option<PaymentSession>,
+    /// The payment: created by an authorize, or after a capture, refund or cancel.
+    pub payment: Option<Payment>,
+}
+
 impl Host {
     pub(super) async fn refuse_if_open(&self, entity: &str) -> Result<(), EngineError> {
         if let Some(open) = self
@@ -32,6 +52,11 @@ impl Host {
         }
         match self.store.write(ops).await {
             Ok(()) => Ok(()),
+            Err(StoreError::AttemptOpen(what)) => {
+                // Another attempt is open: say which, if its outcome is what blocks this one.
+                self.refuse_if_open(&attempt.entity()).await?;
+                Err(StoreError::AttemptOpen(what).into())
+            }
             Err(e) if owed::is_transient(&e) => {
                 // Maybe it committed, maybe not; either way no call was made: an attempt that
                 // did get recorded must not stay in flight, blocking its payment.
@@ -146,7 +171,8 @@ impl Host {
         &self,
         mut attempt: Attempt,
         answer: Result<ProviderResponse, CallError>,
-    ) -> Result<Outcome, EngineError> {
+        current: Current,
+    ) -> Result<(Outcome, Settled), EngineError> {
         let attempt_id = attempt.id.0.clone();
         match answer {
             Ok(response) => {
@@ -155,8 +181,11 @@ impl Host {
                     Some(p) => provider_data(p, response.data.clone()),
                     None => response.data.clone(),
                 };
-                match self.settle(attempt, outcome.clone(), data, None).await {
-                    Ok(()) => {}
+                let settled = match self
+                    .settle(attempt, outcome.clone(), data, None, current)
+                    .await
+                {
+                    Ok(settled) => settled,
                     // The answer is known: kept, and recorded as soon as the store answers.
                     Err(EngineError::Store(e)) if owed::is_transient(&e) => {
                         self.late.requeue(attempt_id.clone(), Ok(response));
@@ -166,13 +195,13 @@ impl Host {
                         ))));
                     }
                     Err(e) => return Err(e),
-                }
+                };
                 match outcome {
                     Outcome::Unknown { reason } => {
                         Err(EngineError::OutcomeUnknown { attempt_id, reason })
                     }
                     Outcome::NotAttempted { reason } => Err(EngineError::NotAttempted { reason }),
-                    other => Ok(other),
+                    other => Ok((other, settled)),
                 }
             }
             Err(e) if e.outcome_is_unknown() => {
@@ -250,8 +279,10 @@ impl Host {
         outcome: Outcome,
         data: Option<Value>,
         resolution: Option<Resolution>,
-    ) -> Result<(), EngineError> {
+        current: Current,
+    ) -> Result<Settled, EngineError> {
         let mut tries = 0;
+        let mut current = current;
         loop {
             let result = self
                 .settle_once(
@@ -259,6 +290,7 @@ impl Host {
                     outcome.clone(),
                     data.clone(),
                     resolution.clone(),
+                    std::mem::replace(&mut current, Current::Unknown),
                 )
                 .await;
             match result {
@@ -274,7 +306,8 @@ impl Host {
         outcome: Outcome,
         data: Option<Value>,
         resolution: Option<Resolution>,
-    ) -> Result<(), EngineError> {
+        current: Current,
+    ) -> Result<Settled, EngineError> {
         let now = self.now();
         // Whether it was unknown (or with an operator) before: then this write resolves it.
         let was_unknown = matches!(
@@ -301,17 +334,21 @@ impl Host {
                         .collect(),
                 )
                 .await?;
-            return Ok(());
+            return Ok(Settled::default());
         }
         let mut ops = Vec::new();
         let mut events = Vec::new();
+        let mut settled = Settled::default();
         match attempt.operation {
             Operation::Authorize => {
-                let mut session = self
-                    .store
-                    .session(&attempt.session_id)
-                    .await?
-                    .ok_or_else(|| not_found("payment session", attempt.session_id.as_str()))?;
+                let mut session = match current {
+                    Current::Session(s) if s.id == attempt.session_id => s,
+                    _ => self
+                        .store
+                        .session(&attempt.session_id)
+                        .await?
+                        .ok_or_else(|| not_found("payment session", attempt.session_id.as_str()))?,
+                };
                 let expected = session.version;
                 let before = session.status;
                 let mut payment_id = None;
@@ -321,6 +358,7 @@ impl Host {
                             session.payment_authorized_at = Some(now);
                             let payment = self.payment_for(&session, now);
                             payment_id = Some(payment.id.clone());
+                            settled.payment = Some(payment.clone());
                             ops.push(WriteOp::InsertPayment(payment));
                         }
                         session.status = status;
@@ -336,6 +374,7 @@ impl Host {
                 session.version += 1;
                 session.updated_at = now;
                 events.extend(self.session_changed(Some(before), &session, payment_id.as_ref()));
+                settled.session = Some(session.clone());
                 ops.push(WriteOp::UpdateSession {
                     session,
                     expected_version: expected,
@@ -348,11 +387,14 @@ impl Host {
                         attempt.id
                     )))
                 })?;
-                let mut payment = self
-                    .store
-                    .payment(&payment_id)
-                    .await?
-                    .ok_or_else(|| not_found("payment", payment_id.as_str()))?;
+                let mut payment = match current {
+                    Current::Payment(p) if p.id == payment_id => p,
+                    _ => self
+                        .store
+                        .payment(&payment_id)
+                        .await?
+                        .ok_or_else(|| not_found("payment", payment_id.as_str()))?,
+                };
                 if outcome == Outcome::Processed {
                     let expected = payment.version;
                     let kind = match attempt.operation {
@@ -394,7 +436,7 @@ impl Host {
                     payment.updated_at = now;
                     events.push(self.payment_event(kind, &payment, attempt.amount, &attempt.id));
                     ops.push(WriteOp::UpdatePayment {
-                        payment,
+                        payment: payment.clone(),
                         expected_version: expected,
                     });
                 } else if matches!(outcome, Outcome::Pending) {
@@ -404,6 +446,7 @@ impl Host {
                 } else if matches!(outcome, Outcome::RequiresMore { .. }) {
                     attempt.state = AttemptState::Failed;
                 }
+                settled.payment = Some(payment);
             }
             _ => {}
         }
@@ -423,7 +466,8 @@ impl Host {
         ops.insert(0, WriteOp::UpdateAttempt(attempt));
         ops.extend(events);
         // Raw store errors: `settle` retries a version conflict.
-        self.store.write(ops).await.map_err(EngineError::Store)
+        self.store.write(ops).await.map_err(EngineError::Store)?;
+        Ok(settled)
     }
 
     pub(super) fn payment_for(&self, session: &PaymentSession, now: Timestamp) -> Payment {

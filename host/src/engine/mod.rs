@@ -36,6 +36,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use attempts::{Current, Settled};
 pub use inputs::*;
 pub use lease::LeaseSettings;
 pub use reconcile::{ReconcileReport, ReconcileSettings, ResolveAs};

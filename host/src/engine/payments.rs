@@ -11,14 +11,83 @@ impl Host {
         reason: Option<String>,
     ) -> Result<Payment, EngineError> {
         let _guard = self.locks.lock(id).await;
-        let mut payment = self.payment(id).await?;
-        // An open outcome comes first: until it resolves, the amounts below are not the truth.
-        self.refuse_if_open(payment.id.as_str()).await?;
-        let session = self
+        let pid = PaymentId::parse(id).ok_or_else(|| not_found("payment", id))?;
+        let (mut payment, session) = self
             .store
-            .session(&payment.payment_session_id)
+            .payment_and_session(&pid)
             .await?
-            .ok_or_else(|| not_found("payment session", payment.payment_session_id.as_str()))?;
+            .ok_or_else(|| not_found("payment", id))?;
+        // An open outcome comes first: until it resolves, the amounts are not the truth, so a
+        // refusal below is checked against it (and the database refuses a second open attempt).
+        let amount = match self.check_payment_op(&payment, operation, amount) {
+            Ok(amount) => amount,
+            Err(refused) => {
+                self.refuse_if_open(payment.id.as_str()).await?;
+                return Err(refused);
+            }
+        };
+        let provider = self.provider(&payment.provider_id)?.clone();
+        let attempt = self.new_attempt(
+            &session,
+            Some(&payment),
+            &provider,
+            operation,
+            amount,
+            reason.clone(),
+        );
+        let expected = payment.version;
+        payment.version += 1;
+        payment.updated_at = self.now();
+        self.begin(
+            &attempt,
+            WriteOp::UpdatePayment {
+                payment: payment.clone(),
+                expected_version: expected,
+            },
+        )
+        .await?;
+        let request = Self::payment_request(&session, &payment, &attempt);
+        let answer = self.call_money(&provider, &attempt, request).await;
+        let attempt_id = attempt.id.0.clone();
+        match self
+            .after_call(attempt, answer, Current::Payment(payment))
+            .await
+        {
+            Ok((Outcome::Declined { code, message }, _)) => {
+                Err(EngineError::Declined { code, message })
+            }
+            Ok((Outcome::Pending, _)) => Err(EngineError::OutcomeUnknown {
+                attempt_id,
+                reason: "the provider will finish it later".into(),
+            }),
+            Ok((Outcome::RequiresMore { .. }, _)) => {
+                Err(EngineError::Provider(ProviderError::new(
+                    payhost_provider_api::ErrorKind::InvalidRequest,
+                    format!("the provider asked for customer action on a {operation}"),
+                )))
+            }
+            Ok((
+                _,
+                Settled {
+                    payment: Some(p), ..
+                },
+            )) => Ok(p),
+            Ok(_) => self.payment(id).await,
+            Err(EngineError::OutcomeUnknown { reason, .. }) => {
+                Err(EngineError::OutcomeUnknown { attempt_id, reason })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether the payment's state, the amount and the provider's capabilities allow the
+    /// operation; the amount it moves (a capture or refund without one: what remains).
+    fn check_payment_op(
+        &self,
+        payment: &Payment,
+        operation: Operation,
+        amount: Option<i64>,
+    ) -> Result<i64, EngineError> {
         let provider = self.provider(&payment.provider_id)?.clone();
         let caps = provider.manifest().capabilities;
         let captured = payment.captured_amount();
@@ -38,7 +107,7 @@ impl Host {
             Money::of(amount, payment.currency_code)
                 .map_err(|e| EngineError::invalid("amount", e.to_string()))?;
         }
-        transitions::payment(&payment, input).map_err(EngineError::InvalidTransition)?;
+        transitions::payment(payment, input).map_err(EngineError::InvalidTransition)?;
         match operation {
             Operation::Capture if amount < payment.amount - captured && !caps.partial_capture => {
                 return Err(EngineError::Unsupported(format!(
@@ -62,44 +131,7 @@ impl Host {
             }
             _ => {}
         }
-        let attempt = self.new_attempt(
-            &session,
-            Some(&payment),
-            &provider,
-            operation,
-            amount,
-            reason.clone(),
-        );
-        let expected = payment.version;
-        payment.version += 1;
-        payment.updated_at = self.now();
-        self.begin(
-            &attempt,
-            WriteOp::UpdatePayment {
-                payment: payment.clone(),
-                expected_version: expected,
-            },
-        )
-        .await?;
-        let request = Self::payment_request(&session, &payment, &attempt);
-        let answer = self.call_money(&provider, &attempt, request).await;
-        let attempt_id = attempt.id.0.clone();
-        match self.after_call(attempt, answer).await {
-            Ok(Outcome::Declined { code, message }) => Err(EngineError::Declined { code, message }),
-            Ok(Outcome::Pending) => Err(EngineError::OutcomeUnknown {
-                attempt_id,
-                reason: "the provider will finish it later".into(),
-            }),
-            Ok(Outcome::RequiresMore { .. }) => Err(EngineError::Provider(ProviderError::new(
-                payhost_provider_api::ErrorKind::InvalidRequest,
-                format!("the provider asked for customer action on a {operation}"),
-            ))),
-            Ok(_) => self.payment(id).await,
-            Err(EngineError::OutcomeUnknown { reason, .. }) => {
-                Err(EngineError::OutcomeUnknown { attempt_id, reason })
-            }
-            Err(e) => Err(e),
-        }
+        Ok(amount)
     }
 
     /// The provider request an attempt on a payment makes: the same every time it is sent.

@@ -9,6 +9,7 @@ use futures_util::StreamExt;
 use payhost_provider_api::{Operation, Outcome, ProviderResponse};
 use serde::Serialize;
 
+use super::attempts::Current;
 use super::{EngineError, Host, not_found};
 use crate::domain::{Attempt, AttemptState, Resolution};
 use crate::events::EventType;
@@ -222,7 +223,7 @@ impl Host {
                 return Ok(false);
             }
             // after_call keeps a known answer itself when the store fails to record it.
-            match self.after_call(attempt, answer).await {
+            match self.after_call(attempt, answer, Current::Unknown).await {
                 Err(EngineError::Store(e)) => Err(EngineError::Store(e)),
                 _ => Ok(true),
             }
@@ -323,7 +324,8 @@ impl Host {
             Ok(outcome) => {
                 tracing::info!(attempt = %attempt.id, operation = %attempt.operation, outcome = outcome.name(), "attempt reconciled");
                 let entity = attempt.id.0.clone();
-                self.settle(attempt, outcome, None, None).await?;
+                self.settle(attempt, outcome, None, None, Current::Unknown)
+                    .await?;
                 let settled = self
                     .store
                     .attempt(&entity)
@@ -467,7 +469,7 @@ impl Host {
             note: note.to_owned(),
             at: self.now(),
         };
-        self.settle(attempt, outcome, None, Some(resolution))
+        self.settle(attempt, outcome, None, Some(resolution), Current::Unknown)
             .await?;
         tracing::warn!(attempt = id, by, note, "attempt resolved by an operator");
         self.store

@@ -98,7 +98,7 @@ impl Host {
                 ));
             }
             let now = self.now();
-            let session = PaymentSession {
+            let mut session = PaymentSession {
                 id: SessionId::generate(),
                 payment_collection_id: collection_id,
                 cart_id: input.cart_id.clone(),
@@ -119,15 +119,25 @@ impl Host {
                 updated_at: now,
                 version: 1,
             };
+            if input.initiate {
+                // Initiating moves no money: the provider is asked first, and the session is
+                // stored once, initiated (a failed initiate stores nothing; an initiated one
+                // whose insert failed is an unused reference at the processor).
+                let provider = self.provider(&session.provider_id)?;
+                let key = format!("{}:initiate:{}", session.idempotency_key, session.amount);
+                let request = Self::initiate_request(provider, &session, key, &input.data);
+                let response = definitive(provider.call(request).await, "initiate")?;
+                session.is_initiated = true;
+                if let Some(data) = provider_data(provider, response.data) {
+                    session.data = data;
+                }
+                session.updated_at = self.now();
+            }
             let created = self.session_changed(None, &session, None);
             self.store
                 .write([WriteOp::InsertSession(session.clone())].into_iter().chain(created).collect())
                 .await?;
-            if !input.initiate {
-                return Ok(session);
-            }
-            let _guard = self.locks.lock(session.id.as_str()).await;
-            self.initiate_locked(session, &input.data).await
+            Ok(session)
         })
         .await
     }
@@ -391,7 +401,7 @@ impl Host {
                     }
                     _ => {}
                 }
-                self.refuse_if_open(session.id.as_str()).await?;
+                // A second open attempt is refused by the store (and explained by `begin`).
                 let provider = self.provider(&session.provider_id)?.clone();
                 if !session.is_initiated {
                     session = self.initiate_locked(session, &Value::Null).await?;
@@ -430,9 +440,20 @@ impl Host {
                     deadline_unix_ms: None,
                 });
                 let answer = self.call_money(&provider, &attempt, request).await;
-                let outcome = self.after_call(attempt, answer).await?;
-                let session = self.session(id).await?;
-                let payment = self.store.payment_of_session(&session.id).await?;
+                let (outcome, settled) = self
+                    .after_call(attempt, answer, Current::Session(session))
+                    .await?;
+                let session = match settled.session {
+                    Some(s) => s,
+                    None => self.session(id).await?,
+                };
+                let payment = match settled.payment {
+                    Some(p) => Some(p),
+                    None if session.status == SessionStatus::Authorized => {
+                        self.store.payment_of_session(&session.id).await?
+                    }
+                    None => None,
+                };
                 let mut result = AuthorizeResult::of(session, payment);
                 match outcome {
                     Outcome::RequiresMore { next_action } => result.next_action = Some(next_action),

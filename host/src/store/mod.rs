@@ -355,6 +355,26 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<PaymentSession>, StoreError>;
     /// A payment with its captures and refunds.
     async fn payment(&self, id: &PaymentId) -> Result<Option<Payment>, StoreError>;
+    /// A payment with its captures and refunds, and its session (what a payment operation
+    /// starts from).
+    async fn payment_and_session(
+        &self,
+        id: &PaymentId,
+    ) -> Result<Option<(Payment, PaymentSession)>, StoreError> {
+        let Some(payment) = self.payment(id).await? else {
+            return Ok(None);
+        };
+        let session = self
+            .session(&payment.payment_session_id)
+            .await?
+            .ok_or_else(|| {
+                StoreError::Invariant(format!(
+                    "payment {id} has no session {}",
+                    payment.payment_session_id
+                ))
+            })?;
+        Ok(Some((payment, session)))
+    }
     /// The payment of a session, if authorized.
     async fn payment_of_session(&self, id: &SessionId) -> Result<Option<Payment>, StoreError>;
     /// Payments of a collection.

@@ -1414,22 +1414,53 @@ fn session_row(r: &Row) -> Result<PaymentSession, StoreError> {
     })
 }
 
-fn payment_row(r: &Row) -> Result<Payment, StoreError> {
+/// A payment read with [`PAYMENT_COLUMNS_P`] and [`MOVEMENTS`] from column `i` on.
+fn payment_with_movements(r: &Row, i: usize) -> Result<Payment, StoreError> {
+    let mut p = payment_row_at(r, i)?;
+    let bad =
+        |what: &str| StoreError::Unavailable(format!("unreadable {what} of payment {}", p.id));
+    let captures: Vec<(String, i64, String, i64)> =
+        serde_json::from_str(&r.get::<_, String>(i + 12)).map_err(|_| bad("captures"))?;
+    let refunds: Vec<(String, i64, Option<String>, String, i64)> =
+        serde_json::from_str(&r.get::<_, String>(i + 13)).map_err(|_| bad("refunds"))?;
+    p.captures = captures
+        .into_iter()
+        .map(|(id, amount, attempt_id, created_at)| Capture {
+            id: CaptureId(id),
+            amount,
+            attempt_id: AttemptId(attempt_id),
+            created_at,
+        })
+        .collect();
+    p.refunds = refunds
+        .into_iter()
+        .map(|(id, amount, reason, attempt_id, created_at)| Refund {
+            id: RefundId(id),
+            amount,
+            reason,
+            attempt_id: AttemptId(attempt_id),
+            created_at,
+        })
+        .collect();
+    Ok(p)
+}
+
+fn payment_row_at(r: &Row, i: usize) -> Result<Payment, StoreError> {
     Ok(Payment {
-        id: PaymentId(r.get(0)),
-        payment_session_id: SessionId(r.get(1)),
-        payment_collection_id: CollectionId(r.get(2)),
-        provider_id: r.get(3),
-        amount: r.get(4),
-        currency_code: currency(r.get(5))?,
-        data: parse_json(r.get(6)),
+        id: PaymentId(r.get(i + 0)),
+        payment_session_id: SessionId(r.get(i + 1)),
+        payment_collection_id: CollectionId(r.get(i + 2)),
+        provider_id: r.get(i + 3),
+        amount: r.get(i + 4),
+        currency_code: currency(r.get(i + 5))?,
+        data: parse_json(r.get(i + 6)),
         captures: Vec::new(),
         refunds: Vec::new(),
-        captured_at: r.get(7),
-        canceled_at: r.get(8),
-        created_at: r.get(9),
-        updated_at: r.get(10),
-        version: r.get(11),
+        captured_at: r.get(i + 7),
+        canceled_at: r.get(i + 8),
+        created_at: r.get(i + 9),
+        updated_at: r.get(i + 10),
+        version: r.get(i + 11),
     })
 }
 
@@ -1466,57 +1497,22 @@ fn attempt_row(r: &Row) -> Result<Attempt, StoreError> {
 }
 
 const SESSION_COLUMNS: &str = "id, payment_collection_id, cart_id, cart, context, provider_id, is_selected, is_initiated, status, data, idempotency_key, amount, currency_code, payment_authorized_at, metadata, created_at, updated_at, version";
-const PAYMENT_COLUMNS: &str = "id, payment_session_id, payment_collection_id, provider_id, amount, currency_code, data, captured_at, canceled_at, created_at, updated_at, version";
+const PAYMENT_COLUMNS_P: &str = "p.id, p.payment_session_id, p.payment_collection_id, p.provider_id, p.amount, p.currency_code, p.data, p.captured_at, p.canceled_at, p.created_at, p.updated_at, p.version";
+/// A payment's captures and refunds as two JSON arrays (after [`PAYMENT_COLUMNS_P`]).
+const MOVEMENTS: &str = "(SELECT COALESCE(json_agg(json_build_array(c.id, c.amount, c.attempt_id, c.created_at) ORDER BY c.created_at, c.id), '[]')::TEXT FROM captures c WHERE c.payment_id = p.id), \
+     (SELECT COALESCE(json_agg(json_build_array(r.id, r.amount, r.reason, r.attempt_id, r.created_at) ORDER BY r.created_at, r.id), '[]')::TEXT FROM refunds r WHERE r.payment_id = p.id)";
 const ATTEMPT_COLUMNS: &str = "id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at, call_deadline_at, requested_by, owner_host, owner_epoch, resends";
 
 impl PostgresStore {
-    async fn with_movements(&self, mut p: Payment) -> Result<Payment, StoreError> {
-        p.captures = self
-            .query(
-                "SELECT id, amount, attempt_id, created_at FROM captures WHERE payment_id = $1 ORDER BY created_at, id",
-                &[&p.id.0],
-            )
-            .await?
-            .iter()
-            .map(|r| Capture {
-                id: CaptureId(r.get(0)),
-                amount: r.get(1),
-                attempt_id: AttemptId(r.get(2)),
-                created_at: r.get(3),
-            })
-            .collect();
-        p.refunds = self
-            .query(
-                "SELECT id, amount, reason, attempt_id, created_at FROM refunds WHERE payment_id = $1 ORDER BY created_at, id",
-                &[&p.id.0],
-            )
-            .await?
-            .iter()
-            .map(|r| Refund {
-                id: RefundId(r.get(0)),
-                amount: r.get(1),
-                reason: r.get(2),
-                attempt_id: AttemptId(r.get(3)),
-                created_at: r.get(4),
-            })
-            .collect();
-        Ok(p)
-    }
-
+    /// Payments matching `clause` with their captures and refunds, in one statement.
     async fn payments_where(&self, clause: &str, arg: &str) -> Result<Vec<Payment>, StoreError> {
         let rows = self
             .query(
-                &format!(
-                    "SELECT {PAYMENT_COLUMNS} FROM payments WHERE {clause} ORDER BY created_at, id"
-                ),
+                &format!("SELECT {PAYMENT_COLUMNS_P}, {MOVEMENTS} FROM payments p WHERE {clause} ORDER BY p.created_at, p.id"),
                 &[&arg],
             )
             .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            out.push(self.with_movements(payment_row(r)?).await?);
-        }
-        Ok(out)
+        rows.iter().map(|r| payment_with_movements(r, 0)).collect()
     }
 
     async fn sessions_where(
@@ -1747,6 +1743,27 @@ impl Store for PostgresStore {
 
     async fn payment(&self, id: &PaymentId) -> Result<Option<Payment>, StoreError> {
         Ok(self.payments_where("id = $1", &id.0).await?.pop())
+    }
+
+    async fn payment_and_session(
+        &self,
+        id: &PaymentId,
+    ) -> Result<Option<(Payment, PaymentSession)>, StoreError> {
+        let columns: String = SESSION_COLUMNS
+            .split(", ")
+            .map(|c| format!("s.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let row = self
+            .query_opt(
+                &format!("SELECT {columns}, {PAYMENT_COLUMNS_P}, {MOVEMENTS} FROM payments p JOIN payment_sessions s ON s.id = p.payment_session_id WHERE p.id = $1"),
+                &[&id.0],
+            )
+            .await?;
+        match row {
+            None => Ok(None),
+            Some(r) => Ok(Some((payment_with_movements(&r, 18)?, session_row(&r)?))),
+        }
     }
 
     async fn payment_of_session(&self, id: &SessionId) -> Result<Option<Payment>, StoreError> {
