@@ -1447,7 +1447,7 @@ fn payment_with_movements(r: &Row, i: usize) -> Result<Payment, StoreError> {
 
 fn payment_row_at(r: &Row, i: usize) -> Result<Payment, StoreError> {
     Ok(Payment {
-        id: PaymentId(r.get(i + 0)),
+        id: PaymentId(r.get(i)),
         payment_session_id: SessionId(r.get(i + 1)),
         payment_collection_id: CollectionId(r.get(i + 2)),
         provider_id: r.get(i + 3),
