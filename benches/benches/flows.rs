@@ -7,6 +7,12 @@
 //! database is made and dropped): one host, and two hosts on the one database sharing the load.
 //!
 //! `cargo bench -p payhost-benches --bench flows`
+//!
+//! `cargo bench -p payhost-benches --bench flows -- --callgrind` instead counts the host's CPU
+//! instructions per flow with `valgrind --tool=callgrind` (repeatable on a noisy machine): it
+//! runs itself under callgrind with 40 and with 120 flows at concurrency 1 on each store, and
+//! divides the difference by 80, so start-up and warm-up cancel out. On PostgreSQL that is the
+//! client's side only (the server is another process).
 
 use std::io::Write;
 use std::sync::Arc;
@@ -83,7 +89,82 @@ async fn run_on(hosts: &[Arc<Host>], concurrency: usize, flows: usize) -> (f64, 
     (rate, latencies)
 }
 
+/// Runs `n` flows at concurrency 1 on `store` (`sqlite` or a PostgreSQL URL) after a warm-up,
+/// and nothing else: what `--callgrind` measures.
+fn flows_only(store: &str, n: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = if store == "sqlite" {
+        format!("sqlite://{}/bench.db", dir.path().display())
+    } else {
+        store.to_owned()
+    };
+    let path = dir.path().join("payhost.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[storage]\nurl = \"{url}\"\n[plugins]\ndir = \"{}\"\n[providers.system]\nlibrary = \"payhost_provider_system\"\nmax_concurrency = 64\n",
+            payhost_e2e::artifacts().display()
+        ),
+    )
+    .unwrap();
+    let config = Config::from_file(&path).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let report = Loader::new(&config).load_all(&config);
+        let host = Arc::new(Host::open(&config, report.providers).await.unwrap());
+        run(host.clone(), 1, 10).await; // warm-up
+        run(host, 1, n).await;
+    });
+}
+
+/// Instructions the whole process executed under callgrind (its `Collected` line).
+fn instructions(store: &str, n: usize) -> u64 {
+    let out = std::process::Command::new("valgrind")
+        .args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--flows-only", store, &n.to_string()])
+        .output()
+        .expect("valgrind (Debian package valgrind) runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    err.lines()
+        .find_map(|l| l.split("Collected :").nth(1))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no instruction count from callgrind:\n{err}"))
+}
+
+fn callgrind() {
+    payhost_e2e::ensure_built();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let pg = runtime.block_on(payhost_e2e::fresh_postgres_database());
+    let mut stores = vec![("SQLite", "sqlite".to_owned())];
+    if let Some(url) = &pg {
+        stores.push(("PostgreSQL", url.clone()));
+    }
+    for (name, store) in stores {
+        let few = instructions(&store, 40);
+        let many = instructions(&store, 120);
+        println!(
+            "{name}: {:.0} instructions per flow (callgrind; {few} for 40 flows, {many} for 120)",
+            (many.saturating_sub(few)) as f64 / 80.0
+        );
+    }
+    if let Some(url) = pg {
+        payhost_e2e::drop_postgres_database(&url);
+    }
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--flows-only") {
+        return flows_only(&args[i + 1], args[i + 2].parse().unwrap());
+    }
+    if args.iter().any(|a| a == "--callgrind") {
+        return callgrind();
+    }
     payhost_e2e::ensure_built();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("payhost.toml");

@@ -352,6 +352,8 @@ fn connect(path: &Path) -> Result<Connection, StoreError> {
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
     )
     .map_err(unavailable)?;
+    // Every statement payhost runs stays prepared (rusqlite keeps 16 by default).
+    conn.set_prepared_statement_cache_capacity(256);
     Ok(conn)
 }
 
@@ -478,7 +480,8 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
         tx.execute_batch(sql)
             .map_err(|e| StoreError::Unavailable(format!("migration {version} failed: {e}")))?;
-        tx.execute(
+        exec(
+            &tx,
             "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
             params![
                 version,
@@ -525,14 +528,15 @@ fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
         let outcome = (|| -> rusqlite::Result<()> {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             for (ops, _) in &jobs {
-                tx.execute_batch("SAVEPOINT job")?;
+                tx.prepare_cached("SAVEPOINT job")?.execute([])?;
                 match apply(&tx, ops) {
                     Ok(()) => {
-                        tx.execute_batch("RELEASE job")?;
+                        tx.prepare_cached("RELEASE job")?.execute([])?;
                         results.push(Ok(()));
                     }
                     Err(e) => {
-                        tx.execute_batch("ROLLBACK TO job; RELEASE job")?;
+                        tx.prepare_cached("ROLLBACK TO job")?.execute([])?;
+                        tx.prepare_cached("RELEASE job")?.execute([])?;
                         results.push(Err(e));
                     }
                 }
@@ -552,6 +556,16 @@ fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
             }
         }
     }
+}
+
+/// Runs one statement through the connection's statement cache: a write's statements are
+/// parsed once per connection, not once per write.
+fn exec(
+    tx: &rusqlite::Transaction<'_>,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> rusqlite::Result<usize> {
+    tx.prepare_cached(sql)?.execute(params)
 }
 
 fn json(v: &Value) -> String {
@@ -631,7 +645,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
                     .map_err(|e| classify(e, id))?;
                 }
                 for (id, retry_in_ms, error) in failed {
-                    tx.execute(
+                    exec(
+                    tx,
                         "UPDATE event_deliveries SET attempts = attempts + 1, first_tried_at = COALESCE(first_tried_at, ?2), next_at = ?2 + ?3, state = CASE WHEN ?4 THEN 'parked' ELSE 'pending' END, last_error = ?5 WHERE id = ?1 AND state = 'pending'",
                         params![id, now, retry_in_ms.unwrap_or(0), retry_in_ms.is_none(), error],
                     )
@@ -639,7 +654,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
                 }
             }
             WriteOp::Redeliver { id, endpoints } => {
-                tx.execute(
+                exec(
+                    tx,
                     "UPDATE event_deliveries SET state = 'pending', attempts = 0, first_tried_at = NULL, next_at = ?2, claimed_by = NULL, claimed_until = NULL WHERE state = 'parked' AND (?1 IS NULL OR id = ?1) AND endpoint_id IN (SELECT value FROM json_each(?3))",
                     params![id, now_ms(), serde_json::to_string(endpoints).unwrap_or_default()],
                 )
@@ -647,7 +663,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
             }
             WriteOp::ParkUnconfigured { configured } => {
                 let configured = serde_json::to_string(configured).unwrap_or_default();
-                tx.execute(
+                exec(
+                    tx,
                     "UPDATE event_deliveries SET state = 'parked', last_error = 'the endpoint `' || endpoint_id || '` is no longer configured' WHERE state = 'pending' AND endpoint_id NOT IN (SELECT value FROM json_each(?1))",
                     params![configured],
                 )
@@ -669,15 +686,15 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
                         .map_err(|e| classify(e, "events"))?,
                 };
                 if let Some(through) = through {
-                    tx.execute(
+                    exec(
+                        tx,
                         "DELETE FROM event_deliveries WHERE event_seq <= ?1",
                         params![through],
                     )
+                    .and_then(|_| exec(tx, "DELETE FROM events WHERE seq <= ?1", params![through]))
                     .and_then(|_| {
-                        tx.execute("DELETE FROM events WHERE seq <= ?1", params![through])
-                    })
-                    .and_then(|_| {
-                        tx.execute(
+                        exec(
+                            tx,
                             "UPDATE event_meta SET v = MAX(v, ?1) WHERE k = 'pruned_through'",
                             params![through],
                         )
@@ -686,14 +703,16 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
                 }
             }
             WriteOp::InsertCollection(c) => {
-                tx.execute(
+                exec(
+                    tx,
                     "INSERT INTO payment_collections (id, amount, currency_code, metadata, created_at, updated_at) VALUES (?1,?2,?3,?4,?5,?6)",
                     params![c.id.0, c.amount, c.currency_code.code(), json(&c.metadata), c.created_at, c.updated_at],
                 )
                 .map_err(|e| classify(e, c.id.as_str()))?;
             }
             WriteOp::InsertSession(s) => {
-                tx.execute(
+                exec(
+                    tx,
                     "INSERT INTO payment_sessions (id, payment_collection_id, cart_id, cart, context, provider_id, is_selected, is_initiated, status, data, idempotency_key, amount, currency_code, payment_authorized_at, metadata, created_at, updated_at, version) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18)",
                     params![s.id.0, s.payment_collection_id.0, s.cart_id, json(&s.cart), json(&s.context), s.provider_id, s.is_selected, s.is_initiated, s.status.as_str(), json(&s.data), s.idempotency_key, s.amount, s.currency_code.code(), s.payment_authorized_at, json(&s.metadata), s.created_at, s.updated_at, s.version],
                 )
@@ -714,35 +733,40 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
                 }
             }
             WriteOp::SelectSession(id) => {
-                tx.execute(
+                exec(
+                    tx,
                     "UPDATE payment_sessions SET is_selected = (id = ?1), version = version + 1 WHERE id = ?1 OR (is_selected = 1 AND (payment_collection_id = (SELECT payment_collection_id FROM payment_sessions WHERE id = ?1) OR (cart_id IS NOT NULL AND cart_id = (SELECT cart_id FROM payment_sessions WHERE id = ?1))))",
                     params![id.0],
                 )
                 .map_err(|e| classify(e, id.as_str()))?;
             }
             WriteOp::InsertAttempt(a) => {
-                tx.execute(
+                exec(
+                    tx,
                     "INSERT INTO attempts (id, entity_id, session_id, payment_id, provider_id, operation, amount, currency_code, idempotency_key, state, outcome, error, reason, checks, next_check_at, resolution, created_at, updated_at, call_deadline_at, requested_by) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20)",
                     params![a.id.0, a.entity(), a.session_id.0, a.payment_id.as_ref().map(|p| &p.0), a.provider_id, a.operation.as_str(), a.amount, a.currency_code.code(), a.idempotency_key, a.state.as_str(), a.outcome.as_ref().map(json), a.error.as_ref().map(json), a.reason, a.checks, a.next_check_at, a.resolution.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()), a.created_at, a.updated_at, a.call_deadline_at, a.requested_by],
                 )
                 .map_err(|e| classify(e, &a.entity()))?;
             }
             WriteOp::UpdateAttempt(a) => {
-                tx.execute(
+                exec(
+                    tx,
                     "UPDATE attempts SET state=?2, outcome=?3, error=?4, checks=?5, next_check_at=?6, resolution=?7, updated_at=?8 WHERE id=?1",
                     params![a.id.0, a.state.as_str(), a.outcome.as_ref().map(json), a.error.as_ref().map(json), a.checks, a.next_check_at, a.resolution.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()), a.updated_at],
                 )
                 .map_err(|e| classify(e, a.id.as_str()))?;
             }
             WriteOp::ExtendDeadline { id, call_ms, now } => {
-                tx.execute(
+                exec(
+                    tx,
                     "UPDATE attempts SET call_deadline_at = ?2, resends = resends + 1 WHERE id = ?1",
                     params![id.0, now + call_ms],
                 )
                 .map_err(|e| classify(e, id.as_str()))?;
             }
             WriteOp::InsertPayment(p) => {
-                tx.execute(
+                exec(
+                    tx,
                     "INSERT INTO payments (id, payment_session_id, payment_collection_id, provider_id, amount, currency_code, data, captured_at, canceled_at, created_at, updated_at, version) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)",
                     params![p.id.0, p.payment_session_id.0, p.payment_collection_id.0, p.provider_id, p.amount, p.currency_code.code(), json(&p.data), p.captured_at, p.canceled_at, p.created_at, p.updated_at, p.version],
                 )
@@ -763,14 +787,16 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
                 }
             }
             WriteOp::InsertCapture(payment, c) => {
-                tx.execute(
+                exec(
+                    tx,
                     "INSERT INTO captures (id, payment_id, amount, attempt_id, created_at) VALUES (?1,?2,?3,?4,?5)",
                     params![c.id.0, payment.0, c.amount, c.attempt_id.0, c.created_at],
                 )
                 .map_err(|e| classify(e, payment.as_str()))?;
             }
             WriteOp::InsertRefund(payment, r) => {
-                tx.execute(
+                exec(
+                    tx,
                     "INSERT INTO refunds (id, payment_id, amount, reason, attempt_id, created_at) VALUES (?1,?2,?3,?4,?5,?6)",
                     params![r.id.0, payment.0, r.amount, r.reason, r.attempt_id.0, r.created_at],
                 )
@@ -783,28 +809,32 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
                 at,
                 claim_id,
             } => {
-                tx.execute(
+                exec(
+                    tx,
                     "INSERT INTO idempotency_keys (key, operation, request_hash, response, created_at, claim_id) VALUES (?1,?2,?3,NULL,?4,?5)",
                     params![key, operation, request_hash, at, claim_id],
                 )
                 .map_err(|e| classify(e, key))?;
             }
             WriteOp::CompleteKey { key, response } => {
-                tx.execute(
+                exec(
+                    tx,
                     "UPDATE idempotency_keys SET response = ?2 WHERE key = ?1",
                     params![key, json(response)],
                 )
                 .map_err(|e| classify(e, key))?;
             }
             WriteOp::ReleaseKey { key, claim_id } => {
-                tx.execute(
+                exec(
+                    tx,
                     "DELETE FROM idempotency_keys WHERE key = ?1 AND response IS NULL AND attempt_id IS NULL AND claim_id IS ?2",
                     params![key, claim_id],
                 )
                 .map_err(|e| classify(e, key))?;
             }
             WriteOp::InsertWebhookEvent(e) => {
-                tx.execute(
+                exec(
+                    tx,
                     "INSERT INTO webhook_events (provider_id, event_id, body, session_id, action, received_at, applied_at) VALUES (?1,?2,?3,?4,?5,?6,NULL)",
                     params![e.provider_id, e.event_id, e.body, e.session_id, e.action, e.received_at],
                 )
@@ -815,7 +845,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
                 event_id,
                 at,
             } => {
-                tx.execute(
+                exec(
+                    tx,
                     "UPDATE webhook_events SET applied_at = ?3 WHERE provider_id = ?1 AND event_id = ?2",
                     params![provider_id, event_id, at],
                 )
@@ -833,14 +864,16 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
                 }
             }
             WriteOp::LinkKey { key, attempt_id } => {
-                tx.execute(
+                exec(
+                    tx,
                     "UPDATE idempotency_keys SET attempt_id = ?2 WHERE key = ?1",
                     params![key, attempt_id],
                 )
                 .map_err(|e| classify(e, key))?;
             }
             WriteOp::ReleasePendingKeys { older_than } => {
-                tx.execute(
+                exec(
+                    tx,
                     "DELETE FROM idempotency_keys WHERE response IS NULL AND attempt_id IS NULL AND created_at < ?1",
                     params![older_than],
                 )
