@@ -31,6 +31,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod call_pool;
 pub mod config;
 pub mod domain;
 pub mod engine;

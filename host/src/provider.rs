@@ -117,6 +117,7 @@ pub struct Provider {
     protocol: u32,
     library: LibraryInfo,
     backend: Backend,
+    pool: crate::call_pool::CallPool,
     permits: Arc<Semaphore>,
     max_concurrency: usize,
     timeout: Duration,
@@ -153,12 +154,14 @@ pub(crate) struct ProviderParts {
 
 impl Provider {
     pub(crate) fn new(parts: ProviderParts) -> Provider {
+        let id_for_pool = parts.id.clone();
         Provider {
             id: parts.id,
             manifest: parts.manifest,
             protocol: parts.protocol,
             library: parts.library,
             backend: parts.backend,
+            pool: crate::call_pool::CallPool::new(&id_for_pool),
             permits: Arc::new(Semaphore::new(parts.max_concurrency)),
             max_concurrency: parts.max_concurrency,
             timeout: parts.timeout,
@@ -262,7 +265,7 @@ impl Provider {
                 Ok(Ok(permit)) => permit,
             };
         let backend = self.backend.clone();
-        let mut task = tokio::task::spawn_blocking(move || {
+        let mut task = self.pool.run(move || {
             let answer = backend.call(op.as_str(), &json, deadline);
             drop(permit);
             answer
@@ -294,7 +297,7 @@ impl Provider {
         let deadline = Instant::now() + self.timeout;
         read_answer::<R>(
             R::OPERATION,
-            Ok(self.backend.call(R::OPERATION.as_str(), &json, deadline)),
+            Some(self.backend.call(R::OPERATION.as_str(), &json, deadline)),
         )
     }
 
@@ -308,15 +311,15 @@ impl Provider {
         let op = format!("x.{name}");
         let json = payload.to_string();
         let deadline = Instant::now() + self.timeout;
-        let task = tokio::task::spawn_blocking(move || backend.call(&op, &json, deadline));
+        let task = self.pool.run(move || backend.call(&op, &json, deadline));
         match tokio::time::timeout(self.timeout, task).await {
             Err(_) => Err(CallError::Unknown {
                 reason: format!("no answer within {} ms", self.timeout.as_millis()),
             }),
-            Ok(Err(join)) => Err(CallError::Unknown {
-                reason: join.to_string(),
+            Ok(None) => Err(CallError::Unknown {
+                reason: "the call's thread failed".into(),
             }),
-            Ok(Ok(raw)) => decode(raw, "x"),
+            Ok(Some(raw)) => decode(raw, "x"),
         }
     }
 
@@ -385,7 +388,7 @@ impl Provider {
 
 /// The answer of a call that overran its deadline, once its thread returns.
 pub struct LateAnswer<R: Request> {
-    task: tokio::task::JoinHandle<Raw>,
+    task: crate::call_pool::Pending<Raw>,
     provider: String,
     started: Instant,
     _request: std::marker::PhantomData<fn() -> R>,
@@ -415,15 +418,12 @@ impl<R: Request> LateAnswer<R> {
     }
 }
 
-fn read_answer<R: Request>(
-    op: Operation,
-    joined: Result<Raw, tokio::task::JoinError>,
-) -> Result<R::Response, CallError> {
+fn read_answer<R: Request>(op: Operation, joined: Option<Raw>) -> Result<R::Response, CallError> {
     match joined {
-        Err(join) => Err(CallError::Unknown {
-            reason: format!("the call's thread failed: {join}"),
+        None => Err(CallError::Unknown {
+            reason: "the call's thread failed (a panic past the plugin's guard)".into(),
         }),
-        Ok(raw) => decode(raw, op.as_str()),
+        Some(raw) => decode(raw, op.as_str()),
     }
 }
 

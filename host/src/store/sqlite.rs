@@ -493,7 +493,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     tx.commit().map_err(unavailable)
 }
 
-fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
+fn writer_loop(conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
     // Whether the connection is at `synchronous = NORMAL` (it opens at FULL).
     let mut lazy_now = false;
     while let Ok(first) = rx.recv() {
@@ -525,23 +525,30 @@ fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
             lazy_now = lazy;
         }
         let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(jobs.len());
+        // BEGIN, each job in its savepoint, COMMIT — every statement from the cache.
         let outcome = (|| -> rusqlite::Result<()> {
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            for (ops, _) in &jobs {
-                tx.prepare_cached("SAVEPOINT job")?.execute([])?;
-                match apply(&tx, ops) {
-                    Ok(()) => {
-                        tx.prepare_cached("RELEASE job")?.execute([])?;
-                        results.push(Ok(()));
-                    }
-                    Err(e) => {
-                        tx.prepare_cached("ROLLBACK TO job")?.execute([])?;
-                        tx.prepare_cached("RELEASE job")?.execute([])?;
-                        results.push(Err(e));
+            conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+            let jobs_done = (|| -> rusqlite::Result<()> {
+                for (ops, _) in &jobs {
+                    conn.prepare_cached("SAVEPOINT job")?.execute([])?;
+                    match apply(&conn, ops) {
+                        Ok(()) => {
+                            conn.prepare_cached("RELEASE job")?.execute([])?;
+                            results.push(Ok(()));
+                        }
+                        Err(e) => {
+                            conn.prepare_cached("ROLLBACK TO job")?.execute([])?;
+                            conn.prepare_cached("RELEASE job")?.execute([])?;
+                            results.push(Err(e));
+                        }
                     }
                 }
+                conn.prepare_cached("COMMIT")?.execute([]).map(drop)
+            })();
+            if jobs_done.is_err() && !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
             }
-            tx.commit()
+            jobs_done
         })();
         match outcome {
             Ok(()) => {
@@ -560,11 +567,7 @@ fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
 
 /// Runs one statement through the connection's statement cache: a write's statements are
 /// parsed once per connection, not once per write.
-fn exec(
-    tx: &rusqlite::Transaction<'_>,
-    sql: &str,
-    params: impl rusqlite::Params,
-) -> rusqlite::Result<usize> {
+fn exec(tx: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
     tx.prepare_cached(sql)?.execute(params)
 }
 
@@ -601,7 +604,7 @@ fn now_ms() -> Timestamp {
     crate::provider::Clock::now_unix_ms(&crate::provider::SystemClock)
 }
 
-fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreError> {
+fn apply(tx: &Connection, ops: &[WriteOp]) -> Result<(), StoreError> {
     // Events last (their numbers follow everything else the write did).
     let (events, rest): (Vec<&WriteOp>, Vec<&WriteOp>) = ops
         .iter()
@@ -722,8 +725,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
                 session: s,
                 expected_version,
             } => {
-                let n = tx
-                    .execute(
+                let n = exec(
+                    tx,
                         "UPDATE payment_sessions SET cart_id=?2, cart=?3, context=?4, is_selected=?5, is_initiated=?6, status=?7, data=?8, amount=?9, payment_authorized_at=?10, metadata=?11, updated_at=?12, version=?13 WHERE id=?1 AND version=?14",
                         params![s.id.0, s.cart_id, json(&s.cart), json(&s.context), s.is_selected, s.is_initiated, s.status.as_str(), json(&s.data), s.amount, s.payment_authorized_at, json(&s.metadata), s.updated_at, s.version, expected_version],
                     )
@@ -776,8 +779,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
                 payment: p,
                 expected_version,
             } => {
-                let n = tx
-                    .execute(
+                let n = exec(
+                    tx,
                         "UPDATE payments SET data=?2, captured_at=?3, canceled_at=?4, updated_at=?5, version=?6 WHERE id=?1 AND version=?7",
                         params![p.id.0, json(&p.data), p.captured_at, p.canceled_at, p.updated_at, p.version, expected_version],
                     )
@@ -853,12 +856,12 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
                 .map_err(|e| classify(e, event_id))?;
             }
             WriteOp::ForgetKey { key, attempt_id } => {
-                let n = tx
-                    .execute(
-                        "DELETE FROM idempotency_keys WHERE key = ?1 AND attempt_id = ?2",
-                        params![key, attempt_id],
-                    )
-                    .map_err(|e| classify(e, key))?;
+                let n = exec(
+                    tx,
+                    "DELETE FROM idempotency_keys WHERE key = ?1 AND attempt_id = ?2",
+                    params![key, attempt_id],
+                )
+                .map_err(|e| classify(e, key))?;
                 if n == 0 {
                     return Err(StoreError::KeyExists(key.clone()));
                 }
@@ -885,8 +888,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, ops: &[WriteOp]) -> Result<(), StoreErr
                 now,
                 stale_before,
             } => {
-                let n = tx
-                    .execute(
+                let n = exec(
+                    tx,
                         "UPDATE attempts SET next_check_at = ?2, state = 'unknown' WHERE id = ?1 AND ((state = 'unknown' AND COALESCE(next_check_at, 0) <= ?3) OR (state = 'in_flight' AND updated_at < ?4))",
                         params![id.0, until, now, stale_before],
                     )
@@ -1171,6 +1174,32 @@ impl Store for SqliteStore {
                 .query_row([id], payment_row)
                 .optional()?;
             p.map(|p| with_movements(c, p)).transpose()
+        })
+        .await
+    }
+
+    async fn payment_and_session(
+        &self,
+        id: &PaymentId,
+    ) -> Result<Option<(Payment, PaymentSession)>, StoreError> {
+        let id = id.0.clone();
+        self.read(move |c| {
+            let Some(p) = c
+                .prepare_cached(&format!(
+                    "SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = ?1"
+                ))?
+                .query_row([id], payment_row)
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            let p = with_movements(c, p)?;
+            let s = c
+                .prepare_cached(&format!(
+                    "SELECT {SESSION_COLUMNS} FROM payment_sessions WHERE id = ?1"
+                ))?
+                .query_row([&p.payment_session_id.0], session_row)?;
+            Ok(Some((p, s)))
         })
         .await
     }
