@@ -528,7 +528,19 @@ fn writer_loop(conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
         // BEGIN, each job in its savepoint, COMMIT — every statement from the cache.
         let outcome = (|| -> rusqlite::Result<()> {
             conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+            // A job alone needs no savepoint: its failure rolls the transaction back.
+            let alone = jobs.len() == 1;
             let jobs_done = (|| -> rusqlite::Result<()> {
+                if alone {
+                    match apply(&conn, &jobs[0].0) {
+                        Ok(()) => results.push(Ok(())),
+                        Err(e) => {
+                            results.push(Err(e));
+                            return conn.prepare_cached("ROLLBACK")?.execute([]).map(drop);
+                        }
+                    }
+                    return conn.prepare_cached("COMMIT")?.execute([]).map(drop);
+                }
                 for (ops, _) in &jobs {
                     conn.prepare_cached("SAVEPOINT job")?.execute([])?;
                     match apply(&conn, ops) {
