@@ -89,9 +89,10 @@ async fn run_on(hosts: &[Arc<Host>], concurrency: usize, flows: usize) -> (f64, 
     (rate, latencies)
 }
 
-/// Runs `n` flows at concurrency 1 on `store` (`sqlite` or a PostgreSQL URL) after a warm-up,
-/// and nothing else: what `--callgrind` measures.
-fn flows_only(store: &str, n: usize) {
+/// Runs `n` flows at `concurrency` on `store` (`sqlite` or a PostgreSQL URL) after a warm-up,
+/// and nothing else: what `--callgrind` measures (at concurrency 1), and a process to point a
+/// profiler at (`--flows-only sqlite 20000 16`).
+fn flows_only(store: &str, n: usize, concurrency: usize) {
     let dir = tempfile::tempdir().unwrap();
     let url = if store == "sqlite" {
         format!("sqlite://{}/bench.db", dir.path().display())
@@ -117,7 +118,8 @@ fn flows_only(store: &str, n: usize) {
         let report = Loader::new(&config).load_all(&config);
         let host = Arc::new(Host::open(&config, report.providers).await.unwrap());
         run(host.clone(), 1, 10).await; // warm-up
-        run(host, 1, n).await;
+        let (rate, _) = run(host, concurrency, n).await;
+        eprintln!("{rate:.1} flows/s");
     });
 }
 
@@ -160,7 +162,8 @@ fn callgrind() {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--flows-only") {
-        return flows_only(&args[i + 1], args[i + 2].parse().unwrap());
+        let concurrency = args.get(i + 3).map_or(1, |c| c.parse().unwrap());
+        return flows_only(&args[i + 1], args[i + 2].parse().unwrap(), concurrency);
     }
     if args.iter().any(|a| a == "--callgrind") {
         return callgrind();

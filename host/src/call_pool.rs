@@ -5,7 +5,7 @@
 //! a microsecond or hang for ever, so it never runs on an async worker. Handing it to another
 //! thread and back costs two wake-ups; on this machine's kind that is most of a fast call's
 //! cost. So both sides wait a little before sleeping: a pool thread that finished a call looks
-//! for the next one for [`SPIN`] before it parks, and the caller ([`Pending`]) yields to its
+//! for the next one for [`SPIN`] before it parks (one thread at a time; the others park at once), and the caller ([`Pending`]) yields to its
 //! runtime for up to [`SPIN`] before it waits to be woken — calls in a row then cost no
 //! system call at all, and a caller never holds its worker thread.
 //!
@@ -17,7 +17,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -41,6 +41,9 @@ struct Shared {
     threads: AtomicUsize,
     /// Threads not running a job.
     idle: AtomicUsize,
+    /// A thread is looking for the next call: the others park at once (on two cores, many
+    /// spinning threads take the CPU the calls' own work needs).
+    spinning: AtomicBool,
 }
 
 /// A provider's call threads.
@@ -70,6 +73,7 @@ impl CallPool {
                 parked: AtomicUsize::new(0),
                 threads: AtomicUsize::new(0),
                 idle: AtomicUsize::new(0),
+                spinning: AtomicBool::new(false),
             }),
         }
     }
@@ -133,13 +137,13 @@ fn take(s: &Shared) -> Option<Job> {
 fn work(s: &Shared) {
     loop {
         let job = take(s).or_else(|| {
-            // Look for the next call a moment before sleeping.
-            let until = Instant::now() + SPIN;
-            while Instant::now() < until {
-                if let Some(job) = take(s) {
-                    return Some(job);
+            // One thread at a time looks for the next call a moment before sleeping.
+            if !s.spinning.swap(true, Ordering::AcqRel) {
+                let found = spin_for_job(s);
+                s.spinning.store(false, Ordering::Release);
+                if found.is_some() {
+                    return found;
                 }
-                std::hint::spin_loop();
             }
             let mut jobs = s.jobs.lock().unwrap_or_else(|e| e.into_inner());
             s.parked.fetch_add(1, Ordering::SeqCst);
@@ -175,6 +179,23 @@ fn work(s: &Shared) {
         s.idle.fetch_sub(1, Ordering::SeqCst);
         job();
         s.idle.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Looks for a queued call for [`SPIN`] (reading the clock every few looks: it costs more
+/// than a look).
+fn spin_for_job(s: &Shared) -> Option<Job> {
+    let until = Instant::now() + SPIN;
+    loop {
+        for _ in 0..16 {
+            if let Some(job) = take(s) {
+                return Some(job);
+            }
+            std::hint::spin_loop();
+        }
+        if Instant::now() >= until {
+            return None;
+        }
     }
 }
 

@@ -796,6 +796,75 @@ async fn cancel_voids_a_payment_and_the_database_refuses_captures_after_it(backe
     assert!(e.to_string().contains("terminal"), "{e}");
 }
 
+/// Writes sent together (SQLite commits them as one transaction): the ones the database refuses
+/// fail alone, with their own error, and every other one commits.
+async fn writes_sent_together_fail_alone(backend: Backend) {
+    use payhost::domain::{CollectionId, Currency, PaymentCollection};
+    use payhost::store::WriteOp;
+    let s = Scratch::new();
+    let Some(host) = s.host_on(backend, HOST).await else {
+        return;
+    };
+    let col = collection(&host, 1000, "eur").await;
+    let session = host
+        .create_session(new_session(&col, "sandbox", Value::Null), None)
+        .await
+        .unwrap();
+    let payment = host
+        .authorize_session(&session.id.0, AuthorizeInput::default(), None)
+        .await
+        .unwrap()
+        .payment
+        .unwrap();
+    host.cancel_payment(&payment.id.0, None).await.unwrap();
+
+    for round in 0..4 {
+        let mut writes = Vec::new();
+        let mut good = Vec::new();
+        for i in 0..32 {
+            if (i + round) % 3 == 0 {
+                // A capture of a canceled payment: the database refuses it.
+                writes.push(vec![WriteOp::InsertCapture(
+                    payment.id.clone(),
+                    payhost::domain::Capture {
+                        id: payhost::domain::CaptureId::generate(),
+                        amount: 100,
+                        attempt_id: payhost::domain::AttemptId::generate(),
+                        created_at: 0,
+                    },
+                )]);
+            } else {
+                let c = PaymentCollection {
+                    id: CollectionId::generate(),
+                    amount: 100 + i,
+                    currency_code: Currency::parse("eur").unwrap(),
+                    metadata: Value::Null,
+                    created_at: 1,
+                    updated_at: 1,
+                };
+                good.push(c.id.0.clone());
+                writes.push(vec![WriteOp::InsertCollection(c)]);
+            }
+        }
+        let store = host.store();
+        let results =
+            futures_util::future::join_all(writes.into_iter().map(|ops| store.write(ops))).await;
+        for (i, r) in results.iter().enumerate() {
+            if (i as i64 + round) % 3 == 0 {
+                let e = r.as_ref().unwrap_err();
+                assert_eq!(e.code(), "store.invariant", "write {i}: {e}");
+            } else {
+                assert!(r.is_ok(), "write {i} of round {round}: {r:?}");
+            }
+        }
+        for id in &good {
+            host.collection(id).await.unwrap();
+        }
+    }
+    let payment = host.payment(&payment.id.0).await.unwrap();
+    assert!(payment.captures.is_empty(), "{:?}", payment.captures);
+}
+
 async fn one_session_is_selected_per_cart_and_placeholders_initiate_on_selection(backend: Backend) {
     let s = Scratch::new();
     let Some(host) = s.host_on(backend, HOST).await else {
@@ -971,6 +1040,7 @@ macro_rules! on_both_stores {
 }
 
 on_both_stores!(
+    writes_sent_together_fail_alone,
     a_retry_with_the_key_of_an_unknown_capture_never_captures_twice,
     a_system_payment_is_authorized_captured_in_parts_and_refunded_in_parts,
     requires_more_returns_the_next_action_and_the_next_authorize_completes,

@@ -525,22 +525,31 @@ fn writer_loop(conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
             lazy_now = lazy;
         }
         let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(jobs.len());
-        // BEGIN, each job in its savepoint, COMMIT — every statement from the cache.
+        // BEGIN, the jobs, COMMIT — every statement from the cache. Jobs rarely fail, so the
+        // batch is first applied as it is; only if a job fails is it all rolled back and applied
+        // again with each job in its savepoint, so that the others still commit (savepoints
+        // cost a copy of every page a job touches).
         let outcome = (|| -> rusqlite::Result<()> {
             conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
-            // A job alone needs no savepoint: its failure rolls the transaction back.
             let alone = jobs.len() == 1;
             let jobs_done = (|| -> rusqlite::Result<()> {
-                if alone {
-                    match apply(&conn, &jobs[0].0) {
-                        Ok(()) => results.push(Ok(())),
-                        Err(e) => {
-                            results.push(Err(e));
-                            return conn.prepare_cached("ROLLBACK")?.execute([]).map(drop);
-                        }
+                let mut failed = None;
+                for (ops, _) in &jobs {
+                    if let Err(e) = apply(&conn, ops) {
+                        failed = Some(e);
+                        break;
                     }
-                    return conn.prepare_cached("COMMIT")?.execute([]).map(drop);
                 }
+                let Some(e) = failed else {
+                    results.extend(jobs.iter().map(|_| Ok(())));
+                    return conn.prepare_cached("COMMIT")?.execute([]).map(drop);
+                };
+                conn.prepare_cached("ROLLBACK")?.execute([])?;
+                if alone {
+                    results.push(Err(e));
+                    return Ok(());
+                }
+                conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
                 for (ops, _) in &jobs {
                     conn.prepare_cached("SAVEPOINT job")?.execute([])?;
                     match apply(&conn, ops) {
