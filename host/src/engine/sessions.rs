@@ -110,7 +110,9 @@ impl Host {
                 status: SessionStatus::Pending,
                 // Only provider answers fill it: what the caller sent is input, not state.
                 data: Value::Null,
-                idempotency_key: format!("psk_{}", uuid::Uuid::new_v4().simple()),
+                // Time-ordered (its attempts' keys start with it): a new key lands on the
+                // unique indexes' last pages, not on a random page each.
+                idempotency_key: format!("psk_{}", uuid::Uuid::now_v7().simple()),
                 amount,
                 currency_code: collection.currency_code,
                 payment_authorized_at: None,
