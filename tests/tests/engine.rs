@@ -1017,6 +1017,38 @@ async fn a_retry_with_the_key_of_an_unknown_capture_never_captures_twice(backend
     assert!(b.decline.is_some());
 }
 
+/// SQLite's log is copied back into the database as it grows (by the store's checkpoint
+/// thread, not by the writer): it stays near its 1,000-frame threshold however much is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_wal_stays_bounded_as_payments_are_written() {
+    let s = Scratch::new();
+    let host = s.host_on(Backend::Sqlite, HOST).await.unwrap();
+    let wal = s.dir.path().join("payhost.db-wal");
+    // 1,000 frames of 4 KiB pages: what SQLite's own automatic checkpoint keeps it near.
+    let bound = 3 * 1000 * (4096 + 24);
+    let mut largest = 0;
+    for _ in 0..120 {
+        let col = collection(&host, 1000, "eur").await;
+        let session = host
+            .create_session(new_session(&col, "system", Value::Null), None)
+            .await
+            .unwrap();
+        let payment = host
+            .authorize_session(&session.id.0, AuthorizeInput::default(), None)
+            .await
+            .unwrap()
+            .payment
+            .unwrap();
+        host.capture_payment(&payment.id.0, CaptureInput::default(), None)
+            .await
+            .unwrap();
+        largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+    }
+    // Unchecked, 120 flows' commits (about 8 pages each) would leave a WAL of about 27 MB.
+    assert!(largest > 0, "the WAL was never seen");
+    assert!(largest <= bound, "the WAL reached {largest} bytes");
+}
+
 /// Every scenario above, on SQLite and on PostgreSQL.
 macro_rules! on_both_stores {
     ($($name:ident),* $(,)?) => {

@@ -267,6 +267,75 @@ INSERT INTO event_meta (k, v) VALUES ('pruned_through', 0);
 const MAX_BATCH: usize = 128;
 /// Reader connections kept open.
 const READERS: usize = 4;
+/// Frames in the WAL past which it is copied back into the database (SQLite's own default).
+const CHECKPOINT_FRAMES: i32 = 1000;
+
+thread_local! {
+    /// Frames in the WAL after this thread's last commit: set by the WAL hook, which SQLite
+    /// calls on the committing thread (each store has its own writer thread).
+    static WAL_FRAMES: std::cell::Cell<i32> = const { std::cell::Cell::new(0) };
+}
+
+fn note_wal_frames(_: &rusqlite::hooks::Wal, frames: std::ffi::c_int) -> rusqlite::Result<()> {
+    WAL_FRAMES.set(frames);
+    Ok(())
+}
+
+/// Copies the WAL back into the database on its own thread and connection, so that the
+/// writer never does it between commits (SQLite's automatic checkpoint runs on the committing
+/// connection, and its copying and syncing then delay every write waiting behind it). A
+/// checkpoint is PASSIVE: it never blocks the writer or a reader, and with `synchronous =
+/// FULL` it syncs the WAL before and the database after copying, as the automatic one does.
+struct Checkpointer {
+    /// `(wanted, stop)`.
+    state: Mutex<(bool, bool)>,
+    wake: std::sync::Condvar,
+}
+
+impl Checkpointer {
+    fn start(path: &Path) -> Result<Arc<Checkpointer>, StoreError> {
+        let conn = connect(path)?;
+        let me = Arc::new(Checkpointer {
+            state: Mutex::new((false, false)),
+            wake: std::sync::Condvar::new(),
+        });
+        let this = me.clone();
+        std::thread::Builder::new()
+            .name("payhost-sqlite-checkpoint".into())
+            .spawn(move || this.run(conn))
+            .map_err(unavailable)?;
+        Ok(me)
+    }
+
+    fn run(&self, conn: Connection) {
+        loop {
+            {
+                let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                while !state.0 && !state.1 {
+                    state = self.wake.wait(state).unwrap_or_else(|e| e.into_inner());
+                }
+                if state.1 {
+                    return;
+                }
+                state.0 = false;
+            }
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                tracing::warn!(error = %e, "SQLite checkpoint failed; the next one retries");
+            }
+        }
+    }
+
+    /// Asks for a checkpoint (one already asked for is not asked again).
+    fn ask(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0 = true;
+        self.wake.notify_one();
+    }
+
+    fn stop(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.wake.notify_one();
+    }
+}
 
 type Job = (Vec<WriteOp>, oneshot::Sender<Result<(), StoreError>>);
 
@@ -370,10 +439,11 @@ impl SqliteStore {
         let lock = take_lock(&path)?;
         let mut conn = connect(&path)?;
         migrate(&mut conn)?;
+        let checkpointer = Checkpointer::start(&path)?;
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("payhost-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx))
+            .spawn(move || writer_loop(conn, rx, checkpointer))
             .map_err(unavailable)?;
         let mut readers = Vec::with_capacity(READERS);
         for _ in 0..READERS {
@@ -417,10 +487,11 @@ impl SqliteStore {
     pub fn open_beside(path: impl AsRef<Path>) -> Result<SqliteStore, StoreError> {
         let mut store = SqliteStore::open_read_only(path)?;
         let conn = connect(&store.path)?;
+        let checkpointer = Checkpointer::start(&store.path)?;
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("payhost-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx))
+            .spawn(move || writer_loop(conn, rx, checkpointer))
             .map_err(unavailable)?;
         store.writer = Some(tx);
         store.beside = true;
@@ -493,7 +564,13 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     tx.commit().map_err(unavailable)
 }
 
-fn writer_loop(conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
+fn writer_loop(
+    conn: Connection,
+    rx: std::sync::mpsc::Receiver<Job>,
+    checkpointer: Arc<Checkpointer>,
+) {
+    // The hook replaces SQLite's automatic checkpoint on this connection.
+    conn.wal_hook(Some(note_wal_frames));
     // Whether the connection is at `synchronous = NORMAL` (it opens at FULL).
     let mut lazy_now = false;
     while let Ok(first) = rx.recv() {
@@ -583,7 +660,12 @@ fn writer_loop(conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
                 }
             }
         }
+        if WAL_FRAMES.get() >= CHECKPOINT_FRAMES {
+            WAL_FRAMES.set(0);
+            checkpointer.ask();
+        }
     }
+    checkpointer.stop();
 }
 
 /// Runs one statement through the connection's statement cache: a write's statements are
