@@ -24,6 +24,20 @@ async fn collection(host: &Host, amount: i64, currency: &str) -> String {
     .0
 }
 
+/// A 1000 EUR collection and its session on `provider`, authorized: the payment.
+async fn authorized(host: &Host, provider: &str) -> payhost::domain::Payment {
+    let col = collection(host, 1000, "eur").await;
+    let session = host
+        .create_session(new_session(&col, provider, Value::Null), None)
+        .await
+        .unwrap();
+    host.authorize_session(&session.id.0, AuthorizeInput::default(), None)
+        .await
+        .unwrap()
+        .payment
+        .unwrap()
+}
+
 fn new_session(collection: &str, provider: &str, data: Value) -> NewSession {
     NewSession {
         payment_collection_id: collection.into(),
@@ -726,17 +740,8 @@ async fn cancel_voids_a_payment_and_the_database_refuses_captures_after_it(backe
     let Some(host) = s.host_on(backend, HOST).await else {
         return;
     };
-    let col = collection(&host, 1000, "eur").await;
-    let session = host
-        .create_session(new_session(&col, "sandbox", Value::Null), None)
-        .await
-        .unwrap();
-    let payment = host
-        .authorize_session(&session.id.0, AuthorizeInput::default(), None)
-        .await
-        .unwrap()
-        .payment
-        .unwrap();
+    let payment = authorized(&host, "sandbox").await;
+    let col = payment.payment_collection_id.0.clone();
     let p = host.cancel_payment(&payment.id.0, None).await.unwrap();
     assert_eq!(p.status(), PaymentStatus::Canceled);
     assert_eq!(
@@ -781,7 +786,7 @@ async fn cancel_voids_a_payment_and_the_database_refuses_captures_after_it(backe
         .await
         .unwrap_err();
     assert_eq!(e.code(), "store.invariant");
-    let mut back = host.session(&session.id.0).await.unwrap();
+    let mut back = host.session(&payment.payment_session_id.0).await.unwrap();
     let expected = back.version;
     back.status = SessionStatus::Pending;
     back.version += 1;
@@ -805,17 +810,7 @@ async fn writes_sent_together_fail_alone(backend: Backend) {
     let Some(host) = s.host_on(backend, HOST).await else {
         return;
     };
-    let col = collection(&host, 1000, "eur").await;
-    let session = host
-        .create_session(new_session(&col, "sandbox", Value::Null), None)
-        .await
-        .unwrap();
-    let payment = host
-        .authorize_session(&session.id.0, AuthorizeInput::default(), None)
-        .await
-        .unwrap()
-        .payment
-        .unwrap();
+    let payment = authorized(&host, "sandbox").await;
     host.cancel_payment(&payment.id.0, None).await.unwrap();
 
     for round in 0..4 {
@@ -915,17 +910,8 @@ async fn everything_survives_reopening_the_store(backend: Backend) {
         let Some(host) = s.host_on(backend, HOST).await else {
             return;
         };
-        let col = collection(&host, 1000, "eur").await;
-        let session = host
-            .create_session(new_session(&col, "system", Value::Null), None)
-            .await
-            .unwrap();
-        let payment = host
-            .authorize_session(&session.id.0, AuthorizeInput::default(), None)
-            .await
-            .unwrap()
-            .payment
-            .unwrap();
+        let payment = authorized(&host, "system").await;
+        let col = payment.payment_collection_id.0.clone();
         host.capture_payment(&payment.id.0, CaptureInput { amount: Some(400) }, None)
             .await
             .unwrap();
@@ -1028,17 +1014,7 @@ async fn the_sqlite_wal_stays_bounded_as_payments_are_written() {
     let bound = 3 * 1000 * (4096 + 24);
     let mut largest = 0;
     for _ in 0..120 {
-        let col = collection(&host, 1000, "eur").await;
-        let session = host
-            .create_session(new_session(&col, "system", Value::Null), None)
-            .await
-            .unwrap();
-        let payment = host
-            .authorize_session(&session.id.0, AuthorizeInput::default(), None)
-            .await
-            .unwrap()
-            .payment
-            .unwrap();
+        let payment = authorized(&host, "system").await;
         host.capture_payment(&payment.id.0, CaptureInput::default(), None)
             .await
             .unwrap();
