@@ -5,9 +5,10 @@
 //! a microsecond or hang for ever, so it never runs on an async worker. Handing it to another
 //! thread and back costs two wake-ups; on this machine's kind that is most of a fast call's
 //! cost. So both sides wait a little before sleeping: a pool thread that finished a call looks
-//! for the next one for [`SPIN`] before it parks (one thread at a time; the others park at once), and the caller ([`Pending`]) yields to its
-//! runtime for up to [`SPIN`] before it waits to be woken — calls in a row then cost no
-//! system call at all, and a caller never holds its worker thread.
+//! for the next one for [`SPIN`] before it parks (one thread at a time; the others park at
+//! once), and the caller ([`Pending`]) yields to its runtime for up to [`SPIN`] before it waits
+//! to be woken — calls in a row then cost no system call at all, and a caller never holds its
+//! worker thread.
 //!
 //! Invariants: a call's thread is its own until the call returns (a call that overran its
 //! deadline keeps its thread, and the caller's `max_concurrency` permit bounds how many can

@@ -439,19 +439,14 @@ impl SqliteStore {
         let lock = take_lock(&path)?;
         let mut conn = connect(&path)?;
         migrate(&mut conn)?;
-        let checkpointer = Checkpointer::start(&path)?;
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("payhost-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, checkpointer))
-            .map_err(unavailable)?;
+        let writer = start_writer(conn, &path)?;
         let mut readers = Vec::with_capacity(READERS);
         for _ in 0..READERS {
             readers.push(connect(&path)?);
         }
         Ok(SqliteStore {
             path,
-            writer: Some(tx),
+            writer: Some(writer),
             readers: Arc::new(Mutex::new(readers)),
             _lock: Some(lock),
             beside: false,
@@ -487,13 +482,7 @@ impl SqliteStore {
     pub fn open_beside(path: impl AsRef<Path>) -> Result<SqliteStore, StoreError> {
         let mut store = SqliteStore::open_read_only(path)?;
         let conn = connect(&store.path)?;
-        let checkpointer = Checkpointer::start(&store.path)?;
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("payhost-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, checkpointer))
-            .map_err(unavailable)?;
-        store.writer = Some(tx);
+        store.writer = Some(start_writer(conn, &store.path)?);
         store.beside = true;
         Ok(store)
     }
@@ -562,6 +551,22 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         .map_err(unavailable)?;
     }
     tx.commit().map_err(unavailable)
+}
+
+/// Starts the writer thread on `conn`, with its checkpoint thread beside it; writes go through
+/// the returned sender, and both threads end when it is dropped.
+fn start_writer(conn: Connection, path: &Path) -> Result<std::sync::mpsc::Sender<Job>, StoreError> {
+    let checkpointer = Checkpointer::start(path)?;
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    let theirs = checkpointer.clone();
+    std::thread::Builder::new()
+        .name("payhost-sqlite-writer".into())
+        .spawn(move || writer_loop(conn, rx, theirs))
+        .map_err(|e| {
+            checkpointer.stop();
+            unavailable(e)
+        })?;
+    Ok(tx)
 }
 
 fn writer_loop(
