@@ -702,10 +702,6 @@ fn writer_loop(
     conn.wal_hook(Some(note_wal_frames));
     // Whether the connection is at `synchronous = NORMAL` (it opens at FULL).
     let mut lazy_now = false;
-    // The WAL's length when a checkpoint was last asked for: the next is asked for only once
-    // it has grown by `CHECKPOINT_FRAMES` more (a commit during a checkpoint still sees the
-    // long WAL, and asking again then only copies and sorts the same frames again).
-    let mut asked_at = 0;
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
@@ -793,13 +789,8 @@ fn writer_loop(
                 }
             }
         }
-        let frames = WAL_FRAMES.get();
-        if frames < asked_at {
-            // A checkpoint copied everything and the WAL started again from its beginning.
-            asked_at = 0;
-        }
-        if frames >= asked_at + CHECKPOINT_FRAMES {
-            asked_at = frames;
+        if WAL_FRAMES.get() >= CHECKPOINT_FRAMES {
+            WAL_FRAMES.set(0);
             checkpointer.ask();
         }
     }
