@@ -663,15 +663,16 @@ fn migrate_keys_off(conn: &mut Connection) -> Result<(), StoreError> {
         )
         .map_err(unavailable)?;
     }
-    let broken: Option<(String, i64)> = tx
+    let broken: Option<(String, Option<i64>)> = tx
         .query_row("PRAGMA foreign_key_check", [], |r| {
             Ok((r.get(0)?, r.get(1)?))
         })
         .optional()
         .map_err(unavailable)?;
     if let Some((table, row)) = broken {
+        let row = row.map_or_else(|| "a row".to_owned(), |r| format!("row {r}"));
         return Err(StoreError::Unavailable(format!(
-            "after migrating, row {row} of {table} refers to a row that does not exist; nothing was changed"
+            "after migrating, {row} of {table} refers to a row that does not exist; nothing was changed"
         )));
     }
     tx.commit().map_err(unavailable)
