@@ -370,6 +370,11 @@ const MAX_BATCH: usize = 128;
 const READERS: usize = 4;
 /// Frames in the WAL past which it is copied back into the database (SQLite's own default).
 const CHECKPOINT_FRAMES: i32 = 1000;
+/// How long the writer's finishing RESTART checkpoint waits for readers before it gives up
+/// (the checkpoint thread is then asked for another pass).
+const RESTART_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
+/// The writer's busy timeout otherwise.
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 thread_local! {
     /// Frames in the WAL after this thread's last commit: set by the WAL hook, which SQLite
@@ -387,10 +392,18 @@ fn note_wal_frames(_: &rusqlite::hooks::Wal, frames: std::ffi::c_int) -> rusqlit
 /// connection, and its copying and syncing then delay every write waiting behind it). A
 /// checkpoint is PASSIVE: it never blocks the writer or a reader, and with `synchronous =
 /// FULL` it syncs the WAL before and the database after copying, as the automatic one does.
+///
+/// A PASSIVE checkpoint never lets the WAL start again from its beginning: only a write that
+/// begins when every frame is in the database does, and under load commits keep coming while a
+/// pass copies. So the work is split: this thread copies the bulk, then the writer, between two
+/// batches, finishes with a RESTART checkpoint of the few frames committed meanwhile (waiting at
+/// most [`RESTART_WAIT`] for readers), after which its next commit starts the WAL again.
 struct Checkpointer {
     /// `(wanted, stop)`.
     state: Mutex<(bool, bool)>,
     wake: std::sync::Condvar,
+    /// Set when a pass asked for has ended: the writer may finish the checkpoint.
+    copied: std::sync::atomic::AtomicBool,
 }
 
 impl Checkpointer {
@@ -399,6 +412,7 @@ impl Checkpointer {
         let me = Arc::new(Checkpointer {
             state: Mutex::new((false, false)),
             wake: std::sync::Condvar::new(),
+            copied: std::sync::atomic::AtomicBool::new(false),
         });
         let this = me.clone();
         std::thread::Builder::new()
@@ -423,13 +437,22 @@ impl Checkpointer {
             if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                 tracing::warn!(error = %e, "SQLite checkpoint failed; the next one retries");
             }
+            self.copied
+                .store(true, std::sync::atomic::Ordering::Release);
         }
     }
 
-    /// Asks for a checkpoint (one already asked for is not asked again).
+    /// Asks for a checkpoint pass (one already asked for is not asked again).
     fn ask(&self) {
+        self.copied
+            .store(false, std::sync::atomic::Ordering::Release);
         self.state.lock().unwrap_or_else(|e| e.into_inner()).0 = true;
         self.wake.notify_one();
+    }
+
+    /// Whether the pass last asked for has ended (once: it reads `false` after).
+    fn take_copied(&self) -> bool {
+        self.copied.swap(false, std::sync::atomic::Ordering::AcqRel)
     }
 
     fn stop(&self) {
@@ -516,8 +539,7 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 
 fn connect(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(unavailable)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))
-        .map_err(unavailable)?;
+    conn.busy_timeout(BUSY_WAIT).map_err(unavailable)?;
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
     )
@@ -703,6 +725,9 @@ fn writer_loop(
     conn.wal_hook(Some(note_wal_frames));
     // Whether the connection is at `synchronous = NORMAL` (it opens at FULL).
     let mut lazy_now = false;
+    // Whether a checkpoint pass was asked for since the WAL last started from its beginning.
+    let mut asked = false;
+    let mut last_frames = 0;
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
@@ -790,12 +815,41 @@ fn writer_loop(
                 }
             }
         }
-        if WAL_FRAMES.get() >= CHECKPOINT_FRAMES {
-            WAL_FRAMES.set(0);
-            checkpointer.ask();
+        let frames = WAL_FRAMES.get();
+        if frames < last_frames {
+            // The WAL started again from its beginning.
+            asked = false;
+        }
+        last_frames = frames;
+        if frames >= CHECKPOINT_FRAMES {
+            if !asked {
+                checkpointer.ask();
+                asked = true;
+            } else if checkpointer.take_copied() {
+                // If a reader kept it from finishing (or the next commit does not start the WAL
+                // again), the next commit asks for another pass.
+                finish_checkpoint(&conn);
+                asked = false;
+            }
         }
     }
     checkpointer.stop();
+}
+
+/// Copies what the checkpoint thread's pass left (the frames committed while it ran) with a
+/// RESTART checkpoint, so that the writer's next commit starts the WAL from its beginning. It
+/// gives up after [`RESTART_WAIT`] if a reader is still on the WAL.
+fn finish_checkpoint(conn: &Connection) {
+    let finished = conn.busy_timeout(RESTART_WAIT).and_then(|()| {
+        conn.prepare_cached("PRAGMA wal_checkpoint(RESTART)")?
+            .query_row([], |_| Ok(()))
+    });
+    if let Err(e) = finished {
+        tracing::warn!(error = %e, "SQLite checkpoint failed; the next one retries");
+    }
+    if let Err(e) = conn.busy_timeout(BUSY_WAIT) {
+        tracing::error!(error = %e, "SQLite writer: its busy timeout could not be restored");
+    }
 }
 
 /// Runs one statement through the connection's statement cache: a write's statements are
