@@ -1,7 +1,8 @@
 //! The embedded SQLite store: WAL, `synchronous = FULL` (a write that returned survives power
 //! loss), and group commit — one writer thread takes every write waiting in its queue, applies
-//! each in its own savepoint inside one transaction, and commits them with one fsync, so
-//! concurrent operations share the disk's flush instead of queueing behind one another.
+//! them in one transaction (each in its own savepoint only if one of them fails), and commits
+//! them with one fsync, so concurrent operations share the disk's flush instead of queueing
+//! behind one another.
 //! Readers use their own connections (WAL lets them read while the writer writes).
 
 use std::path::{Path, PathBuf};
