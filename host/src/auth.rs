@@ -6,9 +6,9 @@
 //! work, so timing tells nothing.
 //!
 //! Invariants: a secret never appears in a log line, an error, `payhost check` or a metric
-//! (errors say *what* was wrong with a header, never echo it); keys in a URL are refused;
-//! every `/v1` route names its scope in one table ([`scope_for`]), which the OpenAPI document
-//! declares too (a test walks it).
+//! (errors say *what* was wrong with a header, never echo it); keys in a URL, path or query,
+//! are refused; every route names its scope where it is registered
+//! ([`crate::http::access`]), which the OpenAPI document declares too (a test walks it).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -48,29 +48,6 @@ impl Scope {
     }
 }
 
-/// The scope a route needs (`None`: open, like `/health`, `/openapi.json` and the webhooks,
-/// whose signature is their credential). `template` is axum's route template.
-pub fn scope_for(method: &axum::http::Method, template: &str) -> Option<Scope> {
-    use axum::http::Method;
-    match template {
-        "/health" | "/openapi.json" => None,
-        t if t.starts_with("/hooks/") => None,
-        "/ready" | "/metrics" => Some(Scope::Operator),
-        t if t.starts_with("/v1/attempts")
-            || t.starts_with("/v1/providers")
-            || t.starts_with("/v1/event-deliveries") =>
-        {
-            Some(Scope::Operator)
-        }
-        t if t.starts_with("/v1/") => Some(if method == Method::GET || method == Method::HEAD {
-            Scope::Read
-        } else {
-            Scope::Payments
-        }),
-        _ => None,
-    }
-}
-
 /// A token bucket: `rate` per second, up to `burst` at once.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RateLimit {
@@ -80,7 +57,7 @@ pub struct RateLimit {
     pub burst: f64,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 struct Bucket {
     limit: RateLimit,
     tokens: f64,
@@ -106,25 +83,86 @@ impl Bucket {
             self.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64(
-                (1.0 - self.tokens) / self.limit.rate,
-            ))
+            // Limits are validated at load (`MIN_RATE`..`MAX_RATE`); a wait past any bound is
+            // still an answer, never a panic.
+            Err(
+                Duration::try_from_secs_f64((1.0 - self.tokens) / self.limit.rate)
+                    .unwrap_or(Duration::MAX)
+                    .min(MAX_WAIT),
+            )
         }
+    }
+
+    /// Whether it is full again (nothing to remember about its owner).
+    fn is_full(&self, now: Instant) -> bool {
+        self.tokens + now.duration_since(self.at).as_secs_f64() * self.limit.rate
+            >= self.limit.burst
     }
 }
 
-/// A limiter per name (a key id, a provider id).
+/// The slowest rate a limit may have: one request per 1,000 seconds.
+pub const MIN_RATE: f64 = 0.001;
+/// The fastest rate, and the largest burst, a limit may have.
+pub const MAX_RATE: f64 = 1_000_000.0;
+/// The longest wait a refusal names.
+const MAX_WAIT: Duration = Duration::from_secs(3600);
+
+impl RateLimit {
+    /// Why this limit cannot be used, if it cannot: the rate between [`MIN_RATE`] and
+    /// [`MAX_RATE`] per second, the burst between 1 and [`MAX_RATE`].
+    pub fn invalid(&self) -> Option<String> {
+        if !(self.rate.is_finite() && (MIN_RATE..=MAX_RATE).contains(&self.rate)) {
+            return Some(format!(
+                "a rate must be between {MIN_RATE} and {MAX_RATE} per second, got {}",
+                self.rate
+            ));
+        }
+        if !(self.burst.is_finite() && (1.0..=MAX_RATE).contains(&self.burst)) {
+            return Some(format!(
+                "a burst must be between 1 and {MAX_RATE}, got {}",
+                self.burst
+            ));
+        }
+        None
+    }
+}
+
+/// A limiter per name (a key id, a provider id, a client address). It remembers at most
+/// [`Limiter::MAX_NAMES`] names: past that, full buckets are forgotten (they hold nothing), and
+/// if none is full the new name shares the fullest one's fate by being refused until one is.
 #[derive(Debug, Default)]
 pub struct Limiter(Mutex<HashMap<String, Bucket>>);
 
 impl Limiter {
+    /// How many names a limiter remembers.
+    pub const MAX_NAMES: usize = 10_000;
+
     /// Takes a token from `name`'s bucket, or says how long to wait.
     pub fn take(&self, name: &str, limit: RateLimit) -> Result<(), Duration> {
         let mut buckets = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !buckets.contains_key(name) && buckets.len() >= Self::MAX_NAMES {
+            let now = Instant::now();
+            buckets.retain(|_, b| !b.is_full(now));
+            if buckets.len() >= Self::MAX_NAMES {
+                return Err(Duration::from_secs(1));
+            }
+        }
         buckets
             .entry(name.to_owned())
             .or_insert_with(|| Bucket::new(limit))
             .take()
+    }
+
+    /// Whether `name`'s bucket has a token now, without taking it (else how long until it has).
+    pub fn has_room(&self, name: &str) -> Result<(), Duration> {
+        let buckets = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match buckets.get(name) {
+            None => Ok(()),
+            Some(bucket) => {
+                let mut probe = *bucket;
+                probe.take()
+            }
+        }
     }
 }
 
@@ -311,6 +349,7 @@ pub fn parse_digest(text: &str) -> Option<[u8; 32]> {
 
 /// Whether a URL query carries something that looks like a key.
 pub fn query_holds_a_key(query: &str) -> bool {
+    let query = percent_decoded(query);
     query.contains(PREFIX)
         || query.split('&').any(|pair| {
             let name = pair.split('=').next().unwrap_or("").to_ascii_lowercase();
@@ -319,6 +358,32 @@ pub fn query_holds_a_key(query: &str) -> bool {
                 "api_key" | "apikey" | "key" | "token" | "access_token"
             )
         })
+}
+
+/// Whether a URL path carries something that looks like a key (`/v1/payments/phk_…`).
+pub fn path_holds_a_key(path: &str) -> bool {
+    percent_decoded(path).contains(PREFIX)
+}
+
+/// `text` with its `%XX` escapes decoded (lossily: this only looks for a prefix).
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).to_ascii_lowercase()
 }
 
 #[cfg(test)]
@@ -361,25 +426,14 @@ mod tests {
     }
 
     #[test]
-    fn routes_name_their_scope() {
-        use axum::http::Method;
-        assert_eq!(scope_for(&Method::GET, "/health"), None);
-        assert_eq!(scope_for(&Method::POST, "/hooks/{provider_id}"), None);
-        assert_eq!(
-            scope_for(&Method::GET, "/v1/payments/{id}"),
-            Some(Scope::Read)
-        );
-        assert_eq!(
-            scope_for(&Method::POST, "/v1/payments/{id}/refund"),
-            Some(Scope::Payments)
-        );
-        assert_eq!(
-            scope_for(&Method::POST, "/v1/attempts/{id}/resolve"),
-            Some(Scope::Operator)
-        );
+    fn keys_in_a_url_are_found_in_the_path_and_the_query() {
         assert!(query_holds_a_key("cart_id=1&api_key=x"));
         assert!(query_holds_a_key("q=phk_a_b"));
+        assert!(query_holds_a_key("q=%70hk%5Fa_b"));
         assert!(!query_holds_a_key("cart_id=cart_1"));
+        assert!(path_holds_a_key("/v1/payment-sessions/phk_shop_0123"));
+        assert!(path_holds_a_key("/v1/payment-sessions/PHK%5Fshop_0123"));
+        assert!(!path_holds_a_key("/v1/payment-sessions/ps_0123"));
     }
 
     #[test]
@@ -392,7 +446,64 @@ mod tests {
         assert!(limiter.take("k", limit).is_ok());
         assert!(limiter.take("k", limit).is_ok());
         let wait = limiter.take("k", limit).unwrap_err();
-        assert!(wait <= Duration::from_millis(100), "{wait:?}");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(100),
+            "{wait:?}"
+        );
         assert!(limiter.take("other", limit).is_ok(), "buckets are per name");
+        // Once the wait it named has passed, the bucket has refilled: a token is there again,
+        // and only one (the burst is not back yet).
+        std::thread::sleep(wait + Duration::from_millis(5));
+        assert!(limiter.take("k", limit).is_ok(), "refilled after {wait:?}");
+        assert!(
+            limiter.take("k", limit).is_err(),
+            "one token, not the burst"
+        );
+    }
+
+    #[test]
+    fn a_limit_out_of_bounds_is_refused_and_never_panics() {
+        for (rate, burst) in [
+            (1e-300, 2.0),
+            (0.0, 1.0),
+            (f64::NAN, 1.0),
+            (1.0, 0.5),
+            (1e9, 2.0),
+        ] {
+            assert!(
+                RateLimit { rate, burst }.invalid().is_some(),
+                "{rate} {burst}"
+            );
+        }
+        assert!(
+            RateLimit {
+                rate: 0.001,
+                burst: 1.0
+            }
+            .invalid()
+            .is_none()
+        );
+        // Even an unchecked one answers with a bounded wait.
+        let limiter = Limiter::default();
+        let slow = RateLimit {
+            rate: 1e-300,
+            burst: 1.0,
+        };
+        assert!(limiter.take("k", slow).is_ok());
+        assert_eq!(limiter.take("k", slow).unwrap_err(), MAX_WAIT);
+    }
+
+    #[test]
+    fn a_limiter_forgets_full_buckets_rather_than_grow() {
+        let limiter = Limiter::default();
+        let limit = RateLimit {
+            rate: 1000.0,
+            burst: 1.0,
+        };
+        for i in 0..Limiter::MAX_NAMES + 100 {
+            let _ = limiter.take(&format!("client-{i}"), limit);
+        }
+        let remembered = limiter.0.lock().unwrap().len();
+        assert!(remembered <= Limiter::MAX_NAMES, "{remembered}");
     }
 }

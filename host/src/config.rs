@@ -73,9 +73,21 @@ pub struct ServerConfig {
     /// public port carries only the API and the webhooks.
     #[serde(default)]
     pub admin_listen: Option<SocketAddr>,
-    /// `[server.tls]`: serve HTTPS.
+    /// `[server.tls]`: serve HTTPS (on the admin listener too, unless it has its own
+    /// `[server.admin_tls]` or `admin_plaintext` says otherwise).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// `[server.admin_tls]`: the admin listener's own certificate.
+    #[serde(default)]
+    pub admin_tls: Option<TlsConfig>,
+    /// The admin listener serves plain HTTP although operator keys travel on it: only where the
+    /// network between it and its clients is trusted (or a TLS proxy terminates in front).
+    #[serde(default)]
+    pub admin_plaintext: bool,
+    /// How long a response may wait for the client to take it (a write that makes no progress);
+    /// past it the connection is cut, so a client that sends and never reads cannot hold a slot.
+    #[serde(default = "default_write_timeout")]
+    pub write_timeout_ms: u64,
 }
 
 /// `[server] auth`.
@@ -123,6 +135,9 @@ impl Default for ServerConfig {
             auth: AuthMode::Keys,
             admin_listen: None,
             tls: None,
+            admin_tls: None,
+            admin_plaintext: false,
+            write_timeout_ms: default_write_timeout(),
         }
     }
 }
@@ -152,6 +167,10 @@ fn default_idle_timeout() -> u64 {
 
 fn default_shutdown_grace() -> u64 {
     10_000
+}
+
+fn default_write_timeout() -> u64 {
+    30_000
 }
 
 fn default_listen() -> SocketAddr {
@@ -836,6 +855,18 @@ impl Config {
                     *slot = *v.get_ref();
                 }
             }
+            if let Some(why) = webhook_rate.invalid() {
+                let span = p
+                    .webhook_rate_per_second
+                    .as_ref()
+                    .or(p.webhook_burst.as_ref())
+                    .map(|v| v.span());
+                return Err(invalid(
+                    span.or(Some(table_span)),
+                    key("webhook_rate_per_second"),
+                    format!("`webhook_rate_per_second` / `webhook_burst`: {why}"),
+                ));
+            }
             if p.isolation == Isolation::InProcess {
                 for (name, given) in [
                     ("max_memory_mb", p.max_memory_mb.as_ref().map(|v| v.span())),
@@ -925,6 +956,7 @@ impl Config {
             ("server.body_timeout_ms", raw.server.body_timeout_ms),
             ("server.idle_timeout_ms", raw.server.idle_timeout_ms),
             ("server.shutdown_grace_ms", raw.server.shutdown_grace_ms),
+            ("server.write_timeout_ms", raw.server.write_timeout_ms),
         ] {
             if !(1..=3_600_000).contains(&value) {
                 return Err(invalid(
@@ -1045,14 +1077,15 @@ impl Config {
                 (rate, burst) => {
                     let rate = rate.unwrap_or(10.0);
                     let burst = burst.unwrap_or(rate.max(1.0) * 2.0);
-                    if !(rate.is_finite() && rate > 0.0 && burst.is_finite() && burst >= 1.0) {
+                    let limit = crate::auth::RateLimit { rate, burst };
+                    if let Some(why) = limit.invalid() {
                         return Err(invalid(
                             Some(span),
                             at("rate_per_second"),
-                            "`rate_per_second` must be positive and `burst` at least 1".into(),
+                            format!("`rate_per_second` / `burst`: {why}"),
                         ));
                     }
-                    Some(crate::auth::RateLimit { rate, burst })
+                    Some(limit)
                 }
             };
             api_keys.push(crate::auth::KeySpec {
@@ -1071,9 +1104,32 @@ impl Config {
         }
         let events = events_settings(raw.events, &|k| source.value_span(k), &invalid)?;
         let mut server = raw.server;
-        if let Some(tls) = &mut server.tls {
+        for tls in [&mut server.tls, &mut server.admin_tls]
+            .into_iter()
+            .flatten()
+        {
             tls.cert = dir.join(&tls.cert);
             tls.key = dir.join(&tls.key);
+        }
+        if server.admin_listen.is_none() && (server.admin_tls.is_some() || server.admin_plaintext) {
+            let key = if server.admin_plaintext {
+                "server.admin_plaintext"
+            } else {
+                "server.admin_tls"
+            };
+            return Err(invalid(
+                source.value_span(key),
+                key.into(),
+                format!("`{key}` applies to the admin listener, but `admin_listen` is not set"),
+            ));
+        }
+        if server.admin_tls.is_some() && server.admin_plaintext {
+            return Err(invalid(
+                source.value_span("server.admin_plaintext"),
+                "server.admin_plaintext".into(),
+                "`admin_plaintext = true` and `[server.admin_tls]` contradict each other: keep one"
+                    .into(),
+            ));
         }
 
         Ok(Config {
@@ -1456,6 +1512,23 @@ mod tests {
         assert!(e.message.contains("timeout_ms"));
         let e = parse("[storage]\nurl = \"mysql://x\"\n").unwrap_err();
         assert_eq!(e.location.unwrap().line, 2);
+    }
+
+    #[test]
+    fn rates_out_of_bounds_are_refused_at_load() {
+        let key = "[[api_keys]]\nid = \"shop\"\ndigest = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"\nscopes = [\"read\"]\n";
+        for rate in ["1e-300", "0.0", "1e12", "nan"] {
+            let e = parse(&format!("{key}rate_per_second = {rate}\n")).unwrap_err();
+            assert_eq!(e.kind, ConfigErrorKind::Invalid, "{rate}: {e}");
+            assert!(e.message.contains("rate"), "{e}");
+            assert_eq!(e.location.unwrap().line, 1, "{rate}");
+        }
+        assert!(parse(&format!("{key}rate_per_second = 0.5\n")).is_ok());
+        let e = parse("[providers.s]\nlibrary = \"x\"\nwebhook_rate_per_second = 1e-300\n")
+            .unwrap_err();
+        assert_eq!(e.location.unwrap().line, 3, "{}", e.message);
+        let e = parse("[providers.s]\nlibrary = \"x\"\nwebhook_burst = 1e300\n").unwrap_err();
+        assert!(e.message.contains("burst"), "{e}");
     }
 
     #[test]

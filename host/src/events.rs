@@ -305,6 +305,12 @@ pub struct Delivery {
     pub last_error: Option<String>,
     /// When it was delivered.
     pub delivered_at: Option<Timestamp>,
+    /// Who last sent it again after it was parked (`key:<id>`, an operator's name).
+    #[serde(default)]
+    pub redelivered_by: Option<String>,
+    /// When.
+    #[serde(default)]
+    pub redelivered_at: Option<Timestamp>,
 }
 
 /// `[[events.endpoints]]`: where events are POSTed.

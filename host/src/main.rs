@@ -119,6 +119,9 @@ enum EventsAction {
         /// Every parked delivery to the endpoints configured.
         #[arg(long)]
         all: bool,
+        /// Who sends them again (default: $USER), recorded on each.
+        #[arg(long)]
+        by: Option<String>,
         /// The config file.
         #[arg(long, short)]
         config: PathBuf,
@@ -493,8 +496,14 @@ fn new_key(scopes: &[String], id: Option<String>, rate: Option<f64>) -> ExitCode
         eprintln!("error: key id `{id}` must be 1 to 64 of a-z, 0-9, `-` and `_`");
         return ExitCode::from(EXIT_CONFIG);
     }
-    if rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
-        eprintln!("error: --rate-per-second must be a positive number");
+    if let Some(why) = rate.and_then(|rate| {
+        payhost::auth::RateLimit {
+            rate,
+            burst: (rate * 2.0).max(1.0),
+        }
+        .invalid()
+    }) {
+        eprintln!("error: --rate-per-second: {why}");
         return ExitCode::from(EXIT_CONFIG);
     }
     let (secret, digest) = payhost::auth::generate(&id);
@@ -588,7 +597,9 @@ fn check(path: &Path, json: bool) -> ExitCode {
             ),
         }
     }
-    if report.failures.is_empty() {
+    if payhost::http::listeners::plan(&config, None).is_err() {
+        ExitCode::from(EXIT_CONFIG)
+    } else if report.failures.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_PROVIDERS)
@@ -650,10 +661,19 @@ fn server_summary(config: &Config) -> serde_json::Value {
     } else {
         "none: no keys, loopback only"
     };
+    let (listeners, refused) = match payhost::http::listeners::plan(config, None) {
+        Ok(plans) => (plans, None),
+        Err(e) => (
+            Vec::new(),
+            Some(serde_json::json!({"code": e.code(), "message": e.to_string()})),
+        ),
+    };
     serde_json::json!({
         "listen": s.listen.to_string(),
         "admin_listen": s.admin_listen.map(|a| a.to_string()),
         "tls": s.tls.is_some(),
+        "listeners": listeners,
+        "refused": refused,
         "auth": auth,
         "api_keys": keys,
         "header_timeout_ms": s.header_timeout_ms,
@@ -700,6 +720,27 @@ fn print_check(config: &Config, report: &LoadReport, disabled: &[&str]) {
         if s["tls"] == true { ", TLS" } else { "" }
     );
     println!("        auth {}", s["auth"].as_str().unwrap_or(""));
+    for l in s["listeners"].as_array().into_iter().flatten() {
+        println!(
+            "        {} listener {}://{} ({}): {}; who: {}",
+            l["name"].as_str().unwrap_or(""),
+            l["scheme"].as_str().unwrap_or(""),
+            l["address"].as_str().unwrap_or(""),
+            if l["network"] == true {
+                "reachable from the network"
+            } else {
+                "loopback only"
+            },
+            l["serves"].as_str().unwrap_or(""),
+            l["auth"].as_str().unwrap_or("")
+        );
+    }
+    if let Some(message) = s["refused"]["message"].as_str() {
+        println!(
+            "ERROR   serve refuses these listeners [{}]: {message}",
+            s["refused"]["code"].as_str().unwrap_or("")
+        );
+    }
     for k in s["api_keys"].as_array().into_iter().flatten() {
         println!(
             "        key {} scopes {}{}",
@@ -895,28 +936,31 @@ fn serve(path: &Path, listen: Option<std::net::SocketAddr>) -> ExitCode {
     };
     init_logging(&config.log.level, config.log.format);
     let server = &config.server;
-    let address = listen.unwrap_or(server.listen);
-    // The safe default: an API that moves money is not put on a network without keys, unless
-    // the operator says so.
-    if config.api_keys.is_empty()
-        && server.auth == payhost::config::AuthMode::Keys
-        && !address.ip().is_loopback()
-    {
-        eprintln!(
-            "error[auth.required]: refusing to listen on {address} without API keys: add [[api_keys]] (payhost keys new --scope payments,read), or set `auth = \"none\"` in [server] to serve without keys on purpose"
-        );
-        return ExitCode::from(EXIT_CONFIG);
-    }
-    let tls = match &server.tls {
-        None => None,
-        Some(t) => match payhost::http::edge::tls_acceptor(&t.cert, &t.key) {
-            Ok(acceptor) => Some(acceptor),
-            Err(e) => {
-                eprintln!("error[tls.invalid]: {e}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-        },
+    // The safe default: an API that moves money is not put on a network without keys, nor
+    // operator keys in clear text, unless the operator says so.
+    let plans = match payhost::http::listeners::plan(&config, listen) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error[{}]: {e}", e.code());
+            return ExitCode::from(EXIT_CONFIG);
+        }
     };
+    let mut acceptors = Vec::new();
+    for p in &plans {
+        acceptors.push(match &p.tls {
+            None => None,
+            Some((cert, key)) => match payhost::http::edge::tls_acceptor(cert, key) {
+                Ok(acceptor) => Some(acceptor),
+                Err(e) => {
+                    eprintln!("error[tls.invalid]: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            },
+        });
+    }
+    let address = plans[0].address;
+    let tls = acceptors[0].clone();
+    let admin_tls = acceptors.get(1).cloned().flatten();
     // Many connections need many descriptors: take what the hard limit allows.
     let nofile = match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => n,
@@ -968,6 +1012,8 @@ fn serve(path: &Path, listen: Option<std::net::SocketAddr>) -> ExitCode {
         .with_body_timeout(Duration::from_millis(server.body_timeout_ms));
     if !config.api_keys.is_empty() {
         state = state.with_keys(payhost::auth::Keys::new(config.api_keys.clone()));
+    } else if server.auth == payhost::config::AuthMode::Keys {
+        state = state.with_loopback_hosts_only();
     }
     if admin_listener.is_some() {
         state = state.with_admin_apart();
@@ -978,6 +1024,7 @@ fn serve(path: &Path, listen: Option<std::net::SocketAddr>) -> ExitCode {
         idle_timeout: Duration::from_millis(server.idle_timeout_ms),
         max_connections: server.connection_limit(nofile),
         shutdown_grace: Duration::from_millis(server.shutdown_grace_ms),
+        write_timeout: Duration::from_millis(server.write_timeout_ms),
         tls,
     };
     let (reconciler, deliverer) = {
@@ -1007,11 +1054,12 @@ fn serve(path: &Path, listen: Option<std::net::SocketAddr>) -> ExitCode {
     let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
     let admin = admin_listener.map(|l| {
         let admin_bound = l.local_addr().map_or(address, |a| a);
-        println!("admin listening on http://{admin_bound}");
+        let admin_scheme = if admin_tls.is_some() { "https" } else { "http" };
+        println!("admin listening on {admin_scheme}://{admin_bound}");
         let settings = payhost::http::edge::EdgeSettings {
             name: "admin",
             max_connections: 256,
-            tls: None,
+            tls: admin_tls.clone(),
             ..edge.clone()
         };
         let app = payhost::http::admin_router(state.clone());
@@ -1227,8 +1275,11 @@ fn events(action: EventsAction) -> ExitCode {
                     }
                 })
             }
-            EventsAction::Redeliver { id, .. } => {
-                host.redeliver(id.as_deref()).await.map(|n| {
+            EventsAction::Redeliver { id, by, .. } => {
+                let by = by
+                    .or_else(|| std::env::var("USER").ok())
+                    .unwrap_or_else(|| "operator".into());
+                host.redeliver(id.as_deref(), &by).await.map(|n| {
                     println!(
                         "{n} deliver{} pending again; the running host sends {} within [events] poll_ms",
                         if n == 1 { "y is" } else { "ies are" },

@@ -32,6 +32,8 @@ struct Keyed {
     server: Server,
     scratch: Scratch,
     client: reqwest::Client,
+    /// Where the API is mounted: `""` on `payhost serve`, `/payments` in the embedder's server.
+    prefix: &'static str,
     /// One key per scope, and one with all three.
     read: String,
     payments: String,
@@ -42,6 +44,15 @@ struct Keyed {
 
 impl Keyed {
     fn start(extra_config: &str) -> Keyed {
+        Keyed::start_in(extra_config, false)
+    }
+
+    /// The API nested under `/payments` in `examples/embed`'s own axum server, with the keys.
+    fn start_embedded() -> Keyed {
+        Keyed::start_in("", true)
+    }
+
+    fn start_in(extra_config: &str, embedded: bool) -> Keyed {
         let (read, t1) = new_key("reader", "read", &[]);
         let (payments, t2) = new_key("shop", "payments", &[]);
         let (operator, t3) = new_key("ops", "operator", &[]);
@@ -51,10 +62,19 @@ impl Keyed {
             .replace("{dir}", &scratch.dir.path().display().to_string());
         let config = scratch.config(&text);
         let log = scratch.dir.path().join("server.log");
+        let server = if embedded {
+            Server::start_program(
+                &payhost_e2e::artifacts().join("embed"),
+                &["--config", config.to_str().unwrap()],
+            )
+        } else {
+            Server::start_logging(&config, &log)
+        };
         Keyed {
-            server: Server::start_logging(&config, &log),
+            server,
             scratch,
             client: reqwest::Client::new(),
+            prefix: if embedded { "/payments" } else { "" },
             read,
             payments,
             operator,
@@ -64,7 +84,7 @@ impl Keyed {
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.server.base)
+        format!("{}{}{path}", self.server.base, self.prefix)
     }
 
     async fn send(
@@ -95,7 +115,36 @@ fn scope_of(op: &Value) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_operation_refuses_a_missing_key_and_a_key_without_its_scope() {
-    let k = Keyed::start("");
+    every_operation_needs_its_scope(&Keyed::start("")).await;
+}
+
+/// Nesting is how an embedder mounts the API: under any prefix, each route still carries its
+/// own rule (a route template that no longer matches a table can never leave a route open).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_an_embedders_prefix_every_operation_still_needs_its_scope() {
+    let k = Keyed::start_embedded();
+    every_operation_needs_its_scope(&k).await;
+    // The hole this closes: a collection created with no key under the prefix.
+    let (status, _, body) = k
+        .send(
+            k.client
+                .post(k.url("/v1/payment-collections"))
+                .json(&json!({"amount": 100, "currency_code": "eur"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let (status, _, body) = k
+        .send(
+            k.client
+                .post(k.url("/v1/payments/pay_1/capture"))
+                .bearer_auth(&k.read)
+                .json(&json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+}
+
+async fn every_operation_needs_its_scope(k: &Keyed) {
     let doc: Value = k
         .client
         .get(k.url("/openapi.json"))
@@ -677,4 +726,404 @@ fn check_fails_on_a_placeholder_webhook_secret_naming_the_key() {
     let example = payhost_e2e::workspace().join("config/payhost.toml");
     let out = payhost(&["check", "--config", example.to_str().unwrap()], &[]);
     assert!(out.status.success(), "{}", text(&out.stdout));
+}
+
+/// A free loopback port.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One raw HTTP/1.1 request on its own connection; the status and the body.
+fn raw(base: &str, head: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let address = base.strip_prefix("http://").unwrap();
+    let mut s = std::net::TcpStream::connect(address).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "{head}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The admin listener follows the same rule as the API's: without keys, never on a network
+/// address (it serves resolve and redeliver, which can free a payment for a second capture).
+/// `check` says what each listener exposes and fails where `serve` would refuse.
+#[test]
+fn a_keyless_admin_listener_on_a_network_is_refused_and_check_says_what_is_open() {
+    let scratch = Scratch::new();
+    let port = free_port();
+    let config = scratch.config(
+        &format!("[server]\nadmin_listen = \"0.0.0.0:{port}\"\n{HOST}")
+            .replace("{dir}", &scratch.dir.path().display().to_string()),
+    );
+    let out = payhost(&["serve", "--config", config.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("auth.required") && err.contains(&format!("0.0.0.0:{port} (admin)")),
+        "{err}"
+    );
+    let out = payhost(&["check", "--config", config.to_str().unwrap()], &[]);
+    let report = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{report}");
+    assert!(
+        report.contains("ERROR   serve refuses these listeners [auth.required]"),
+        "{report}"
+    );
+    // A loopback pair: check shows each listener, what it serves and who may call it.
+    let local = scratch.config(
+        &format!("[server]\nadmin_listen = \"127.0.0.1:{port}\"\n{HOST}")
+            .replace("{dir}", &scratch.dir.path().display().to_string()),
+    );
+    let out = payhost(
+        &["check", "--config", local.to_str().unwrap(), "--json"],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listeners = report["server"]["listeners"].as_array().unwrap();
+    assert_eq!(listeners.len(), 2, "{report}");
+    assert_eq!(listeners[1]["name"], "admin");
+    assert_eq!(listeners[1]["network"], false);
+    assert!(
+        listeners[1]["serves"]
+            .as_str()
+            .unwrap()
+            .contains("operator routes"),
+        "{report}"
+    );
+}
+
+/// With `[server.tls]`, the admin listener serves TLS too: operator keys never cross in clear
+/// text, unless the operator says so. On a network address without any TLS, it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_serves_tls_and_never_carries_operator_keys_in_clear() {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let scratch = Scratch::new();
+    let dir = scratch.dir.path();
+    std::fs::write(dir.join("cert.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), cert.key_pair.serialize_pem()).unwrap();
+    let (operator, table) = new_key("ops", "operator", &[]);
+    let port = free_port();
+    let config = scratch.config(
+        &format!(
+            "[server]\nadmin_listen = \"127.0.0.1:{port}\"\n[server.tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n{HOST}\n{table}"
+        )
+        .replace("{dir}", &dir.display().to_string()),
+    );
+    let _server = Server::start(&config);
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let r = client
+        .get(format!("https://localhost:{port}/v1/attempts"))
+        .bearer_auth(&operator)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "the admin listener speaks TLS");
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/v1/attempts"))
+        .bearer_auth(&operator)
+        .send()
+        .await;
+    assert!(
+        plain.is_err() || !plain.unwrap().status().is_success(),
+        "no plain HTTP on the admin listener"
+    );
+    // No TLS at all and a network address: refused, unless `admin_plaintext = true`.
+    let bare = scratch.config(
+        &format!("[server]\nadmin_listen = \"0.0.0.0:{port}\"\n{HOST}\n{table}")
+            .replace("{dir}", &dir.display().to_string()),
+    );
+    let out = payhost(&["serve", "--config", bare.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("tls.admin_plaintext"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// The default config runs without keys on loopback, where a web page in the operator's own
+/// browser is the neighbour: it can send CORS-simple requests (no preflight: form types, no
+/// body) and can rebind its own name to 127.0.0.1. None of that may reach the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_web_page_cannot_drive_a_keyless_server() {
+    let scratch = Scratch::new();
+    let config = scratch.config(&HOST.replace("{dir}", &scratch.dir.path().display().to_string()));
+    let server = Server::start(&config);
+    let base = server.base.clone();
+    let host = base.strip_prefix("http://").unwrap().to_owned();
+    let client = reqwest::Client::new();
+    // A "simple" content type that merely mentions JSON.
+    let (status, body) = raw(
+        &base,
+        &format!(
+            "POST /v1/payment-collections HTTP/1.1\r\nhost: {host}\r\ncontent-type: text/plain; x=+json"
+        ),
+        r#"{"amount": 100, "currency_code": "eur"}"#,
+    );
+    assert_eq!(status, 415, "{body}");
+    // An authorized payment, then POSTs with no body and no content type.
+    let col: Value = client
+        .post(format!("{base}/v1/payment-collections"))
+        .json(&json!({"amount": 1000, "currency_code": "eur"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let s: Value = client
+        .post(format!("{base}/v1/payment-sessions"))
+        .json(&json!({"payment_collection_id": col["id"], "provider_id": "system"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (status, body) = raw(
+        &base,
+        &format!(
+            "POST /v1/payment-sessions/{}/authorize HTTP/1.1\r\nhost: {host}",
+            s["id"].as_str().unwrap()
+        ),
+        "",
+    );
+    assert_eq!(status, 415, "authorize without a type: {body}");
+    let authorized: Value = client
+        .post(format!(
+            "{base}/v1/payment-sessions/{}/authorize",
+            s["id"].as_str().unwrap()
+        ))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let pay = authorized["payment"]["id"].as_str().unwrap().to_owned();
+    for action in ["capture", "refund", "cancel"] {
+        let (status, body) = raw(
+            &base,
+            &format!("POST /v1/payments/{pay}/{action} HTTP/1.1\r\nhost: {host}"),
+            "",
+        );
+        assert_eq!(status, 415, "{action} without a body or a type: {body}");
+        let (status, body) = raw(
+            &base,
+            &format!(
+                "POST /v1/payments/{pay}/{action} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/x-www-form-urlencoded"
+            ),
+            "amount=1000",
+        );
+        assert_eq!(status, 415, "{action} as a form: {body}");
+    }
+    let payment: Value = client
+        .get(format!("{base}/v1/payments/{pay}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(payment["captured_amount"], 0, "{payment}");
+    assert_eq!(payment["status"], "authorized", "{payment}");
+    // DNS rebinding: the page's own name in `Host`.
+    for path in [
+        format!("GET /v1/payments/{pay}"),
+        "GET /v1/attempts".to_owned(),
+        "GET /metrics".to_owned(),
+    ] {
+        let (status, body) = raw(
+            &base,
+            &format!(
+                "{path} HTTP/1.1\r\nhost: attacker.example:{}",
+                host.rsplit(':').next().unwrap()
+            ),
+            "",
+        );
+        assert_eq!(status, 421, "{path}: {body}");
+        assert!(body.contains("host_not_allowed"), "{body}");
+    }
+    let (status, body) = raw(
+        &base,
+        &format!(
+            "POST /v1/payments/{pay}/capture HTTP/1.1\r\nhost: attacker.example\r\ncontent-type: application/json"
+        ),
+        "{}",
+    );
+    assert_eq!(status, 421, "{body}");
+    // Loopback names are served; health and webhooks do not depend on the name.
+    for name in ["localhost", "127.0.0.1", "[::1]"] {
+        let (status, body) = raw(
+            &base,
+            &format!("GET /v1/payments/{pay} HTTP/1.1\r\nhost: {name}"),
+            "",
+        );
+        assert_eq!(status, 200, "{name}: {body}");
+    }
+    let (status, _) = raw(&base, "GET /health HTTP/1.1\r\nhost: payhost.example", "");
+    assert_eq!(status, 200);
+}
+
+/// Failed authentications carry the client's address; every mutating request's line carries
+/// the address and the key; a keyless resolution is recorded as unproven.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_and_changes_are_logged_with_the_client_address_and_the_key() {
+    let k = Keyed::start("");
+    let (status, _, _) = k
+        .send(
+            k.client
+                .post(k.url("/v1/payment-collections"))
+                .bearer_auth("phk_nobody_0123456789abcdef")
+                .json(&json!({"amount": 100, "currency_code": "eur"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _, _) = k
+        .send(
+            k.client
+                .post(k.url("/v1/payment-collections"))
+                .bearer_auth(&k.payments)
+                .json(&json!({"amount": 100, "currency_code": "eur"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _, body) = k
+        .send(
+            k.client
+                .post(k.url("/v1/event-deliveries/all/redeliver"))
+                .bearer_auth(&k.operator)
+                .json(&json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let logs = std::fs::read_to_string(&k.log).unwrap();
+    assert!(
+        logs.lines().any(|l| l.contains("authentication failed")
+            && l.contains("peer=127.0.0.1:")
+            && l.contains("api_key_invalid")),
+        "{logs}"
+    );
+    assert!(
+        logs.lines().any(|l| l.contains("peer=127.0.0.1:")
+            && l.contains("key=shop")
+            && l.contains("/v1/payment-collections")
+            && l.contains("status=201")),
+        "{logs}"
+    );
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("key=ops") && l.contains("/redeliver")),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains("phk_nobody"),
+        "a presented key is never logged"
+    );
+}
+
+/// Without keys, whoever resolves an attempt or redelivers over HTTP only *says* who they
+/// are: that is what is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_keys_an_operators_name_is_recorded_as_unproven() {
+    let scratch = Scratch::new();
+    let config = scratch.config(
+        &format!("[reconcile]\nlanding_margin_ms = 0\nmax_checks = 1\n{HOST}")
+            .replace("{dir}", &scratch.dir.path().display().to_string()),
+    );
+    let server = Server::start(&config);
+    let client = reqwest::Client::new();
+    let base = &server.base;
+    let col: Value = client
+        .post(format!("{base}/v1/payment-collections"))
+        .json(&json!({"amount": 800, "currency_code": "eur"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let s: Value = client
+        .post(format!("{base}/v1/payment-sessions"))
+        // The answer is lost, and the processor cannot be asked in time: only an operator can
+        // settle it.
+        .json(&json!({"payment_collection_id": col["id"], "provider_id": "sandbox", "data": {"card_number": "4000000000000119", "sandbox": {"retrieve": {"delay_ms": 60000}}}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let r = client
+        .post(format!(
+            "{base}/v1/payment-sessions/{}/authorize",
+            s["id"].as_str().unwrap()
+        ))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+    let list: Value = client
+        .get(format!("{base}/v1/attempts"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = list["attempts"][0]["id"].as_str().unwrap().to_owned();
+    let started = std::time::Instant::now();
+    loop {
+        let r = client
+            .post(format!("{base}/v1/attempts/{id}/resolve"))
+            .json(&json!({"as": "failed", "note": "not in the dashboard", "by": "alice"}))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let body: Value = r.json().await.unwrap();
+        if status == StatusCode::OK {
+            assert_eq!(body["resolution"]["by"], "unauthenticated:alice", "{body}");
+            break;
+        }
+        // Refused while the call may still land: wait for its horizon.
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = client
+        .post(format!("{base}/v1/event-deliveries/all/redeliver"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST, "say who asks");
 }

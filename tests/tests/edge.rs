@@ -83,7 +83,7 @@ async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
     }
 }
 
-const GET_HEALTH: &[u8] = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n";
+const GET_HEALTH: &[u8] = b"GET /health HTTP/1.1\r\nhost: localhost\r\n\r\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_after_a_413_on_the_same_connection_is_answered() {
@@ -96,7 +96,7 @@ async fn a_request_after_a_413_on_the_same_connection_is_answered() {
             "x".repeat(size)
         );
         let head = format!(
-            "POST /v1/payment-collections HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            "POST /v1/payment-collections HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
             body.len()
         );
         s.write_all(head.as_bytes()).await.unwrap();
@@ -155,7 +155,7 @@ async fn a_request_after_a_413_on_the_same_connection_is_answered() {
 
     // A 415 before the body was read, and a client waiting for 100-continue.
     let mut s = edge.connect().await;
-    s.write_all(b"POST /v1/payment-collections HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\ncontent-length: 8\r\n\r\namount=5")
+    s.write_all(b"POST /v1/payment-collections HTTP/1.1\r\nhost: localhost\r\ncontent-type: text/plain\r\ncontent-length: 8\r\n\r\namount=5")
         .await
         .unwrap();
     let (status, _, _) = read_response(&mut s).await.unwrap();
@@ -163,7 +163,7 @@ async fn a_request_after_a_413_on_the_same_connection_is_answered() {
     s.write_all(GET_HEALTH).await.unwrap();
     assert_eq!(read_response(&mut s).await.unwrap().0, 200);
     let mut s = edge.connect().await;
-    s.write_all(b"POST /v1/payment-collections HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\nexpect: 100-continue\r\ncontent-length: 8\r\n\r\n")
+    s.write_all(b"POST /v1/payment-collections HTTP/1.1\r\nhost: localhost\r\ncontent-type: text/plain\r\nexpect: 100-continue\r\ncontent-length: 8\r\n\r\n")
         .await
         .unwrap();
     let (status, head, _) = read_response(&mut s).await.unwrap();
@@ -247,7 +247,7 @@ async fn slowloris_heads_are_cut_with_a_408_while_a_normal_client_is_served() {
 async fn a_trickling_body_is_cut_with_a_408_within_the_body_timeout() {
     let edge = Edge::start(LIMITS);
     let mut s = edge.connect().await;
-    s.write_all(b"POST /v1/payment-collections HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{")
+    s.write_all(b"POST /v1/payment-collections HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{")
         .await
         .unwrap();
     let started = Instant::now();

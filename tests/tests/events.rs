@@ -772,6 +772,7 @@ async fn get_events_pages_long_polls_and_hides_attempts_from_keys_without_the_op
             session["id"].as_str().unwrap()
         ))
         .bearer_auth(&payer)
+        .json(&json!({}))
         .send()
         .await
         .unwrap();

@@ -602,6 +602,7 @@ async fn an_embedder_mounts_the_api_beside_its_own_routes() {
             server.base,
             session["id"].as_str().unwrap()
         ))
+        .json(&json!({}))
         .send()
         .await
         .unwrap();

@@ -117,7 +117,12 @@ async fn main() {
     };
     tokio::spawn(follow_payments(store.clone()));
 
-    let payments = payhost::http::router(payhost::http::AppState::new(host, Vec::new()));
+    // With `[[api_keys]]` in the config, payhost's routes need them, under any prefix.
+    let mut state = payhost::http::AppState::new(host, Vec::new());
+    if !config.api_keys.is_empty() {
+        state = state.with_keys(payhost::auth::Keys::new(config.api_keys.clone()));
+    }
+    let payments = payhost::http::router(state);
     let app = Router::new()
         .route(
             "/store/hello",
@@ -134,7 +139,13 @@ async fn main() {
         "listening on http://{}",
         listener.local_addr().expect("address")
     );
-    axum::serve(listener, app).await.expect("serve");
+    // The client's address reaches payhost's audit log and per-client limits.
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .await
+    .expect("serve");
 }
 
 /// A storefront handler using the same Host directly: a new order and the collection paying it.

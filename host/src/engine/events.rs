@@ -250,8 +250,15 @@ impl Host {
     }
 
     /// Sends a parked delivery (or, with `None`, every parked one) again from scratch, with a
-    /// fresh retry period. Only deliveries to endpoints configured here are sent again.
-    pub async fn redeliver(&self, id: Option<&str>) -> Result<usize, EngineError> {
+    /// fresh retry period, recording `by` as who asked. Only deliveries to endpoints configured
+    /// here are sent again.
+    pub async fn redeliver(&self, id: Option<&str>, by: &str) -> Result<usize, EngineError> {
+        if by.trim().is_empty() {
+            return Err(EngineError::invalid(
+                "by",
+                "say who sends the deliveries again",
+            ));
+        }
         let parked = self
             .store
             .deliveries(DeliveryState::Parked, usize::MAX >> 1)
@@ -282,6 +289,7 @@ impl Host {
             .write(vec![WriteOp::Redeliver {
                 id: id.map(str::to_owned),
                 endpoints: configured,
+                by: by.to_owned(),
             }])
             .await?;
         Ok(n)

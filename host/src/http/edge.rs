@@ -40,6 +40,8 @@ pub struct EdgeSettings {
     pub max_connections: usize,
     /// After the shutdown signal: how long requests in progress may take.
     pub shutdown_grace: Duration,
+    /// How long a write to the client may make no progress before the connection is cut.
+    pub write_timeout: Duration,
     /// Serve HTTPS with this.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
@@ -51,6 +53,7 @@ impl std::fmt::Debug for EdgeSettings {
             .field("header_timeout", &self.header_timeout)
             .field("idle_timeout", &self.idle_timeout)
             .field("max_connections", &self.max_connections)
+            .field("write_timeout", &self.write_timeout)
             .field("tls", &self.tls.is_some())
             .finish()
     }
@@ -129,7 +132,7 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -149,11 +152,11 @@ pub async fn serve(
         tokio::spawn(async move {
             open.inc();
             match &settings.tls {
-                None => serve_connection(stream, &http, app, &settings, watcher).await,
+                None => serve_connection(stream, peer, &http, app, &settings, watcher).await,
                 Some(tls) => {
                     match tokio::time::timeout(settings.header_timeout, tls.accept(stream)).await {
                         Ok(Ok(stream)) => {
-                            serve_connection(stream, &http, app, &settings, watcher).await
+                            serve_connection(stream, peer, &http, app, &settings, watcher).await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(listener = settings.name, "TLS handshake failed: {e}")
@@ -181,6 +184,7 @@ pub async fn serve(
 /// Serves one connection's requests until it closes.
 async fn serve_connection<T>(
     stream: T,
+    peer: std::net::SocketAddr,
     http: &hyper::server::conn::http1::Builder,
     app: Router,
     settings: &EdgeSettings,
@@ -194,8 +198,13 @@ async fn serve_connection<T>(
         phase.set(Phase::Busy);
         let phase = phase.clone();
         let app = app.clone();
+        let mut request = request.map(Body::new);
+        // The client's address, for the audit log lines and per-client limits.
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
         async move {
-            let response = app.oneshot(request.map(Body::new)).await?;
+            let response = app.oneshot(request).await?;
             Ok::<_, std::convert::Infallible>(response.map(|body| {
                 Body::new(IdleWhenSent {
                     inner: body,
@@ -269,7 +278,8 @@ fn request_timeout_answer() -> &'static [u8] {
     })
 }
 
-/// A connection's socket that ends the connection when its phase's clock runs out.
+/// A connection's socket that ends the connection when its phase's clock runs out, or when
+/// the client stops taking what is written to it.
 struct Guarded<T> {
     inner: T,
     phase: Arc<PhaseCell>,
@@ -279,6 +289,10 @@ struct Guarded<T> {
     armed_for: Option<Instant>,
     cut: bool,
     listener: &'static str,
+    write_timeout: Duration,
+    write_timer: Pin<Box<Sleep>>,
+    /// Since when writes have made no progress.
+    write_stalled: Option<Instant>,
 }
 
 impl<T> Guarded<T> {
@@ -292,6 +306,9 @@ impl<T> Guarded<T> {
             armed_for: None,
             cut: false,
             listener: settings.name,
+            write_timeout: settings.write_timeout,
+            write_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            write_stalled: None,
         }
     }
 }
@@ -366,23 +383,68 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.guard_write(cx, polled)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.guard_write(cx, polled)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.guard_write(cx, polled)
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.guard_write(cx, polled)
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+impl<T> Guarded<T> {
+    /// A write that made progress (or failed on its own) stops the stall clock; one that waits
+    /// for the client to read starts it, and past `write_timeout` without progress the
+    /// connection is cut (the error makes hyper drop it, which frees its slot).
+    fn guard_write<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        if polled.is_ready() {
+            self.write_stalled = None;
+            return polled;
+        }
+        let since = *self.write_stalled.get_or_insert_with(Instant::now);
+        let deadline = since + self.write_timeout;
+        if self.write_timer.deadline() != deadline {
+            self.write_timer.as_mut().reset(deadline);
+        }
+        if self.write_timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        crate::metrics::global()
+            .http_connections_cut
+            .with_label_values(&["write_timeout"])
+            .inc();
+        tracing::info!(
+            listener = self.listener,
+            "connection cut: the client took nothing of its answer for {} ms",
+            self.write_timeout.as_millis()
+        );
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client stopped reading",
+        )))
     }
 }
 

@@ -193,6 +193,9 @@ pub(crate) enum ErrorResponses {
     /// The body is not JSON.
     #[response(status = 415)]
     UnsupportedMedia(ErrorBody),
+    /// Without API keys, a request addressed to a name that is not loopback (DNS rebinding).
+    #[response(status = 421)]
+    Misdirected(ErrorBody),
     /// The object's state does not allow it, or the idempotency key was used for another request.
     #[response(status = 422)]
     Unprocessable(ErrorBody),

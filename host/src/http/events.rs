@@ -3,11 +3,11 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::AppState;
+use super::access::Admitted;
 use super::error::{ApiError, ErrorResponses};
 use crate::events::{Delivery, Event, EventType};
 
@@ -47,8 +47,8 @@ pub(super) struct EventList {
     responses((status = 200, body = EventList), (status = 410, description = "The cursor is inside the pruned prefix: resynchronise, then read after `pruned_through`", body = super::error::ErrorBody), ErrorResponses),
     security(("api_key" = ["read"])))]
 pub(super) async fn list_events(
-    State(s): State<AppState>,
-    caller: Option<axum::Extension<crate::auth::Caller>>,
+    Admitted(s): Admitted,
+    axum::Extension(admission): axum::Extension<super::Admission>,
     query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<EventList>> {
     let Query(q) = query.map_err(|e| ApiError::bad_request("query", e.body_text()))?;
@@ -86,7 +86,9 @@ pub(super) async fn list_events(
     };
     // Attempts are the operator's (`/v1/attempts` needs that scope): a key without it does not
     // see their events either.
-    let operator = caller.is_none_or(|c| c.may(crate::auth::Scope::Operator));
+    let operator = admission
+        .caller
+        .is_none_or(|c| c.may(crate::auth::Scope::Operator));
     let types = if operator {
         types
     } else {
@@ -133,7 +135,7 @@ pub(super) struct DeliveryList {
 #[utoipa::path(get, path = "/v1/event-deliveries/parked",
     responses((status = 200, body = DeliveryList), ErrorResponses),
     security(("api_key" = ["operator"])))]
-pub(super) async fn parked_deliveries(State(s): State<AppState>) -> ApiResult<Json<DeliveryList>> {
+pub(super) async fn parked_deliveries(Admitted(s): Admitted) -> ApiResult<Json<DeliveryList>> {
     Ok(Json(DeliveryList {
         deliveries: s.host.parked_deliveries(1000).await?,
     }))
@@ -146,17 +148,35 @@ pub(super) struct Redelivered {
     redelivered: usize,
 }
 
-/// Send a parked delivery again (`all`: every parked one), with a fresh retry period.
-#[utoipa::path(post, path = "/v1/event-deliveries/{id}/redeliver", params(("id" = String, Path, description = "A delivery id, or `all`")),
+/// Who sends parked deliveries again.
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Redeliver {
+    /// Who asks. Only without API keys (then recorded as `unauthenticated:<by>`): with keys,
+    /// the key that asks is recorded.
+    #[serde(default)]
+    by: Option<String>,
+}
+
+/// Send a parked delivery again (`all`: every parked one), with a fresh retry period; who asked
+/// is recorded on each.
+#[utoipa::path(post, path = "/v1/event-deliveries/{id}/redeliver", params(("id" = String, Path, description = "A delivery id, or `all`")), request_body = Redeliver,
     responses((status = 200, body = Redelivered), ErrorResponses),
     security(("api_key" = ["operator"])))]
 pub(super) async fn redeliver(
-    State(s): State<AppState>,
+    Admitted(s): Admitted,
     Path(id): Path<String>,
+    axum::Extension(admission): axum::Extension<super::Admission>,
+    super::json::ApiJson(input): super::json::ApiJson<Redeliver>,
 ) -> ApiResult<Json<Redelivered>> {
+    let by = super::actor(
+        admission.caller.as_ref(),
+        input.by,
+        "sends the deliveries again",
+    )?;
     let which = (id != "all").then_some(id.as_str());
     Ok(Json(Redelivered {
-        redelivered: s.host.redeliver(which).await?,
+        redelivered: s.host.redeliver(which, &by).await?,
     }))
 }
 

@@ -12,7 +12,7 @@ use super::error::ApiError;
 /// How deeply a request body may nest.
 pub const MAX_DEPTH: usize = 32;
 
-/// A JSON body; an empty body reads as `{}`.
+/// A JSON body, sent as `application/json` (also when empty, which reads as `{}`).
 #[derive(Debug, Clone)]
 pub struct ApiJson<T>(pub T);
 
@@ -20,17 +20,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let json_type = req
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| {
-                let v = v.to_ascii_lowercase();
-                v.starts_with("application/json") || v.contains("+json")
-            });
-        // Refuse a body of the wrong type before reading it (a client waiting for
-        // `100 Continue` then never sends it).
-        if json_type == Some(false) && !http_body::Body::is_end_stream(req.body()) {
+        // Exactly `application/json`: anything else (`text/plain; x=+json` included) is a type
+        // a web page may send without a preflight.
+        // Refused before the body is read (a client waiting for `100 Continue` then never
+        // sends it). An empty body needs the type too: a page's form can POST nothing at all.
+        if !super::access::is_json(req.headers().get(CONTENT_TYPE)) {
             return Err(unsupported_media_type());
         }
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
@@ -49,16 +43,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
         let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
             b"{}"
         } else {
-            if json_type == Some(false) {
-                return Err(unsupported_media_type());
-            }
             &bytes
         };
         parse(bytes).map(ApiJson)
     }
 }
 
-fn unsupported_media_type() -> ApiError {
+pub(super) fn unsupported_media_type() -> ApiError {
     ApiError::new(
         StatusCode::UNSUPPORTED_MEDIA_TYPE,
         "invalid_request_error",

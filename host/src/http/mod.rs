@@ -2,28 +2,33 @@
 //! operations endpoints. Handlers only translate between HTTP and the engine; they change no
 //! status themselves. [`router`] is an axum `Router` an embedder can nest in its own server.
 
+pub mod access;
 pub mod edge;
 pub mod error;
 mod events;
 use events::EventSchemas;
 mod guard;
 pub mod json;
+pub mod listeners;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
+use crate::auth::Scope;
 use crate::domain::*;
 use crate::engine::*;
+use access::{Access, Admitted, Routes};
+pub use access::{Admission, RouteRule};
 use error::{ApiError, ErrorBody, ErrorResponses};
 use json::{ApiJson, IdempotencyKey};
 
@@ -40,6 +45,7 @@ pub struct AppState {
     body_timeout: Duration,
     keys: Option<Arc<crate::auth::Keys>>,
     admin_apart: bool,
+    loopback_hosts: bool,
     webhook_limiter: Arc<crate::auth::Limiter>,
 }
 
@@ -54,6 +60,7 @@ impl AppState {
             body_timeout: DEFAULT_BODY_TIMEOUT,
             keys: None,
             admin_apart: false,
+            loopback_hosts: false,
             webhook_limiter: Arc::default(),
         }
     }
@@ -65,7 +72,7 @@ impl AppState {
     }
 
     /// Every route but `/health`, `/openapi.json` and the webhooks needs one of `keys`, with
-    /// the route's scope ([`crate::auth::scope_for`]).
+    /// the scope its rule names ([`rules`]).
     pub fn with_keys(mut self, keys: crate::auth::Keys) -> AppState {
         self.keys = Some(Arc::new(keys));
         self
@@ -77,6 +84,14 @@ impl AppState {
         self.admin_apart = true;
         self
     }
+
+    /// Without keys, API requests must be addressed to a loopback name (`localhost`,
+    /// `127.0.0.1`, `[::1]`), or they get `421`: a web page that rebinds its own name to this
+    /// machine cannot reach the API. `payhost serve` sets it whenever it runs without keys.
+    pub fn with_loopback_hosts_only(mut self) -> AppState {
+        self.loopback_hosts = true;
+        self
+    }
 }
 
 /// The default of [`AppState::with_body_timeout`].
@@ -84,37 +99,44 @@ pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// Which listener a router serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Listener {
-    Api,
-    Admin,
-}
+/// The body of a POST that takes no input: `{}` (or nothing), sent as `application/json` like
+/// every POST, so that a web page cannot send it without a preflight.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
 
-fn operator_routes() -> Router<AppState> {
-    Router::new()
-        .route("/v1/attempts", get(list_attempts))
-        .route("/v1/attempts/{id}/resolve", post(resolve_attempt))
-        .route("/v1/providers", get(list_providers))
-        .route(
+/// The operator's routes, on whichever listener serves them.
+fn operator_routes(routes: Routes) -> Routes {
+    let operator = Access::Scope(Scope::Operator);
+    routes
+        .add(Method::GET, "/v1/attempts", operator, get(list_attempts))
+        .add(
+            Method::POST,
+            "/v1/attempts/{id}/resolve",
+            operator,
+            post(resolve_attempt),
+        )
+        .add(Method::GET, "/v1/providers", operator, get(list_providers))
+        .add(
+            Method::GET,
             "/v1/event-deliveries/parked",
+            operator,
             get(events::parked_deliveries),
         )
-        .route(
+        .add(
+            Method::POST,
             "/v1/event-deliveries/{id}/redeliver",
+            operator,
             post(events::redeliver),
         )
-        .layer(DefaultBodyLimit::max(MAX_BODY))
 }
 
-/// Layers every router has: key checks, body guards, metrics.
-fn finish(routes: Router<AppState>, state: AppState, listener: Listener) -> Router {
+/// Layers every router has: body guards, metrics, and the refusal of keys in URLs.
+fn finish(routes: Router<AppState>, state: AppState) -> Router {
     routes
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(
-            (state.clone(), listener),
-            authorize,
-        ))
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(access::refuse_keys_in_urls))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             guard::guard_body,
@@ -123,165 +145,153 @@ fn finish(routes: Router<AppState>, state: AppState, listener: Listener) -> Rout
         .with_state(state)
 }
 
-/// The whole API as one router: mount it at the root, or nest it under a prefix of your own.
-/// With [`AppState::with_admin_apart`] it leaves readiness, metrics and the operator routes to
-/// [`admin_router`].
-pub fn router(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/v1/payment-collections", post(create_collection))
-        .route("/v1/payment-collections/{id}", get(get_collection))
-        .route(
+/// Every route of the API and its rule, as [`router`] registers them (the admin listener's are
+/// [`admin_rules`]).
+pub fn rules(state: &AppState) -> Vec<RouteRule> {
+    api_routes(state).1
+}
+
+/// Every route of the admin listener and its rule.
+pub fn admin_rules(state: &AppState) -> Vec<RouteRule> {
+    admin_routes(state).1
+}
+
+fn api_routes(state: &AppState) -> (Router<AppState>, Vec<RouteRule>) {
+    let (read, pay) = (Access::Scope(Scope::Read), Access::Scope(Scope::Payments));
+    let mut api = Routes::new(state)
+        .add(
+            Method::POST,
+            "/v1/payment-collections",
+            pay,
+            post(create_collection),
+        )
+        .add(
+            Method::GET,
+            "/v1/payment-collections/{id}",
+            read,
+            get(get_collection),
+        )
+        .add(
+            Method::POST,
             "/v1/payment-sessions",
-            post(create_session).get(list_sessions),
+            pay,
+            post(create_session),
         )
-        .route(
+        .add(
+            Method::GET,
+            "/v1/payment-sessions",
+            read,
+            get(list_sessions),
+        )
+        .add(
+            Method::GET,
             "/v1/payment-sessions/{id}",
-            get(get_session).post(update_session).delete(delete_session),
+            read,
+            get(get_session),
         )
-        .route("/v1/payment-sessions/{id}/select", post(select_session))
-        .route(
+        .add(
+            Method::POST,
+            "/v1/payment-sessions/{id}",
+            pay,
+            post(update_session),
+        )
+        .add(
+            Method::DELETE,
+            "/v1/payment-sessions/{id}",
+            pay,
+            delete(delete_session),
+        )
+        .add(
+            Method::POST,
+            "/v1/payment-sessions/{id}/select",
+            pay,
+            post(select_session),
+        )
+        .add(
+            Method::POST,
             "/v1/payment-sessions/{id}/authorize",
+            pay,
             post(authorize_session),
         )
-        .route("/v1/payment-sessions/{id}/sync", post(sync_session))
-        .route("/v1/payments/{id}", get(get_payment))
-        .route("/v1/payments/{id}/capture", post(capture_payment))
-        .route("/v1/payments/{id}/refund", post(refund_payment))
-        .route("/v1/payments/{id}/cancel", post(cancel_payment))
-        .route("/v1/events", get(events::list_events))
-        .layer(DefaultBodyLimit::max(MAX_BODY));
-    let hooks = Router::new()
-        .route("/hooks/{provider_id}", post(receive_webhook))
-        .layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY));
-    let mut routes = Router::new()
-        .merge(api)
-        .merge(hooks)
-        .route("/health", get(health))
-        .route("/openapi.json", get(openapi_json));
+        .add(
+            Method::POST,
+            "/v1/payment-sessions/{id}/sync",
+            pay,
+            post(sync_session),
+        )
+        .add(Method::GET, "/v1/payments/{id}", read, get(get_payment))
+        .add(
+            Method::POST,
+            "/v1/payments/{id}/capture",
+            pay,
+            post(capture_payment),
+        )
+        .add(
+            Method::POST,
+            "/v1/payments/{id}/refund",
+            pay,
+            post(refund_payment),
+        )
+        .add(
+            Method::POST,
+            "/v1/payments/{id}/cancel",
+            pay,
+            post(cancel_payment),
+        )
+        .add(Method::GET, "/v1/events", read, get(events::list_events))
+        .add(Method::GET, "/health", Access::Open, get(health))
+        .add(
+            Method::GET,
+            "/openapi.json",
+            Access::Open,
+            get(openapi_json),
+        );
     if !state.admin_apart {
-        routes = routes
-            .merge(operator_routes())
-            .route("/ready", get(ready))
-            .route("/metrics", get(metrics));
+        let operator = Access::Scope(Scope::Operator);
+        api = operator_routes(api)
+            .add(Method::GET, "/ready", operator, get(ready))
+            .add(Method::GET, "/metrics", operator, get(metrics));
     }
-    finish(routes, state, Listener::Api)
+    let (api, mut rules) = api.finish();
+    let (hooks, hook_rules) = Routes::new(state)
+        .add(
+            Method::POST,
+            "/hooks/{provider_id}",
+            Access::Open,
+            post(receive_webhook),
+        )
+        .finish();
+    rules.extend(hook_rules);
+    let router = api
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .merge(hooks.layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY)));
+    (router, rules)
 }
 
-/// The admin listener's router: `/health`, `/ready` and `/metrics` open (it should listen on a
+fn admin_routes(state: &AppState) -> (Router<AppState>, Vec<RouteRule>) {
+    // The admin listener is private: probes and scrapes need no key there.
+    let (router, rules) = operator_routes(Routes::new(state))
+        .add(Method::GET, "/health", Access::Open, get(health))
+        .add(Method::GET, "/ready", Access::Open, get(ready))
+        .add(Method::GET, "/metrics", Access::Open, get(metrics))
+        .finish();
+    (router.layer(DefaultBodyLimit::max(MAX_BODY)), rules)
+}
+
+/// The whole API as one router: mount it at the root, or nest it under a prefix of your own
+/// (each route carries its own access rule, so a prefix changes nothing). With
+/// [`AppState::with_admin_apart`] it leaves readiness, metrics and the operator routes to
+/// [`admin_router`].
+pub fn router(state: AppState) -> Router {
+    let (routes, _) = api_routes(&state);
+    finish(routes, state)
+}
+
+/// The admin listener's router: `/health`, `/ready` and `/metrics` open (it must listen on a
 /// private address), the operator routes behind the `operator` scope when keys exist.
 pub fn admin_router(state: AppState) -> Router {
-    let routes = operator_routes()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics));
-    finish(routes, state, Listener::Admin)
-}
-
-/// Who the caller is, and whether it may: the key check of every route that needs one.
-async fn authorize(
-    State((s, listener)): State<(AppState, Listener)>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    use crate::auth::{AuthError, scope_for};
-    if request
-        .uri()
-        .query()
-        .is_some_and(crate::auth::query_holds_a_key)
-    {
-        return auth_refusal(&AuthError::InUrl);
-    }
-    let Some(keys) = s.keys.clone() else {
-        return next.run(request).await;
-    };
-    let template = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned());
-    let scope = template.as_deref().and_then(|t| {
-        // The admin listener is private: probes and scrapes need no key there.
-        match (listener, t) {
-            (Listener::Admin, "/health" | "/ready" | "/metrics") => None,
-            _ => scope_for(request.method(), t),
-        }
-    });
-    let Some(scope) = scope else {
-        return next.run(request).await;
-    };
-    let caller = match keys.authenticate(
-        request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .map(|v| v.as_bytes()),
-    ) {
-        Ok(caller) => caller,
-        Err(e) => return auth_refusal(&e),
-    };
-    if !caller.may(scope) {
-        return auth_refusal(&AuthError::MissingScope(scope));
-    }
-    if let Err(e) = keys.admit(&caller) {
-        return auth_refusal(&e);
-    }
-    let mutating = !matches!(request.method().as_str(), "GET" | "HEAD");
-    let method = request.method().clone();
-    let key_id = caller.key_id.clone();
-    request.extensions_mut().insert(caller);
-    let response = acting_as(key_id.clone(), next.run(request)).await;
-    if mutating {
-        tracing::info!(
-            key = %key_id,
-            method = %method,
-            route = template.as_deref().unwrap_or("?"),
-            status = response.status().as_u16(),
-            "request"
-        );
-    }
-    response
-}
-
-fn auth_refusal(e: &crate::auth::AuthError) -> Response {
-    use crate::auth::AuthError;
-    let (status, kind) = match e {
-        AuthError::MissingScope(_) => (StatusCode::FORBIDDEN, "permission_error"),
-        AuthError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
-        AuthError::InUrl => (StatusCode::BAD_REQUEST, "invalid_request_error"),
-        _ => (StatusCode::UNAUTHORIZED, "authentication_error"),
-    };
-    let mut response = ApiError::new(status, kind, e.code(), e.to_string()).into_response();
-    let headers = response.headers_mut();
-    match e {
-        AuthError::Missing => {
-            headers.insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer realm=\"payhost\""),
-            );
-        }
-        AuthError::Malformed(_) | AuthError::Unknown => {
-            headers.insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static(
-                    "Bearer realm=\"payhost\", error=\"invalid_token\"",
-                ),
-            );
-        }
-        AuthError::MissingScope(scope) => {
-            if let Ok(v) = header::HeaderValue::from_str(&format!(
-                "Bearer realm=\"payhost\", error=\"insufficient_scope\", scope=\"{}\"",
-                scope.as_str()
-            )) {
-                headers.insert(header::WWW_AUTHENTICATE, v);
-            }
-        }
-        AuthError::RateLimited { retry_after } => {
-            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
-            if let Ok(v) = header::HeaderValue::from_str(&secs.to_string()) {
-                headers.insert(header::RETRY_AFTER, v);
-            }
-        }
-        AuthError::InUrl => {}
-    }
-    response
+    let (routes, _) = admin_routes(&state);
+    finish(routes, state)
 }
 
 /// Counts and times every request by its route template.
@@ -316,6 +326,15 @@ async fn not_found() -> ApiError {
     )
 }
 
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method_not_allowed",
+        "this route does not take that method; see /openapi.json",
+    )
+}
+
 /// A payment with its derived amounts and status.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct PaymentView {
@@ -347,7 +366,7 @@ impl From<Payment> for PaymentView {
     responses((status = 201, body = PaymentCollection), ErrorResponses),
     security(("api_key" = ["payments"])))]
 async fn create_collection(
-    State(s): State<AppState>,
+    Admitted(s): Admitted,
     IdempotencyKey(key): IdempotencyKey,
     ApiJson(input): ApiJson<NewCollection>,
 ) -> ApiResult<(StatusCode, Json<PaymentCollection>)> {
@@ -360,7 +379,7 @@ async fn create_collection(
     responses((status = 200, body = CollectionView), ErrorResponses),
     security(("api_key" = ["read"])))]
 async fn get_collection(
-    State(s): State<AppState>,
+    Admitted(s): Admitted,
     Path(id): Path<String>,
 ) -> ApiResult<Json<CollectionView>> {
     Ok(Json(s.host.collection(&id).await?))
@@ -372,7 +391,7 @@ async fn get_collection(
     responses((status = 201, body = PaymentSession), ErrorResponses),
     security(("api_key" = ["payments"])))]
 async fn create_session(
-    State(s): State<AppState>,
+    Admitted(s): Admitted,
     IdempotencyKey(key): IdempotencyKey,
     ApiJson(input): ApiJson<NewSession>,
 ) -> ApiResult<(StatusCode, Json<PaymentSession>)> {
@@ -402,7 +421,7 @@ struct SessionList {
     responses((status = 200, body = SessionList), ErrorResponses),
     security(("api_key" = ["read"])))]
 async fn list_sessions(
-    State(s): State<AppState>,
+    Admitted(s): Admitted,
     filter: Result<Query<SessionFilter>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<SessionList>> {
     let Query(filter) = filter.map_err(|e| ApiError::bad_request("query", e.body_text()))?;
@@ -424,7 +443,7 @@ async fn list_sessions(
     responses((status = 200, body = PaymentSession), ErrorResponses),
     security(("api_key" = ["read"])))]
 async fn get_session(
-    State(s): State<AppState>,
+    Admitted(s): Admitted,
     Path(id): Path<String>,
 ) -> ApiResult<Json<PaymentSession>> {
     Ok(Json(s.host.session(&id).await?))
@@ -436,7 +455,7 @@ async fn get_session(
     responses((status = 200, body = PaymentSession), ErrorResponses),
     security(("api_key" = ["payments"])))]
 async fn update_session(
-    State(s): State<AppState>,
+    Admitted(s): Admitted,
     Path(id): Path<String>,
     IdempotencyKey(key): IdempotencyKey,
     ApiJson(input): ApiJson<SessionUpdate>,
@@ -451,19 +470,20 @@ async fn update_session(
     responses((status = 200, body = PaymentSession), ErrorResponses),
     security(("api_key" = ["payments"])))]
 async fn delete_session(
-    State(s): State<AppState>,
+    Admitted(s): Admitted,
     Path(id): Path<String>,
 ) -> ApiResult<Json<PaymentSession>> {
     Ok(Json(s.host.delete_session(&id).await?))
 }
 
 /// Select a session for its cart and collection (initiating a placeholder).
-#[utoipa::path(post, path = "/v1/payment-sessions/{id}/select", params(("id" = String, Path)),
+#[utoipa::path(post, path = "/v1/payment-sessions/{id}/select", params(("id" = String, Path)), request_body = Empty,
     responses((status = 200, body = PaymentSession), ErrorResponses),
     security(("api_key" = ["payments"])))]
 async fn select_session(
-    State(s): State<AppState>,
+    Admitted(s): Admitted,
     Path(id): Path<String>,
+    ApiJson(Empty {}): ApiJson<Empty>,
 ) -> ApiResult<Json<PaymentSession>> {
     Ok(Json(s.host.select_session(&id).await?))
 }
@@ -475,7 +495,7 @@ async fn select_session(
     responses((status = 200, body = AuthorizeResult), ErrorResponses),
     security(("api_key" = ["payments"])))]
 async fn authorize_session(
-    State(s): State<AppState>,
+    Admitted(s): Admitted,
     Path(id): Path<String>,
     IdempotencyKey(key): IdempotencyKey,
     ApiJson(input): ApiJson<AuthorizeInput>,
@@ -492,12 +512,13 @@ async fn authorize_session(
 }
 
 /// Ask the provider where a session stands and apply it (never backwards).
-#[utoipa::path(post, path = "/v1/payment-sessions/{id}/sync", params(("id" = String, Path)),
+#[utoipa::path(post, path = "/v1/payment-sessions/{id}/sync", params(("id" = String, Path)), request_body = Empty,
     responses((status = 200, body = PaymentSession), ErrorResponses),
     security(("api_key" = ["payments"])))]
 async fn sync_session(
-    State(s): State<AppState>,
+    Admitted(s): Admitted,
     Path(id): Path<String>,
+    ApiJson(Empty {}): ApiJson<Empty>,
 ) -> ApiResult<Json<PaymentSession>> {
     Ok(Json(s.host.sync_session(&id).await?))
 }
@@ -507,7 +528,7 @@ async fn sync_session(
     responses((status = 200, body = PaymentView), ErrorResponses),
     security(("api_key" = ["read"])))]
 async fn get_payment(
-    State(s): State<AppState>,
+    Admitted(s): Admitted,
     Path(id): Path<String>,
 ) -> ApiResult<Json<PaymentView>> {
     Ok(Json(s.host.payment(&id).await?.into()))
@@ -519,7 +540,7 @@ async fn get_payment(
     responses((status = 200, body = PaymentView), ErrorResponses),
     security(("api_key" = ["payments"])))]
 async fn capture_payment(
-    State(s): State<AppState>,
+    Admitted(s): Admitted,
     Path(id): Path<String>,
     IdempotencyKey(key): IdempotencyKey,
     ApiJson(input): ApiJson<CaptureInput>,
@@ -538,7 +559,7 @@ async fn capture_payment(
     responses((status = 200, body = PaymentView), ErrorResponses),
     security(("api_key" = ["payments"])))]
 async fn refund_payment(
-    State(s): State<AppState>,
+    Admitted(s): Admitted,
     Path(id): Path<String>,
     IdempotencyKey(key): IdempotencyKey,
     ApiJson(input): ApiJson<RefundInput>,
@@ -552,14 +573,15 @@ async fn refund_payment(
 }
 
 /// Cancel (void) a payment with no captures.
-#[utoipa::path(post, path = "/v1/payments/{id}/cancel",
+#[utoipa::path(post, path = "/v1/payments/{id}/cancel", request_body = Empty,
     params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")),
     responses((status = 200, body = PaymentView), ErrorResponses),
     security(("api_key" = ["payments"])))]
 async fn cancel_payment(
-    State(s): State<AppState>,
+    Admitted(s): Admitted,
     Path(id): Path<String>,
     IdempotencyKey(key): IdempotencyKey,
+    ApiJson(Empty {}): ApiJson<Empty>,
 ) -> ApiResult<Json<PaymentView>> {
     Ok(Json(
         s.host.cancel_payment(&id, key.as_deref()).await?.into(),
@@ -576,7 +598,7 @@ struct AttemptList {
 /// Attempts whose outcome is open (in flight, unknown, waiting for an operator).
 #[utoipa::path(get, path = "/v1/attempts", responses((status = 200, body = AttemptList), ErrorResponses),
     security(("api_key" = ["operator"])))]
-async fn list_attempts(State(s): State<AppState>) -> ApiResult<Json<AttemptList>> {
+async fn list_attempts(Admitted(s): Admitted) -> ApiResult<Json<AttemptList>> {
     Ok(Json(AttemptList {
         attempts: s.host.open_attempts().await?,
     }))
@@ -609,31 +631,37 @@ enum ResolveOutcome {
     params(("id" = String, Path)), responses((status = 200, body = Attempt), ErrorResponses),
     security(("api_key" = ["operator"])))]
 async fn resolve_attempt(
-    State(s): State<AppState>,
+    Admitted(s): Admitted,
     Path(id): Path<String>,
-    caller: Option<axum::Extension<crate::auth::Caller>>,
+    axum::Extension(admission): axum::Extension<Admission>,
     ApiJson(input): ApiJson<Resolve>,
 ) -> ApiResult<Json<Attempt>> {
     let as_ = match input.outcome {
         ResolveOutcome::Succeeded => ResolveAs::Succeeded,
         ResolveOutcome::Failed => ResolveAs::Failed,
     };
-    let by = match (caller, input.by) {
-        (Some(caller), None) => format!("key:{}", caller.key_id),
-        (Some(_), Some(_)) => {
-            return Err(ApiError::bad_request(
-                "by",
-                "the operator is the API key that asks; leave `by` out",
-            ));
-        }
-        (None, Some(by)) => by,
-        (None, None) => {
-            return Err(ApiError::bad_request("by", "say who resolves the attempt"));
-        }
-    };
+    let by = actor(admission.caller.as_ref(), input.by, "resolves the attempt")?;
     Ok(Json(
         s.host.resolve_attempt(&id, as_, &by, &input.note).await?,
     ))
+}
+
+/// Who an operator action is recorded as: the key that asked (`key:<id>`), or without keys the
+/// name given, marked as not proven (`unauthenticated:<name>`).
+fn actor(
+    caller: Option<&crate::auth::Caller>,
+    given: Option<String>,
+    what: &str,
+) -> ApiResult<String> {
+    match (caller, given) {
+        (Some(caller), None) => Ok(format!("key:{}", caller.key_id)),
+        (Some(_), Some(_)) => Err(ApiError::bad_request(
+            "by",
+            "the operator is the API key that asks; leave `by` out",
+        )),
+        (None, Some(by)) if !by.trim().is_empty() => Ok(format!("unauthenticated:{by}")),
+        (None, _) => Err(ApiError::bad_request("by", format!("say who {what}"))),
+    }
 }
 
 /// A provider as the host sees it.
@@ -671,7 +699,7 @@ struct ProviderList {
 /// The configured providers with their manifests and health.
 #[utoipa::path(get, path = "/v1/providers", responses((status = 200, body = ProviderList), ErrorResponses),
     security(("api_key" = ["operator"])))]
-async fn list_providers(State(s): State<AppState>) -> Json<ProviderList> {
+async fn list_providers(Admitted(s): Admitted) -> Json<ProviderList> {
     let mut providers: Vec<ProviderInfo> = s
         .host
         .providers()
@@ -713,7 +741,7 @@ async fn list_providers(State(s): State<AppState>) -> Json<ProviderList> {
     request_body(content = String, description = "The provider's raw event"),
     responses((status = 200, body = WebhookReceipt), ErrorResponses))]
 async fn receive_webhook(
-    State(s): State<AppState>,
+    Admitted(s): Admitted,
     Path(provider_id): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
@@ -807,7 +835,7 @@ struct Readiness {
 /// (`503` otherwise).
 #[utoipa::path(get, path = "/ready", responses((status = 200, body = Readiness), (status = 503, body = Readiness)),
     security(("api_key" = ["operator"])))]
-async fn ready(State(s): State<AppState>) -> Response {
+async fn ready(Admitted(s): Admitted) -> Response {
     let store = s.host.store().key("payhost-readiness-probe").await.is_ok();
     let recovered = s.host.recovered();
     let lease = s.host.lease_ok();
@@ -842,7 +870,7 @@ async fn ready(State(s): State<AppState>) -> Response {
 /// Prometheus metrics.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain", body = String)),
     security(("api_key" = ["operator"])))]
-async fn metrics(State(s): State<AppState>) -> Response {
+async fn metrics(Admitted(s): Admitted) -> Response {
     let m = crate::metrics::global();
     if let Ok(hosts) = s.host.store().hosts().await
         && !hosts.is_empty()
@@ -911,7 +939,8 @@ async fn metrics(State(s): State<AppState>) -> Response {
         receive_webhook,
         health,
         ready,
-        metrics
+        metrics,
+        openapi_json
     ),
     components(schemas(ErrorBody, PaymentView)),
     modifiers(&BearerKeys, &EventSchemas)
@@ -940,6 +969,9 @@ impl utoipa::Modify for BearerKeys {
     }
 }
 
+/// This document.
+#[utoipa::path(get, path = "/openapi.json",
+    responses((status = 200, content_type = "application/json", body = Object, description = "The OpenAPI 3.1 document of this API")))]
 async fn openapi_json() -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
@@ -952,11 +984,13 @@ async fn openapi_json() -> Response {
 mod tests {
     use super::*;
 
-    /// The scope each operation declares in the OpenAPI document is the one the key check
-    /// enforces ([`crate::auth::scope_for`]): a route cannot say one thing and do another.
+    /// The scope each operation declares in the OpenAPI document is the one its route's rule
+    /// enforces, and every route is in the document: a route cannot say one thing and do
+    /// another, nor exist unseen.
     #[test]
-    fn the_document_declares_the_scope_the_key_check_enforces() {
+    fn the_document_declares_the_scope_each_route_enforces() {
         let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let rules = rules(&test_state());
         let mut seen = 0;
         for (path, item) in doc["paths"].as_object().unwrap() {
             for (method, op) in item.as_object().unwrap() {
@@ -965,16 +999,39 @@ mod tests {
                     .and_then(|s| s.first())
                     .and_then(|req| req["api_key"][0].as_str())
                     .and_then(crate::auth::Scope::parse);
-                let method: axum::http::Method = method.to_uppercase().parse().unwrap();
-                assert_eq!(
-                    declared,
-                    crate::auth::scope_for(&method, path),
-                    "{method} {path}"
-                );
+                let method: Method = method.to_uppercase().parse().unwrap();
+                let rule = rules
+                    .iter()
+                    .find(|r| r.method == method && r.path == path)
+                    .unwrap_or_else(|| panic!("{method} {path} is documented but not routed"));
+                assert_eq!(declared, rule.access.scope(), "{method} {path}");
                 seen += 1;
             }
         }
+        assert_eq!(seen, rules.len(), "every route is documented: {rules:?}");
         assert!(seen >= 20, "{seen}");
+    }
+
+    /// The admin listener serves the operator routes under the same rules, and its probes open.
+    #[test]
+    fn the_admin_listener_keeps_the_operator_rules() {
+        let state = test_state();
+        let api = rules(&state);
+        for rule in admin_rules(&state) {
+            match rule.path {
+                "/health" | "/ready" | "/metrics" => assert_eq!(rule.access, Access::Open),
+                _ => assert!(api.contains(&rule), "{rule:?}"),
+            }
+        }
+    }
+
+    fn test_state() -> AppState {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let store = crate::store::sqlite::SqliteStore::open(dir.join("payhost.db")).unwrap();
+        AppState::new(
+            Arc::new(Host::new(Arc::new(store), crate::Providers::default())),
+            vec![],
+        )
     }
 
     /// The event types the document lists are the names events carry on the wire.

@@ -157,6 +157,8 @@ pub enum WriteOp {
         id: Option<String>,
         /// Only deliveries to these endpoints.
         endpoints: Vec<String>,
+        /// Who asked (`key:<id>`, a name, `unauthenticated:<name>`), recorded on each.
+        by: String,
     },
     /// Parks the pending deliveries to endpoints that are not in `configured` (removed from the
     /// config): they are listed with the parked ones instead of waiting unseen.

@@ -464,6 +464,14 @@ END
 $$ LANGUAGE plpgsql VOLATILE;
 "#,
     ),
+    (
+        9,
+        r#"
+-- Who sent a parked delivery again, and when (as an attempt records who resolved it).
+ALTER TABLE event_deliveries ADD COLUMN redelivered_by TEXT;
+ALTER TABLE event_deliveries ADD COLUMN redelivered_at BIGINT;
+"#,
+    ),
 ];
 
 /// What `payhost check` says about the server a URL reaches: whether an acknowledged write
@@ -1440,10 +1448,10 @@ async fn apply(
                 .map_err(|e| classify(e, "event deliveries"))?;
             }
         }
-        WriteOp::Redeliver { id, endpoints } => {
+        WriteOp::Redeliver { id, endpoints, by } => {
             tx.execute(
-                "UPDATE event_deliveries SET state = 'pending', attempts = 0, first_tried_at = NULL, next_at = payhost_now_ms(), claimed_by = NULL, claimed_until = NULL WHERE state = 'parked' AND ($1::TEXT IS NULL OR id = $1) AND endpoint_id = ANY($2)",
-                &[id, endpoints],
+                "UPDATE event_deliveries SET state = 'pending', attempts = 0, first_tried_at = NULL, next_at = payhost_now_ms(), claimed_by = NULL, claimed_until = NULL, redelivered_by = $3, redelivered_at = payhost_now_ms() WHERE state = 'parked' AND ($1::TEXT IS NULL OR id = $1) AND endpoint_id = ANY($2)",
+                &[id, endpoints, by],
             )
             .await
             .map_err(|e| classify(e, id.as_deref().unwrap_or("deliveries")))?;
@@ -1532,7 +1540,7 @@ async fn apply(
 }
 
 const EVENT_COLUMNS: &str = "e.seq, e.id, e.type, e.collection_id, e.session_id, e.payment_id, e.attempt_id, e.amount, e.currency_code, e.created_at, e.data";
-const DELIVERY_COLUMNS: &str = "d.id, d.endpoint_id, e.seq, d.state, d.attempts, d.next_at, d.first_tried_at, d.last_error, d.delivered_at";
+const DELIVERY_COLUMNS: &str = "d.id, d.endpoint_id, e.seq, d.state, d.attempts, d.next_at, d.first_tried_at, d.last_error, d.delivered_at, d.redelivered_by, d.redelivered_at";
 
 fn event_row(r: &Row, i: usize) -> Result<Event, StoreError> {
     let kind: String = r.get(i + 2);
@@ -1567,6 +1575,8 @@ fn delivery_row(r: &Row) -> Result<Delivery, StoreError> {
         first_tried_at: r.get(6),
         last_error: r.get(7),
         delivered_at: r.get(8),
+        redelivered_by: r.get(9),
+        redelivered_at: r.get(10),
     })
 }
 
@@ -2102,7 +2112,7 @@ impl Store for PostgresStore {
             }
         };
         rows.iter()
-            .map(|r| Ok((delivery_row(r)?, event_row(r, 9)?)))
+            .map(|r| Ok((delivery_row(r)?, event_row(r, 11)?)))
             .collect()
     }
 

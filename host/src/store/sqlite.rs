@@ -363,6 +363,14 @@ CREATE INDEX event_deliveries_open ON event_deliveries (endpoint_id, order_key, 
 CREATE INDEX event_deliveries_event ON event_deliveries (event_seq);
 "#,
     ),
+    (
+        10,
+        r#"
+-- Who sent a parked delivery again, and when (as an attempt records who resolved it).
+ALTER TABLE event_deliveries ADD COLUMN redelivered_by TEXT;
+ALTER TABLE event_deliveries ADD COLUMN redelivered_at INTEGER;
+"#,
+    ),
 ];
 
 /// How many waiting writes one commit takes at most.
@@ -963,11 +971,11 @@ fn apply(tx: &Connection, ops: &[WriteOp]) -> Result<(), StoreError> {
                     .map_err(|e| classify(e, id))?;
                 }
             }
-            WriteOp::Redeliver { id, endpoints } => {
+            WriteOp::Redeliver { id, endpoints, by } => {
                 exec(
                     tx,
-                    "UPDATE event_deliveries SET state = 'pending', attempts = 0, first_tried_at = NULL, next_at = ?2, claimed_by = NULL, claimed_until = NULL WHERE state = 'parked' AND (?1 IS NULL OR id = ?1) AND endpoint_id IN (SELECT value FROM json_each(?3))",
-                    params![id, now_ms(), serde_json::to_string(endpoints).unwrap_or_default()],
+                    "UPDATE event_deliveries SET state = 'pending', attempts = 0, first_tried_at = NULL, next_at = ?2, claimed_by = NULL, claimed_until = NULL, redelivered_by = ?4, redelivered_at = ?2 WHERE state = 'parked' AND (?1 IS NULL OR id = ?1) AND endpoint_id IN (SELECT value FROM json_each(?3))",
+                    params![id, now_ms(), serde_json::to_string(endpoints).unwrap_or_default(), by],
                 )
                 .map_err(|e| classify(e, id.as_deref().unwrap_or("deliveries")))?;
             }
@@ -1212,7 +1220,7 @@ fn apply(tx: &Connection, ops: &[WriteOp]) -> Result<(), StoreError> {
 
 const EVENT_COLUMNS: &str = "seq, id, type, collection_id, session_id, payment_id, attempt_id, amount, currency_code, created_at, data";
 const EVENT_COLUMNS_E: &str = "e.seq, e.id, e.type, e.collection_id, e.session_id, e.payment_id, e.attempt_id, e.amount, e.currency_code, e.created_at, e.data";
-const DELIVERY_COLUMNS: &str = "d.id, d.endpoint_id, d.event_seq, d.state, d.attempts, d.next_at, d.first_tried_at, d.last_error, d.delivered_at";
+const DELIVERY_COLUMNS: &str = "d.id, d.endpoint_id, d.event_seq, d.state, d.attempts, d.next_at, d.first_tried_at, d.last_error, d.delivered_at, d.redelivered_by, d.redelivered_at";
 
 fn event_row(r: &Row<'_>) -> rusqlite::Result<Event> {
     event_row_at(r, 0)
@@ -1247,6 +1255,8 @@ fn delivery_row(r: &Row<'_>) -> rusqlite::Result<Delivery> {
         first_tried_at: r.get(6)?,
         last_error: r.get(7)?,
         delivered_at: r.get(8)?,
+        redelivered_by: r.get(9)?,
+        redelivered_at: r.get(10)?,
     })
 }
 
@@ -1651,7 +1661,7 @@ impl Store for SqliteStore {
                  WHERE d.id IN (SELECT id FROM wanted) ORDER BY d.event_seq"
             ))?;
             st.query_map(params![now_ms(), limit as i64, endpoint_id], |r| {
-                Ok((delivery_row(r)?, event_row_at(r, 9)?))
+                Ok((delivery_row(r)?, event_row_at(r, 11)?))
             })?
             .collect()
         })
