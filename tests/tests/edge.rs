@@ -344,3 +344,57 @@ async fn connections_past_the_limit_wait_while_open_ones_are_served() {
         .expect("an answer");
     assert_eq!(served.0, 200);
 }
+
+/// A client that sends requests and never reads the answers fills its socket's buffers; past
+/// `write_timeout_ms` without progress its connection is cut, so its slot is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_cut_after_the_write_timeout() {
+    let edge = Edge::start(
+        "[server]\nmax_connections = 1\nwrite_timeout_ms = 1000\nidle_timeout_ms = 60000\n",
+    );
+    let mut greedy = edge.connect().await;
+    let addr = edge.addr();
+    // Pipelined requests for the OpenAPI document (tens of KiB each), none read.
+    let request = format!("GET /openapi.json HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+    let flood = tokio::spawn(async move {
+        for _ in 0..2000 {
+            if greedy.write_all(request.as_bytes()).await.is_err() {
+                return true;
+            }
+        }
+        // Keep the socket open, unread, until the server gives up on it.
+        let mut byte = [0u8; 1];
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let _ = greedy.peek(&mut byte).await;
+        false
+    });
+    // The one slot is taken; a second client waits, then is served once the first is cut.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let mut next = edge.connect().await;
+    next.write_all(GET_HEALTH).await.unwrap();
+    let served = tokio::time::timeout(Duration::from_secs(10), read_response(&mut next))
+        .await
+        .expect("served once the client that never reads was cut")
+        .expect("an answer");
+    assert_eq!(served.0, 200);
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "the slot was really taken: {:?}",
+        started.elapsed()
+    );
+    flood.abort();
+    drop(next);
+    let metrics = reqwest::get(format!("{}/metrics", edge.server.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("payhost_http_connections_cut_total{reason=\"write_timeout\"} ")),
+        "{metrics}"
+    );
+}
