@@ -53,6 +53,12 @@ pub struct Metrics {
     pub worker_restarts: IntCounterVec,
     /// `payhost_worker_kills_total{provider}`: workers killed for a call past its deadline.
     pub worker_kills: IntCounterVec,
+    /// `payhost_worker_stderr_dropped_bytes_total{provider}`: bytes of a worker's stderr not
+    /// forwarded to the log (past the per-line or per-second bound).
+    pub worker_stderr_dropped: IntCounterVec,
+    /// `payhost_plugin_limits_total{provider,limit}`: what the host refused or cut for a plugin
+    /// (`host_calls`, `http_response_bytes`, `answer_bytes`, `data_bytes`).
+    pub plugin_limits: IntCounterVec,
     /// `payhost_provider_healthy{provider}`: 0 while an isolated provider's worker crash-loops.
     pub provider_healthy: IntGaugeVec,
     /// `payhost_event_deliveries_seconds{endpoint,outcome}`: tries to POST an event
@@ -196,6 +202,22 @@ impl Metrics {
             &["provider"],
         )
         .expect("valid metric");
+        let worker_stderr_dropped = IntCounterVec::new(
+            Opts::new(
+                "payhost_worker_stderr_dropped_bytes_total",
+                "Bytes of a worker's stderr not forwarded to the log (over the per-line or per-second bound)",
+            ),
+            &["provider"],
+        )
+        .expect("valid metric");
+        let plugin_limits = IntCounterVec::new(
+            Opts::new(
+                "payhost_plugin_limits_total",
+                "Requests, answers and bodies of a plugin the host refused or cut at its bounds",
+            ),
+            &["provider", "limit"],
+        )
+        .expect("valid metric");
         let provider_healthy = IntGaugeVec::new(
             Opts::new(
                 "payhost_provider_healthy",
@@ -217,6 +239,8 @@ impl Metrics {
             Box::new(worker_restarts.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(event_deliveries.clone()),
             Box::new(worker_kills.clone()),
+            Box::new(worker_stderr_dropped.clone()),
+            Box::new(plugin_limits.clone()),
             Box::new(provider_healthy.clone()),
             Box::new(store_errors.clone()),
             Box::new(store_up.clone()),
@@ -260,6 +284,8 @@ impl Metrics {
             owed_writes,
             worker_restarts,
             worker_kills,
+            worker_stderr_dropped,
+            plugin_limits,
             provider_healthy,
             event_deliveries,
         }

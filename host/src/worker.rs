@@ -20,10 +20,10 @@
 //!   other providers go on.
 //! - The worker runs with a cleared environment (the options it needs were resolved by the host),
 //!   `no_new_privs`, an address-space limit of `max_memory_mb` (enforced by the kernel), stdout
-//!   discarded and stderr forwarded to the host's log (capped).
+//!   discarded and stderr forwarded to the host's log, bounded per line and per second.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -786,18 +786,117 @@ fn private_dir() -> std::io::Result<PathBuf> {
     Ok(dir)
 }
 
-/// Forwards a worker's stderr to the log, at most 200 lines per worker process.
-fn forward_stderr(provider: &str, stderr: std::process::ChildStderr) {
-    let mut lines = BufReader::new(stderr).lines();
-    let mut n = 0;
-    while let Some(Ok(line)) = lines.next() {
-        n += 1;
-        if n <= 200 {
+/// The bytes of one stderr line forwarded; the rest of the line is dropped.
+const STDERR_LINE: usize = 2048;
+/// The bytes of stderr forwarded per second; past them, lines are dropped until the next second.
+const STDERR_PER_SECOND: usize = 16 * 1024;
+
+/// Forwards a worker's stderr to the log, bounded in bytes per line and per second, and never
+/// stops reading: a worker that writes without newlines, or bytes that are not UTF-8, costs the
+/// host at most one line's buffer, and the worker never blocks on a full pipe. What is dropped
+/// is counted (`payhost_worker_stderr_dropped_bytes_total`).
+fn forward_stderr(provider: &str, mut stderr: impl Read) {
+    let dropped = crate::metrics::global()
+        .worker_stderr_dropped
+        .with_label_values(&[provider]);
+    let mut forward = StderrLines::new(|line: &str, dropped_bytes: u64| {
+        if !line.is_empty() {
             tracing::warn!(provider, "worker stderr: {line}");
-        } else if n == 201 {
-            tracing::warn!(provider, "worker stderr: (further lines dropped)");
+        }
+        if dropped_bytes > 0 {
+            dropped.inc_by(dropped_bytes);
+        }
+    });
+    let mut buf = [0u8; 8192];
+    loop {
+        match stderr.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => forward.feed(&buf[..n], Instant::now()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
         }
     }
+    forward.finish(Instant::now());
+}
+
+/// Splits bytes into bounded lines under a per-second budget.
+struct StderrLines<F: FnMut(&str, u64)> {
+    line: Vec<u8>,
+    /// Bytes of the current line past [`STDERR_LINE`].
+    cut: u64,
+    window: Option<Instant>,
+    spent: usize,
+    emit: F,
+}
+
+impl<F: FnMut(&str, u64)> StderrLines<F> {
+    fn new(emit: F) -> Self {
+        StderrLines {
+            line: Vec::with_capacity(256),
+            cut: 0,
+            window: None,
+            spent: 0,
+            emit,
+        }
+    }
+
+    fn feed(&mut self, bytes: &[u8], now: Instant) {
+        for &b in bytes {
+            if b == b'\n' {
+                self.end_line(now);
+            } else if self.line.len() < STDERR_LINE {
+                self.line.push(b);
+            } else {
+                self.cut += 1;
+            }
+        }
+    }
+
+    fn finish(&mut self, now: Instant) {
+        if !self.line.is_empty() || self.cut > 0 {
+            self.end_line(now);
+        }
+    }
+
+    fn end_line(&mut self, now: Instant) {
+        if self.window.is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1)) {
+            self.window = Some(now);
+            self.spent = 0;
+        }
+        let cut = std::mem::take(&mut self.cut);
+        if self.spent + self.line.len() > STDERR_PER_SECOND {
+            let dropped = self.line.len() as u64 + cut;
+            self.line.clear();
+            (self.emit)("", dropped);
+            return;
+        }
+        self.spent += self.line.len();
+        let text = escape_control(&String::from_utf8_lossy(&self.line));
+        let text = if cut > 0 {
+            format!("{text} … ({cut} more bytes dropped)")
+        } else {
+            text
+        };
+        self.line.clear();
+        (self.emit)(&text, cut);
+    }
+}
+
+/// `text` with control characters written as escapes (`\r`, `\u{1b}`): a plugin's output can
+/// never end a log line early or forge another one.
+pub(crate) fn escape_control(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_owned();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 // ------------------------------------------------------------------ the worker process
@@ -1053,5 +1152,61 @@ fn serve_calls(stream: UnixStream, object: &ProviderBox) {
         if !matches!(written, Some(Ok(()))) {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(input: &[&[u8]], step: Duration) -> (Vec<String>, u64) {
+        let mut lines = Vec::new();
+        let mut dropped = 0;
+        let start = Instant::now();
+        {
+            let mut f = StderrLines::new(|l: &str, d: u64| {
+                if !l.is_empty() {
+                    lines.push(l.to_owned());
+                }
+                dropped += d;
+            });
+            for (i, chunk) in input.iter().enumerate() {
+                f.feed(chunk, start + step * i as u32);
+            }
+            f.finish(start + step * input.len() as u32);
+        }
+        (lines, dropped)
+    }
+
+    #[test]
+    fn a_line_without_end_costs_one_line_and_is_counted() {
+        let big = vec![b'x'; 10 * STDERR_LINE];
+        let (lines, dropped) = run(&[&big, b"\nnext\n"], Duration::ZERO);
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].len() < STDERR_LINE + 64, "{}", lines[0].len());
+        assert!(lines[0].ends_with("more bytes dropped)"));
+        assert_eq!(dropped, 9 * STDERR_LINE as u64);
+        assert_eq!(lines[1], "next");
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_or_are_control_characters_are_forwarded_escaped() {
+        let (lines, _) = run(
+            &[b"bad \xff\xfe bytes\n", b"forged\r2026-01-01 INFO payhost: ok\x1b[31m\n"],
+            Duration::ZERO,
+        );
+        assert_eq!(lines[0], "bad \u{fffd}\u{fffd} bytes");
+        assert_eq!(lines[1], "forged\\r2026-01-01 INFO payhost: ok\\u{1b}[31m");
+    }
+
+    #[test]
+    fn past_the_budget_of_a_second_lines_are_dropped_until_the_next() {
+        let line = [vec![b'y'; 1000], vec![b'\n']].concat();
+        let burst: Vec<u8> = line.repeat(100);
+        let (lines, dropped) = run(&[&burst, &line], Duration::from_millis(1100));
+        // 16 lines of the burst fit the second's budget, the rest are dropped; a second later
+        // lines are forwarded again.
+        assert_eq!(lines.len(), STDERR_PER_SECOND / 1000 + 1, "{}", lines.len());
+        assert_eq!(dropped, (100 - STDERR_PER_SECOND as u64 / 1000) * 1000);
     }
 }

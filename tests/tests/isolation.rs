@@ -286,3 +286,68 @@ async fn the_same_faults_in_process_take_the_host_down() {
         );
     }
 }
+
+/// A resident-set figure of a process, in KiB, from `/proc/<pid>/status` (`VmHWM`: its peak).
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmHWM in /proc/<pid>/status")
+}
+
+/// What a worker writes to stderr reaches the host's log bounded: 256 MiB without a newline
+/// costs the host one line's buffer (it once grew the host by the whole flood), and bytes
+/// that are not UTF-8 never stop the draining (which once left the worker blocked on a full
+/// pipe, its call lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workers_stderr_cannot_grow_the_host_or_block_the_worker() {
+    let scratch = Scratch::new();
+    let text = format!("{ISOLATED}\n{HOST}")
+        .replace("{dir}", &scratch.dir.path().display().to_string())
+        .replace("timeout_ms = 1000\nkill_after_ms = 500", "timeout_ms = 20000");
+    let config = scratch.config(&text);
+    let log = scratch.dir.path().join("server.log");
+    let server = Server::start_logging(&config, &log);
+    let api = Api {
+        base: server.base.clone(),
+        client: reqwest::Client::new(),
+    };
+    api.flow("sandbox").await;
+    let before = peak_rss_kib(server.pid());
+    for fault in ["stderr_flood", "stderr_binary"] {
+        let sid = api.session("faulty").await;
+        let (status, body) = api
+            .post(
+                &format!("/v1/payment-sessions/{sid}/authorize"),
+                json!({"data": {"fault": fault}}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{fault}: {body}");
+    }
+    let after = peak_rss_kib(server.pid());
+    assert!(
+        after < before + 64 * 1024,
+        "the host's peak grew from {before} KiB to {after} KiB"
+    );
+    let metrics = api
+        .client
+        .get(format!("{}/metrics", api.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("payhost_worker_stderr_dropped_bytes_total{provider=\"faulty\"} ")
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(dropped >= 255 << 20, "dropped {dropped} bytes:\n{metrics}");
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(logs.contains("not utf-8"), "the line after the bad bytes is forwarded");
+}
