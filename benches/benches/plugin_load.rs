@@ -30,6 +30,7 @@ fn settings(id: &str, path: std::path::PathBuf) -> ProviderSettings {
         isolation: payhost::config::Isolation::InProcess,
         max_memory_mb: None,
         kill_after: Duration::from_secs(2),
+        http_max_response_bytes: payhost::config::DEFAULT_HTTP_MAX_RESPONSE_BYTES,
         options: serde_json::json!({}),
     }
 }

@@ -13,8 +13,19 @@ use serde::Deserialize;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
+/// The user and group workers run as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerUser {
+    /// As the config names it.
+    pub name: String,
+    /// Its uid.
+    pub uid: u32,
+    /// The group's gid (`worker_group`, or the user's primary group).
+    pub gid: u32,
+}
+
 /// A fully validated config.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     /// The file it was read from.
     pub path: PathBuf,
@@ -29,6 +40,10 @@ pub struct Config {
     /// `[plugins] worker`, resolved: the payhost executable isolated providers run in
     /// (`payhost worker`); `None` means this process's own executable (set it when embedding).
     pub worker_exe: Option<PathBuf>,
+    /// `[plugins] worker_user` (and `worker_group`), resolved: isolated providers' workers run
+    /// as this user, so they cannot read what only the host's user may (its environment, the
+    /// config, the database).
+    pub worker_user: Option<WorkerUser>,
     /// `[log]`.
     pub log: LogConfig,
     /// `[reconcile]`.
@@ -331,7 +346,7 @@ pub enum LibrarySource {
 }
 
 /// One `[providers.<id>]` table, validated.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ProviderSettings {
     /// The operator's id for this provider (`[providers.<id>]`); `[a-z0-9_-]+`.
     pub id: String,
@@ -358,9 +373,30 @@ pub struct ProviderSettings {
     /// How fast `/hooks/<id>` takes webhooks (default 100/s, bursts of 200), so a flood of
     /// forged ones cannot starve the API.
     pub webhook_rate: crate::auth::RateLimit,
+    /// The largest HTTP response body the host reads for this provider (default 1 MiB); a
+    /// larger one is an `unknown` failure.
+    pub http_max_response_bytes: usize,
     /// `[providers.<id>.options]` as JSON, handed to the provider. May hold secrets: never log it.
     pub options: serde_json::Value,
 }
+
+impl std::fmt::Debug for ProviderSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderSettings")
+            .field("id", &self.id)
+            .field("library", &self.library)
+            .field("enabled", &self.enabled)
+            .field("sha256", &self.sha256)
+            .field("timeout", &self.timeout)
+            .field("max_concurrency", &self.max_concurrency)
+            .field("isolation", &self.isolation)
+            .field("options", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+/// The default of `http_max_response_bytes`.
+pub const DEFAULT_HTTP_MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 
 /// Where a provider's code runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -435,6 +471,8 @@ struct RawEndpoint {
 struct RawPlugins {
     dir: Option<PathBuf>,
     worker: Option<PathBuf>,
+    worker_user: Option<String>,
+    worker_group: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -455,6 +493,7 @@ struct RawProvider {
     isolation: Isolation,
     max_memory_mb: Option<Spanned<u64>>,
     kill_after_ms: Option<Spanned<u64>>,
+    http_max_response_bytes: Option<Spanned<u64>>,
     #[serde(default)]
     options: toml::Table,
 }
@@ -668,6 +707,38 @@ struct Source {
     spans: Vec<(String, Range<usize>, Range<usize>)>,
     /// Values taken from the environment, redacted from messages.
     secrets: Vec<String>,
+}
+
+/// Everything but secrets: the storage URL without its password, no provider options, no
+/// key digests, no endpoint secrets.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("path", &self.path)
+            .field("server", &self.server)
+            .field("storage", &redact_url(&self.redact(&self.storage.url)))
+            .field("plugin_dir", &self.plugin_dir)
+            .field("worker_user", &self.worker_user)
+            .field(
+                "api_keys",
+                &self
+                    .api_keys
+                    .iter()
+                    .map(|k| k.id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .field(
+                "event_endpoints",
+                &self
+                    .events
+                    .endpoints
+                    .iter()
+                    .map(|e| e.id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .field("providers", &self.providers)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Config {
@@ -901,8 +972,20 @@ impl Config {
                     ));
                 }
             };
+            let http_max_response_bytes = match &p.http_max_response_bytes {
+                None => DEFAULT_HTTP_MAX_RESPONSE_BYTES,
+                Some(b) if (1024..=64 << 20).contains(b.get_ref()) => *b.get_ref() as usize,
+                Some(b) => {
+                    return Err(invalid(
+                        Some(b.span()),
+                        key("http_max_response_bytes"),
+                        "`http_max_response_bytes` must be between 1024 and 67108864".into(),
+                    ));
+                }
+            };
             providers.push(ProviderSettings {
                 id,
+                http_max_response_bytes,
                 library,
                 enabled: p.enabled,
                 sha256,
@@ -1132,10 +1215,31 @@ impl Config {
             ));
         }
 
+        let worker_user = match (&raw.plugins.worker_user, &raw.plugins.worker_group) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(invalid(
+                    source.value_span("plugins.worker_group"),
+                    "plugins.worker_group".into(),
+                    "`worker_group` needs `worker_user`".into(),
+                ));
+            }
+            (Some(user), group) => Some(resolve_worker_user(user, group.as_deref()).map_err(
+                |message| {
+                    let key = if message.contains("group") {
+                        "plugins.worker_group"
+                    } else {
+                        "plugins.worker_user"
+                    };
+                    invalid(source.value_span(key), key.into(), message)
+                },
+            )?),
+        };
         Ok(Config {
             dir: dir.clone(),
             plugin_dir: raw.plugins.dir.map(|d| dir.join(d)),
             worker_exe: raw.plugins.worker.map(|w| dir.join(w)),
+            worker_user,
             server,
             storage: raw.storage,
             log: raw.log,
@@ -1167,6 +1271,18 @@ impl Config {
     /// Removes every value taken from the environment from `text`.
     pub fn redact(&self, text: &str) -> String {
         self.source.redact(text)
+    }
+
+    /// What is redacted from a provider's log records and error texts: the config's secrets
+    /// from the environment and that provider's secret-like option values.
+    pub fn redactor_for(&self, provider: &ProviderSettings) -> Redactor {
+        Redactor::new(
+            self.source
+                .secrets
+                .iter()
+                .cloned()
+                .chain(option_secrets(&provider.options)),
+        )
     }
 }
 
@@ -1227,6 +1343,115 @@ impl Source {
             message: self.redact(&message),
         }
     }
+}
+
+/// The uid and gid of `user` (a name or a number) and `group` (default: the user's own).
+fn resolve_worker_user(user: &str, group: Option<&str>) -> Result<WorkerUser, String> {
+    use nix::unistd::{Gid, Group, Uid, User};
+    let found = match user.parse::<u32>() {
+        Ok(uid) => User::from_uid(Uid::from_raw(uid)),
+        Err(_) => User::from_name(user),
+    }
+    .map_err(|e| format!("cannot look up worker_user `{user}`: {e}"))?;
+    let (uid, primary) = match (found, user.parse::<u32>()) {
+        (Some(u), _) => (u.uid.as_raw(), u.gid.as_raw()),
+        // A bare number with no passwd entry is still a uid; its group must be given.
+        (None, Ok(uid)) => (uid, u32::MAX),
+        (None, Err(_)) => {
+            return Err(format!(
+                "worker_user `{user}` does not exist on this machine"
+            ));
+        }
+    };
+    let gid = match group {
+        None if primary == u32::MAX => {
+            return Err(format!(
+                "worker_user {uid} has no passwd entry: give its worker_group too"
+            ));
+        }
+        None => primary,
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => Group::from_name(g)
+                .map_err(|e| format!("cannot look up worker_group `{g}`: {e}"))?
+                .map(|grp| grp.gid.as_raw())
+                .ok_or_else(|| format!("worker_group `{g}` does not exist on this machine"))?,
+        },
+    };
+    if uid == 0 {
+        return Err(
+            "worker_user must not be root: the point is a user without the host's rights".into(),
+        );
+    }
+    let _ = Gid::from_raw(gid);
+    Ok(WorkerUser {
+        name: user.to_owned(),
+        uid,
+        gid,
+    })
+}
+
+/// Removes known secrets from text: the values taken from the environment, and a provider's
+/// option values under secret-like keys (`*key*`, `*secret*`, `*token*`, `*password*`,
+/// `*credential*`). Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Redactor(std::sync::Arc<Vec<String>>);
+
+impl std::fmt::Debug for Redactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Redactor({} secrets)", self.0.len())
+    }
+}
+
+impl Redactor {
+    /// A redactor of these secrets (empty ones and ones shorter than 4 characters are ignored:
+    /// they would redact ordinary words).
+    pub fn new(secrets: impl IntoIterator<Item = String>) -> Redactor {
+        let mut list: Vec<String> = secrets.into_iter().filter(|s| s.len() >= 4).collect();
+        // Longest first, so a secret that contains another is removed whole.
+        list.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        list.dedup();
+        Redactor(std::sync::Arc::new(list))
+    }
+
+    /// `text` with every secret replaced by `<redacted>`.
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for secret in self.0.iter() {
+            if out.contains(secret.as_str()) {
+                out = out.replace(secret.as_str(), "<redacted>");
+            }
+        }
+        out
+    }
+}
+
+/// The values of `options` (a provider's options, as JSON) under keys named like a secret.
+pub fn option_secrets(options: &serde_json::Value) -> Vec<String> {
+    fn walk(value: &serde_json::Value, secret_key: bool, out: &mut Vec<String>) {
+        match value {
+            serde_json::Value::String(s) if secret_key => out.push(s.clone()),
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    let k = k.to_ascii_lowercase();
+                    let secret = secret_key
+                        || ["key", "secret", "token", "password", "credential"]
+                            .iter()
+                            .any(|w| k.contains(w));
+                    walk(v, secret, out);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for v in items {
+                    walk(v, secret_key, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(options, false, &mut out);
+    out
 }
 
 /// A URL fit for a log line or `payhost check`: its password (in the authority, or a

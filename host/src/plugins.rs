@@ -399,9 +399,18 @@ impl Loader {
         let config_dir = config
             .map(|c| c.dir.display().to_string())
             .unwrap_or_default();
+        let redactor = config.map_or_else(
+            || crate::config::Redactor::new(crate::config::option_secrets(&settings.options)),
+            |c| c.redactor_for(settings),
+        );
         let host_side = HostSide {
             provider_id: settings.id.clone(),
             clock: self.clock.clone(),
+            limits: crate::provider::HostLimits {
+                call_timeout: settings.timeout,
+                max_response_bytes: settings.http_max_response_bytes,
+            },
+            redactor: redactor.clone(),
         };
         let (opened, backend) = match settings.isolation {
             crate::config::Isolation::InProcess => {
@@ -433,6 +442,8 @@ impl Loader {
                     max_memory_mb: settings.max_memory_mb,
                     kill_after: settings.kill_after,
                     exe: config.and_then(|c| c.worker_exe.clone()),
+                    max_host_calls: settings.max_concurrency,
+                    user: config.and_then(|c| c.worker_user.clone()),
                 };
                 let (worker, started) =
                     crate::worker::Worker::start(worker_settings, Arc::new(host_side)).map_err(
@@ -476,6 +487,7 @@ impl Loader {
             resend_unknown: settings.resend_unknown,
             webhook_rate: settings.webhook_rate,
             clock: self.clock.clone(),
+            redactor,
         }))
     }
 

@@ -16,17 +16,28 @@ use payhost_provider_api::{
 pub trait Answer {
     /// `processed`, `declined`, … for operations; `answered` or `verified` for the others.
     fn outcome_label(&self) -> &'static str;
+
+    /// The `data` it asks the host to store, if any.
+    fn data(&self) -> Option<&serde_json::Value> {
+        None
+    }
 }
 
 impl Answer for ProviderResponse {
     fn outcome_label(&self) -> &'static str {
         self.outcome.name()
     }
+    fn data(&self) -> Option<&serde_json::Value> {
+        self.data.as_ref()
+    }
 }
 
 impl Answer for RetrieveResponse {
     fn outcome_label(&self) -> &'static str {
         "answered"
+    }
+    fn data(&self) -> Option<&serde_json::Value> {
+        self.data.as_ref()
     }
 }
 
@@ -85,7 +96,25 @@ pub enum CallError {
     /// The provider answered with an error (a panic inside it is one, of kind `panic`).
     #[error("{0}")]
     Provider(ProviderError),
+    /// The answer (or the data it asks the host to store) is larger than the host takes. The
+    /// call ran, so its outcome is unknown: it is reconciled like a lost answer.
+    #[error(
+        "provider.answer_too_large: the {what} is {bytes} bytes, over the {limit} the host takes; the outcome is unknown"
+    )]
+    AnswerTooLarge {
+        /// `answer` or `data`.
+        what: &'static str,
+        /// Its size.
+        bytes: usize,
+        /// The bound.
+        limit: usize,
+    },
 }
+
+/// The largest answer the host reads from a provider call.
+pub const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+/// The largest `data` the host stores from one answer (and copies into events).
+pub const MAX_DATA_BYTES: usize = 64 * 1024;
 
 impl CallError {
     /// The stable code.
@@ -97,13 +126,14 @@ impl CallError {
                 ErrorKind::Panic => "provider.panic",
                 _ => "provider.error",
             },
+            CallError::AnswerTooLarge { .. } => "provider.answer_too_large",
         }
     }
 
     /// Whether money may have moved: an unknown outcome, or a panic in the middle of a call.
     pub fn outcome_is_unknown(&self) -> bool {
         match self {
-            CallError::Unknown { .. } => true,
+            CallError::Unknown { .. } | CallError::AnswerTooLarge { .. } => true,
             CallError::Provider(e) => e.kind == ErrorKind::Panic,
             CallError::NotAttempted { .. } => false,
         }
@@ -124,6 +154,7 @@ pub struct Provider {
     resend_unknown: bool,
     webhook_rate: crate::auth::RateLimit,
     clock: Arc<dyn Clock>,
+    redactor: crate::config::Redactor,
 }
 
 impl std::fmt::Debug for Provider {
@@ -150,6 +181,7 @@ pub(crate) struct ProviderParts {
     pub(crate) resend_unknown: bool,
     pub(crate) webhook_rate: crate::auth::RateLimit,
     pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) redactor: crate::config::Redactor,
 }
 
 impl Provider {
@@ -168,6 +200,7 @@ impl Provider {
             resend_unknown: parts.resend_unknown,
             webhook_rate: parts.webhook_rate,
             clock: parts.clock,
+            redactor: parts.redactor,
         }
     }
 
@@ -279,10 +312,11 @@ impl Provider {
                     task,
                     provider: self.id.clone(),
                     started,
+                    redactor: self.redactor.clone(),
                     _request: std::marker::PhantomData,
                 }),
             ),
-            Ok(joined) => (read_answer::<R>(op, joined), None),
+            Ok(joined) => (read_answer::<R>(op, joined, &self.redactor), None),
         };
         log_call(&self.id, op, started.elapsed(), &result);
         (result, late)
@@ -290,7 +324,10 @@ impl Provider {
 
     /// Calls the operation of `request`'s type on the current thread, bypassing the deadline and
     /// the concurrency limit. For benchmarks and tools; the engine never uses it.
-    pub fn call_blocking<R: Request>(&self, request: &R) -> Result<R::Response, CallError> {
+    pub fn call_blocking<R: Request>(&self, request: &R) -> Result<R::Response, CallError>
+    where
+        R::Response: Answer,
+    {
         let json = serde_json::to_string(request).map_err(|e| CallError::NotAttempted {
             reason: e.to_string(),
         })?;
@@ -298,6 +335,7 @@ impl Provider {
         read_answer::<R>(
             R::OPERATION,
             Some(self.backend.call(R::OPERATION.as_str(), &json, deadline)),
+            &self.redactor,
         )
     }
 
@@ -319,7 +357,7 @@ impl Provider {
             Ok(None) => Err(CallError::Unknown {
                 reason: "the call's thread failed".into(),
             }),
-            Ok(Some(raw)) => decode(raw, "x"),
+            Ok(Some(raw)) => decode(raw, "x", &self.redactor),
         }
     }
 
@@ -391,6 +429,7 @@ pub struct LateAnswer<R: Request> {
     task: crate::call_pool::Pending<Raw>,
     provider: String,
     started: Instant,
+    redactor: crate::config::Redactor,
     _request: std::marker::PhantomData<fn() -> R>,
 }
 
@@ -404,9 +443,12 @@ impl<R: Request> std::fmt::Debug for LateAnswer<R> {
 
 impl<R: Request> LateAnswer<R> {
     /// Waits for the call's thread to return, and reads its answer.
-    pub async fn wait(self) -> Result<R::Response, CallError> {
+    pub async fn wait(self) -> Result<R::Response, CallError>
+    where
+        R::Response: Answer,
+    {
         let joined = self.task.await;
-        let answer = read_answer::<R>(R::OPERATION, joined);
+        let answer = read_answer::<R>(R::OPERATION, joined, &self.redactor);
         tracing::info!(
             provider = %self.provider,
             operation = %R::OPERATION,
@@ -418,21 +460,66 @@ impl<R: Request> LateAnswer<R> {
     }
 }
 
-fn read_answer<R: Request>(op: Operation, joined: Option<Raw>) -> Result<R::Response, CallError> {
-    match joined {
+fn read_answer<R: Request>(
+    op: Operation,
+    joined: Option<Raw>,
+    redactor: &crate::config::Redactor,
+) -> Result<R::Response, CallError>
+where
+    R::Response: Answer,
+{
+    let answer: R::Response = match joined {
         None => Err(CallError::Unknown {
             reason: "the call's thread failed (a panic past the plugin's guard)".into(),
         }),
-        Some(raw) => decode(raw, op.as_str()),
+        Some(raw) => decode(raw, op.as_str(), redactor),
+    }?;
+    // What the host stores is bounded: every event about the session copies it.
+    if let Some(data) = answer.data() {
+        let bytes = serde_json::to_string(data).map_or(0, |t| t.len());
+        if bytes > MAX_DATA_BYTES {
+            return Err(CallError::AnswerTooLarge {
+                what: "data",
+                bytes,
+                limit: MAX_DATA_BYTES,
+            });
+        }
     }
+    Ok(answer)
 }
 
-fn decode<T: serde::de::DeserializeOwned>(raw: Raw, op: &str) -> Result<T, CallError> {
+fn decode<T: serde::de::DeserializeOwned>(
+    raw: Raw,
+    op: &str,
+    redactor: &crate::config::Redactor,
+) -> Result<T, CallError> {
     match raw {
+        Raw::Ok(answer) if answer.len() > MAX_ANSWER_BYTES => Err(CallError::AnswerTooLarge {
+            what: "answer",
+            bytes: answer.len(),
+            limit: MAX_ANSWER_BYTES,
+        }),
+        Raw::TooLarge(bytes) => Err(CallError::AnswerTooLarge {
+            what: "answer",
+            bytes,
+            limit: MAX_ANSWER_BYTES,
+        }),
         Raw::Ok(answer) => serde_json::from_str(&answer).map_err(|e| CallError::Unknown {
             reason: format!("the {op} answer could not be read: {e}"),
         }),
-        Raw::Err(error) => Err(CallError::Provider(read_error_str(&error))),
+        Raw::Err(error) if error.len() > MAX_ANSWER_BYTES => Err(CallError::Unknown {
+            reason: format!(
+                "the {op} error is {} bytes, over the {MAX_ANSWER_BYTES} the host reads",
+                error.len()
+            ),
+        }),
+        Raw::Err(error) => {
+            let mut e = read_error_str(&error);
+            // A provider's error text is logged and stored with the attempt: no secret of the
+            // config or of its options may ride along, and no line break may forge a log line.
+            e.message = crate::worker::escape_control(&redactor.redact(&e.message));
+            Err(CallError::Provider(e))
+        }
         Raw::NotSent(reason) => Err(CallError::NotAttempted { reason }),
         Raw::Lost(reason) => Err(CallError::Unknown { reason }),
     }
@@ -452,7 +539,10 @@ impl Backend {
     fn call(&self, op: &str, json: &str, deadline: Instant) -> Raw {
         match self {
             Backend::InProcess(object) => {
-                match object.call(RStr::from_str(op), RStr::from_str(json)) {
+                let answer = with_call_deadline(deadline, || {
+                    object.call(RStr::from_str(op), RStr::from_str(json))
+                });
+                match answer {
                     RResult::ROk(answer) => Raw::Ok(answer.into_string()),
                     RResult::RErr(error) => Raw::Err(error.into_string()),
                 }
@@ -482,7 +572,21 @@ fn log_call<T: Answer>(id: &str, op: Operation, elapsed: Duration, result: &Resu
         Err(CallError::Unknown { .. }) => "unknown",
         Err(CallError::Provider(e)) if e.kind == ErrorKind::Panic => "panic",
         Err(CallError::Provider(_)) => "error",
+        Err(CallError::AnswerTooLarge { .. }) => "answer_too_large",
     };
+    if let Err(CallError::AnswerTooLarge { what, .. }) = result {
+        crate::metrics::global()
+            .plugin_limits
+            .with_label_values(&[
+                id,
+                if *what == "data" {
+                    "data_bytes"
+                } else {
+                    "answer_bytes"
+                },
+            ])
+            .inc();
+    }
     crate::metrics::global()
         .provider_calls
         .with_label_values(&[id, op.as_str(), label])
@@ -501,17 +605,45 @@ fn log_call<T: Answer>(id: &str, op: Operation, elapsed: Duration, result: &Resu
     }
 }
 
-/// The host side of host services for one provider instance: tags logs with the provider id.
+thread_local! {
+    /// The deadline of the provider call running on this thread, for the host services it uses.
+    static CALL_DEADLINE: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` (a provider call) with `deadline` as the deadline of the host services it uses.
+fn with_call_deadline<R>(deadline: Instant, f: impl FnOnce() -> R) -> R {
+    let previous = CALL_DEADLINE.with(|d| d.replace(Some(deadline)));
+    let answer = f();
+    CALL_DEADLINE.with(|d| d.set(previous));
+    answer
+}
+
+/// What the host lends one provider instance, and within which bounds.
+#[derive(Debug, Clone)]
+pub(crate) struct HostLimits {
+    /// A host service used outside any call (from the provider's own threads) ends within
+    /// this (the provider's call deadline).
+    pub(crate) call_timeout: Duration,
+    /// The largest HTTP response body the host reads for it.
+    pub(crate) max_response_bytes: usize,
+}
+
+/// The host side of host services for one provider instance: tags logs with the provider id,
+/// keeps its HTTP requests within the deadline of the call that makes them, and redacts its
+/// secrets from what it logs.
 pub(crate) struct HostSide {
     pub(crate) provider_id: String,
     pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) limits: HostLimits,
+    pub(crate) redactor: crate::config::Redactor,
 }
 
 impl HostObject for HostSide {
     fn call(&self, op: RStr<'_>, request: RStr<'_>) -> RResult<RString, RString> {
+        let deadline = CALL_DEADLINE.with(std::cell::Cell::get);
         // A panic must not unwind into the plugin's frames.
         match catch_unwind(AssertUnwindSafe(|| {
-            self.serve(op.as_str(), request.as_str())
+            self.serve(op.as_str(), request.as_str(), deadline)
         })) {
             Ok(Ok(answer)) => RResult::ROk(RString::from(answer)),
             Ok(Err(message)) => RResult::RErr(RString::from(message)),
@@ -521,7 +653,14 @@ impl HostObject for HostSide {
 }
 
 impl HostSide {
-    pub(crate) fn serve(&self, op: &str, request: &str) -> Result<String, String> {
+    /// Serves one host service call. `call_deadline` is the deadline of the provider call that
+    /// makes it (`None`: a provider's own thread, bounded by the provider's call timeout).
+    pub(crate) fn serve(
+        &self,
+        op: &str,
+        request: &str,
+        call_deadline: Option<Instant>,
+    ) -> Result<String, String> {
         match op {
             host_ops::CLOCK_NOW => Ok(format!("{{\"unix_ms\":{}}}", self.clock.now_unix_ms())),
             host_ops::HTTP => {
@@ -534,10 +673,16 @@ impl HostSide {
                             message: format!("bad http.request: {e}"),
                         })
                     })?;
+                let bounds = crate::outbound::Bounds {
+                    deadline: call_deadline
+                        .unwrap_or_else(|| Instant::now() + self.limits.call_timeout),
+                    max_response_bytes: self.limits.max_response_bytes,
+                };
                 let answer = crate::outbound::send_blocking(
                     &self.provider_id,
                     request,
                     self.clock.now_unix_ms(),
+                    &bounds,
                 );
                 match answer {
                     Ok(response) => Ok(serde_json::to_string(&response).unwrap_or_default()),
@@ -545,9 +690,11 @@ impl HostSide {
                 }
             }
             host_ops::LOG => {
-                let record: LogRecord =
+                let mut record: LogRecord =
                     serde_json::from_str(request).map_err(|e| format!("bad log record: {e}"))?;
-                emit(&self.provider_id, &record);
+                record.message =
+                    crate::worker::escape_control(&self.redactor.redact(&record.message));
+                emit(&self.provider_id, &record, &self.redactor);
                 Ok("null".into())
             }
             other => Err(format!("unsupported host service `{other}`")),
@@ -556,13 +703,15 @@ impl HostSide {
 }
 
 /// Emits a provider's log record into the host's `tracing`, tagged with the provider id.
-fn emit(provider: &str, r: &LogRecord) {
+fn emit(provider: &str, r: &LogRecord, redactor: &crate::config::Redactor) {
+    // JSON escapes line breaks in the fields; the secrets still go.
     let fields = if r.fields.is_empty() {
         String::new()
     } else {
-        serde_json::Value::Object(r.fields.clone()).to_string()
+        redactor.redact(&serde_json::Value::Object(r.fields.clone()).to_string())
     };
-    let (target, message) = (r.target.as_str(), r.message.as_str());
+    let target = crate::worker::escape_control(&r.target);
+    let (target, message) = (target.as_str(), r.message.as_str());
     macro_rules! at {
         ($level:ident) => {
             tracing::$level!(target: "payhost::provider", provider, plugin_target = target, fields = %fields, "{message}")

@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use crate::provider::HostSide;
 
 /// One message on the socket.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 enum Frame {
     /// Host → worker, first: what to load.
@@ -92,11 +92,71 @@ enum Frame {
     },
 }
 
+/// What a frame is, never what it carries: options hold secrets, and payloads card data.
+impl std::fmt::Debug for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Frame::Init {
+                library,
+                instance_id,
+                ..
+            } => write!(
+                f,
+                "Init {{ library: {}, instance_id: {instance_id}, options: <redacted> }}",
+                library.display()
+            ),
+            Frame::Ready { protocol, .. } => write!(f, "Ready {{ protocol: {protocol} }}"),
+            Frame::LoadFailed { code, .. } => write!(f, "LoadFailed {{ code: {code} }}"),
+            Frame::Call { id, op, payload } => {
+                write!(f, "Call {{ id: {id}, op: {op}, {} bytes }}", payload.len())
+            }
+            Frame::Answer { id, ok, err } => write!(
+                f,
+                "Answer {{ id: {id}, {} bytes }}",
+                ok.as_ref().or(err.as_ref()).map_or(0, String::len)
+            ),
+            Frame::HostCall { id, op, payload } => {
+                write!(
+                    f,
+                    "HostCall {{ id: {id}, op: {op}, {} bytes }}",
+                    payload.len()
+                )
+            }
+            Frame::HostAnswer { id, ok, err } => write!(
+                f,
+                "HostAnswer {{ id: {id}, {} bytes }}",
+                ok.as_ref().or(err.as_ref()).map_or(0, String::len)
+            ),
+        }
+    }
+}
+
 /// The worker's call socket, in the private folder beside the control socket.
 const CALL_SOCKET: &str = "calls.sock";
 
-/// The largest frame either side accepts.
-const MAX_FRAME: usize = 64 * 1024 * 1024;
+/// The largest frame either side reads: a provider's answer beyond
+/// [`crate::provider::MAX_ANSWER_BYTES`] is refused anyway, and a frame is read as it arrives,
+/// never allocated whole from its announced length.
+const MAX_FRAME: usize = 4 * 1024 * 1024;
+
+/// A frame announced larger than [`MAX_FRAME`]: its bytes are not read.
+#[derive(Debug)]
+struct FrameTooLarge(usize);
+
+impl std::fmt::Display for FrameTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a frame of {} bytes, over the {MAX_FRAME} read", self.0)
+    }
+}
+
+impl std::error::Error for FrameTooLarge {}
+
+/// The size of a frame refused as too large, if that is what `e` is.
+fn too_large(e: &std::io::Error) -> Option<usize> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<FrameTooLarge>())
+        .map(|t| t.0)
+}
 
 // The wire: `[u32 BE length of the rest][u8 tag][u64 id][u32 len][a][u32 len][b]`. Calls,
 // answers and host calls carry their operation and JSON payload as raw bytes (no re-encoding
@@ -152,11 +212,18 @@ fn read_frame(stream: &mut impl Read) -> std::io::Result<Frame> {
     let mut len = [0u8; 4];
     stream.read_exact(&mut len)?;
     let len = u32::from_be_bytes(len) as usize;
-    if !(17..=MAX_FRAME).contains(&len) {
+    if len > MAX_FRAME {
+        return Err(std::io::Error::other(FrameTooLarge(len)));
+    }
+    if len < 17 {
         return Err(bad(&format!("{len} bytes")));
     }
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body)?;
+    // Read as it arrives: a length the peer announced is not memory it gets to make us take.
+    let mut body = Vec::with_capacity(len.min(64 * 1024));
+    stream.take(len as u64).read_to_end(&mut body)?;
+    if body.len() != len {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+    }
     let tag = body[0];
     let id = u64::from_be_bytes(body[1..9].try_into().map_err(|_| bad("id"))?);
     let a_len = u32::from_be_bytes(body[9..13].try_into().map_err(|_| bad("length"))?) as usize;
@@ -222,10 +289,12 @@ pub(crate) enum Raw {
     NotSent(String),
     /// Sent, and the worker died before answering.
     Lost(String),
+    /// Sent, and the answer is larger than the host reads (its size).
+    TooLarge(usize),
 }
 
 /// How a worker is run.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct WorkerSettings {
     pub(crate) provider_id: String,
     pub(crate) library: PathBuf,
@@ -236,6 +305,26 @@ pub(crate) struct WorkerSettings {
     pub(crate) kill_after: Duration,
     /// The payhost executable to run as the worker (default: this process's).
     pub(crate) exe: Option<PathBuf>,
+    /// Host-service calls from the provider's own threads served at once; past it, refused.
+    pub(crate) max_host_calls: usize,
+    /// The user (and group) the worker runs as, dropped to before it loads the library.
+    pub(crate) user: Option<crate::config::WorkerUser>,
+}
+
+impl std::fmt::Debug for WorkerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerSettings")
+            .field("provider_id", &self.provider_id)
+            .field("library", &self.library)
+            .field("sha256", &self.sha256)
+            .field("options", &"<redacted>")
+            .field("max_memory_mb", &self.max_memory_mb)
+            .field("kill_after", &self.kill_after)
+            .field("exe", &self.exe)
+            .field("max_host_calls", &self.max_host_calls)
+            .field("user", &self.user)
+            .finish()
+    }
 }
 
 /// Where a worker stands, for health reports.
@@ -401,7 +490,7 @@ impl Worker {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, deadline);
-        let raw = Self::exchange(&mut stream, id, op, payload, &self.host);
+        let raw = Self::exchange(&mut stream, id, op, payload, deadline, &self.host);
         conn.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -418,7 +507,14 @@ impl Worker {
     /// Sends one call on its own connection and reads until its answer, serving the host
     /// services the provider asks for meanwhile. Unbounded by itself: a worker whose call
     /// overruns its deadline by `kill_after` is killed by the watchdog, which ends the read.
-    fn exchange(stream: &mut CallStream, id: u64, op: &str, payload: &str, host: &HostSide) -> Raw {
+    fn exchange(
+        stream: &mut CallStream,
+        id: u64,
+        op: &str,
+        payload: &str,
+        deadline: Instant,
+        host: &HostSide,
+    ) -> Raw {
         let frame = Frame::Call {
             id,
             op: op.to_owned(),
@@ -443,7 +539,9 @@ impl Worker {
                     op,
                     payload,
                 }) => {
-                    let (ok, err) = match host.serve(&op, &payload) {
+                    // Within the call's own deadline: a worker killed meanwhile leaves no host
+                    // thread waiting on its request for longer than its call could run.
+                    let (ok, err) = match host.serve(&op, &payload, Some(deadline)) {
                         Ok(ok) => (Some(ok), None),
                         Err(err) => (None, Some(err)),
                     };
@@ -460,6 +558,9 @@ impl Worker {
                     return Raw::Lost(format!("the worker answered out of turn: {other:?}"));
                 }
                 Err(e) => {
+                    if let Some(bytes) = too_large(&e) {
+                        return Raw::TooLarge(bytes);
+                    }
                     return Raw::Lost(format!("the worker died before answering ({e})"));
                 }
             }
@@ -492,6 +593,26 @@ impl Worker {
         let _ = std::fs::remove_file(&socket);
         let listener = UnixListener::bind(&socket)
             .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+        if let Some(user) = &s.user {
+            // The worker, as its own user, must reach its socket and make its call socket in
+            // the folder; nothing else of the host's becomes reachable.
+            if !nix::unistd::geteuid().is_root() && nix::unistd::geteuid().as_raw() != user.uid {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(format!(
+                    "worker_user `{}` needs payhost to run as root (it starts each worker as that user); run payhost as root, or drop worker_user",
+                    user.name
+                ));
+            }
+            for path in [&dir, &socket] {
+                std::os::unix::fs::chown(path, Some(user.uid), Some(user.gid)).map_err(|e| {
+                    format!(
+                        "cannot hand {} to worker_user `{}`: {e}",
+                        path.display(),
+                        user.name
+                    )
+                })?;
+            }
+        }
         let exe = s
             .exe
             .clone()
@@ -508,6 +629,12 @@ impl Worker {
             .stderr(Stdio::piped());
         if let Some(mb) = s.max_memory_mb {
             command.arg("--max-memory-mb").arg(mb.to_string());
+        }
+        if let Some(user) = &s.user {
+            // Set before the executable runs (std also drops the supplementary groups when
+            // starting from root): no code of the worker, nor of the vendor, runs as the host.
+            use std::os::unix::process::CommandExt;
+            command.uid(user.uid).gid(user.gid);
         }
         let mut child = command
             .spawn()
@@ -564,7 +691,7 @@ impl Worker {
         let first = loop {
             match read_frame(&mut reader) {
                 Ok(Frame::HostCall { id, op, payload }) => {
-                    let (ok, err) = match host.serve(&op, &payload) {
+                    let (ok, err) = match host.serve(&op, &payload, None) {
                         Ok(ok) => (Some(ok), None),
                         Err(err) => (None, Some(err)),
                     };
@@ -704,13 +831,42 @@ impl Worker {
         conn: &Arc<Connection>,
         host: &Arc<HostSide>,
     ) {
+        // HTTP requests from the provider's own threads each take a host thread while they
+        // run (up to the provider's call timeout): at most `max_host_calls` at once.
+        let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         while let Ok(frame) = read_frame(&mut reader) {
             match frame {
                 Frame::HostCall { id, op, payload } => {
                     let is_http = op == payhost_provider_api::host_ops::HTTP;
+                    if is_http
+                        && in_flight.fetch_add(1, Ordering::SeqCst) >= self.settings.max_host_calls
+                    {
+                        in_flight.fetch_sub(1, Ordering::SeqCst);
+                        crate::metrics::global()
+                            .plugin_limits
+                            .with_label_values(&[&self.settings.provider_id, "host_calls"])
+                            .inc();
+                        let refused = payhost_provider_api::HttpFailure::NotSent {
+                            message: format!(
+                                "the host is already sending {} requests for this provider's own threads",
+                                self.settings.max_host_calls
+                            ),
+                        };
+                        let answer = Frame::HostAnswer {
+                            id,
+                            ok: None,
+                            err: Some(serde_json::to_string(&refused).unwrap_or_default()),
+                        };
+                        let mut w = conn.writer.lock().unwrap_or_else(|e| e.into_inner());
+                        let _ = write_frame(&mut *w, &answer);
+                        continue;
+                    }
                     let (conn, host) = (conn.clone(), host.clone());
+                    // Counted until the answer is written, or the thread never starts.
+                    let counted = is_http.then(|| InFlight(in_flight.clone()));
                     let serve = move || {
-                        let answer = match host.serve(&op, &payload) {
+                        let _counted = counted;
+                        let answer = match host.serve(&op, &payload, None) {
                             Ok(ok) => Frame::HostAnswer {
                                 id,
                                 ok: Some(ok),
@@ -771,6 +927,15 @@ impl Worker {
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
+    }
+}
+
+/// One host-service call counted while it runs.
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -859,7 +1024,10 @@ impl<F: FnMut(&str, u64)> StderrLines<F> {
     }
 
     fn end_line(&mut self, now: Instant) {
-        if self.window.is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1)) {
+        if self
+            .window
+            .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1))
+        {
             self.window = Some(now);
             self.spent = 0;
         }
@@ -1192,7 +1360,10 @@ mod tests {
     #[test]
     fn bytes_that_are_not_utf8_or_are_control_characters_are_forwarded_escaped() {
         let (lines, _) = run(
-            &[b"bad \xff\xfe bytes\n", b"forged\r2026-01-01 INFO payhost: ok\x1b[31m\n"],
+            &[
+                b"bad \xff\xfe bytes\n",
+                b"forged\r2026-01-01 INFO payhost: ok\x1b[31m\n",
+            ],
             Duration::ZERO,
         );
         assert_eq!(lines[0], "bad \u{fffd}\u{fffd} bytes");

@@ -242,6 +242,7 @@ fn a_library_replaced_on_disk_after_loading_is_refused_until_restart() {
         isolation: payhost::config::Isolation::InProcess,
         max_memory_mb: None,
         kill_after: Duration::from_secs(2),
+        http_max_response_bytes: payhost::config::DEFAULT_HTTP_MAX_RESPONSE_BYTES,
         options: json!({}),
     };
     let loader = payhost::Loader::with_plugin_dir(s.dir.path());
@@ -281,6 +282,7 @@ fn a_library_swapped_between_its_pin_check_and_its_load_is_not_the_one_loaded() 
         isolation: payhost::config::Isolation::InProcess,
         max_memory_mb: None,
         kill_after: Duration::from_secs(2),
+        http_max_response_bytes: payhost::config::DEFAULT_HTTP_MAX_RESPONSE_BYTES,
         options: json!({}),
     };
     // Right after the pin matched, another file takes the library's place.

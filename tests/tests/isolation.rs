@@ -306,7 +306,10 @@ async fn a_workers_stderr_cannot_grow_the_host_or_block_the_worker() {
     let scratch = Scratch::new();
     let text = format!("{ISOLATED}\n{HOST}")
         .replace("{dir}", &scratch.dir.path().display().to_string())
-        .replace("timeout_ms = 1000\nkill_after_ms = 500", "timeout_ms = 20000");
+        .replace(
+            "timeout_ms = 1000\nkill_after_ms = 500",
+            "timeout_ms = 20000",
+        );
     let config = scratch.config(&text);
     let log = scratch.dir.path().join("server.log");
     let server = Server::start_logging(&config, &log);
@@ -349,5 +352,164 @@ async fn a_workers_stderr_cannot_grow_the_host_or_block_the_worker() {
         .unwrap_or(0);
     assert!(dropped >= 255 << 20, "dropped {dropped} bytes:\n{metrics}");
     let logs = std::fs::read_to_string(&log).unwrap();
-    assert!(logs.contains("not utf-8"), "the line after the bad bytes is forwarded");
+    assert!(
+        logs.contains("not utf-8"),
+        "the line after the bad bytes is forwarded"
+    );
+}
+
+/// Whether this process runs as root; a test that needs it fails saying so, unless the run
+/// opted out with `PAYHOST_SKIP=root`.
+fn root_or_say_why() -> bool {
+    if nix_is_root() {
+        return true;
+    }
+    if std::env::var("PAYHOST_SKIP")
+        .unwrap_or_default()
+        .split(',')
+        .any(|s| s.trim() == "root")
+    {
+        eprintln!("SKIPPED (PAYHOST_SKIP=root): dropping a worker to another user needs root");
+        return false;
+    }
+    panic!(
+        "this test needs root (CI runs as root): it starts workers as another user. Run as root, or set PAYHOST_SKIP=root to skip it"
+    );
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().nth(1).map(|e| e == "0"))
+        .unwrap_or(false)
+}
+
+/// `[plugins] worker_user`: an isolated plugin runs as that user from its first instruction, so
+/// the host's environment (every `${ENV}` secret), its config and its database are out of its
+/// reach. The same probe in-process (as the host) reads them all: the probe works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_dropped_to_its_own_user_cannot_read_the_hosts_secrets() {
+    use std::os::unix::fs::PermissionsExt;
+    if !root_or_say_why() {
+        return;
+    }
+    let scratch = Scratch::new();
+    let dir = scratch.dir.path();
+    // The operator's layout: a folder others may cross, the worker's state folder its own,
+    // the config readable by the host's user only.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let text = r#"
+[storage]
+url = "sqlite://{dir}/payhost.db"
+
+[plugins]
+dir = "{plugins}"
+worker_user = "nobody"
+
+[providers.system]
+library = "payhost_provider_system"
+
+[providers.sandbox]
+library = "payhost_provider_sandbox"
+
+[providers.sandbox.options]
+state_dir = "{state}"
+webhook_secret = "${SANDBOX_WEBHOOK_SECRET}"
+
+[providers.faulty]
+library = "payhost_fixture_faulty"
+isolation = "process"
+
+[providers.faulty.options]
+state_dir = "{state}"
+
+[providers.faulty_in_process]
+library = "payhost_fixture_faulty"
+
+[providers.faulty_in_process.options]
+state_dir = "{state}"
+"#
+    .replace("{dir}", &dir.display().to_string());
+    let config = scratch.config(&text);
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut c = std::process::Command::new(payhost_e2e::payhost_bin());
+    c.args([
+        "serve",
+        "--config",
+        config.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .env("SANDBOX_WEBHOOK_SECRET", "whsec_the_hosts_secret")
+    .stderr(std::process::Stdio::null());
+    let server = Server::from_command(c);
+    let api = Api {
+        base: server.base.clone(),
+        client: reqwest::Client::new(),
+    };
+    let db = dir.join("payhost.db");
+    let targets = [
+        format!("/proc/{}/environ", server.pid()),
+        config.display().to_string(),
+        db.display().to_string(),
+        format!("{}-wal", db.display()),
+    ];
+    let snoop = |provider: &'static str| {
+        let api = &api;
+        let targets = targets.clone();
+        async move {
+            let sid = api.session(provider).await;
+            let (status, a) = api
+                .post(
+                    &format!("/v1/payment-sessions/{sid}/authorize"),
+                    json!({"data": {"snoop": targets}}),
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{provider}: {a}");
+            let snooped = a["payment_session"]["data"]["snoop"].clone();
+            assert!(snooped.is_object(), "{a}");
+            snooped
+        }
+    };
+    let isolated = snoop("faulty").await;
+    for path in &targets {
+        let got = isolated[path].as_str().unwrap_or_default();
+        assert!(
+            got.starts_with("refused"),
+            "the isolated plugin read {path}: {got} ({isolated})"
+        );
+    }
+    let in_process = snoop("faulty_in_process").await;
+    for path in &targets {
+        let got = in_process[path].as_str().unwrap_or_default();
+        assert!(got.starts_with("read"), "in-process, {path}: {got}");
+    }
+    // The worker really is another user.
+    let workers = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("status")).ok())
+        .filter(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("PPid:"))
+                .is_some_and(|p| p.trim() == server.pid().to_string())
+        })
+        .map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect::<Vec<_>>();
+    assert!(!workers.is_empty(), "the worker is the host's child");
+    for uids in workers {
+        assert!(uids.iter().all(|u| u == "65534"), "{uids:?}");
+    }
 }

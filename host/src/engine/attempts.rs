@@ -247,7 +247,12 @@ impl Host {
                 Err(match e {
                     CallError::NotAttempted { reason } => EngineError::NotAttempted { reason },
                     CallError::Provider(pe) => EngineError::Provider(pe),
-                    CallError::Unknown { reason } => EngineError::NotAttempted { reason },
+                    // Unknown outcomes took the branch above.
+                    e @ (CallError::Unknown { .. } | CallError::AnswerTooLarge { .. }) => {
+                        EngineError::NotAttempted {
+                            reason: e.to_string(),
+                        }
+                    }
                 })
             }
         }

@@ -757,6 +757,9 @@ fn call_error(e: CallError) -> EngineError {
         CallError::NotAttempted { reason } | CallError::Unknown { reason } => {
             EngineError::NotAttempted { reason }
         }
+        e @ CallError::AnswerTooLarge { .. } => EngineError::NotAttempted {
+            reason: e.to_string(),
+        },
     }
 }
 

@@ -494,14 +494,58 @@ fn lock_path(db: &Path) -> PathBuf {
 
 /// Takes the database's lock, or says which process holds it. A second host on one file would
 /// take the first one's live calls for abandoned ones and settle them.
+/// Makes the database file (and, if present, its WAL, shared memory and lock files) readable
+/// and writable by this user only. SQLite gives the WAL and shared-memory files it creates the
+/// database file's mode, so creating the database 0600 keeps them 0600 too.
+fn private_files(db: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if !db.exists() {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(db)
+            .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", db.display())))?;
+    }
+    let suffixed = |suffix: &str| {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        std::path::PathBuf::from(name)
+    };
+    for file in [
+        db.to_owned(),
+        suffixed("-wal"),
+        suffixed("-shm"),
+        lock_path(db),
+    ] {
+        if let Ok(meta) = std::fs::metadata(&file)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).map_err(
+                |e| {
+                    StoreError::Unavailable(format!(
+                        "cannot make {} private (0600): {e}",
+                        file.display()
+                    ))
+                },
+            )?;
+            tracing::info!(file = %file.display(), "made the database file private (0600)");
+        }
+    }
+    Ok(())
+}
+
 fn take_lock(db: &Path) -> Result<std::fs::File, StoreError> {
     use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::OpenOptionsExt;
     let path = lock_path(db);
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .read(true)
         .write(true)
+        .mode(0o600)
         .open(&path)
         .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
     match file.try_lock() {
@@ -564,10 +608,17 @@ impl SqliteStore {
     pub fn open(path: impl AsRef<Path>) -> Result<SqliteStore, StoreError> {
         let path = path.as_ref().to_owned();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
-            })?;
+            use std::os::unix::fs::DirBuilderExt;
+            // Folders it makes are this user's alone; an existing one is the operator's choice.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| {
+                    StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+                })?;
         }
+        private_files(&path)?;
         let lock = take_lock(&path)?;
         let mut conn = connect(&path)?;
         migrate(&mut conn)?;
@@ -1711,6 +1762,28 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The database, its WAL, its shared memory, its lock and the folder made for it are this
+    /// user's alone; a database left readable by an older version is made private at open.
+    #[test]
+    fn the_database_and_its_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("data/payhost.db");
+        let store = SqliteStore::open(&db).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("data")), 0o700);
+        for file in ["payhost.db", "payhost.db-wal", "payhost.db-shm"] {
+            let path = dir.path().join("data").join(file);
+            assert!(path.exists(), "{file}");
+            assert_eq!(mode(&path), 0o600, "{file}");
+        }
+        assert_eq!(mode(&lock_path(&db)), 0o600);
+        drop(store);
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let _store = SqliteStore::open(&db).unwrap();
+        assert_eq!(mode(&db), 0o600, "made private again");
+    }
 
     fn fresh() -> (tempfile::TempDir, Connection) {
         let dir = tempfile::tempdir().unwrap();

@@ -340,7 +340,8 @@ fn load(
     root.insert("providers".into(), toml::Value::Table(providers));
     let text = toml::to_string(&root).map_err(|e| e.to_string())?;
     let path = scratch.0.join("payhost.toml");
-    std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    // The options hold secrets: only this user may read them (the folder is private too).
+    write_private(&path, &text)?;
     let config = crate::Config::from_file(&path).map_err(|e| e.to_string())?;
     let report = crate::Loader::new(&config).load_all(&config);
     if let Some(f) = report.failures.first() {
@@ -353,6 +354,19 @@ fn load(
         .ok_or_else(|| "the loader gave no provider".into())
 }
 
+/// Writes a new file that only this user may read.
+fn write_private(path: &std::path::Path, text: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// A folder for the generated config, removed afterwards.
 struct Scratch(PathBuf);
 
@@ -362,7 +376,13 @@ impl Scratch {
             "payhost-provider-test-{}",
             uuid::Uuid::new_v4().simple()
         ));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
         Ok(Scratch(dir))
     }
 }
@@ -1157,4 +1177,26 @@ fn stripe_signature(secret: &str, body: &str, t: i64) -> String {
         hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key");
     mac.update(format!("{t}.{body}").as_bytes());
     format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The options `provider test` hands the loader hold secrets: their folder and file are the
+    /// user's alone, whatever the umask.
+    #[test]
+    fn the_generated_config_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let scratch = Scratch::new().unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&scratch.0), 0o700);
+        let file = scratch.0.join("payhost.toml");
+        write_private(&file, "api_key = \"sk_live_x\"").unwrap();
+        assert_eq!(mode(&file), 0o600);
+        assert!(
+            write_private(&file, "again").is_err(),
+            "never over an existing file"
+        );
+    }
 }

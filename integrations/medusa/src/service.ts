@@ -283,7 +283,7 @@ export class PayhostProviderService extends AbstractPaymentProvider<PayhostOptio
             ...nulls,
             [KEYS.status]: "error",
             [KEYS.nextAction]: null,
-            [KEYS.decline]: { code: e.payhost?.code ?? null, message: e.payhost?.message ?? e.message },
+            [KEYS.decline]: declineOf(e),
           },
         }
       }
@@ -672,7 +672,7 @@ export class PayhostProviderService extends AbstractPaymentProvider<PayhostOptio
 
   protected async cancelPayment_(paymentId: string, key: string | undefined): Promise<Json> {
     try {
-      const view = await this.client_.post<PayhostPayment>(`/v1/payments/${enc(paymentId)}/cancel`, undefined, {
+      const view = await this.client_.post<PayhostPayment>(`/v1/payments/${enc(paymentId)}/cancel`, {}, {
         idempotencyKey: idempotencyKey("cancel", key ?? paymentId),
       })
       return paymentData(view)
@@ -765,6 +765,19 @@ export class PayhostProviderService extends AbstractPaymentProvider<PayhostOptio
       return undefined
     }
   }
+}
+
+/**
+ * The provider's decline code and message. payhost's 402 says `code: "declined"` and puts the
+ * provider's own code in the message: `declined (card_declined): <provider's message>`.
+ */
+export function declineOf(e: PayhostError): { code: string | null; message: string } {
+  const message = e.payhost?.message ?? e.message
+  const m = /^declined(?: \(([^)]*)\))?: ?(.*)$/s.exec(message)
+  if (m) {
+    return { code: m[1] ?? e.payhost?.code ?? null, message: m[2] || message }
+  }
+  return { code: e.payhost?.code ?? null, message }
 }
 
 function enc(id: string): string {

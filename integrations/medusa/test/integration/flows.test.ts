@@ -101,8 +101,10 @@ describe("medusa-payment-payhost through Medusa's Payment Module", () => {
     assert.equal(d.session_id, session.id)
     assert.equal(d.payhost_status, "pending")
     assert.equal(session.status, "pending")
-    assert.ok(!("card_number" in d), "the card number is not stored in Medusa")
-    assert.ok(!("cvc" in d), "the CVC is not stored in Medusa")
+    // Medusa's deep merge keeps a key returned as null, with the value gone.
+    assert.equal(d.card_number ?? null, null, "the card number is not stored in Medusa")
+    assert.equal(d.cvc ?? null, null, "the CVC is not stored in Medusa")
+    assert.ok(!JSON.stringify(d).includes(OK_CARD))
     const ps = await payhostSession(d.payhost_session_id)
     assert.equal(ps.amount, 1999)
     assert.equal(ps.currency_code, "eur")

@@ -151,7 +151,7 @@ test("authorize: pending (asynchronous) -> pending_authorization, sequence bumpe
 })
 
 test("authorize: 402 declined is returned as error with data, not thrown", async () => {
-  const { svc } = provider([{ status: 402, body: err("payment_declined", "card_declined", "Your card was declined") }])
+  const { svc } = provider([{ status: 402, body: err("payment_declined", "declined", "declined (card_declined): Your card was declined") }])
   const out = await svc.authorizePayment({ data: { payhost_session_id: "ps_1", card_number: "4000000000000002" }, context: { idempotency_key: "payses_1" } })
   assert.equal(out.status, "error")
   assert.deepEqual(out.data!.payhost_decline, { code: "card_declined", message: "Your card was declined" })
