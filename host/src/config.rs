@@ -1416,13 +1416,20 @@ impl Redactor {
 
     /// `text` with every secret replaced by `<redacted>`.
     pub fn redact(&self, text: &str) -> String {
+        self.redact_noting(text).0
+    }
+
+    /// [`Redactor::redact`], and whether anything was removed.
+    pub fn redact_noting(&self, text: &str) -> (String, bool) {
         let mut out = text.to_owned();
+        let mut found = false;
         for secret in self.0.iter() {
             if out.contains(secret.as_str()) {
                 out = out.replace(secret.as_str(), "<redacted>");
+                found = true;
             }
         }
-        out
+        (out, found)
     }
 }
 
@@ -1754,6 +1761,46 @@ mod tests {
         assert_eq!(e.location.unwrap().line, 3, "{}", e.message);
         let e = parse("[providers.s]\nlibrary = \"x\"\nwebhook_burst = 1e300\n").unwrap_err();
         assert!(e.message.contains("burst"), "{e}");
+    }
+
+    #[test]
+    fn debug_shows_no_secret() {
+        let c = parse_env(
+            "[storage]\nurl = \"postgres://app:pg-password-9@db/payhost\"\n[providers.s]\nlibrary = \"x\"\n[providers.s.options]\napi_key = \"${KEY}\"\nplain = \"literal-option-value\"\n[[events.endpoints]]\nid = \"erp\"\nurl = \"https://erp.example/hooks\"\nsecret = \"whsec_endpoint_secret_1\"\n",
+            &[("KEY", "sk_live_env_secret")],
+        )
+        .unwrap();
+        let shown = format!("{c:?} {:?}", c.providers[0]);
+        for secret in [
+            "pg-password-9",
+            "sk_live_env_secret",
+            "literal-option-value",
+            "whsec_endpoint_secret_1",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(
+            shown.contains("erp") && shown.contains("providers"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_redactor_takes_env_values_and_secret_like_options() {
+        let c = parse_env(
+            "[providers.s]\nlibrary = \"x\"\n[providers.s.options]\nwebhook_secret = \"whsec_literal_1\"\nregion = \"eu-west\"\nnested = { auth_token = \"tok_nested_2\" }\nfrom_env = \"${E}\"\n",
+            &[("E", "env-value-3")],
+        )
+        .unwrap();
+        let r = c.redactor_for(&c.providers[0]);
+        assert_eq!(
+            r.redact("whsec_literal_1 tok_nested_2 env-value-3 eu-west"),
+            "<redacted> <redacted> <redacted> eu-west"
+        );
+        assert_eq!(
+            r.redact_noting("nothing here"),
+            ("nothing here".into(), false)
+        );
     }
 
     #[test]

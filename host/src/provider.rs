@@ -692,9 +692,17 @@ impl HostSide {
             host_ops::LOG => {
                 let mut record: LogRecord =
                     serde_json::from_str(request).map_err(|e| format!("bad log record: {e}"))?;
-                record.message =
-                    crate::worker::escape_control(&self.redactor.redact(&record.message));
-                emit(&self.provider_id, &record, &self.redactor);
+                let (message, in_message) = self.redactor.redact_noting(&record.message);
+                record.message = crate::worker::escape_control(&message);
+                let in_fields = emit(&self.provider_id, &record, &self.redactor);
+                if in_message || in_fields {
+                    // The operator must hear of it (and `payhost provider test` fails on it).
+                    tracing::warn!(
+                        target: "payhost::provider",
+                        provider = %self.provider_id,
+                        "{SECRET_REDACTED}"
+                    );
+                }
                 Ok("null".into())
             }
             other => Err(format!("unsupported host service `{other}`")),
@@ -703,12 +711,16 @@ impl HostSide {
 }
 
 /// Emits a provider's log record into the host's `tracing`, tagged with the provider id.
-fn emit(provider: &str, r: &LogRecord, redactor: &crate::config::Redactor) {
+/// What the host logs when a provider's log record held a secret it redacted.
+pub const SECRET_REDACTED: &str = "the provider logged the value of a secret (of its options or the environment); the host redacted it: a provider must never log its secrets";
+
+/// Emits the record; says whether a secret was redacted from its fields.
+fn emit(provider: &str, r: &LogRecord, redactor: &crate::config::Redactor) -> bool {
     // JSON escapes line breaks in the fields; the secrets still go.
-    let fields = if r.fields.is_empty() {
-        String::new()
+    let (fields, redacted) = if r.fields.is_empty() {
+        (String::new(), false)
     } else {
-        redactor.redact(&serde_json::Value::Object(r.fields.clone()).to_string())
+        redactor.redact_noting(&serde_json::Value::Object(r.fields.clone()).to_string())
     };
     let target = crate::worker::escape_control(&r.target);
     let (target, message) = (target.as_str(), r.message.as_str());
@@ -724,4 +736,5 @@ fn emit(provider: &str, r: &LogRecord, redactor: &crate::config::Redactor) {
         "trace" => at!(trace),
         _ => at!(info),
     }
+    redacted
 }

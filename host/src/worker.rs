@@ -1347,6 +1347,42 @@ mod tests {
     }
 
     #[test]
+    fn debug_of_frames_and_settings_shows_no_option_or_payload() {
+        let init = Frame::Init {
+            library: "/lib/x.so".into(),
+            sha256: None,
+            instance_id: "card".into(),
+            options: serde_json::json!({"api_key": "sk_live_frame_secret"}),
+            config_dir: String::new(),
+            log_level: "info".into(),
+        };
+        let call = Frame::Call {
+            id: 7,
+            op: "authorize".into(),
+            payload: r#"{"input":{"card_number":"4242424242424242"}}"#.into(),
+        };
+        let settings = WorkerSettings {
+            provider_id: "card".into(),
+            library: "/lib/x.so".into(),
+            sha256: None,
+            options: serde_json::json!({"api_key": "sk_live_frame_secret"}),
+            config_dir: String::new(),
+            max_memory_mb: None,
+            kill_after: Duration::from_secs(1),
+            exe: None,
+            max_host_calls: 4,
+            user: None,
+        };
+        let shown = format!("{init:?} {call:?} {settings:?}");
+        assert!(!shown.contains("sk_live_frame_secret"), "{shown}");
+        assert!(!shown.contains("4242424242424242"), "{shown}");
+        assert!(
+            shown.contains("authorize") && shown.contains("card"),
+            "{shown}"
+        );
+    }
+
+    #[test]
     fn a_line_without_end_costs_one_line_and_is_counted() {
         let big = vec![b'x'; 10 * STDERR_LINE];
         let (lines, dropped) = run(&[&big, b"\nnext\n"], Duration::ZERO);

@@ -513,3 +513,150 @@ state_dir = "{state}"
         assert!(uids.iter().all(|u| u == "65534"), "{uids:?}");
     }
 }
+
+/// What a provider answers is bounded before the host keeps it: a frame is read as it arrives
+/// (never allocated from the length it announces), an answer over 1 MiB or data over 64 KiB is
+/// `provider.answer_too_large`, and since the call ran, its outcome is *unknown* (reconciled),
+/// never a failure that would free the payment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_too_large_is_an_unknown_outcome_not_a_failure() {
+    let scratch = Scratch::new();
+    let text = format!(
+        "{HOST}{ISOLATED}\n[providers.faulty_in_process]\nlibrary = \"payhost_fixture_faulty\"\n[providers.faulty_in_process.options]\nstate_dir = \"{{state}}/in\"\n"
+    )
+    .replace("{dir}", &scratch.dir.path().display().to_string());
+    let config = scratch.config(&text);
+    let server = Server::start(&config);
+    let api = Api {
+        base: server.base.clone(),
+        client: reqwest::Client::new(),
+    };
+    let before = peak_rss_kib(server.pid());
+    let mut sessions = Vec::new();
+    for (provider, kb) in [
+        ("faulty_in_process", 100),
+        ("faulty", 100),
+        ("faulty", 2048),
+        ("faulty", 16384),
+    ] {
+        let sid = api.session(provider).await;
+        let (status, body) = api
+            .post(
+                &format!("/v1/payment-sessions/{sid}/authorize"),
+                json!({"data": {"answer_kb": kb}}),
+            )
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::GATEWAY_TIMEOUT,
+            "{provider} {kb} KiB: {body}"
+        );
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("provider.answer_too_large"),
+            "{body}"
+        );
+        let session = api.get(&format!("/v1/payment-sessions/{sid}")).await;
+        assert_ne!(session["status"], "authorized", "{provider} {kb}");
+        assert!(
+            session.to_string().len() < 16 * 1024,
+            "nothing of it was stored"
+        );
+        sessions.push(sid);
+    }
+    // Unknown, so reconciled: the fixture did authorize, and `retrieve` says so.
+    let started = Instant::now();
+    for sid in &sessions {
+        loop {
+            let session = api.get(&format!("/v1/payment-sessions/{sid}")).await;
+            if session["status"] == "authorized" {
+                assert!(session.to_string().len() < 16 * 1024);
+                break;
+            }
+            assert_ne!(
+                session["status"], "error",
+                "never taken for a failure: {session}"
+            );
+            assert!(started.elapsed() < Duration::from_secs(20), "{session}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert!(
+        peak_rss_kib(server.pid()) < before + 96 * 1024,
+        "the host read at most its bounds"
+    );
+    // The worker and its connections go on serving.
+    let sid = api.session("faulty").await;
+    let (status, body) = api
+        .post(&format!("/v1/payment-sessions/{sid}/authorize"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// A plugin's log records and error texts reach the log and the attempts redacted like the
+/// config's own secrets, and a line break inside them cannot forge a log line, in-process and
+/// isolated alike. The operator is told a secret was logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_logs_and_errors_are_redacted_and_cannot_forge_a_line() {
+    let scratch = Scratch::new();
+    let text = format!(
+        "{HOST}\n[providers.faulty]\nlibrary = \"payhost_fixture_faulty\"\nisolation = \"process\"\n[providers.faulty.options]\nstate_dir = \"{{state}}\"\napi_key = \"${{FAULTY_KEY}}\"\n[providers.faulty_in_process]\nlibrary = \"payhost_fixture_faulty\"\n[providers.faulty_in_process.options]\nstate_dir = \"{{state}}/in\"\napi_key = \"sk_live_in_process_0123\"\n"
+    )
+    .replace("{dir}", &scratch.dir.path().display().to_string());
+    let config = scratch.config(&text);
+    let log = scratch.dir.path().join("server.log");
+    let mut c = std::process::Command::new(payhost_e2e::payhost_bin());
+    c.args([
+        "serve",
+        "--config",
+        config.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .env("FAULTY_KEY", "sk_live_from_the_env_4567")
+    .stderr(std::fs::File::create(&log).unwrap());
+    let server = Server::from_command(c);
+    let api = Api {
+        base: server.base.clone(),
+        client: reqwest::Client::new(),
+    };
+    for (provider, secret) in [
+        ("faulty", "sk_live_from_the_env_4567"),
+        ("faulty_in_process", "sk_live_in_process_0123"),
+    ] {
+        let forged = "2026-12-03T00:00:00.000000Z  INFO payhost: forged by the plugin";
+        let sid = api.session(provider).await;
+        let (status, _) = api
+            .post(
+                &format!("/v1/payment-sessions/{sid}/authorize"),
+                json!({"data": {"log": format!("key {secret}\n{forged}")}}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let sid = api.session(provider).await;
+        let (status, body) = api
+            .post(
+                &format!("/v1/payment-sessions/{sid}/authorize"),
+                json!({"data": {"fail_with": format!("refused for {secret}\r\n{forged}")}}),
+            )
+            .await;
+        assert!(status.is_server_error(), "{body}");
+        assert!(!body.to_string().contains(secret), "{body}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let logs = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            !logs.contains(secret),
+            "{provider}: a secret reached the log:\n{logs}"
+        );
+        assert!(
+            !logs.lines().any(|l| l.starts_with("2026-12-03T00:00:00")),
+            "{provider}: a plugin forged a log line:\n{logs}"
+        );
+        assert!(
+            logs.contains("the provider logged the value of a secret"),
+            "{logs}"
+        );
+    }
+}

@@ -217,3 +217,208 @@ async fn an_isolated_provider_uses_the_host_services_through_its_worker() {
         .unwrap();
     assert_eq!(answer["error"]["kind"], "not_sent", "{answer}");
 }
+
+/// A server that accepts and never answers; the times (from accept) at which each connection
+/// was closed by its client.
+async fn hanging_server() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Duration>>>) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    let closed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = closed.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let accepted = Instant::now();
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = socket.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                seen.lock().unwrap().push(accepted.elapsed());
+            });
+        }
+    });
+    (format!("http://{at}"), closed)
+}
+
+/// The bounds the host keeps for a provider's requests, in-process and isolated: a request
+/// ends with the call that made it whatever deadline the plugin names; no redirect is
+/// followed (a 307 would re-send the body and its secret headers to another origin); a body
+/// is read up to the provider's bound; an error never repeats a URL's credentials or query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_providers_requests_stay_within_their_call_and_their_bounds() {
+    let s = Scratch::new();
+    let config = BOTH.replace(
+        "[plugins]\n",
+        &format!(
+            "[plugins]\nworker = \"{}\"\n",
+            payhost_e2e::payhost_bin().display()
+        ),
+    ) + r#"
+[providers.isolated]
+library = "payhost_provider_sandbox"
+isolation = "process"
+timeout_ms = 500
+http_max_response_bytes = 4096
+
+[providers.isolated.options]
+state_dir = "{state}/isolated"
+webhook_secret = "whsec_test_secret"
+"#;
+    let (_config, report) = s.load(&config);
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    for id in ["sandbox", "isolated"] {
+        let provider = report.providers.get(id).unwrap();
+        // The plugin names a deadline a minute away; its call has 500 ms.
+        let (hanging, closed) = hanging_server().await;
+        let _ = provider
+            .call_custom("http", request(&format!("{hanging}/v1/charges"), 60_000))
+            .await;
+        let started = Instant::now();
+        while closed.lock().unwrap().is_empty() && started.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let held = closed.lock().unwrap().first().copied();
+        assert!(
+            held.is_some_and(|h| h < Duration::from_millis(1500)),
+            "{id}: the host held the request for {held:?}"
+        );
+    }
+    let sandbox = report.providers.get("sandbox").unwrap();
+    let isolated = report.providers.get("isolated").unwrap();
+
+    // A redirect to another origin is handed back, not followed.
+    let stolen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let thief = {
+        let stolen = stolen.clone();
+        serve(Router::new().route(
+            "/steal",
+            post(move || async move {
+                stolen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                "ok"
+            }),
+        ))
+        .await
+    };
+    let redirecting = serve(Router::new().route(
+        "/v1/charges",
+        post(move || {
+            let to = format!("{thief}/steal");
+            async move { (StatusCode::TEMPORARY_REDIRECT, [("location", to)], "") }
+        }),
+    ))
+    .await;
+    let answer = sandbox
+        .call_custom("http", request(&format!("{redirecting}/v1/charges"), 2000))
+        .await
+        .unwrap();
+    assert_eq!(answer["ok"]["status"], 307, "{answer}");
+    assert_eq!(stolen.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    // Bodies: 2 MiB is over the default 1 MiB; the isolated provider takes 4 KiB.
+    let big = serve(Router::new().route(
+        "/v1/charges",
+        post(|body: String| async move {
+            let n: usize = body.trim_start_matches("amount=").parse().unwrap_or(0);
+            "b".repeat(n)
+        }),
+    ))
+    .await;
+    let sized = |n: usize| {
+        let mut r = request(&format!("{big}/v1/charges"), 2000);
+        r["body"] = json!(format!("amount={n}"));
+        r
+    };
+    let answer = sandbox.call_custom("http", sized(2 << 20)).await.unwrap();
+    assert_eq!(answer["error"]["kind"], "unknown", "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("http_max_response_bytes"),
+        "{answer}"
+    );
+    let answer = sandbox.call_custom("http", sized(512 << 10)).await.unwrap();
+    assert_eq!(answer["ok"]["status"], 200, "under the bound");
+    let answer = isolated.call_custom("http", sized(8192)).await.unwrap();
+    assert_eq!(answer["error"]["kind"], "unknown", "{answer}");
+    let answer = isolated.call_custom("http", sized(1024)).await.unwrap();
+    assert_eq!(answer["ok"]["status"], 200, "{answer}");
+
+    // An error names the URL without its password or query.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let answer = sandbox
+        .call_custom(
+            "http",
+            request(
+                &format!("http://merchant:hunter2@{closed}/v1/charges?api_key=sk_live_zzz"),
+                2000,
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer["error"]["kind"], "not_sent", "{answer}");
+    let text = answer.to_string();
+    assert!(
+        !text.contains("hunter2") && !text.contains("sk_live_zzz"),
+        "{text}"
+    );
+}
+
+/// The host's threads per process, from `/proc/self/status`.
+fn threads() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+/// A plugin's own threads can ask the host for HTTP requests outside any call; each holds a
+/// host thread while it runs. The host serves at most `max_concurrency` of them at once and
+/// refuses the rest, counted, instead of starting a thread for each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_own_threads_get_a_bounded_number_of_host_requests() {
+    let s = Scratch::new();
+    let config = format!(
+        "[plugins]\ndir = \"{{plugins}}\"\nworker = \"{}\"\n[providers.faulty]\nlibrary = \"payhost_fixture_faulty\"\nisolation = \"process\"\nmax_concurrency = 4\ntimeout_ms = 5000\n[providers.faulty.options]\nstate_dir = \"{{state}}\"\n",
+        payhost_e2e::payhost_bin().display()
+    );
+    let (_config, report) = s.load(&config);
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    let faulty = report.providers.get("faulty").unwrap();
+    let (hanging, _closed) = hanging_server().await;
+    let before = threads();
+    let response = faulty
+        .call(payhost_provider_api::AuthorizeRequest {
+            session_id: "ps_storm".into(),
+            idempotency_key: "storm-1".into(),
+            amount: 100,
+            currency_code: "eur".into(),
+            context: Value::Null,
+            data: Value::Null,
+            input: json!({"storm": {"url": format!("{hanging}/slow"), "threads": 64}}),
+            deadline_unix_ms: None,
+        })
+        .await;
+    assert!(response.is_ok(), "{response:?}");
+    // The storm's requests arrive; give them a moment, then count.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = threads();
+    assert!(
+        during <= before + 4 + 4,
+        "host threads went from {before} to {during}"
+    );
+    let refused = payhost::metrics::global()
+        .plugin_limits
+        .with_label_values(&["faulty", "host_calls"])
+        .get();
+    assert!(refused >= 60, "refused {refused}");
+}

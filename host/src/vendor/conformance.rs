@@ -1145,7 +1145,9 @@ impl Run<'_> {
             );
             return;
         }
-        let in_logs = secrets.iter().any(|s| logs.contains(s.as_str()));
+        // The host redacts a secret a provider logs, and says it did: that is still a leak.
+        let in_logs = secrets.iter().any(|s| logs.contains(s.as_str()))
+            || logs.contains(crate::provider::SECRET_REDACTED);
         let in_answers = secrets
             .iter()
             .any(|s| answers.iter().any(|a| a.contains(s.as_str())));

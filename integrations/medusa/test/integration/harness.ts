@@ -13,7 +13,7 @@ import path from "node:path"
 
 import { Client } from "pg"
 import { MedusaApp, MedusaAppMigrateUp, MedusaModule } from "@medusajs/framework/modules-sdk"
-import { Modules, PaymentActions } from "@medusajs/framework/utils"
+import { ContainerRegistrationKeys, Modules, PaymentActions } from "@medusajs/framework/utils"
 import type { IPaymentModuleService } from "@medusajs/framework/types"
 
 import payhostModule from "../../src/index"
@@ -283,10 +283,12 @@ export async function bootMedusa(
       },
     },
   }
+  // Medusa puts the knex connection it creates into injectedDependencies (and reuses it).
+  const injected: Record<string, any> = { logger: quiet }
   const common = {
     modulesConfig: modulesConfig as any,
     sharedResourcesConfig: { database: { clientUrl: dbUrl } },
-    injectedDependencies: { logger: quiet },
+    injectedDependencies: injected,
   }
   const restore = silenceStderr()
   try {
@@ -298,6 +300,7 @@ export async function bootMedusa(
       shutdown: async () => {
         await app.onApplicationShutdown()
         MedusaModule.clearInstances()
+        await injected[ContainerRegistrationKeys.PG_CONNECTION]?.destroy?.()
       },
     }
   } finally {
