@@ -313,6 +313,25 @@ pub struct Delivery {
     pub redelivered_at: Option<Timestamp>,
 }
 
+/// Whether an endpoint URL is plain `http://` to a host that is not this machine.
+pub fn clear_text_on_a_network(url: &str) -> bool {
+    let Ok(url) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    url.scheme() == "http"
+        && match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => !ip.is_loopback(),
+            Err(_) => {
+                let d = host.trim_end_matches('.').to_ascii_lowercase();
+                d != "localhost" && !d.ends_with(".localhost")
+            }
+        }
+}
+
 /// `[[events.endpoints]]`: where events are POSTed.
 #[derive(Clone)]
 pub struct Endpoint {

@@ -668,10 +668,24 @@ fn server_summary(config: &Config) -> serde_json::Value {
             Some(serde_json::json!({"code": e.code(), "message": e.to_string()})),
         ),
     };
+    let warnings: Vec<String> = config
+        .events
+        .endpoints
+        .iter()
+        .filter(|p| payhost::events::clear_text_on_a_network(&p.url))
+        .map(|p| {
+            format!(
+                "event endpoint `{}` gets events in clear text ({}): they are signed, but anyone on the way reads them; use https",
+                p.id,
+                payhost::events::redact_endpoint_url(&p.url)
+            )
+        })
+        .collect();
     serde_json::json!({
         "listen": s.listen.to_string(),
         "admin_listen": s.admin_listen.map(|a| a.to_string()),
         "tls": s.tls.is_some(),
+        "warnings": warnings,
         "listeners": listeners,
         "refused": refused,
         "auth": auth,
@@ -775,6 +789,9 @@ fn print_check(config: &Config, report: &LoadReport, disabled: &[&str]) {
         "events  kept {} ms after delivery, long-poll up to {} ms",
         e["retention_ms"], e["max_wait_ms"]
     );
+    for w in s["warnings"].as_array().into_iter().flatten() {
+        println!("WARN    {}", w.as_str().unwrap_or(""));
+    }
     for p in e["endpoints"].as_array().into_iter().flatten() {
         println!(
             "        endpoint {} {} types {}, timeout {} ms, retried {}..{} ms apart for {} ms, then parked",

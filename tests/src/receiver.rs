@@ -21,6 +21,10 @@ pub enum Answer {
     Close,
     /// 500, never answer, close: one after the other, per request.
     Cycle,
+    /// A 200 whose body is cut off (the connection closes before its content-length).
+    CutOk,
+    /// A 200 with a 1 MiB body.
+    HugeOk,
 }
 
 /// One request received.
@@ -210,6 +214,22 @@ async fn serve(mut socket: tokio::net::TcpStream, state: Arc<State>) {
                 let mut rest = [0u8; 1];
                 let _ = socket.read(&mut rest).await;
                 return;
+            }
+            Answer::CutOk => {
+                let _ = socket
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nok")
+                    .await;
+                return;
+            }
+            Answer::HugeOk => {
+                let body = vec![b'k'; 1 << 20];
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                if socket.write_all(head.as_bytes()).await.is_err()
+                    || socket.write_all(&body).await.is_err()
+                {
+                    return;
+                }
+                continue;
             }
             Answer::Close | Answer::Cycle => return,
         };

@@ -825,3 +825,63 @@ async fn get_events_pages_long_polls_and_hides_attempts_from_keys_without_the_op
         .unwrap();
     assert_eq!(r.status(), 401, "a key is needed");
 }
+
+/// A delivery is done only when a 2xx arrived whole: a 200 cut off mid-body (a proxy dying, a
+/// receiver crashing) or one too large to read is tried again, so no event is lost to an
+/// answer nobody read. `check` warns about an endpoint in clear text on a network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2xx_that_is_not_read_whole_is_not_a_delivery() {
+    for answer in [Answer::CutOk, Answer::HugeOk] {
+        let s = Scratch::new();
+        let receiver = Receiver::start(SECRET).await;
+        receiver.answer(answer);
+        let config = s.config(&serve_config(
+            &format!("sqlite://{}/payhost.db", s.dir.path().display()),
+            &receiver.url,
+            "poll_ms = 20\nclaim_ms = 2500",
+            "timeout_ms = 1000\nretry_base_ms = 50\nretry_max_ms = 100\ntypes = [\"payment_collection.*\"]",
+        ));
+        let server = Server::start(&config);
+        let client = reqwest::Client::new();
+        http_flow(&client, &server.base).await;
+        let tries = receiver
+            .wait_until(Duration::from_secs(10), |r| r.len() >= 3)
+            .await;
+        assert!(
+            tries.len() >= 3,
+            "{answer:?}: sent again, {} tries",
+            tries.len()
+        );
+        assert!(tries.iter().all(|t| t.id == tries[0].id), "the same event");
+        // Answered properly, it is delivered and no longer sent.
+        receiver.answer(Answer::Ok);
+        receiver
+            .wait_until(Duration::from_secs(10), |r| {
+                r.last().is_some_and(|t| t.answered == Answer::Ok)
+            })
+            .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let settled = receiver.received().len();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            receiver.received().len(),
+            settled,
+            "{answer:?}: delivered at last"
+        );
+    }
+    let s = Scratch::new();
+    let config = s.config(&serve_config(
+        "sqlite://payhost.db",
+        "http://erp.example.com/hooks/payhost",
+        "",
+        "",
+    ));
+    let out = payhost(&["check", "--config", config.to_str().unwrap()], &[]);
+    let report = text(&out.stdout);
+    assert!(
+        report.contains("WARN")
+            && report.contains("http://erp.example.com")
+            && report.contains("clear text"),
+        "{report}"
+    );
+}

@@ -936,3 +936,67 @@ async fn after_a_crash_the_host_listens_at_once_and_is_ready_once_it_has_reconci
         .unwrap();
     assert!(open["attempts"].as_array().unwrap().is_empty(), "{open}");
 }
+
+/// Junk sent to a webhook intake spends the budget of the address it came from, never the
+/// provider's: while an address floods `/hooks/sandbox` with unsigned bodies (and ends up
+/// refused), the processor's signed webhooks from another address are applied. Verified
+/// webhooks have their own per-provider budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsigned_junk_never_takes_the_budget_of_the_processors_webhooks() {
+    let api = Api::start_with(&HOST.replace(
+        "max_concurrency = 16\n",
+        "max_concurrency = 16\nwebhook_rate_per_second = 0.5\nwebhook_burst = 5\n",
+    ));
+    let from = |ip: [u8; 4]| {
+        reqwest::Client::builder()
+            .local_address(std::net::IpAddr::from(ip))
+            .build()
+            .unwrap()
+    };
+    let (junk, processor) = (from([127, 0, 0, 2]), from([127, 0, 0, 1]));
+    let hook = api.url("/hooks/sandbox");
+    let mut statuses = Vec::new();
+    for i in 0..60 {
+        let r = junk
+            .post(&hook)
+            .header("content-type", "application/json")
+            .body(format!(
+                r#"{{"id":"evt_junk_{i}","type":"payment.authorized"}}"#
+            ))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    assert!(statuses[..20].iter().all(|s| *s == 401), "{statuses:?}");
+    assert!(statuses[21..].iter().all(|s| *s == 429), "{statuses:?}");
+    // The processor's own, signed, from its own address: all applied, within its budget.
+    for i in 0..5 {
+        let (body, signature) = signed(
+            "whsec_test_secret",
+            json!({"id": format!("evt_real_{i}"), "type": "payment.authorized", "session_id": "ps_none", "amount": 100, "currency_code": "eur", "created": 0}),
+        );
+        let r = processor
+            .post(&hook)
+            .header("sandbox-signature", signature)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        assert_eq!(status, StatusCode::OK, "{i}: {}", r.text().await.unwrap());
+    }
+    // Past its own budget (burst 5), the processor is told to slow down.
+    let (body, signature) = signed(
+        "whsec_test_secret",
+        json!({"id": "evt_real_6", "type": "payment.authorized", "session_id": "ps_none", "amount": 100, "currency_code": "eur", "created": 0}),
+    );
+    let r = processor
+        .post(&hook)
+        .header("sandbox-signature", signature)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+}

@@ -120,19 +120,48 @@ pub fn payment(p: &Payment, input: PaymentInput) -> Result<(), String> {
     }
 }
 
-/// A collection's status, derived.
+/// A collection's totals that cannot be represented: over [`super::MAX_AMOUNT`] minor units.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the collection's {what} sums past {} minor units, which no client can represent exactly",
+    super::MAX_AMOUNT
+)]
+pub struct TotalTooLarge {
+    /// `authorized`, `captured` or `refunded`.
+    pub what: &'static str,
+}
+
+/// Σ `amounts`, refused past [`super::MAX_AMOUNT`] (never wrapping).
+fn total(what: &'static str, amounts: impl Iterator<Item = i64>) -> Result<i64, TotalTooLarge> {
+    let mut sum: i64 = 0;
+    for a in amounts {
+        sum = sum
+            .checked_add(a)
+            .filter(|s| *s <= super::MAX_AMOUNT)
+            .ok_or(TotalTooLarge { what })?;
+    }
+    Ok(sum)
+}
+
+/// A collection's status and its authorized, captured and refunded totals, derived.
 pub fn collection(
     amount: i64,
     sessions: &[PaymentSession],
     payments: &[Payment],
-) -> (CollectionStatus, i64, i64, i64) {
+) -> Result<(CollectionStatus, i64, i64, i64), TotalTooLarge> {
     let live: Vec<&Payment> = payments
         .iter()
         .filter(|p| p.canceled_at.is_none())
         .collect();
-    let authorized: i64 = live.iter().map(|p| p.amount).sum();
-    let captured: i64 = payments.iter().map(|p| p.captured_amount()).sum();
-    let refunded: i64 = payments.iter().map(|p| p.refunded_amount()).sum();
+    let authorized = total("authorized amount", live.iter().map(|p| p.amount))?;
+    let captured = total(
+        "captured amount",
+        payments.iter().map(|p| p.captured_amount()),
+    )?;
+    let refunded = total(
+        "refunded amount",
+        payments.iter().map(|p| p.refunded_amount()),
+    )?;
     let status = if !payments.is_empty() && live.is_empty() {
         CollectionStatus::Canceled
     } else if captured >= amount {
@@ -151,7 +180,7 @@ pub fn collection(
     } else {
         CollectionStatus::NotPaid
     };
-    (status, authorized, captured, refunded)
+    Ok((status, authorized, captured, refunded))
 }
 
 #[cfg(test)]
@@ -209,6 +238,48 @@ mod tests {
         assert_eq!(
             session(S::Authorized, SessionInput::Authorize),
             Step::Unchanged
+        );
+    }
+}
+
+#[cfg(test)]
+mod totals {
+    use super::*;
+    use crate::domain::{CollectionId, Currency, MAX_AMOUNT, PaymentId, SessionId};
+
+    fn payment(amount: i64) -> Payment {
+        Payment {
+            id: PaymentId::generate(),
+            payment_session_id: SessionId::generate(),
+            payment_collection_id: CollectionId::generate(),
+            provider_id: "system".into(),
+            amount,
+            currency_code: Currency::parse("eur").unwrap(),
+            data: serde_json::Value::Null,
+            captures: Vec::new(),
+            refunds: Vec::new(),
+            captured_at: None,
+            canceled_at: None,
+            created_at: 0,
+            updated_at: 0,
+            version: 1,
+        }
+    }
+
+    /// 1,024 payments of 2^53 once wrapped an i64 to a small, wrong total; past what a client
+    /// can represent the total is refused instead.
+    #[test]
+    fn totals_past_what_a_client_represents_are_refused_not_wrapped() {
+        let many: Vec<Payment> = (0..1024).map(|_| payment(MAX_AMOUNT)).collect();
+        let e = collection(MAX_AMOUNT, &[], &many).unwrap_err();
+        assert_eq!(e.what, "authorized amount");
+        let two = [payment(MAX_AMOUNT), payment(1)];
+        assert!(collection(MAX_AMOUNT, &[], &two).is_err());
+        let fits = [payment(MAX_AMOUNT - 1), payment(1)];
+        let (status, authorized, _, _) = collection(MAX_AMOUNT, &[], &fits).unwrap();
+        assert_eq!(
+            (status, authorized),
+            (CollectionStatus::Authorized, MAX_AMOUNT)
         );
     }
 }

@@ -512,11 +512,34 @@ async fn post(client: &reqwest::Client, endpoint: &Endpoint, event: &Event) -> R
             format!("{kind}: {}", e.without_url())
         })?;
     let status = answer.status();
-    // Read the answer (bounded by the timeout), so the connection can be reused.
-    let _ = answer.bytes().await;
-    if status.is_success() {
-        Ok(())
-    } else {
-        Err(format!("the endpoint answered {status}"))
+    // Read the answer (bounded by the timeout and in size), so the connection can be reused and
+    // a 2xx counts only once it arrived whole: a cut answer may be a proxy's, not the receiver's.
+    let read = read_answer(answer).await;
+    match (status.is_success(), read) {
+        (true, Ok(())) => Ok(()),
+        (true, Err(why)) => Err(format!("the endpoint answered {status}, but {why}")),
+        (false, _) => Err(format!("the endpoint answered {status}")),
+    }
+}
+
+/// The most of an endpoint's answer read: receivers answer with a word, not a document.
+const MAX_ENDPOINT_ANSWER: usize = 64 * 1024;
+
+/// Reads an endpoint's answer through, up to [`MAX_ENDPOINT_ANSWER`].
+async fn read_answer(mut answer: reqwest::Response) -> Result<(), String> {
+    let mut read = 0usize;
+    loop {
+        match answer.chunk().await {
+            Ok(None) => return Ok(()),
+            Ok(Some(chunk)) => {
+                read += chunk.len();
+                if read > MAX_ENDPOINT_ANSWER {
+                    return Err(format!(
+                        "its answer is over {MAX_ENDPOINT_ANSWER} bytes (not read further)"
+                    ));
+                }
+            }
+            Err(e) => return Err(format!("its answer was cut off: {}", e.without_url())),
+        }
     }
 }

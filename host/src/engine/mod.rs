@@ -40,6 +40,7 @@ use attempts::{Current, Settled};
 pub use inputs::*;
 pub use lease::LeaseSettings;
 pub use reconcile::{ReconcileReport, ReconcileSettings, ResolveAs};
+pub use reports::VerifiedWebhook;
 
 use crate::domain::transitions::{self, PaymentInput, SessionInput, Step};
 use crate::domain::*;
@@ -147,6 +148,9 @@ pub enum EngineError {
         /// The highest pruned sequence number.
         pruned_through: i64,
     },
+    /// A total that cannot be represented (past 2^53 minor units): refused, never wrapped.
+    #[error("{0}")]
+    AmountOverflow(String),
     /// Storage failed.
     #[error("{0}")]
     Store(StoreError),
@@ -171,6 +175,7 @@ impl EngineError {
             EngineError::Provider(_) => "provider_error",
             EngineError::Unverified(_) => "unverified",
             EngineError::EventsPruned { .. } => "events_pruned",
+            EngineError::AmountOverflow(_) => "amount_overflow",
             EngineError::Store(e) => e.code(),
         }
     }
@@ -659,7 +664,8 @@ impl Host {
         let sessions = self.store.sessions_by_collection(&id).await?;
         let payments = self.store.payments_by_collection(&id).await?;
         let (status, authorized, captured, refunded) =
-            transitions::collection(collection.amount, &sessions, &payments);
+            transitions::collection(collection.amount, &sessions, &payments)
+                .map_err(|e| EngineError::AmountOverflow(format!("collection {id}: {e}")))?;
         Ok(CollectionView {
             collection,
             status,

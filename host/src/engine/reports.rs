@@ -2,6 +2,14 @@
 
 use super::*;
 
+/// A webhook its provider verified: only [`Host::verify_webhook`] makes one.
+#[derive(Debug)]
+pub struct VerifiedWebhook {
+    provider_id: String,
+    body: String,
+    event: WebhookEvent,
+}
+
 impl Host {
     /// Applies what a provider reports about a session (a verified webhook, or a sync). Monotone:
     /// a report about a session that moved on is ignored and logged.
@@ -56,6 +64,19 @@ impl Host {
         body: String,
         headers: Vec<(String, String)>,
     ) -> Result<WebhookReceipt, EngineError> {
+        let verified = self.verify_webhook(provider_id, body, headers).await?;
+        self.accept_webhook(verified).await
+    }
+
+    /// The first half of [`Host::receive_webhook`]: the provider verifies the signature and
+    /// translates the event. Nothing is stored; an intake can spend a verified event's budget
+    /// apart from the failures'.
+    pub async fn verify_webhook(
+        &self,
+        provider_id: &str,
+        body: String,
+        headers: Vec<(String, String)>,
+    ) -> Result<VerifiedWebhook, EngineError> {
         let provider = self.provider(provider_id)?.clone();
         if !provider.manifest().capabilities.webhooks {
             return Err(EngineError::Unsupported(format!(
@@ -81,6 +102,25 @@ impl Host {
         if event.event_id.is_empty() {
             return Err(EngineError::invalid("body", "the event has no id"));
         }
+        Ok(VerifiedWebhook {
+            provider_id: provider_id.to_owned(),
+            body,
+            event,
+        })
+    }
+
+    /// The second half of [`Host::receive_webhook`]: stores a verified event once per
+    /// (provider, event id) and applies it.
+    pub async fn accept_webhook(
+        &self,
+        verified: VerifiedWebhook,
+    ) -> Result<WebhookReceipt, EngineError> {
+        let VerifiedWebhook {
+            provider_id,
+            body,
+            event,
+        } = verified;
+        let provider_id = provider_id.as_str();
         let action = serde_json::to_value(event.action)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))

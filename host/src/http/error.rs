@@ -96,7 +96,9 @@ impl From<EngineError> for ApiError {
             EngineError::InvalidInput { field, .. } => {
                 ApiError::new(S::BAD_REQUEST, "invalid_request_error", code, message).param(field)
             }
-            EngineError::InvalidTransition(_) | EngineError::Unsupported(_) => {
+            EngineError::InvalidTransition(_)
+            | EngineError::Unsupported(_)
+            | EngineError::AmountOverflow(_) => {
                 ApiError::new(S::UNPROCESSABLE_ENTITY, "invalid_state", code, message)
             }
             EngineError::ProviderNotLoaded(_) => ApiError::new(

@@ -138,6 +138,9 @@ describe("medusa-payment-payhost through Medusa's Payment Module", () => {
     const again = await medusaPayment(payment.id)
     assert.equal(again.captures!.length, 1, "one capture in Medusa's books")
     assert.equal((await payhostPayment(pd.payhost_payment_id)).captures.length, 1, "one capture at payhost")
+    const mine = receiver.deliveries.filter((x) => x.result?.data?.session_id === session.id)
+    assert.deepEqual(mine.map((x) => x.result?.action).sort(), ["authorized", "captured"])
+    assert.deepEqual(mine.map((x) => x.error), [undefined, undefined], "Medusa's webhook flow ran without errors")
   })
 
   test("pp_payhost_system: the same flow on payhost's system provider, JPY and KWD amounts", async () => {
@@ -304,6 +307,22 @@ describe("medusa-payment-payhost through Medusa's Payment Module", () => {
     const provider = (medusa.payment as any).paymentProviderService_.retrieveProvider(SANDBOX)
     await provider.deletePayment({ data: { session_id: session.id } })
     assert.equal((await payhostSession(psId)).status, "canceled")
+  })
+
+  test("events of another payhost provider: filtered by payhost (`providers = [...]`) or ignored by the bridge", async () => {
+    const { session } = await checkout(SYSTEM, 3, "eur")
+    await authorize(session.id)
+    await new Promise((r) => setTimeout(r, 2500))
+    const foreign = receiver.deliveries.filter((x) => x.providerId === "system")
+    if (payhost.features.endpointProviders) {
+      assert.equal(foreign.length, 0, "no system-provider event reached the sandbox endpoint")
+    } else {
+      // Before payhost addition 3 every event reaches every endpoint: the bridge must not act on them.
+      assert.ok(foreign.length > 0, "system-provider events reach the sandbox endpoint on this payhost")
+      for (const d of foreign.filter((x) => x.processed)) {
+        assert.deepEqual(d.result, { action: "not_supported" }, d.type)
+      }
+    }
   })
 
   test("a wrong API key is a clear error and leaves nothing half-made", async () => {

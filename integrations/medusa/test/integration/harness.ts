@@ -327,6 +327,8 @@ function silenceStderr(): () => void {
 export type Delivery = {
   eventId: string
   type: string
+  /** The payhost provider of the session or payment the event is about. */
+  providerId?: string
   result?: { action: string; data?: { session_id: string; amount: unknown } }
   error?: string
   processed: boolean
@@ -376,6 +378,7 @@ export async function startReceiver(delayMs = Number(process.env.MEDUSA_WEBHOOK_
       } catch {
         body = {}
       }
+      delivery.providerId = (body as any)?.data?.provider_id
       setTimeout(() => {
         process_(provider, { data: body as any, rawData: rawBody, headers: req.headers as any }, delivery).finally(() => {
           delivery.processed = true

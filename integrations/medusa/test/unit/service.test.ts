@@ -299,3 +299,61 @@ test("webhook: a bad signature or a parsed-only body is refused", async () => {
   await assert.rejects(svc.getWebhookActionAndData({ ...e, rawData: undefined as any }), /raw body is missing/)
   await assert.rejects(svc.getWebhookActionAndData({ ...e, headers: {} }), /header is missing/)
 })
+
+test("cancel: Medusa's authorize rollback (no key) does not void a payment Medusa already records", async () => {
+  const paymentService = {
+    list: async () => [{ id: "pay_medusa_1", data: { payhost_payment_id: "pay_1" }, canceled_at: null }],
+  }
+  const { svc, requests } = provider([], { paymentService })
+  const out = await svc.cancelPayment({ data: { session_id: "payses_1", payhost_payment_id: "pay_1" }, context: {} })
+  assert.deepEqual(out, { data: {} })
+  assert.equal(requests.length, 0, "no cancel sent")
+})
+
+test("cancel: Medusa's authorize rollback with no Medusa Payment voids it; a keyed cancel always does", async () => {
+  const paymentService = { list: async () => [] }
+  const canceled = { status: 200, body: payment({ status: "canceled", canceled_at: 1 }) }
+  const { svc, requests } = provider([canceled, canceled], { paymentService })
+  await svc.cancelPayment({ data: { session_id: "payses_1", payhost_payment_id: "pay_1" }, context: {} })
+  assert.equal(requests[0].url.pathname, "/v1/payments/pay_1/cancel")
+  assert.equal(requests[0].headers["idempotency-key"], "medusa:cancel:pay_1")
+  await svc.cancelPayment({ data: { session_id: "payses_1", payhost_payment_id: "pay_1" }, context: { idempotency_key: "pay_medusa_1" } })
+  assert.equal(requests[1].headers["idempotency-key"], "medusa:cancel:pay_medusa_1")
+})
+
+test("update: amount in minor units, currency change refused, card data nulled", async () => {
+  const { svc, requests } = provider([{ status: 200, body: session({ amount: 2500 }) }])
+  const out = await svc.updatePayment({
+    amount: 25,
+    currency_code: "eur",
+    data: { payhost_session_id: "ps_1", payhost_currency_code: "eur", card_number: "4242424242424242" },
+  })
+  assert.deepEqual(requests[0].body, { amount: 2500, data: { card_number: "4242424242424242" } })
+  assert.equal(out.data!.card_number, null)
+  assert.equal(out.data!.payhost_amount, 2500)
+  await assert.rejects(
+    svc.updatePayment({ amount: 25, currency_code: "usd", data: { payhost_session_id: "ps_1", payhost_currency_code: "eur" } }),
+    /currency cannot change/
+  )
+})
+
+test("getPaymentStatus and retrievePayment read payhost", async () => {
+  const { svc } = provider([
+    { status: 200, body: payment({ status: "captured", captured_amount: 1999 }) },
+    { status: 200, body: session({ status: "requires_more" }) },
+  ])
+  assert.equal((await svc.getPaymentStatus({ data: { payhost_payment_id: "pay_1" } })).status, "captured")
+  const r = await svc.retrievePayment({ data: { payhost_session_id: "ps_1" } })
+  assert.equal(r.data!.payhost_status, "requires_more")
+})
+
+test("capture: a racing capture payhost refuses as nothing-left (422) is answered from payhost's books", async () => {
+  const { svc, requests } = provider([
+    { status: 200, body: payment() },
+    { status: 422, body: err("invalid_state", "invalid_transition", "capturing 1999 would exceed the authorized 1999 (1999 already captured)") },
+    { status: 200, body: payment({ status: "captured", captured_amount: 1999 }) },
+  ])
+  const out = await svc.capturePayment({ data: { payhost_payment_id: "pay_1" }, context: { idempotency_key: "capt_9" } })
+  assert.equal(requests.length, 3)
+  assert.equal(out.data!.payhost_payment_status, "captured")
+})
