@@ -10,6 +10,27 @@ use payhost::{Config, Inspection, LoadReport, Loader};
 use payhost_provider_api::Capabilities;
 use tracing_subscriber::EnvFilter;
 
+/// `println!` that treats a closed stdout (`payhost check | head -1`) as the end of the
+/// command's output: it exits quietly with success instead of panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            stdout_failed(e);
+        }
+    }};
+}
+
+/// What a write to stdout that failed means: a reader that went away ends the command (exit 0);
+/// anything else is reported.
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("error: cannot write the output: {e}");
+    std::process::exit(1);
+}
+
 /// The payment-session host.
 #[derive(Parser)]
 #[command(version, about)]
@@ -280,22 +301,22 @@ fn main() -> ExitCode {
 fn provider_new(name: &str, dir: Option<&Path>, api_path: Option<&Path>) -> ExitCode {
     match payhost::vendor::new_provider(name, dir, api_path) {
         Ok(made) => {
-            println!("wrote {}:", made.dir.display());
+            say!("wrote {}:", made.dir.display());
             for f in &made.files {
-                println!("  {f}");
+                say!("  {f}");
             }
-            println!("depends on {}", made.api_dependency);
-            println!();
-            println!("next:");
-            println!("  cd {}", made.dir.display());
-            println!("  cargo test && cargo build --release");
-            println!(
+            say!("depends on {}", made.api_dependency);
+            say!();
+            say!("next:");
+            say!("  cd {}", made.dir.display());
+            say!("  cargo test && cargo build --release");
+            say!(
                 "  payhost provider test target/release/{}{}{} --options options.toml --scenario scenario.toml",
                 std::env::consts::DLL_PREFIX,
                 made.lib,
                 std::env::consts::DLL_SUFFIX
             );
-            println!("  payhost check --config payhost.example.toml");
+            say!("  payhost check --config payhost.example.toml");
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -367,20 +388,20 @@ fn provider_test(
         return ExitCode::FAILURE;
     }
     if json {
-        println!(
+        say!(
             "{}",
             serde_json::to_string_pretty(&report).unwrap_or_default()
         );
     } else {
         match &report.manifest {
-            Some(m) => println!(
+            Some(m) => say!(
                 "payhost provider test: {} {} ({}, {})",
                 m.id,
                 m.version,
                 report.library.display(),
                 report.isolation
             ),
-            None => println!("payhost provider test: {}", report.library.display()),
+            None => say!("payhost provider test: {}", report.library.display()),
         }
         for c in &report.checks {
             let mark = match c.verdict {
@@ -388,12 +409,12 @@ fn provider_test(
                 Verdict::Fail => "FAIL",
                 Verdict::Skip => "SKIP",
             };
-            println!("  {mark}  {:<28} {}", c.name, c.expected);
+            say!("  {mark}  {:<28} {}", c.name, c.expected);
             if c.verdict != Verdict::Pass || c.name == "latency" {
-                println!("        {:<28} got: {}", "", c.got);
+                say!("        {:<28} got: {}", "", c.got);
             }
         }
-        println!(
+        say!(
             "{} checks: {} passed, {} failed, {} skipped",
             report.checks.len(),
             report.count(Verdict::Pass),
@@ -434,7 +455,7 @@ fn hosts(path: &Path, json: bool) -> ExitCode {
     };
     runtime.block_on(async {
         if config.storage.url.starts_with("sqlite://") {
-            println!(
+            say!(
                 "one host per SQLite file: no leases (the file's lock names the host that has it)"
             );
             return ExitCode::SUCCESS;
@@ -454,18 +475,18 @@ fn hosts(path: &Path, json: bool) -> ExitCode {
             }
         };
         if json {
-            println!(
+            say!(
                 "{}",
                 serde_json::to_string_pretty(&hosts).unwrap_or_default()
             );
             return ExitCode::SUCCESS;
         }
         if hosts.is_empty() {
-            println!("no hosts registered");
+            say!("no hosts registered");
         }
         for h in &hosts {
             let lease = h.lease_expires_at - now;
-            println!(
+            say!(
                 "{}  {:<7} epoch {:<4} {}  open attempts {}  ({})",
                 h.host_id,
                 if h.live { "live" } else { "expired" },
@@ -512,17 +533,17 @@ fn new_key(scopes: &[String], id: Option<String>, rate: Option<f64>) -> ExitCode
         "PAYHOST_KEY_{}_DIGEST",
         id.to_ascii_uppercase().replace('-', "_")
     );
-    println!("{secret}");
-    println!();
-    println!("# The line above is the key: give it to its client now, it is not shown again.");
-    println!("# payhost keeps only its digest. Paste this into the config:");
-    println!("[[api_keys]]");
-    println!("id = \"{id}\"");
-    println!("digest = \"{digest}\"   # or \"${{{env}}}\" with {env}={digest}");
-    println!("scopes = [{}]", scopes.join(", "));
+    say!("{secret}");
+    say!();
+    say!("# The line above is the key: give it to its client now, it is not shown again.");
+    say!("# payhost keeps only its digest. Paste this into the config:");
+    say!("[[api_keys]]");
+    say!("id = \"{id}\"");
+    say!("digest = \"{digest}\"   # or \"${{{env}}}\" with {env}={digest}");
+    say!("scopes = [{}]", scopes.join(", "));
     if let Some(rate) = rate {
-        println!("rate_per_second = {rate}");
-        println!("burst = {}", (rate * 2.0).max(1.0));
+        say!("rate_per_second = {rate}");
+        say!("burst = {}", (rate * 2.0).max(1.0));
     }
     ExitCode::SUCCESS
 }
@@ -570,13 +591,13 @@ fn check(path: &Path, json: bool) -> ExitCode {
             Some(Ok(d)) => serde_json::json!({"report": d, "warning": d.warning()}),
             Some(Err(e)) => serde_json::json!({"error": config.redact(&e.to_string())}),
         };
-        println!("{out}");
+        say!("{out}");
     } else {
         print_check(&config, &report, &disabled);
         match &durability {
             None => {}
             Some(Ok(d)) => {
-                println!(
+                say!(
                     "storage {} ; synchronous_commit {} ; synchronous standbys {} ({})",
                     if d.primary { "primary" } else { "STANDBY" },
                     d.synchronous_commit,
@@ -588,10 +609,10 @@ fn check(path: &Path, json: bool) -> ExitCode {
                     }
                 );
                 if let Some(w) = d.warning() {
-                    println!("WARN    {w}");
+                    say!("WARN    {w}");
                 }
             }
-            Some(Err(e)) => println!(
+            Some(Err(e)) => say!(
                 "WARN    cannot reach the store: {}",
                 config.redact(&e.to_string())
             ),
@@ -722,9 +743,9 @@ fn events_summary(e: &payhost::events::EventSettings) -> serde_json::Value {
 }
 
 fn print_check(config: &Config, report: &LoadReport, disabled: &[&str]) {
-    println!("config {}", config.path.display());
+    say!("config {}", config.path.display());
     let s = server_summary(config);
-    println!(
+    say!(
         "server  listen {}{}{}",
         s["listen"].as_str().unwrap_or(""),
         s["admin_listen"]
@@ -733,9 +754,9 @@ fn print_check(config: &Config, report: &LoadReport, disabled: &[&str]) {
             .unwrap_or_default(),
         if s["tls"] == true { ", TLS" } else { "" }
     );
-    println!("        auth {}", s["auth"].as_str().unwrap_or(""));
+    say!("        auth {}", s["auth"].as_str().unwrap_or(""));
     for l in s["listeners"].as_array().into_iter().flatten() {
-        println!(
+        say!(
             "        {} listener {}://{} ({}): {}; who: {}",
             l["name"].as_str().unwrap_or(""),
             l["scheme"].as_str().unwrap_or(""),
@@ -750,13 +771,13 @@ fn print_check(config: &Config, report: &LoadReport, disabled: &[&str]) {
         );
     }
     if let Some(message) = s["refused"]["message"].as_str() {
-        println!(
+        say!(
             "ERROR   serve refuses these listeners [{}]: {message}",
             s["refused"]["code"].as_str().unwrap_or("")
         );
     }
     for k in s["api_keys"].as_array().into_iter().flatten() {
-        println!(
+        say!(
             "        key {} scopes {}{}",
             k["id"].as_str().unwrap_or(""),
             k["scopes"]
@@ -773,27 +794,31 @@ fn print_check(config: &Config, report: &LoadReport, disabled: &[&str]) {
                 .unwrap_or_default()
         );
     }
-    println!(
+    say!(
         "        timeouts header {} ms, body {} ms, idle {} ms, shutdown grace {} ms",
-        s["header_timeout_ms"], s["body_timeout_ms"], s["idle_timeout_ms"], s["shutdown_grace_ms"]
+        s["header_timeout_ms"],
+        s["body_timeout_ms"],
+        s["idle_timeout_ms"],
+        s["shutdown_grace_ms"]
     );
-    println!(
+    say!(
         "        max {} connections (from the {}; open-file limit {})",
         s["max_connections"],
         s["max_connections_from"].as_str().unwrap_or(""),
         s["open_files"]
     );
-    println!("storage {}", s["storage"].as_str().unwrap_or(""));
+    say!("storage {}", s["storage"].as_str().unwrap_or(""));
     let e = &s["events"];
-    println!(
+    say!(
         "events  kept {} ms after delivery, long-poll up to {} ms",
-        e["retention_ms"], e["max_wait_ms"]
+        e["retention_ms"],
+        e["max_wait_ms"]
     );
     for w in s["warnings"].as_array().into_iter().flatten() {
-        println!("WARN    {}", w.as_str().unwrap_or(""));
+        say!("WARN    {}", w.as_str().unwrap_or(""));
     }
     for p in e["endpoints"].as_array().into_iter().flatten() {
-        println!(
+        say!(
             "        endpoint {} {} types {}, timeout {} ms, retried {}..{} ms apart for {} ms, then parked",
             p["id"].as_str().unwrap_or(""),
             p["url"].as_str().unwrap_or(""),
@@ -813,37 +838,37 @@ fn print_check(config: &Config, report: &LoadReport, disabled: &[&str]) {
     }
     for p in report.providers.iter() {
         let m = p.manifest();
-        println!("ok    {}", p.id());
-        println!("      provider      {} ({}) {}", m.name, m.id, m.version);
-        println!(
+        say!("ok    {}", p.id());
+        say!("      provider      {} ({}) {}", m.name, m.id, m.version);
+        say!(
             "      api           provider-api {}, protocol {}",
             m.api_version,
             p.protocol()
         );
-        println!(
+        say!(
             "      capabilities  {}",
             capability_names(&m.capabilities).join(", ")
         );
-        println!(
+        say!(
             "      limits        timeout {} ms, max {} concurrent calls",
             p.timeout().as_millis(),
             p.max_concurrency()
         );
-        println!("      isolation     {}", p.isolation().0);
-        println!("      library       {}", p.library().path.display());
-        println!("      sha256        {}", p.library().sha256);
+        say!("      isolation     {}", p.isolation().0);
+        say!("      library       {}", p.library().path.display());
+        say!("      sha256        {}", p.library().sha256);
     }
     for f in &report.failures {
-        println!("FAIL  {}", f.id);
+        say!("FAIL  {}", f.id);
         for line in f.error.to_string().lines() {
-            println!("      {line}");
+            say!("      {line}");
         }
-        println!("      code          {}", f.error.code());
+        say!("      code          {}", f.error.code());
     }
     for id in disabled {
-        println!("off   {id} (enabled = false)");
+        say!("off   {id} (enabled = false)");
     }
-    println!(
+    say!(
         "{} loaded, {} failed, {} disabled",
         report.providers.len(),
         report.failures.len(),
@@ -895,7 +920,7 @@ fn inspect(library: &Path, plugin_dir: Option<PathBuf>, json: bool) -> ExitCode 
     };
     match loader.inspect(library) {
         Ok(i) if json => {
-            println!(
+            say!(
                 "{}",
                 serde_json::json!({
                     "manifest": i.manifest,
@@ -920,28 +945,28 @@ fn inspect(library: &Path, plugin_dir: Option<PathBuf>, json: bool) -> ExitCode 
 
 fn print_inspection(i: &Inspection) {
     let m = &i.manifest;
-    println!("id            {}", m.id);
-    println!("name          {}", m.name);
-    println!("version       {}", m.version);
+    say!("id            {}", m.id);
+    say!("name          {}", m.name);
+    say!("version       {}", m.version);
     if !m.description.is_empty() {
-        println!("description   {}", m.description);
+        say!("description   {}", m.description);
     }
-    println!("api version   {}", m.api_version);
-    println!(
+    say!("api version   {}", m.api_version);
+    say!(
         "protocols     {:?} (this host: {})",
         m.protocols,
         i.protocol
             .map(|p| format!("speaks {p}"))
             .unwrap_or_else(|| "none in common".into())
     );
-    println!(
+    say!(
         "capabilities  {}",
         capability_names(&m.capabilities).join(", ")
     );
-    println!("library       {}", i.library.path.display());
-    println!("sha256        {}", i.library.sha256);
+    say!("library       {}", i.library.path.display());
+    say!("sha256        {}", i.library.sha256);
     // Isolation is the operator's choice per provider, not the library's: say what it can be.
-    println!(
+    say!(
         "isolation     loaded in_process here; any library also runs in a worker (isolation = \"process\"), see `payhost check` for a config's choice"
     );
 }
@@ -1066,13 +1091,13 @@ fn serve(path: &Path, listen: Option<std::net::SocketAddr>) -> ExitCode {
         auth = %auth,
         "payhost ready on {scheme}://{bound}"
     );
-    println!("listening on {scheme}://{bound}");
+    say!("listening on {scheme}://{bound}");
     let grace = edge.shutdown_grace;
     let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
     let admin = admin_listener.map(|l| {
         let admin_bound = l.local_addr().map_or(address, |a| a);
         let admin_scheme = if admin_tls.is_some() { "https" } else { "http" };
-        println!("admin listening on {admin_scheme}://{admin_bound}");
+        say!("admin listening on {admin_scheme}://{admin_bound}");
         let settings = payhost::http::edge::EdgeSettings {
             name: "admin",
             max_connections: 256,
@@ -1086,35 +1111,59 @@ fn serve(path: &Path, listen: Option<std::net::SocketAddr>) -> ExitCode {
         }))
     });
     let app = payhost::http::router(state);
-    runtime.block_on(payhost::http::edge::serve(listener, app, edge, async {
-        shutdown_signal().await;
-        let _ = stop.send(());
-    }));
+    // One bound for the whole stop: from the signal, `shutdown_grace_ms` for the requests and
+    // the provider calls in progress together, then the process ends.
+    let stopping_at = std::sync::Arc::new(std::sync::OnceLock::new());
+    let signalled = stopping_at.clone();
+    runtime.block_on(payhost::http::edge::serve(
+        listener,
+        app,
+        edge,
+        async move {
+            shutdown_signal().await;
+            let _ = signalled.set(std::time::Instant::now());
+            tracing::info!(
+                "shutting down: requests and provider calls in progress have {} ms to finish",
+                grace.as_millis()
+            );
+            let _ = stop.send(());
+        },
+    ));
+    let deadline = *stopping_at.get_or_init(std::time::Instant::now) + grace;
     if let Some(admin) = admin {
-        let _ = runtime.block_on(admin);
+        let _ = runtime.block_on(async { tokio::time::timeout_at(deadline.into(), admin).await });
     }
     reconciler.abort();
     deliverer.abort();
     let stop_workers = host.clone();
-    tracing::info!(
-        "shutting down: waiting up to {} ms for provider calls in progress",
-        grace.as_millis()
-    );
-    // Calls still running keep their attempts in flight; once they return (or the grace period
-    // ends), the lease goes, so other hosts take over at once instead of after it lapses.
+    // Calls still running keep their attempts in flight (the next start, or another host once
+    // this one's lease lapsed, reconciles them); once they return, or the grace period ends, the
+    // lease goes, so other hosts take over at once instead of after it lapses.
     runtime.block_on(async {
-        let started = std::time::Instant::now();
         while host.providers().iter().any(|p| p.calls_in_progress() > 0)
-            && started.elapsed() < grace
+            && std::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        host.release_lease().await;
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let _ =
+            tokio::time::timeout(left.max(Duration::from_millis(500)), host.release_lease()).await;
     });
+    let unfinished: usize = stop_workers
+        .providers()
+        .iter()
+        .map(|p| p.calls_in_progress())
+        .sum();
+    if unfinished > 0 {
+        tracing::warn!(
+            calls = unfinished,
+            "stopping with provider calls still running: their attempts stay open and are reconciled at the next start"
+        );
+    }
     for p in stop_workers.providers().iter() {
         p.stop();
     }
-    runtime.shutdown_timeout(grace);
+    runtime.shutdown_timeout(Duration::from_millis(100));
     ExitCode::SUCCESS
 }
 
@@ -1200,7 +1249,7 @@ fn attempts(path: &Path, json: bool, action: Option<AttemptsAction>) -> ExitCode
         match action {
             None => match host.open_attempts().await {
                 Ok(list) if json => {
-                    println!(
+                    say!(
                         "{}",
                         serde_json::to_string_pretty(&list).unwrap_or_default()
                     );
@@ -1228,13 +1277,13 @@ fn attempts(path: &Path, json: bool, action: Option<AttemptsAction>) -> ExitCode
                     Resolved::Succeeded => payhost::engine::ResolveAs::Succeeded,
                     Resolved::Failed => payhost::engine::ResolveAs::Failed,
                 };
-                match host.resolve_attempt(&id, as_, &by, &note).await {
+                match host.resolve_attempt(&id, as_, &by, &note, None).await {
                     Ok(a) if json => {
-                        println!("{}", serde_json::to_string_pretty(&a).unwrap_or_default());
+                        say!("{}", serde_json::to_string_pretty(&a).unwrap_or_default());
                         ExitCode::SUCCESS
                     }
                     Ok(a) => {
-                        println!(
+                        say!(
                             "{} {} {} {} resolved as {} by {}",
                             a.id,
                             a.operation,
@@ -1283,7 +1332,7 @@ fn events(action: EventsAction) -> ExitCode {
             EventsAction::Failed { json, .. } => {
                 host.parked_deliveries(10_000).await.map(|list| {
                     if json {
-                        println!(
+                        say!(
                             "{}",
                             serde_json::to_string_pretty(&list).unwrap_or_default()
                         );
@@ -1296,8 +1345,8 @@ fn events(action: EventsAction) -> ExitCode {
                 let by = by
                     .or_else(|| std::env::var("USER").ok())
                     .unwrap_or_else(|| "operator".into());
-                host.redeliver(id.as_deref(), &by).await.map(|n| {
-                    println!(
+                host.redeliver(id.as_deref(), &by, None).await.map(|n| {
+                    say!(
                         "{n} deliver{} pending again; the running host sends {} within [events] poll_ms",
                         if n == 1 { "y is" } else { "ies are" },
                         if n == 1 { "it" } else { "them" }
@@ -1317,11 +1366,11 @@ fn events(action: EventsAction) -> ExitCode {
 
 fn print_deliveries(list: &[payhost::events::Delivery]) {
     if list.is_empty() {
-        println!("no parked deliveries");
+        say!("no parked deliveries");
         return;
     }
     for d in list {
-        println!(
+        say!(
             "{}  endpoint {}  event {}  tries {}{}",
             d.id,
             d.endpoint_id,
@@ -1333,7 +1382,7 @@ fn print_deliveries(list: &[payhost::events::Delivery]) {
                 .unwrap_or_default(),
         );
     }
-    println!(
+    say!(
         "{} parked; `payhost events redeliver <id>` or `--all` sends them again",
         list.len()
     );
@@ -1341,11 +1390,11 @@ fn print_deliveries(list: &[payhost::events::Delivery]) {
 
 fn print_attempts(list: &[payhost::domain::Attempt]) {
     if list.is_empty() {
-        println!("no open attempts");
+        say!("no open attempts");
         return;
     }
     for a in list {
-        println!(
+        say!(
             "{}  {:<14} {:<9} {} {}  session {}{}  provider {}  checks {}{}",
             a.id,
             a.state.as_str(),
@@ -1365,5 +1414,5 @@ fn print_attempts(list: &[payhost::domain::Attempt]) {
                 .unwrap_or_default(),
         );
     }
-    println!("{} open", list.len());
+    say!("{} open", list.len());
 }

@@ -242,19 +242,17 @@ async fn a_pending_authorization_completes_by_webhook_and_a_late_pending_changes
         .call_custom("settle", json!({"session_id": session.id.0}))
         .await
         .unwrap();
-    let event = sandbox
-        .call(payhost_provider_api::WebhookRequest {
-            body: hook["body"].as_str().unwrap().into(),
-            headers: serde_json::from_value(hook["headers"].clone()).unwrap(),
-            received_at_unix_ms: payhost::Clock::now_unix_ms(&payhost::SystemClock),
-        })
+    let (body, headers): (String, Vec<(String, String)>) = (
+        hook["body"].as_str().unwrap().into(),
+        serde_json::from_value(hook["headers"].clone()).unwrap(),
+    );
+    // Through the intake, as the processor's POST arrives: verified, stored, applied.
+    let receipt = host
+        .receive_webhook("sandbox", body.clone(), headers.clone())
         .await
         .unwrap();
-    let applied = host
-        .apply_webhook("sandbox", &event)
-        .await
-        .unwrap()
-        .unwrap();
+    assert!(!receipt.duplicate);
+    let applied = host.session(&session.id.0).await.unwrap();
     assert_eq!(applied.status, SessionStatus::Authorized);
     assert!(host.collection(&col).await.unwrap().payments.len() == 1);
 
@@ -269,9 +267,31 @@ async fn a_pending_authorization_completes_by_webhook_and_a_late_pending_changes
         .await
         .unwrap();
     assert_eq!(failed.status, SessionStatus::Authorized);
-    // Applying the same event twice creates no second payment.
-    host.apply_webhook("sandbox", &event).await.unwrap();
+    // The processor sends the same event again: the intake knows its id, says so, and records
+    // nothing more (no second payment, no second `webhook.applied`).
+    let again = host
+        .receive_webhook("sandbox", body, headers)
+        .await
+        .unwrap();
+    assert!(
+        again.duplicate,
+        "the second delivery of an event is a duplicate"
+    );
+    assert_eq!(again.event_id, receipt.event_id);
     assert_eq!(host.collection(&col).await.unwrap().payments.len(), 1);
+    let applied_events: Vec<_> = host
+        .wait_for_events(
+            0,
+            Some(vec!["webhook.applied".into()]),
+            100,
+            std::time::Duration::ZERO,
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.data["event_id"] == receipt.event_id.as_str())
+        .collect();
+    assert_eq!(applied_events.len(), 1, "{applied_events:?}");
 }
 
 async fn a_decline_leaves_the_session_in_error_for_good(backend: Backend) {
@@ -572,7 +592,7 @@ async fn an_unknown_outcome_blocks_money_operations_until_reconciled(backend: Ba
         .unwrap_err();
     assert_eq!(blocked.code(), "attempt_unresolved", "{blocked}");
     assert!(blocked.to_string().contains(attempt_id.as_str()));
-    let deleted = host.delete_session(&session.id.0).await.unwrap_err();
+    let deleted = host.delete_session(&session.id.0, None).await.unwrap_err();
     assert_eq!(deleted.code(), "attempt_unresolved");
 
     let report = host.reconcile_due().await.unwrap();
@@ -874,9 +894,9 @@ async fn one_session_is_selected_per_cart_and_placeholders_initiate_on_selection
         .create_session(new_session(&col, "system", Value::Null), None)
         .await
         .unwrap();
-    let a = host.select_session(&a.id.0).await.unwrap();
+    let a = host.select_session(&a.id.0, None).await.unwrap();
     assert!(a.is_selected && a.is_initiated, "initiated when selected");
-    let b = host.select_session(&b.id.0).await.unwrap();
+    let b = host.select_session(&b.id.0, None).await.unwrap();
     assert!(b.is_selected);
     let by_cart = host.sessions_of_cart("cart_1").await.unwrap();
     assert_eq!(by_cart.len(), 2);
@@ -895,7 +915,7 @@ async fn one_session_is_selected_per_cart_and_placeholders_initiate_on_selection
         .await
         .unwrap();
     assert_eq!(updated.amount, 900);
-    let deleted = host.delete_session(&a.id.0).await.unwrap();
+    let deleted = host.delete_session(&a.id.0, None).await.unwrap();
     assert_eq!(deleted.status, SessionStatus::Canceled);
     let e = host
         .authorize_session(&a.id.0, AuthorizeInput::default(), None)

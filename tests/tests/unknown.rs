@@ -143,7 +143,13 @@ async fn a_capture_the_processor_finishes_late_is_never_settled_as_failed(backen
     }
     // An operator cannot decide it either.
     let e = host
-        .resolve_attempt(&attempt.id.0, ResolveAs::Failed, "ops", "looks failed")
+        .resolve_attempt(
+            &attempt.id.0,
+            ResolveAs::Failed,
+            "ops",
+            "looks failed",
+            None,
+        )
         .await
         .unwrap_err();
     assert!(
@@ -242,6 +248,7 @@ async fn the_system_providers_not_attempted_counts_only_once_the_call_can_no_lon
             ResolveAs::Failed,
             "ops",
             "nothing at the PSP",
+            None,
         )
         .await
         .unwrap_err();

@@ -252,7 +252,20 @@ impl Host {
     /// Sends a parked delivery (or, with `None`, every parked one) again from scratch, with a
     /// fresh retry period, recording `by` as who asked. Only deliveries to endpoints configured
     /// here are sent again.
-    pub async fn redeliver(&self, id: Option<&str>, by: &str) -> Result<usize, EngineError> {
+    pub async fn redeliver(
+        &self,
+        id: Option<&str>,
+        by: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<usize, EngineError> {
+        let request = serde_json::json!({ "id": id, "by": by });
+        self.idempotent(idempotency_key, "redeliver", &request, no_attempt, || {
+            self.redeliver_once(id, by)
+        })
+        .await
+    }
+
+    async fn redeliver_once(&self, id: Option<&str>, by: &str) -> Result<usize, EngineError> {
         if by.trim().is_empty() {
             return Err(EngineError::invalid(
                 "by",

@@ -10,6 +10,7 @@ use payhost_provider_api::{Operation, Outcome, ProviderResponse};
 use serde::Serialize;
 
 use super::attempts::Current;
+use super::no_attempt;
 use super::{EngineError, Host, not_found};
 use crate::domain::{Attempt, AttemptState, Resolution};
 use crate::events::EventType;
@@ -432,6 +433,25 @@ impl Host {
     /// An operator settles an open attempt: recorded with who, when and why, and applied like a
     /// provider's answer (succeeded: as processed; failed: as never made).
     pub async fn resolve_attempt(
+        &self,
+        id: &str,
+        as_: ResolveAs,
+        by: &str,
+        note: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<Attempt, EngineError> {
+        let request = serde_json::json!({ "as": format!("{as_:?}"), "by": by, "note": note });
+        self.idempotent(
+            idempotency_key,
+            &format!("resolve_attempt:{id}"),
+            &request,
+            no_attempt,
+            || self.resolve_once(id, as_, by, note),
+        )
+        .await
+    }
+
+    async fn resolve_once(
         &self,
         id: &str,
         as_: ResolveAs,

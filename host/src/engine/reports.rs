@@ -192,7 +192,22 @@ impl Host {
     }
 
     /// Asks the provider where a session stands and applies it (monotone).
-    pub async fn sync_session(&self, id: &str) -> Result<PaymentSession, EngineError> {
+    pub async fn sync_session(
+        &self,
+        id: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<PaymentSession, EngineError> {
+        self.idempotent(
+            idempotency_key,
+            &format!("sync_session:{id}"),
+            &(),
+            no_attempt,
+            || self.sync_once(id),
+        )
+        .await
+    }
+
+    async fn sync_once(&self, id: &str) -> Result<PaymentSession, EngineError> {
         let session = self.session(id).await?;
         let provider = self.provider(&session.provider_id)?;
         let truth = provider

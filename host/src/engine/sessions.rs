@@ -282,7 +282,22 @@ impl Host {
 
     /// Selects a session: the one selected for its cart and for its collection (the others are
     /// unselected). A placeholder is initiated on selection.
-    pub async fn select_session(&self, id: &str) -> Result<PaymentSession, EngineError> {
+    pub async fn select_session(
+        &self,
+        id: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<PaymentSession, EngineError> {
+        self.idempotent(
+            idempotency_key,
+            &format!("select_session:{id}"),
+            &(),
+            no_attempt,
+            || self.select_once(id),
+        )
+        .await
+    }
+
+    async fn select_once(&self, id: &str) -> Result<PaymentSession, EngineError> {
         let guard = self.locks.lock(id).await;
         let session = self.session(id).await?;
         if matches!(
@@ -306,7 +321,22 @@ impl Host {
 
     /// Deletes a session that was never authorized: the provider is told, and the session is kept
     /// as `canceled` (history is never lost).
-    pub async fn delete_session(&self, id: &str) -> Result<PaymentSession, EngineError> {
+    pub async fn delete_session(
+        &self,
+        id: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<PaymentSession, EngineError> {
+        self.idempotent(
+            idempotency_key,
+            &format!("delete_session:{id}"),
+            &(),
+            no_attempt,
+            || self.delete_once(id),
+        )
+        .await
+    }
+
+    async fn delete_once(&self, id: &str) -> Result<PaymentSession, EngineError> {
         let _guard = self.locks.lock(id).await;
         let mut session = self.session(id).await?;
         allow(session.status, SessionInput::Delete)?;

@@ -164,6 +164,52 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Puts every error answer that is not already JSON in the envelope: the router's own
+/// rejections (a path that does not decode, a query that does not parse) answer in text, and a
+/// client must be able to read every error the same way.
+pub(super) async fn envelope_every_error(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 16 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let kind = match status.as_u16() {
+        404 => "not_found",
+        500.. => "api_error",
+        _ => "invalid_request_error",
+    };
+    let code = status
+        .canonical_reason()
+        .unwrap_or("error")
+        .to_ascii_lowercase()
+        .replace([' ', '-'], "_");
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
+    let enveloped = ApiError::new(status, kind, &code, message).into_response();
+    // Keep what the original answer said about the connection (`connection: close`, `allow`).
+    for (name, value) in enveloped.headers() {
+        parts.headers.insert(name, value.clone());
+    }
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, enveloped.into_body())
+}
+
 /// The error answers every endpoint may give, for the OpenAPI document.
 #[derive(utoipa::IntoResponses)]
 #[allow(dead_code)]

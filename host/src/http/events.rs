@@ -160,13 +160,14 @@ pub(super) struct Redeliver {
 
 /// Send a parked delivery again (`all`: every parked one), with a fresh retry period; who asked
 /// is recorded on each.
-#[utoipa::path(post, path = "/v1/event-deliveries/{id}/redeliver", params(("id" = String, Path, description = "A delivery id, or `all`")), request_body = Redeliver,
+#[utoipa::path(post, path = "/v1/event-deliveries/{id}/redeliver", params(("id" = String, Path, description = "A delivery id, or `all`"), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")), request_body = Redeliver,
     responses((status = 200, body = Redelivered), ErrorResponses),
     security(("api_key" = ["operator"])))]
 pub(super) async fn redeliver(
     Admitted(s): Admitted,
     Path(id): Path<String>,
     axum::Extension(admission): axum::Extension<super::Admission>,
+    super::json::IdempotencyKey(key): super::json::IdempotencyKey,
     super::json::ApiJson(input): super::json::ApiJson<Redeliver>,
 ) -> ApiResult<Json<Redelivered>> {
     let by = super::actor(
@@ -176,7 +177,7 @@ pub(super) async fn redeliver(
     )?;
     let which = (id != "all").then_some(id.as_str());
     Ok(Json(Redelivered {
-        redelivered: s.host.redeliver(which, &by).await?,
+        redelivered: s.host.redeliver(which, &by, key.as_deref()).await?,
     }))
 }
 

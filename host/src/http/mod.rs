@@ -133,7 +133,8 @@ fn operator_routes(routes: Routes) -> Routes {
         )
 }
 
-/// Layers every router has: body guards, metrics, and the refusal of keys in URLs.
+/// Layers every router has: body guards, metrics, the refusal of keys in URLs, and the error
+/// envelope on every answer (the router's own included).
 fn finish(routes: Router<AppState>, state: AppState) -> Router {
     routes
         .fallback(not_found)
@@ -143,6 +144,7 @@ fn finish(routes: Router<AppState>, state: AppState) -> Router {
             state.clone(),
             guard::guard_body,
         ))
+        .layer(middleware::from_fn(error::envelope_every_error))
         .layer(middleware::from_fn(observe))
         .with_state(state)
 }
@@ -468,26 +470,28 @@ async fn update_session(
 }
 
 /// Delete a session that was never authorized (kept as `canceled`).
-#[utoipa::path(delete, path = "/v1/payment-sessions/{id}", params(("id" = String, Path)),
+#[utoipa::path(delete, path = "/v1/payment-sessions/{id}", params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")),
     responses((status = 200, body = PaymentSession), ErrorResponses),
     security(("api_key" = ["payments"])))]
 async fn delete_session(
     Admitted(s): Admitted,
     Path(id): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
 ) -> ApiResult<Json<PaymentSession>> {
-    Ok(Json(s.host.delete_session(&id).await?))
+    Ok(Json(s.host.delete_session(&id, key.as_deref()).await?))
 }
 
 /// Select a session for its cart and collection (initiating a placeholder).
-#[utoipa::path(post, path = "/v1/payment-sessions/{id}/select", params(("id" = String, Path)), request_body = Empty,
+#[utoipa::path(post, path = "/v1/payment-sessions/{id}/select", params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")), request_body = Empty,
     responses((status = 200, body = PaymentSession), ErrorResponses),
     security(("api_key" = ["payments"])))]
 async fn select_session(
     Admitted(s): Admitted,
     Path(id): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
     ApiJson(Empty {}): ApiJson<Empty>,
 ) -> ApiResult<Json<PaymentSession>> {
-    Ok(Json(s.host.select_session(&id).await?))
+    Ok(Json(s.host.select_session(&id, key.as_deref()).await?))
 }
 
 /// Authorize a session. `200` with `next_action` when the customer must act; `402` when declined
@@ -514,15 +518,16 @@ async fn authorize_session(
 }
 
 /// Ask the provider where a session stands and apply it (never backwards).
-#[utoipa::path(post, path = "/v1/payment-sessions/{id}/sync", params(("id" = String, Path)), request_body = Empty,
+#[utoipa::path(post, path = "/v1/payment-sessions/{id}/sync", params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")), request_body = Empty,
     responses((status = 200, body = PaymentSession), ErrorResponses),
     security(("api_key" = ["payments"])))]
 async fn sync_session(
     Admitted(s): Admitted,
     Path(id): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
     ApiJson(Empty {}): ApiJson<Empty>,
 ) -> ApiResult<Json<PaymentSession>> {
-    Ok(Json(s.host.sync_session(&id).await?))
+    Ok(Json(s.host.sync_session(&id, key.as_deref()).await?))
 }
 
 /// A payment with its captures and refunds.
@@ -630,12 +635,13 @@ enum ResolveOutcome {
 /// Settle an open attempt by hand, recorded with who (the API key), when and why. Refused while
 /// its call may still reach the processor.
 #[utoipa::path(post, path = "/v1/attempts/{id}/resolve", request_body = Resolve,
-    params(("id" = String, Path)), responses((status = 200, body = Attempt), ErrorResponses),
+    params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")), responses((status = 200, body = Attempt), ErrorResponses),
     security(("api_key" = ["operator"])))]
 async fn resolve_attempt(
     Admitted(s): Admitted,
     Path(id): Path<String>,
     axum::Extension(admission): axum::Extension<Admission>,
+    IdempotencyKey(key): IdempotencyKey,
     ApiJson(input): ApiJson<Resolve>,
 ) -> ApiResult<Json<Attempt>> {
     let as_ = match input.outcome {
@@ -644,7 +650,9 @@ async fn resolve_attempt(
     };
     let by = actor(admission.caller.as_ref(), input.by, "resolves the attempt")?;
     Ok(Json(
-        s.host.resolve_attempt(&id, as_, &by, &input.note).await?,
+        s.host
+            .resolve_attempt(&id, as_, &by, &input.note, key.as_deref())
+            .await?,
     ))
 }
 

@@ -1895,14 +1895,17 @@ mod tests {
              INSERT INTO event_deliveries (id, endpoint_id, event_seq, order_key, state, attempts, next_at, created_at, last_error) VALUES ('evt_1:erp', 'erp', 1, 'ps_1', 'parked', 7, 9, 5, 'HTTP 500');",
         )
         .unwrap();
-        let dump = |conn: &Connection, table: &str| -> Vec<String> {
-            let cols: Vec<String> = conn
-                .prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))
+        let columns = |conn: &Connection, table: &str| -> Vec<String> {
+            conn.prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))
                 .unwrap()
                 .query_map([], |r| r.get(0))
                 .unwrap()
                 .map(Result::unwrap)
-                .collect();
+                .collect()
+        };
+        // Every column the tables had at version 8, value for value (later migrations may add
+        // columns of their own).
+        let dump = |conn: &Connection, table: &str, cols: &[String]| -> Vec<String> {
             conn.prepare(&format!(
                 "SELECT json_array({}) FROM {table} ORDER BY 1",
                 cols.join(", ")
@@ -1919,9 +1922,18 @@ mod tests {
             "event_deliveries",
             "payments",
         ];
-        let before: Vec<Vec<String>> = tables.iter().map(|t| dump(&conn, t)).collect();
+        let cols: Vec<Vec<String>> = tables.iter().map(|t| columns(&conn, t)).collect();
+        let before: Vec<Vec<String>> = tables
+            .iter()
+            .zip(&cols)
+            .map(|(t, c)| dump(&conn, t, c))
+            .collect();
         migrate(&mut conn).unwrap();
-        let after: Vec<Vec<String>> = tables.iter().map(|t| dump(&conn, t)).collect();
+        let after: Vec<Vec<String>> = tables
+            .iter()
+            .zip(&cols)
+            .map(|(t, c)| dump(&conn, t, c))
+            .collect();
         assert_eq!(before, after);
         assert_eq!(before[1].len(), 2);
         let version: i64 = conn

@@ -354,13 +354,14 @@ fn load(
         .ok_or_else(|| "the loader gave no provider".into())
 }
 
-/// Writes a new file that only this user may read.
+/// Writes a file (in the private scratch folder) that only this user may read.
 fn write_private(path: &std::path::Path, text: &str) -> Result<(), String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .write(true)
-        .create_new(true)
+        .create(true)
+        .truncate(true)
         .mode(0o600)
         .open(path)
         .and_then(|mut f| f.write_all(text.as_bytes()))
@@ -1196,9 +1197,8 @@ mod tests {
         let file = scratch.0.join("payhost.toml");
         write_private(&file, "api_key = \"sk_live_x\"").unwrap();
         assert_eq!(mode(&file), 0o600);
-        assert!(
-            write_private(&file, "again").is_err(),
-            "never over an existing file"
-        );
+        write_private(&file, "again").unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "again");
+        assert_eq!(mode(&file), 0o600);
     }
 }
