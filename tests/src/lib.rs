@@ -374,8 +374,8 @@ pub fn postgres_admin_url() -> String {
         .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".to_owned())
 }
 
-/// Creates a fresh database and returns its URL; `None` (after saying why) when PostgreSQL is not
-/// reachable outside CI. In CI (`CI=true`) an unreachable PostgreSQL fails the test.
+/// Creates a fresh database and returns its URL. An unreachable PostgreSQL fails the test,
+/// saying why; `None` only when the run opted out with `PAYHOST_SKIP=postgres` ([`cannot_run`]).
 pub async fn fresh_postgres_database() -> Option<String> {
     let admin = postgres_admin_url();
     let connected = tokio::time::timeout(
@@ -402,14 +402,44 @@ pub async fn fresh_postgres_database() -> Option<String> {
 }
 
 fn unreachable_postgres(url: &str, why: &str) -> Option<String> {
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("PostgreSQL is unreachable at {url} in CI: {why}");
-    }
-    eprintln!(
-        "SKIPPED: PostgreSQL is not reachable at {url} ({why}). Start PostgreSQL or set \
-         PAYHOST_TEST_POSTGRES=postgres://user@host:port/db to run the PostgreSQL tests."
+    cannot_run(
+        "postgres",
+        &format!(
+            "PostgreSQL is not reachable at {url} ({why}); start it (`cargo xtask test` starts the machine's own), or point PAYHOST_TEST_POSTGRES=postgres://user@host:port/db at one"
+        ),
     );
     None
+}
+
+/// A test cannot run: `need` (`postgres`, `localstripe`, `root`, `failover`) is missing. It
+/// fails, saying why — unless the run opted out with `PAYHOST_SKIP=<need>[,…]`: then the skip is
+/// written to `PAYHOST_SKIP_LOG` (for the run's summary, which `cargo xtask test` prints) and
+/// the caller returns. A test never passes for what it did not run.
+pub fn cannot_run(need: &str, why: &str) {
+    let opted_out = std::env::var("PAYHOST_SKIP")
+        .unwrap_or_default()
+        .split(',')
+        .any(|s| s.trim() == need);
+    if !opted_out {
+        panic!(
+            "cannot run: {why}. (PAYHOST_SKIP={need} skips the tests that need it, counted in the run's summary.)"
+        );
+    }
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("unnamed test")
+        .to_owned();
+    eprintln!("SKIPPED (PAYHOST_SKIP={need}): {test}: {why}");
+    if let Ok(log) = std::env::var("PAYHOST_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+        {
+            let _ = writeln!(f, "{need}\t{test}\t{why}");
+        }
+    }
 }
 
 fn uuid_like() -> String {
@@ -488,18 +518,17 @@ pub struct LocalStripe {
 }
 
 impl LocalStripe {
-    /// The venv's python, if localstripe is installed; outside CI a missing install skips the
-    /// test with a message saying how to get it, in CI it fails.
+    /// The venv's python, if localstripe is installed; otherwise the test fails saying how to
+    /// get it (or is skipped, counted, with `PAYHOST_SKIP=localstripe`).
     fn python() -> Option<PathBuf> {
         let python = workspace().join("target/localstripe-venv/bin/python");
         if python.exists() {
             return Some(python);
         }
-        let why = "localstripe is not installed (cargo xtask test installs it in target/localstripe-venv)";
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{why}");
-        }
-        eprintln!("SKIPPED: {why}");
+        cannot_run(
+            "localstripe",
+            "localstripe is not installed (cargo xtask test installs it in target/localstripe-venv)",
+        );
         None
     }
 

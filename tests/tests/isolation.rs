@@ -364,17 +364,11 @@ fn root_or_say_why() -> bool {
     if nix_is_root() {
         return true;
     }
-    if std::env::var("PAYHOST_SKIP")
-        .unwrap_or_default()
-        .split(',')
-        .any(|s| s.trim() == "root")
-    {
-        eprintln!("SKIPPED (PAYHOST_SKIP=root): dropping a worker to another user needs root");
-        return false;
-    }
-    panic!(
-        "this test needs root (CI runs as root): it starts workers as another user. Run as root, or set PAYHOST_SKIP=root to skip it"
+    payhost_e2e::cannot_run(
+        "root",
+        "this test starts workers as another user, which needs root (CI runs as root)",
     );
+    false
 }
 
 fn nix_is_root() -> bool {

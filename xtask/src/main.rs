@@ -1,7 +1,10 @@
 //! Repository commands, so that the README's two commands stay one line each:
 //! - `cargo xtask run [-- <payhost args>]`: build the host and every plugin, then run
 //!   `payhost serve --config config/payhost.toml` (or the given arguments);
-//! - `cargo xtask test`: build everything, then run every test (doctests, then nextest);
+//! - `cargo xtask test`: start what the tests need (PostgreSQL, localstripe, schemathesis),
+//!   build everything, then run every test (doctests, then nextest); a test that cannot run
+//!   fails, unless `PAYHOST_SKIP=postgres,localstripe,root,failover` names what to skip, and the
+//!   run ends with how many were skipped and why;
 //! - `cargo xtask fuzz`: only the API fuzzing that `test` runs (schemathesis).
 
 use std::path::{Path, PathBuf};
@@ -73,17 +76,111 @@ fn run(root: &Path, args: &[String]) -> Result<(), String> {
 }
 
 fn test(root: &Path, args: &[String]) -> Result<(), String> {
+    let skip = std::env::var("PAYHOST_SKIP").unwrap_or_default();
+    let skipping = |need: &str| skip.split(',').any(|s| s.trim() == need);
+    if !skipping("postgres") {
+        ensure_postgres()?;
+    }
     build_all(root)?;
     // Doctests and the API fuzzing first, so the run closes on nextest's summary.
     let mut c = cargo(root);
     c.args(["test", "--workspace", "--doc", "--quiet"]);
     status(c)?;
-    python_venv(root, "localstripe-venv", LOCALSTRIPE)?;
+    if !skipping("localstripe") {
+        python_venv(root, "localstripe-venv", LOCALSTRIPE)?;
+    }
     schemathesis(root)?;
+    // A test that cannot run fails saying why, unless PAYHOST_SKIP names what it needs: then it
+    // is recorded here and counted below.
+    let skips = root.join("target/test-skips.log");
+    let _ = std::fs::remove_file(&skips);
     let mut c = cargo(root);
     c.args(["nextest", "run", "--workspace", "--no-fail-fast"])
+        .env("PAYHOST_SKIP_LOG", &skips)
         .args(args);
-    status(c)
+    let result = status(c);
+    report_skips(&skips);
+    result
+}
+
+/// Prints how many tests were skipped (only ever by `PAYHOST_SKIP`) and why.
+fn report_skips(log: &Path) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut by_need: std::collections::BTreeMap<&str, (usize, &str)> = Default::default();
+    for line in text.lines() {
+        let mut parts = line.splitn(3, '\t');
+        let (Some(need), Some(_test), Some(why)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let entry = by_need.entry(need).or_insert((0, why));
+        entry.0 += 1;
+    }
+    for (need, (n, why)) in &by_need {
+        eprintln!(
+            "xtask: SKIPPED {n} test{} (PAYHOST_SKIP={need}): {why}",
+            if *n == 1 { "" } else { "s" }
+        );
+    }
+    if by_need.is_empty() {
+        eprintln!("xtask: no test skipped");
+    }
+}
+
+/// Makes sure the PostgreSQL the tests use answers: the machine's own cluster is started if it
+/// is down (as on a fresh machine). A server that still does not answer fails the run here, with
+/// the reason, instead of failing dozens of tests one by one.
+fn ensure_postgres() -> Result<(), String> {
+    let url = std::env::var("PAYHOST_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".to_owned());
+    let address = postgres_address(&url);
+    let answers = || {
+        use std::net::ToSocketAddrs;
+        address
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .is_some_and(|a| {
+                std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(2)).is_ok()
+            })
+    };
+    if answers() {
+        return Ok(());
+    }
+    if let Some(version) = std::fs::read_dir("/etc/postgresql")
+        .ok()
+        .and_then(|mut d| d.next())
+        .and_then(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+    {
+        eprintln!(
+            "xtask: PostgreSQL at {address} does not answer; starting cluster {version}/main"
+        );
+        let _ = Command::new("pg_ctlcluster")
+            .args(["--skip-systemctl-redirect", &version, "main", "start"])
+            .status();
+        for _ in 0..50 {
+            if answers() {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+    Err(format!(
+        "PostgreSQL does not answer at {address} (PAYHOST_TEST_POSTGRES={url}): start it, point PAYHOST_TEST_POSTGRES at one, or run with PAYHOST_SKIP=postgres to skip the tests that need it"
+    ))
+}
+
+/// `host:port` of a `postgres://user@host:port/db` URL.
+fn postgres_address(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if host.contains(':') {
+        host.to_owned()
+    } else {
+        format!("{host}:5432")
+    }
 }
 
 /// The schemathesis release the API is fuzzed with (from PyPI, in a venv under target/).
