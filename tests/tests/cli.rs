@@ -317,3 +317,29 @@ fn the_example_config_checks_out_of_the_box() {
         text(&out.stderr)
     );
 }
+
+/// A reader that stops early (`payhost check … | head -1`) ends the command quietly: no panic,
+/// exit 0, the line it read.
+#[test]
+fn a_closed_stdout_ends_a_command_quietly() {
+    let scratch = payhost_e2e::Scratch::new();
+    let config = scratch.config(payhost_e2e::BOTH);
+    for args in [
+        vec!["check", "--config", config.to_str().unwrap()],
+        vec!["keys", "new", "--scope", "read"],
+        vec!["check", "--config", config.to_str().unwrap(), "--json"],
+    ] {
+        let mut child = std::process::Command::new(payhost_e2e::payhost_bin())
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Read nothing: close the pipe at once, as `head -0` would.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = payhost_e2e::text(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+    }
+}

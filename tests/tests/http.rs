@@ -1000,3 +1000,138 @@ async fn unsigned_junk_never_takes_the_budget_of_the_processors_webhooks() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
 }
+
+/// SIGTERM gives requests and provider calls in flight `shutdown_grace_ms` in all, and the
+/// process ends then: a call that would take 15 s does not hold the host for 15 s (it was
+/// once ~20 s: the drain, then the calls, each with the whole grace). Its attempt stays open and
+/// is reconciled at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_the_process_within_its_one_grace_period() {
+    let mut api = Api::start_with(
+        &HOST
+            .replace("timeout_ms = 400", "timeout_ms = 20000")
+            .replace("[storage]", "[server]\nshutdown_grace_ms = 2000\n[storage]"),
+    );
+    let col = api.collection(100).await;
+    let sid = api
+        .session(
+            &col,
+            "sandbox",
+            json!({"sandbox": {"authorize": {"delay_ms": 15000}}}),
+        )
+        .await;
+    let request = api
+        .client
+        .post(api.url(&format!("/v1/payment-sessions/{sid}/authorize")))
+        .json(&json!({}));
+    let in_flight = tokio::spawn(request.send());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let signalled = std::time::Instant::now();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &api.server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = api
+        .server
+        .wait(Duration::from_secs(20))
+        .expect("the server exits");
+    let took = signalled.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        took >= Duration::from_millis(1800) && took < Duration::from_millis(3500),
+        "stopped {took:?} after SIGTERM with a 2000 ms grace and a call still running"
+    );
+    assert!(
+        in_flight.await.unwrap().is_err(),
+        "the connection of the unfinished call was closed"
+    );
+}
+
+/// Every answer payhost gives is the envelope, the router's own included: a method a route does
+/// not take, a path that does not decode, a query that does not parse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_answer_is_the_envelope() {
+    let api = Api::start();
+    let col = api.collection(100).await;
+    for (method, path, status) in [
+        ("PUT", "/v1/payment-collections".to_owned(), 405),
+        ("DELETE", format!("/v1/payment-collections/{col}"), 405),
+        ("GET", "/v1/payment-sessions/%FF%FE".to_owned(), 400),
+        ("GET", "/v1/events?limit=many".to_owned(), 400),
+        ("GET", "/v1/nothing-here".to_owned(), 404),
+    ] {
+        let r = api
+            .client
+            .request(method.parse().unwrap(), api.url(&path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), status, "{method} {path}");
+        assert_eq!(
+            r.headers()["content-type"],
+            "application/json",
+            "{method} {path}"
+        );
+        let body: Value = r.json().await.unwrap();
+        assert!(
+            body["error"]["code"].is_string() && body["error"]["message"].is_string(),
+            "{method} {path}: {body}"
+        );
+    }
+}
+
+/// A key in a URL's path is refused like one in its query, and never echoed back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_in_a_path_is_refused_and_never_echoed() {
+    let api = Api::start();
+    let secret = "phk_shop_0123456789abcdef0123456789abcdef";
+    for path in [
+        format!("/v1/payment-sessions/{secret}"),
+        format!("/v1/payments/{secret}/capture"),
+        "/v1/payment-sessions/PHK%5Fshop_0123456789abcdef".to_owned(),
+    ] {
+        let r = api.client.get(api.url(&path)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{path}");
+        let text = r.text().await.unwrap();
+        assert!(text.contains("api_key_in_url"), "{text}");
+        assert!(!text.contains("0123456789abcdef"), "echoed: {text}");
+    }
+}
+
+/// `Idempotency-Key` replays the first result on every mutating route: a repeated DELETE
+/// answers what the first did (it once gave 200, then 422), and so do select and sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_mutating_route_replays_its_idempotency_key() {
+    let api = Api::start();
+    let col = api.collection(100).await;
+    let sid = api.session(&col, "system", json!({})).await;
+    for (method, path) in [
+        ("POST", format!("/v1/payment-sessions/{sid}/select")),
+        ("POST", format!("/v1/payment-sessions/{sid}/sync")),
+        ("DELETE", format!("/v1/payment-sessions/{sid}")),
+    ] {
+        let send = || {
+            api.send(
+                api.client
+                    .request(method.parse().unwrap(), api.url(&path))
+                    .header("Idempotency-Key", format!("k-{path}"))
+                    .header("content-type", "application/json")
+                    .body("{}"),
+            )
+        };
+        let (first, a) = send().await;
+        let (again, b) = send().await;
+        assert_eq!(first, StatusCode::OK, "{method} {path}: {a}");
+        assert_eq!((again, &b), (first, &a), "{method} {path} replays");
+    }
+    // A new key on the deleted session is a new request: refused, as it should be.
+    let (status, e) = api
+        .send(
+            api.client
+                .delete(api.url(&format!("/v1/payment-sessions/{sid}")))
+                .header("Idempotency-Key", "another"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+}
