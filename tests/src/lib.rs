@@ -241,16 +241,21 @@ impl Scratch {
     }
 }
 
-/// Runs reconciliation passes until no attempt is open, for at most `within`: an attempt whose
-/// call may still land stays open until its deadline (plus the configured margin) has passed.
+/// Runs reconciliation passes until no attempt is open; fails the test if one still is after
+/// `within` (an attempt whose call may still land stays open until its deadline, plus the
+/// configured margin, has passed).
 pub async fn reconcile_until_settled(host: &payhost::Host, within: std::time::Duration) {
     let started = std::time::Instant::now();
     loop {
         host.reconcile_due().await.expect("a reconciliation pass");
         let open = host.open_attempts().await.expect("open attempts");
-        if open.is_empty() || started.elapsed() > within {
+        if open.is_empty() {
             return;
         }
+        assert!(
+            started.elapsed() <= within,
+            "attempts still open after {within:?} of reconciliation: {open:?}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }

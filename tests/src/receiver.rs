@@ -124,7 +124,8 @@ impl Receiver {
             .collect()
     }
 
-    /// Waits until `done` holds for what was received, at most `within`.
+    /// Waits until `done` holds for what was received; fails the test if it does not within
+    /// `within` (a wait that times out quietly would let what follows check nothing).
     pub async fn wait_until(
         &self,
         within: Duration,
@@ -133,9 +134,18 @@ impl Receiver {
         let started = Instant::now();
         loop {
             let received = self.received();
-            if done(&received) || started.elapsed() > within {
+            if done(&received) {
                 return received;
             }
+            assert!(
+                started.elapsed() <= within,
+                "the receiver did not get what was awaited within {within:?}: {} received ({:?})",
+                received.len(),
+                received
+                    .iter()
+                    .map(|r| (&r.kind, r.answered))
+                    .collect::<Vec<_>>()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -86,23 +86,44 @@ impl Node {
             .ok()
     }
 
-    /// A machine death: the postmaster and every backend SIGKILLed.
+    /// A machine death: the postmaster and every backend SIGKILLed. The fault is checked: the
+    /// node no longer takes connections.
     fn kill(&self) {
-        if let Some(pid) = self.postmaster_pid() {
-            let _ = Command::new("pkill")
-                .args(["-KILL", "-P", &pid.to_string()])
-                .status();
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
+        let pid = self.postmaster_pid().expect("the node is running");
+        // The backends (pkill finds none when there are none: exit 1, which is fine).
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-P", &pid.to_string()])
+            .status();
+        let killed = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(killed.success(), "SIGKILL the postmaster {pid}");
+        self.refuses_connections();
     }
 
     fn stop(&self) {
-        let _ = as_postgres(
-            &bin("pg_ctl"),
-            &["-D", self.dir.to_str().unwrap(), "-m", "immediate", "stop"],
+        ok(
+            as_postgres(
+                &bin("pg_ctl"),
+                &["-D", self.dir.to_str().unwrap(), "-m", "immediate", "stop"],
+            ),
+            "pg_ctl stop",
         );
+        self.refuses_connections();
+    }
+
+    /// Waits until the node's port refuses connections (at most 10 s).
+    fn refuses_connections(&self) {
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "node on port {} still takes connections",
+                self.port
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     fn promote(&self) {

@@ -616,10 +616,13 @@ async fn a_plugins_logs_and_errors_are_redacted_and_cannot_forge_a_line() {
         base: server.base.clone(),
         client: reqwest::Client::new(),
     };
-    for (provider, secret) in [
+    for (round, (provider, secret)) in [
         ("faulty", "sk_live_from_the_env_4567"),
         ("faulty_in_process", "sk_live_in_process_0123"),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let forged = "2026-12-03T00:00:00.000000Z  INFO payhost: forged by the plugin";
         let sid = api.session(provider).await;
         let (status, _) = api
@@ -638,8 +641,19 @@ async fn a_plugins_logs_and_errors_are_redacted_and_cannot_forge_a_line() {
             .await;
         assert!(status.is_server_error(), "{body}");
         assert!(!body.to_string().contains(secret), "{body}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let logs = std::fs::read_to_string(&log).unwrap();
+        // Wait for this round's lines (the log record and the failed call) to be written.
+        let started = Instant::now();
+        let logs = loop {
+            let logs = std::fs::read_to_string(&log).unwrap();
+            if logs.matches("forged by the plugin").count() >= 2 * (round + 1) {
+                break logs;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{provider}: {logs}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         assert!(
             !logs.contains(secret),
             "{provider}: a secret reached the log:\n{logs}"

@@ -251,6 +251,7 @@ async fn a_key_claimed_by_a_killed_host_before_it_called_anything_is_released_wi
     a.kill();
     let killed = Instant::now();
     assert!(first.await.unwrap().is_err());
+    let mut held = 0;
     let created = loop {
         let (status, s) = api
             .post(
@@ -263,7 +264,10 @@ async fn a_key_claimed_by_a_killed_host_before_it_called_anything_is_released_wi
         if status == StatusCode::CREATED {
             break s;
         }
+        // The dead host's claim holds the key until its lease lapses: in progress.
         assert_eq!(status, StatusCode::CONFLICT, "{s}");
+        assert_eq!(s["error"]["code"], "in_progress", "{s}");
+        held += 1;
         assert!(
             killed.elapsed() < Duration::from_millis(LEASE_MS + 2_500),
             "the key is stuck: {s}"
@@ -271,11 +275,29 @@ async fn a_key_claimed_by_a_killed_host_before_it_called_anything_is_released_wi
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(
-        killed.elapsed() < Duration::from_millis(LEASE_MS + 2_500),
+        held > 0,
+        "the key was claimed by the killed host, so it was held until its lease lapsed"
+    );
+    assert!(
+        killed.elapsed() >= Duration::from_millis(LEASE_MS / 2)
+            && killed.elapsed() < Duration::from_millis(LEASE_MS + 2_500),
         "{:?}",
         killed.elapsed()
     );
     assert!(created["id"].as_str().unwrap().starts_with("ps_"));
+    // One session, initiated once at the processor: the killed host's call never reached it
+    // (it slept first), the retry made the only one.
+    let view = api
+        .get(
+            &b.base,
+            &format!("/v1/payment-collections/{}", col["id"].as_str().unwrap()),
+        )
+        .await;
+    assert_eq!(
+        view["payment_sessions"].as_array().unwrap().len(),
+        1,
+        "{view}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -319,8 +341,21 @@ async fn a_paused_host_writes_nothing_over_what_another_settled_and_comes_back()
     let p = api.get(&b.base, &format!("/v1/payments/{pay}")).await;
     assert_eq!(p["captured_amount"], 300, "{p}");
     signal(&a, "-CONT");
-    // A's call returns; A may not write its outcome over B's, and says why.
-    let _ = capture.await;
+    // A's call returns; A may not write its outcome over B's, and says why. Its client is told
+    // the truth (captured) or to retry; never that the capture failed.
+    let answer = capture.await.unwrap().expect("A answers its client");
+    let status = answer.status();
+    let body: Value = answer.json().await.unwrap_or(Value::Null);
+    assert!(
+        (status == StatusCode::OK && body["captured_amount"] == 300)
+            || [
+                StatusCode::CONFLICT,
+                StatusCode::SERVICE_UNAVAILABLE,
+                StatusCode::GATEWAY_TIMEOUT
+            ]
+            .contains(&status),
+        "A told its client {status}: {body}"
+    );
     let deadline = Instant::now() + Duration::from_secs(8);
     loop {
         let logs = std::fs::read_to_string(&log).unwrap_or_default();
@@ -374,7 +409,8 @@ async fn a_host_whose_clock_is_an_hour_off_takes_nothing_from_a_live_host() {
         return;
     };
     let a = Server::start(&path);
-    // SAFETY of the test: the variable only reaches the child process.
+    // The variable only reaches the child process; its log says it took it.
+    let b_log = scratch.dir.path().join("b.log");
     let b = {
         let mut c = std::process::Command::new(payhost_e2e::payhost_bin());
         c.args([
@@ -384,9 +420,15 @@ async fn a_host_whose_clock_is_an_hour_off_takes_nothing_from_a_live_host() {
             "--listen",
             "127.0.0.1:0",
         ])
-        .env("PAYHOST_TEST_CLOCK_SKEW_MS", "3600000");
+        .env("PAYHOST_TEST_CLOCK_SKEW_MS", "3600000")
+        .stderr(std::fs::File::create(&b_log).unwrap());
         Server::from_command(c)
     };
+    let logged = std::fs::read_to_string(&b_log).unwrap();
+    assert!(
+        logged.contains("this host's clock is set off for a test"),
+        "B runs with the skewed clock: {logged}"
+    );
     let api = Api {
         client: reqwest::Client::new(),
     };

@@ -331,6 +331,27 @@ async fn store_outages_lose_nothing_and_leave_no_key_stuck() {
         .unwrap();
     assert!(metrics.contains("payhost_store_up 1"), "{metrics}");
     assert!(metrics.contains("payhost_owed_writes 0"), "{metrics}");
+    // The outages reached payhost: it saw the store fail and counted the time it was down.
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(value("payhost_store_errors_total") >= 1.0, "{metrics}");
+    assert!(
+        value("payhost_store_outage_seconds_total") >= 1.0,
+        "{metrics}"
+    );
+    // And each session was authorized once at the processor.
+    for f in &flows {
+        let authorizations = entries
+            .iter()
+            .filter(|e| e["session_id"] == f.session.as_str() && e["op"] == "authorize")
+            .count();
+        assert_eq!(authorizations, 1, "session {}", f.session);
+    }
     eprintln!(
         "{} flows acknowledged through cut, blackhole and slow outages; slowest keyed step {slowest:?}",
         flows.len()

@@ -274,9 +274,14 @@ webhook_secret = "whsec_test_secret"
         let provider = report.providers.get(id).unwrap();
         // The plugin names a deadline a minute away; its call has 500 ms.
         let (hanging, closed) = hanging_server().await;
-        let _ = provider
+        // Sent and never answered: unknown, whichever ends first (the request or the call).
+        match provider
             .call_custom("http", request(&format!("{hanging}/v1/charges"), 60_000))
-            .await;
+            .await
+        {
+            Ok(answer) => assert_eq!(answer["error"]["kind"], "unknown", "{id}: {answer}"),
+            Err(e) => assert!(e.outcome_is_unknown(), "{id}: {e}"),
+        }
         let started = Instant::now();
         while closed.lock().unwrap().is_empty() && started.elapsed() < Duration::from_secs(10) {
             tokio::time::sleep(Duration::from_millis(20)).await;

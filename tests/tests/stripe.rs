@@ -220,10 +220,8 @@ async fn a_stopped_stripe_is_not_attempted() {
         .unwrap_err();
     assert_eq!(e.code(), "not_attempted", "{e}");
     let attempts = host.attempts_of(&sid).await.unwrap();
-    assert!(
-        attempts.iter().all(|a| a.state == AttemptState::Failed),
-        "nothing left open"
-    );
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert_eq!(attempts[0].state, AttemptState::Failed, "nothing left open");
     assert_eq!(
         host.session(&sid).await.unwrap().status,
         SessionStatus::Pending
@@ -739,10 +737,16 @@ async fn a_customer_cannot_point_a_session_at_another_authorized_intent() {
         .await;
     let session_now = host.session(&dear).await.unwrap();
     assert_eq!(session_now.data["payment_intent_id"], own_intent);
-    if let Ok(Some(payment)) = r.map(|r| r.payment) {
-        assert_eq!(payment.amount, 100_000);
-        assert_eq!(payment.data["payment_intent_id"], own_intent);
-    }
+    // Authorized on its own intent, for its own amount; the old intent is untouched.
+    let payment = r
+        .unwrap_or_else(|e| panic!("the session authorizes on its own intent: {e}"))
+        .payment
+        .expect("authorized");
+    assert_eq!(payment.amount, 100_000);
+    assert_eq!(payment.data["payment_intent_id"], own_intent);
+    let old = host.session(&cheap).await.unwrap();
+    assert_eq!(old.data["payment_intent_id"], cheap_intent);
+    assert_eq!(old.status, SessionStatus::Authorized);
 }
 
 /// The Stripe provider passes `payhost provider test` against localstripe; the checks not run

@@ -284,7 +284,7 @@ async fn retries_racing_on_a_key_whose_attempt_failed_run_exactly_once(backend: 
     let Some(host) = s.host_on(backend, &text).await else {
         return;
     };
-    let (_, pay) = payment(&host, "sandbox", 1000, Value::Null).await;
+    let (sid, pay) = payment(&host, "sandbox", 1000, Value::Null).await;
     let col = collection(&host, 500).await;
     let slow = host
         .create_session(
@@ -341,6 +341,17 @@ async fn retries_racing_on_a_key_whose_attempt_failed_run_exactly_once(backend: 
     assert!(ok >= 1, "one retry ran");
     let p = host.payment(&pay).await.unwrap();
     assert_eq!(p.captured_amount(), 500, "captured once: {:?}", p.captures);
+    // At the processor too: one capture line in its ledger file (every call it acted on is a
+    // line, whatever its key), and nothing left open.
+    let lines = std::fs::read_to_string(s.dir.path().join("state/sandbox.ledger.jsonl")).unwrap();
+    let captures: Vec<i64> = lines
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["session_id"] == sid.as_str() && e["op"] == "capture")
+        .map(|e| e["amount"].as_i64().unwrap())
+        .collect();
+    assert_eq!(captures, vec![500], "captured once at the processor");
+    assert!(host.open_attempts().await.unwrap().is_empty());
 }
 
 async fn forgetting_a_failed_keys_claim_removes_only_the_claim_it_read(backend: Backend) {

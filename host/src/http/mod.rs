@@ -1070,12 +1070,20 @@ mod tests {
     fn the_admin_listener_keeps_the_operator_rules() {
         let state = test_state();
         let api = rules(&state);
-        for rule in admin_rules(&state) {
+        let admin = admin_rules(&state);
+        for rule in &admin {
             match rule.path {
                 "/health" | "/ready" | "/metrics" => assert_eq!(rule.access, Access::Open),
-                _ => assert!(api.contains(&rule), "{rule:?}"),
+                _ => assert!(api.contains(rule), "{rule:?}"),
             }
         }
+        // Every operator route is there, plus the three probes.
+        let operator = api
+            .iter()
+            .filter(|r| r.access == Access::Scope(Scope::Operator))
+            .count();
+        assert!(operator >= 5, "{api:?}");
+        assert_eq!(admin.len(), operator + 3, "{admin:?}");
     }
 
     fn test_state() -> AppState {
