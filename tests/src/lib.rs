@@ -47,7 +47,7 @@ pub fn ensure_built() {
                 "build",
                 "--quiet",
                 "-p",
-                "payhost",
+                "payhost-cli",
                 "-p",
                 "payhost-provider-system",
                 "-p",

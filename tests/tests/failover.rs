@@ -102,6 +102,15 @@ impl Node {
         self.refuses_connections();
     }
 
+    /// Stops whatever is left of a node (a killed one, or at the end), best effort.
+    fn clean_up(&self) {
+        let _ = as_postgres(
+            &bin("pg_ctl"),
+            &["-D", self.dir.to_str().unwrap(), "-m", "immediate", "stop"],
+        );
+    }
+
+    /// Stops a running node: checked, and it then refuses connections.
     fn stop(&self) {
         ok(
             as_postgres(
@@ -279,7 +288,7 @@ impl Formation {
 impl Drop for Formation {
     fn drop(&mut self) {
         for n in &self.nodes {
-            n.stop();
+            n.clean_up();
         }
         let _ = std::fs::remove_dir_all(&self.root);
     }
@@ -452,7 +461,8 @@ async fn a_primary_lost_or_switched_over_loses_no_acknowledged_payment() {
     assert!(acked_after(lost) > 0);
 
     // Round 2: a new standby for the new primary, then a planned switchover to it.
-    f.nodes[primary].stop();
+    // What the killed primary left (a stale pid file) goes, and the node with it.
+    f.nodes[primary].clean_up();
     let _ = std::fs::remove_dir_all(&f.nodes[primary].dir);
     let rebuilt = f.standby(standby, p1);
     tokio::time::sleep(Duration::from_secs(2)).await;
