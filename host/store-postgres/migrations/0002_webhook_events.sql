@@ -1,0 +1,10 @@
+CREATE TABLE webhook_events (
+    provider_id TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    session_id TEXT,
+    action TEXT NOT NULL,
+    received_at BIGINT NOT NULL,
+    applied_at BIGINT,
+    PRIMARY KEY (provider_id, event_id)
+);

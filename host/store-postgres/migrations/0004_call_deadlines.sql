@@ -1,0 +1,1 @@
+ALTER TABLE attempts ADD COLUMN call_deadline_at BIGINT;

@@ -1,0 +1,1 @@
+ALTER TABLE attempts ADD COLUMN requested_by TEXT;
