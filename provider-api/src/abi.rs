@@ -250,7 +250,7 @@ pub fn open_plugin(path: &std::path::Path) -> Result<PluginModuleRef, OpenError>
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::ROOT_MODULE_SYMBOL;
 
     #[test]
     fn the_exported_symbol_is_the_one_abi_stable_looks_up() {

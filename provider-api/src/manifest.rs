@@ -144,7 +144,7 @@ fn is_semver(v: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{Capabilities, Manifest};
 
     #[test]
     fn negotiation_picks_the_highest_shared_version() {

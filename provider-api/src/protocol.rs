@@ -708,7 +708,9 @@ impl std::error::Error for ProviderError {}
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{
+        AuthorizeRequest, ErrorKind, Operation, Outcome, RemoteStatus, Value, WebhookAction,
+    };
 
     #[test]
     fn outcomes_round_trip_with_their_wire_names() {

@@ -5,10 +5,13 @@
 //!   build everything, then run every test (doctests, then nextest); a test that cannot run
 //!   fails, unless `PAYHOST_SKIP=postgres,localstripe,root,failover` names what to skip, and the
 //!   run ends with how many were skipped and why;
-//! - `cargo xtask fuzz`: only the API fuzzing that `test` runs (schemathesis).
+//! - `cargo xtask fuzz`: only the API fuzzing that `test` runs (schemathesis);
+//! - `cargo xtask tidy`: only the layering rules that `test` checks first (see `tidy.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+
+mod tidy;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -20,9 +23,10 @@ fn main() -> ExitCode {
         Some("run") => run(&root, &args[1..]),
         Some("test") => test(&root, &args[1..]),
         Some("fuzz") => build_all(&root).and_then(|()| schemathesis(&root)),
+        Some("tidy") => tidy(&root),
         _ => {
             eprintln!(
-                "usage: cargo xtask run [payhost args…] | cargo xtask test [nextest args…] | cargo xtask fuzz"
+                "usage: cargo xtask run [payhost args…] | cargo xtask test [nextest args…] | cargo xtask fuzz | cargo xtask tidy"
             );
             return ExitCode::from(2);
         }
@@ -75,7 +79,21 @@ fn run(root: &Path, args: &[String]) -> Result<(), String> {
     status(c)
 }
 
+/// The layering rules (`tidy.rs`): every finding printed, and an error if there is one.
+fn tidy(root: &Path) -> Result<(), String> {
+    let findings = tidy::check(root);
+    for f in &findings {
+        eprintln!("{f}");
+    }
+    match findings.len() {
+        0 => Ok(()),
+        n => Err(format!("tidy: {n} layering rule(s) broken (see above)")),
+    }
+}
+
 fn test(root: &Path, args: &[String]) -> Result<(), String> {
+    // The layering rules first: they need no build.
+    tidy(root)?;
     let skip = std::env::var("PAYHOST_SKIP").unwrap_or_default();
     let skipping = |need: &str| skip.split(',').any(|s| s.trim() == need);
     if !skipping("postgres") {

@@ -1,3 +1,5 @@
+//! The smallest provider that passes `payhost provider test` (see docs/vendors.md).
+
 use payhost_provider_api::*;
 
 /// Accepts every payment and remembers the keys it acted on, so `retrieve` tells the truth.

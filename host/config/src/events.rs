@@ -264,7 +264,7 @@ pub(crate) fn validate(raw: RawEvents, check: &Check<'_>) -> Result<EventSetting
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{Duration, Endpoint, redact_endpoint_url};
 
     #[test]
     fn endpoint_urls_are_shown_without_their_secrets() {

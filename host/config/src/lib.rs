@@ -576,7 +576,9 @@ pub(crate) fn toml_to_json(value: toml::Value) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{
+        Config, ConfigError, ConfigErrorKind, DEFAULT_TIMEOUT_MS, LibrarySource, Path, redact_url,
+    };
     use std::time::Duration;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {

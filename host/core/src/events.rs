@@ -392,7 +392,9 @@ pub fn verify(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{
+        Duration, EventType, HmacSha256, KeyInit, Mac, SignatureError, sign, valid_pattern, verify,
+    };
 
     #[test]
     fn a_signature_verifies_and_any_change_is_refused() {

@@ -242,7 +242,8 @@ fn key_id(secret: &str) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{AuthError, Duration, Keys, Limiter, MAX_WAIT};
+    use payhost_core::keys::*;
 
     fn keys() -> (Keys, String) {
         let (secret, digest) = generate("shop");

@@ -273,7 +273,7 @@ impl<T> Future for Pending<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{CallPool, Duration, Instant};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn calls_run_on_the_pool_and_a_panic_is_a_lost_answer() {

@@ -235,7 +235,7 @@ async fn read_capped(mut response: reqwest::Response, max: usize) -> Result<Stri
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::loggable;
 
     #[test]
     fn a_loggable_url_has_no_query_and_no_credentials() {

@@ -105,7 +105,9 @@ impl<R: Record + ?Sized> Reader<'_, R> {
             .split(", ")
             .nth(i)
             .map_or_else(|| format!("#{}", self.at + i), |c| c.trim().to_owned());
-        let column = column.split_once('.').map_or(column.clone(), |(_, c)| c.to_owned());
+        let column = column
+            .split_once('.')
+            .map_or(column.clone(), |(_, c)| c.to_owned());
         RowError {
             table: self.table,
             column,
@@ -485,10 +487,9 @@ mod tests {
             let e: RowError = session(&Cells(cells), 0).unwrap_err();
             assert_eq!((e.table, e.column.as_str()), ("payment_sessions", column));
             assert!(e.detail.contains(detail), "{e}");
-            assert!(
-                e.to_string()
-                    .starts_with(&format!("unreadable row in payment_sessions: column {column}: "))
-            );
+            assert!(e.to_string().starts_with(&format!(
+                "unreadable row in payment_sessions: column {column}: "
+            )));
         }
     }
 }

@@ -757,8 +757,11 @@ export_provider!(StripeProvider);
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{
+        Hmac, KeyInit, Mac, Sha256, StripeProvider, authorize_outcome, json, remote_status,
+    };
     use payhost_provider_api::testkit::{TestHost, check_conformance};
+    use payhost_provider_api::*;
 
     fn sign(secret: &str, body: &str, t: i64) -> String {
         let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();

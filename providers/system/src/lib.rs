@@ -128,8 +128,9 @@ export_provider!(SystemProvider);
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::SystemProvider;
     use payhost_provider_api::testkit::{TestHost, check_conformance};
+    use payhost_provider_api::*;
     use serde_json::json;
 
     #[test]

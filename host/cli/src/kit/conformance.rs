@@ -1184,7 +1184,7 @@ fn stripe_signature(secret: &str, body: &str, t: i64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{Scratch, write_private};
 
     /// The options `provider test` hands the loader hold secrets: their folder and file are the
     /// user's alone, whatever the umask.

@@ -304,7 +304,7 @@ pub fn checked_sum(amounts: impl IntoIterator<Item = i64>) -> Option<i64> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{Currency, Money, MoneyError, checked_sum};
 
     #[test]
     fn exponents_come_from_the_table() {

@@ -185,7 +185,7 @@ pub fn collection(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{Outcome, SessionInput, SessionStatus, Step, WebhookAction, session};
     use SessionStatus as S;
 
     #[test]
@@ -244,7 +244,7 @@ mod tests {
 
 #[cfg(test)]
 mod totals {
-    use super::*;
+    use super::{CollectionStatus, Payment, collection};
     use crate::domain::{CollectionId, Currency, MAX_AMOUNT, PaymentId, SessionId};
 
     fn payment(amount: i64) -> Payment {

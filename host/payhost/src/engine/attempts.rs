@@ -1,7 +1,12 @@
 //! The write-ahead core (DESIGN.md §4): record an attempt before the call, record its outcome
 //! and effects after, in one write each; and ask a provider about an earlier attempt.
 
-use super::*;
+use super::{
+    AttemptRef, CLIENT_KEY, CallError, Duration, EngineError, EventType, Host, MoneyRequest,
+    Outcome, Provider, ProviderResponse, RetrieveRequest, SessionInput, Step, StoreError, Value,
+    WriteOp, current_actor, late_boxed, moved, not_found, owed, provider_data, transitions,
+};
+use crate::domain::*;
 
 /// The entity an attempt's outcome applies to, as this host last wrote it: settling writes over
 /// its version without reading it again, and reads afresh only if it changed meanwhile.

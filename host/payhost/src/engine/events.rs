@@ -4,7 +4,11 @@
 
 use futures_util::Stream;
 
-use super::*;
+use super::{
+    Arc, Duration, EngineError, Host, Serialize, Value, WebhookEvent, WriteOp, no_attempt,
+    not_found,
+};
+use crate::domain::*;
 use crate::events::{Cursor, Delivery, DeliveryState, Endpoint, Event, EventSettings, EventType};
 
 /// Events read per store query.

@@ -1,7 +1,12 @@
 //! Client idempotency keys: one run per key, replayed results, and keys bound to the attempt
 //! their operation started, so a retry never moves money twice.
 
-use super::*;
+use super::{
+    CLIENT_KEY, DeserializeOwned, Digest, EngineError, Future, Host, Outcome, Serialize, Sha256,
+    StoreError, Value, WriteOp, inputs, not_found, owed,
+};
+use crate::domain::*;
+use inputs::*;
 
 impl Host {
     /// Runs `f` once per client idempotency key: a repeated key with the same request replays the

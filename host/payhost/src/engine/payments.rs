@@ -1,6 +1,11 @@
 //! Payments: capture, refund, cancel.
 
-use super::*;
+use super::{
+    CancelRequest, CaptureRequest, Current, EngineError, Host, MoneyRequest, Outcome, PaymentInput,
+    ProviderError, RefundRequest, Settled, Value, WriteOp, inputs, not_found, transitions,
+};
+use crate::domain::*;
+use inputs::*;
 
 impl Host {
     pub(super) async fn payment_op(

@@ -1,6 +1,11 @@
 //! What providers report: webhooks and syncs, applied monotonically.
 
-use super::*;
+use super::{
+    CallError, EngineError, Host, RemoteStatus, RetrieveRequest, SessionInput, Step, StoreError,
+    WebhookAction, WebhookEvent, WriteOp, call_error, inputs, no_attempt, transitions,
+};
+use crate::domain::*;
+use inputs::*;
 
 /// A webhook its provider verified: only [`Host::verify_webhook`] makes one.
 #[derive(Debug)]

@@ -1,6 +1,12 @@
 //! Collections and sessions: create, initiate, update, select, delete, authorize.
 
-use super::*;
+use super::{
+    AuthorizeRequest, Current, DeleteRequest, EngineError, Host, InitiateRequest, MoneyRequest,
+    Outcome, Provider, SessionInput, Step, UpdateRequest, Value, WriteOp, allow, definitive,
+    inputs, no_attempt, not_found, provider_data, transitions, with_legacy_input,
+};
+use crate::domain::*;
+use inputs::*;
 
 impl Host {
     // ------------------------------------------------------ collections

@@ -305,7 +305,7 @@ fn refusal(e: &AuthError) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{HeaderValue, is_json, is_loopback_host};
 
     #[test]
     fn only_loopback_names_are_loopback_hosts() {

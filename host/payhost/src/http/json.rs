@@ -139,7 +139,7 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{StatusCode, depth, parse};
 
     #[test]
     fn depth_ignores_brackets_in_strings() {

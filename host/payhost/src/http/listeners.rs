@@ -131,7 +131,7 @@ fn auth_label(keys: bool, keyless_on_purpose: bool, admin: bool) -> &'static str
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{Config, ListenerRefusal, plan};
     use std::path::Path;
 
     fn config(text: &str) -> Config {

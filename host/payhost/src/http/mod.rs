@@ -1035,7 +1035,9 @@ async fn openapi_json() -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{Access, ApiDoc, AppState, Arc, Method, OpenApi, Scope, admin_rules, rules};
+
+    use crate::engine::*;
 
     /// The scope each operation declares in the OpenAPI document is the one its route's rule
     /// enforces, and every route is in the document: a route cannot say one thing and do

@@ -801,7 +801,9 @@ impl<F: FnMut(&str, u64)> StderrLines<F> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{
+        Duration, Frame, Instant, STDERR_LINE, STDERR_PER_SECOND, StderrLines, WorkerSettings,
+    };
 
     fn run(input: &[&[u8]], step: Duration) -> (Vec<String>, u64) {
         let mut lines = Vec::new();
