@@ -5,9 +5,10 @@
 use payhost_provider_api::ProviderError;
 use payhost_provider_api::envelope::RString;
 
-/// What a call through a worker gave.
+/// A provider's answer as the call returned it, before it is decoded (in process or through a
+/// worker).
 #[derive(Debug, Clone)]
-pub(crate) enum Raw {
+pub(crate) enum Undecoded {
     /// The answer's JSON.
     Ok(String),
     /// The provider's error JSON.

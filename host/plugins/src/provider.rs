@@ -47,7 +47,7 @@ impl Answer for WebhookEvent {
 }
 use tokio::sync::Semaphore;
 
-use crate::answer::{Raw, read_error_str};
+use crate::answer::{Undecoded, read_error_str};
 use crate::host_side::with_call_deadline;
 pub use payhost_core::{Clock, SystemClock};
 
@@ -410,7 +410,7 @@ impl Provider {
 
 /// The answer of a call that overran its deadline, once its thread returns.
 pub struct LateAnswer<R: Request> {
-    task: crate::call_pool::Pending<Raw>,
+    task: crate::call_pool::Pending<Undecoded>,
     provider: String,
     started: Instant,
     redactor: crate::config::Redactor,
@@ -446,7 +446,7 @@ impl<R: Request> LateAnswer<R> {
 
 fn read_answer<R: Request>(
     op: Operation,
-    joined: Option<Raw>,
+    joined: Option<Undecoded>,
     redactor: &crate::config::Redactor,
 ) -> Result<R::Response, CallError>
 where
@@ -473,39 +473,41 @@ where
 }
 
 fn decode<T: serde::de::DeserializeOwned>(
-    raw: Raw,
+    raw: Undecoded,
     op: &str,
     redactor: &crate::config::Redactor,
 ) -> Result<T, CallError> {
     match raw {
-        Raw::Ok(answer) if answer.len() > MAX_ANSWER_BYTES => Err(CallError::AnswerTooLarge {
-            what: "answer",
-            bytes: answer.len(),
-            limit: MAX_ANSWER_BYTES,
-        }),
-        Raw::TooLarge(bytes) => Err(CallError::AnswerTooLarge {
+        Undecoded::Ok(answer) if answer.len() > MAX_ANSWER_BYTES => {
+            Err(CallError::AnswerTooLarge {
+                what: "answer",
+                bytes: answer.len(),
+                limit: MAX_ANSWER_BYTES,
+            })
+        }
+        Undecoded::TooLarge(bytes) => Err(CallError::AnswerTooLarge {
             what: "answer",
             bytes,
             limit: MAX_ANSWER_BYTES,
         }),
-        Raw::Ok(answer) => serde_json::from_str(&answer).map_err(|e| CallError::Unknown {
+        Undecoded::Ok(answer) => serde_json::from_str(&answer).map_err(|e| CallError::Unknown {
             reason: format!("the {op} answer could not be read: {e}"),
         }),
-        Raw::Err(error) if error.len() > MAX_ANSWER_BYTES => Err(CallError::Unknown {
+        Undecoded::Err(error) if error.len() > MAX_ANSWER_BYTES => Err(CallError::Unknown {
             reason: format!(
                 "the {op} error is {} bytes, over the {MAX_ANSWER_BYTES} the host reads",
                 error.len()
             ),
         }),
-        Raw::Err(error) => {
+        Undecoded::Err(error) => {
             let mut e = read_error_str(&error);
             // A provider's error text is logged and stored with the attempt: no secret of the
             // config or of its options may ride along, and no line break may forge a log line.
             e.message = crate::host_side::escape_control(&redactor.redact(&e.message));
             Err(CallError::Provider(e))
         }
-        Raw::NotSent(reason) => Err(CallError::NotAttempted { reason }),
-        Raw::Lost(reason) => Err(CallError::Unknown { reason }),
+        Undecoded::NotSent(reason) => Err(CallError::NotAttempted { reason }),
+        Undecoded::Lost(reason) => Err(CallError::Unknown { reason }),
     }
 }
 
@@ -520,15 +522,15 @@ pub(crate) enum Backend {
 
 impl Backend {
     /// One call through the envelope (blocking).
-    fn call(&self, op: &str, json: &str, deadline: Instant) -> Raw {
+    fn call(&self, op: &str, json: &str, deadline: Instant) -> Undecoded {
         match self {
             Backend::InProcess(object) => {
                 let answer = with_call_deadline(deadline, || {
                     object.call(RStr::from_str(op), RStr::from_str(json))
                 });
                 match answer {
-                    RResult::ROk(answer) => Raw::Ok(answer.into_string()),
-                    RResult::RErr(error) => Raw::Err(error.into_string()),
+                    RResult::ROk(answer) => Undecoded::Ok(answer.into_string()),
+                    RResult::RErr(error) => Undecoded::Err(error.into_string()),
                 }
             }
             Backend::Worker(worker) => worker.call(op, json, deadline),

@@ -4,7 +4,7 @@
 use super::{
     AttemptRef, CLIENT_KEY, CallError, Duration, EngineError, EventType, Host, MoneyRequest,
     Outcome, Provider, ProviderResponse, RetrieveRequest, SessionInput, Step, StoreError, Value,
-    WriteOp, current_actor, late_boxed, moved, not_found, owed, provider_data, transitions,
+    WriteOp, current_actor, late_boxed, not_found, owed, provider_data, settled_state, transitions,
 };
 use crate::domain::*;
 
@@ -331,7 +331,7 @@ impl Host {
         attempt.updated_at = now;
         attempt.outcome = serde_json::to_value(&outcome).ok();
         attempt.resolution = resolution;
-        attempt.state = moved(&outcome);
+        attempt.state = settled_state(&outcome);
         if attempt.state == AttemptState::Unknown {
             attempt.next_check_at = Some(now + self.reconcile.first_check_ms);
             let event = (!was_unknown)

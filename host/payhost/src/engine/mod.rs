@@ -12,10 +12,10 @@
 //! syncs), `reconcile`, `idempotency` (client keys), `inputs` (what callers send).
 
 mod attempts;
-mod events;
 mod idempotency;
 mod inputs;
 mod lease;
+mod outbox;
 mod owed;
 mod payments;
 mod reconcile;
@@ -384,7 +384,9 @@ impl std::fmt::Debug for Host {
     }
 }
 
-fn moved(outcome: &Outcome) -> AttemptState {
+/// The state an attempt settles in, given what its provider answered (an unknown outcome stays
+/// open).
+fn settled_state(outcome: &Outcome) -> AttemptState {
     match outcome {
         Outcome::Processed | Outcome::RequiresMore { .. } | Outcome::Pending => {
             AttemptState::Succeeded

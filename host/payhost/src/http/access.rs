@@ -200,7 +200,7 @@ async fn admit(
     request.extensions_mut().insert(Admission {
         caller: Some(caller),
     });
-    let response = super::acting_as(key_id.clone(), next.run(request)).await;
+    let response = crate::engine::acting_as(key_id.clone(), next.run(request)).await;
     if mutating {
         tracing::info!(
             peer = %peer,

@@ -170,7 +170,7 @@ pub(super) async fn redeliver(
     super::json::IdempotencyKey(key): super::json::IdempotencyKey,
     super::json::ApiJson(input): super::json::ApiJson<Redeliver>,
 ) -> ApiResult<Json<Redelivered>> {
-    let by = super::actor(
+    let by = super::operations::actor(
         admission.caller.as_ref(),
         input.by,
         "sends the deliveries again",

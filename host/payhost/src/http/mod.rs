@@ -3,34 +3,41 @@
 //! status themselves. [`router`] is an axum `Router` an embedder can nest in its own server.
 
 pub mod access;
+mod collections;
 pub mod edge;
 pub mod error;
 mod events;
-use events::EventSchemas;
 mod guard;
 pub mod json;
 pub mod listeners;
+mod openapi;
+mod operations;
+mod payments;
+mod probes;
+mod sessions;
+mod webhooks;
+
+pub use openapi::ApiDoc;
+pub use payments::PaymentView;
+pub use webhooks::WEBHOOK_FAILURE_RATE;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request};
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{delete, get, post};
-use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa::ToSchema;
 
 use crate::auth::Scope;
-use crate::domain::*;
-use crate::engine::*;
-use access::{Access, Admitted, Routes};
+use crate::engine::Host;
+use access::{Access, Routes};
 pub use access::{Admission, RouteRule};
-use error::{ApiError, ErrorBody, ErrorResponses};
-use json::{ApiJson, IdempotencyKey};
+use error::ApiError;
 
 /// Largest API request body.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -111,14 +118,24 @@ pub struct Empty {}
 fn operator_routes(routes: Routes) -> Routes {
     let operator = Access::Scope(Scope::Operator);
     routes
-        .add(Method::GET, "/v1/attempts", operator, get(list_attempts))
+        .add(
+            Method::GET,
+            "/v1/attempts",
+            operator,
+            get(operations::list_attempts),
+        )
         .add(
             Method::POST,
             "/v1/attempts/{id}/resolve",
             operator,
-            post(resolve_attempt),
+            post(operations::resolve_attempt),
         )
-        .add(Method::GET, "/v1/providers", operator, get(list_providers))
+        .add(
+            Method::GET,
+            "/v1/providers",
+            operator,
+            get(operations::list_providers),
+        )
         .add(
             Method::GET,
             "/v1/event-deliveries/parked",
@@ -167,94 +184,99 @@ fn api_routes(state: &AppState) -> (Router<AppState>, Vec<RouteRule>) {
             Method::POST,
             "/v1/payment-collections",
             pay,
-            post(create_collection),
+            post(collections::create_collection),
         )
         .add(
             Method::GET,
             "/v1/payment-collections/{id}",
             read,
-            get(get_collection),
+            get(collections::get_collection),
         )
         .add(
             Method::POST,
             "/v1/payment-sessions",
             pay,
-            post(create_session),
+            post(sessions::create_session),
         )
         .add(
             Method::GET,
             "/v1/payment-sessions",
             read,
-            get(list_sessions),
+            get(sessions::list_sessions),
         )
         .add(
             Method::GET,
             "/v1/payment-sessions/{id}",
             read,
-            get(get_session),
+            get(sessions::get_session),
         )
         .add(
             Method::POST,
             "/v1/payment-sessions/{id}",
             pay,
-            post(update_session),
+            post(sessions::update_session),
         )
         .add(
             Method::DELETE,
             "/v1/payment-sessions/{id}",
             pay,
-            delete(delete_session),
+            delete(sessions::delete_session),
         )
         .add(
             Method::POST,
             "/v1/payment-sessions/{id}/select",
             pay,
-            post(select_session),
+            post(sessions::select_session),
         )
         .add(
             Method::POST,
             "/v1/payment-sessions/{id}/authorize",
             pay,
-            post(authorize_session),
+            post(sessions::authorize_session),
         )
         .add(
             Method::POST,
             "/v1/payment-sessions/{id}/sync",
             pay,
-            post(sync_session),
+            post(sessions::sync_session),
         )
-        .add(Method::GET, "/v1/payments/{id}", read, get(get_payment))
+        .add(
+            Method::GET,
+            "/v1/payments/{id}",
+            read,
+            get(payments::get_payment),
+        )
         .add(
             Method::POST,
             "/v1/payments/{id}/capture",
             pay,
-            post(capture_payment),
+            post(payments::capture_payment),
         )
         .add(
             Method::POST,
             "/v1/payments/{id}/refund",
             pay,
-            post(refund_payment),
+            post(payments::refund_payment),
         )
         .add(
             Method::POST,
             "/v1/payments/{id}/cancel",
             pay,
-            post(cancel_payment),
+            post(payments::cancel_payment),
         )
         .add(Method::GET, "/v1/events", read, get(events::list_events))
-        .add(Method::GET, "/health", Access::Open, get(health))
+        .add(Method::GET, "/health", Access::Open, get(probes::health))
         .add(
             Method::GET,
             "/openapi.json",
             Access::Open,
-            get(openapi_json),
+            get(openapi::openapi_json),
         );
     if !state.admin_apart {
         let operator = Access::Scope(Scope::Operator);
         api = operator_routes(api)
-            .add(Method::GET, "/ready", operator, get(ready))
-            .add(Method::GET, "/metrics", operator, get(metrics));
+            .add(Method::GET, "/ready", operator, get(probes::ready))
+            .add(Method::GET, "/metrics", operator, get(probes::metrics));
     }
     let (api, mut rules) = api.finish();
     let (hooks, hook_rules) = Routes::new(state)
@@ -262,7 +284,7 @@ fn api_routes(state: &AppState) -> (Router<AppState>, Vec<RouteRule>) {
             Method::POST,
             "/hooks/{provider_id}",
             Access::Open,
-            post(receive_webhook),
+            post(webhooks::receive_webhook),
         )
         .finish();
     rules.extend(hook_rules);
@@ -275,9 +297,9 @@ fn api_routes(state: &AppState) -> (Router<AppState>, Vec<RouteRule>) {
 fn admin_routes(state: &AppState) -> (Router<AppState>, Vec<RouteRule>) {
     // The admin listener is private: probes and scrapes need no key there.
     let (router, rules) = operator_routes(Routes::new(state))
-        .add(Method::GET, "/health", Access::Open, get(health))
-        .add(Method::GET, "/ready", Access::Open, get(ready))
-        .add(Method::GET, "/metrics", Access::Open, get(metrics))
+        .add(Method::GET, "/health", Access::Open, get(probes::health))
+        .add(Method::GET, "/ready", Access::Open, get(probes::ready))
+        .add(Method::GET, "/metrics", Access::Open, get(probes::metrics))
         .finish();
     (router.layer(DefaultBodyLimit::max(MAX_BODY)), rules)
 }
@@ -339,703 +361,10 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-/// A payment with its derived amounts and status.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct PaymentView {
-    /// The payment.
-    #[serde(flatten)]
-    pub payment: Payment,
-    /// Derived status.
-    pub status: PaymentStatus,
-    /// Σ captures.
-    pub captured_amount: i64,
-    /// Σ refunds.
-    pub refunded_amount: i64,
-}
-
-impl From<Payment> for PaymentView {
-    fn from(payment: Payment) -> Self {
-        PaymentView {
-            status: payment.status(),
-            captured_amount: payment.captured_amount(),
-            refunded_amount: payment.refunded_amount(),
-            payment,
-        }
-    }
-}
-
-/// Create a payment collection.
-#[utoipa::path(post, path = "/v1/payment-collections", request_body = NewCollection,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")),
-    responses((status = 201, body = PaymentCollection), ErrorResponses),
-    security(("api_key" = ["payments"])))]
-async fn create_collection(
-    Admitted(s): Admitted,
-    IdempotencyKey(key): IdempotencyKey,
-    ApiJson(input): ApiJson<NewCollection>,
-) -> ApiResult<(StatusCode, Json<PaymentCollection>)> {
-    let c = s.host.create_collection(input, key.as_deref()).await?;
-    Ok((StatusCode::CREATED, Json(c)))
-}
-
-/// A payment collection with its derived status, sessions and payments.
-#[utoipa::path(get, path = "/v1/payment-collections/{id}", params(("id" = String, Path)),
-    responses((status = 200, body = CollectionView), ErrorResponses),
-    security(("api_key" = ["read"])))]
-async fn get_collection(
-    Admitted(s): Admitted,
-    Path(id): Path<String>,
-) -> ApiResult<Json<CollectionView>> {
-    Ok(Json(s.host.collection(&id).await?))
-}
-
-/// Create a payment session (initiated with its provider unless `initiate` is false).
-#[utoipa::path(post, path = "/v1/payment-sessions", request_body = NewSession,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")),
-    responses((status = 201, body = PaymentSession), ErrorResponses),
-    security(("api_key" = ["payments"])))]
-async fn create_session(
-    Admitted(s): Admitted,
-    IdempotencyKey(key): IdempotencyKey,
-    ApiJson(input): ApiJson<NewSession>,
-) -> ApiResult<(StatusCode, Json<PaymentSession>)> {
-    let session = s.host.create_session(input, key.as_deref()).await?;
-    Ok((StatusCode::CREATED, Json(session)))
-}
-
-/// Which sessions to list.
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-struct SessionFilter {
-    /// Sessions of this cart.
-    cart_id: Option<String>,
-    /// Sessions of this collection.
-    payment_collection_id: Option<String>,
-}
-
-/// Sessions.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-struct SessionList {
-    /// Oldest first.
-    payment_sessions: Vec<PaymentSession>,
-}
-
-/// List the sessions of a cart or of a collection.
-#[utoipa::path(get, path = "/v1/payment-sessions", params(SessionFilter),
-    responses((status = 200, body = SessionList), ErrorResponses),
-    security(("api_key" = ["read"])))]
-async fn list_sessions(
-    Admitted(s): Admitted,
-    filter: Result<Query<SessionFilter>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<Json<SessionList>> {
-    let Query(filter) = filter.map_err(|e| ApiError::bad_request("query", e.body_text()))?;
-    let payment_sessions = match (filter.cart_id, filter.payment_collection_id) {
-        (Some(cart), None) => s.host.sessions_of_cart(&cart).await?,
-        (None, Some(col)) => s.host.sessions_of_collection(&col).await?,
-        _ => {
-            return Err(ApiError::bad_request(
-                "cart_id",
-                "give exactly one of cart_id and payment_collection_id",
-            ));
-        }
-    };
-    Ok(Json(SessionList { payment_sessions }))
-}
-
-/// A payment session.
-#[utoipa::path(get, path = "/v1/payment-sessions/{id}", params(("id" = String, Path)),
-    responses((status = 200, body = PaymentSession), ErrorResponses),
-    security(("api_key" = ["read"])))]
-async fn get_session(
-    Admitted(s): Admitted,
-    Path(id): Path<String>,
-) -> ApiResult<Json<PaymentSession>> {
-    Ok(Json(s.host.session(&id).await?))
-}
-
-/// Update a session's amount, cart, context, data or metadata.
-#[utoipa::path(post, path = "/v1/payment-sessions/{id}", request_body = SessionUpdate,
-    params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")),
-    responses((status = 200, body = PaymentSession), ErrorResponses),
-    security(("api_key" = ["payments"])))]
-async fn update_session(
-    Admitted(s): Admitted,
-    Path(id): Path<String>,
-    IdempotencyKey(key): IdempotencyKey,
-    ApiJson(input): ApiJson<SessionUpdate>,
-) -> ApiResult<Json<PaymentSession>> {
-    Ok(Json(
-        s.host.update_session(&id, input, key.as_deref()).await?,
-    ))
-}
-
-/// Delete a session that was never authorized (kept as `canceled`).
-#[utoipa::path(delete, path = "/v1/payment-sessions/{id}", params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")),
-    responses((status = 200, body = PaymentSession), ErrorResponses),
-    security(("api_key" = ["payments"])))]
-async fn delete_session(
-    Admitted(s): Admitted,
-    Path(id): Path<String>,
-    IdempotencyKey(key): IdempotencyKey,
-) -> ApiResult<Json<PaymentSession>> {
-    Ok(Json(s.host.delete_session(&id, key.as_deref()).await?))
-}
-
-/// Select a session for its cart and collection (initiating a placeholder).
-#[utoipa::path(post, path = "/v1/payment-sessions/{id}/select", params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")), request_body = Empty,
-    responses((status = 200, body = PaymentSession), ErrorResponses),
-    security(("api_key" = ["payments"])))]
-async fn select_session(
-    Admitted(s): Admitted,
-    Path(id): Path<String>,
-    IdempotencyKey(key): IdempotencyKey,
-    ApiJson(Empty {}): ApiJson<Empty>,
-) -> ApiResult<Json<PaymentSession>> {
-    Ok(Json(s.host.select_session(&id, key.as_deref()).await?))
-}
-
-/// Authorize a session. `200` with `next_action` when the customer must act; `402` when declined
-/// (the session is then in `error`).
-#[utoipa::path(post, path = "/v1/payment-sessions/{id}/authorize", request_body = AuthorizeInput,
-    params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")),
-    responses((status = 200, body = AuthorizeResult), ErrorResponses),
-    security(("api_key" = ["payments"])))]
-async fn authorize_session(
-    Admitted(s): Admitted,
-    Path(id): Path<String>,
-    IdempotencyKey(key): IdempotencyKey,
-    ApiJson(input): ApiJson<AuthorizeInput>,
-) -> ApiResult<Json<AuthorizeResult>> {
-    let result = s.host.authorize_session(&id, input, key.as_deref()).await?;
-    if let Some(decline) = &result.decline {
-        return Err(EngineError::Declined {
-            code: decline.code.clone(),
-            message: decline.message.clone(),
-        }
-        .into());
-    }
-    Ok(Json(result))
-}
-
-/// Ask the provider where a session stands and apply it (never backwards).
-#[utoipa::path(post, path = "/v1/payment-sessions/{id}/sync", params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")), request_body = Empty,
-    responses((status = 200, body = PaymentSession), ErrorResponses),
-    security(("api_key" = ["payments"])))]
-async fn sync_session(
-    Admitted(s): Admitted,
-    Path(id): Path<String>,
-    IdempotencyKey(key): IdempotencyKey,
-    ApiJson(Empty {}): ApiJson<Empty>,
-) -> ApiResult<Json<PaymentSession>> {
-    Ok(Json(s.host.sync_session(&id, key.as_deref()).await?))
-}
-
-/// A payment with its captures and refunds.
-#[utoipa::path(get, path = "/v1/payments/{id}", params(("id" = String, Path)),
-    responses((status = 200, body = PaymentView), ErrorResponses),
-    security(("api_key" = ["read"])))]
-async fn get_payment(
-    Admitted(s): Admitted,
-    Path(id): Path<String>,
-) -> ApiResult<Json<PaymentView>> {
-    Ok(Json(s.host.payment(&id).await?.into()))
-}
-
-/// Capture `amount` (default: what remains).
-#[utoipa::path(post, path = "/v1/payments/{id}/capture", request_body = CaptureInput,
-    params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")),
-    responses((status = 200, body = PaymentView), ErrorResponses),
-    security(("api_key" = ["payments"])))]
-async fn capture_payment(
-    Admitted(s): Admitted,
-    Path(id): Path<String>,
-    IdempotencyKey(key): IdempotencyKey,
-    ApiJson(input): ApiJson<CaptureInput>,
-) -> ApiResult<Json<PaymentView>> {
-    Ok(Json(
-        s.host
-            .capture_payment(&id, input, key.as_deref())
-            .await?
-            .into(),
-    ))
-}
-
-/// Refund `amount` (default: everything captured and not refunded).
-#[utoipa::path(post, path = "/v1/payments/{id}/refund", request_body = RefundInput,
-    params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")),
-    responses((status = 200, body = PaymentView), ErrorResponses),
-    security(("api_key" = ["payments"])))]
-async fn refund_payment(
-    Admitted(s): Admitted,
-    Path(id): Path<String>,
-    IdempotencyKey(key): IdempotencyKey,
-    ApiJson(input): ApiJson<RefundInput>,
-) -> ApiResult<Json<PaymentView>> {
-    Ok(Json(
-        s.host
-            .refund_payment(&id, input, key.as_deref())
-            .await?
-            .into(),
-    ))
-}
-
-/// Cancel (void) a payment with no captures.
-#[utoipa::path(post, path = "/v1/payments/{id}/cancel", request_body = Empty,
-    params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")),
-    responses((status = 200, body = PaymentView), ErrorResponses),
-    security(("api_key" = ["payments"])))]
-async fn cancel_payment(
-    Admitted(s): Admitted,
-    Path(id): Path<String>,
-    IdempotencyKey(key): IdempotencyKey,
-    ApiJson(Empty {}): ApiJson<Empty>,
-) -> ApiResult<Json<PaymentView>> {
-    Ok(Json(
-        s.host.cancel_payment(&id, key.as_deref()).await?.into(),
-    ))
-}
-
-/// Attempts.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-struct AttemptList {
-    /// Oldest first.
-    attempts: Vec<Attempt>,
-}
-
-/// Attempts whose outcome is open (in flight, unknown, waiting for an operator).
-#[utoipa::path(get, path = "/v1/attempts", responses((status = 200, body = AttemptList), ErrorResponses),
-    security(("api_key" = ["operator"])))]
-async fn list_attempts(Admitted(s): Admitted) -> ApiResult<Json<AttemptList>> {
-    Ok(Json(AttemptList {
-        attempts: s.host.open_attempts().await?,
-    }))
-}
-
-/// How an operator settles an attempt.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-struct Resolve {
-    /// `succeeded` or `failed`.
-    #[serde(rename = "as")]
-    outcome: ResolveOutcome,
-    /// Who resolves it. Only without API keys: with keys, the key that asks is recorded.
-    #[serde(default)]
-    by: Option<String>,
-    /// How they know.
-    note: String,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-enum ResolveOutcome {
-    Succeeded,
-    Failed,
-}
-
-/// Settle an open attempt by hand, recorded with who (the API key), when and why. Refused while
-/// its call may still reach the processor.
-#[utoipa::path(post, path = "/v1/attempts/{id}/resolve", request_body = Resolve,
-    params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first result")), responses((status = 200, body = Attempt), ErrorResponses),
-    security(("api_key" = ["operator"])))]
-async fn resolve_attempt(
-    Admitted(s): Admitted,
-    Path(id): Path<String>,
-    axum::Extension(admission): axum::Extension<Admission>,
-    IdempotencyKey(key): IdempotencyKey,
-    ApiJson(input): ApiJson<Resolve>,
-) -> ApiResult<Json<Attempt>> {
-    let as_ = match input.outcome {
-        ResolveOutcome::Succeeded => ResolveAs::Succeeded,
-        ResolveOutcome::Failed => ResolveAs::Failed,
-    };
-    let by = actor(admission.caller.as_ref(), input.by, "resolves the attempt")?;
-    Ok(Json(
-        s.host
-            .resolve_attempt(&id, as_, &by, &input.note, key.as_deref())
-            .await?,
-    ))
-}
-
-/// Who an operator action is recorded as: the key that asked (`key:<id>`), or without keys the
-/// name given, marked as not proven (`unauthenticated:<name>`).
-fn actor(
-    caller: Option<&crate::auth::Caller>,
-    given: Option<String>,
-    what: &str,
-) -> ApiResult<String> {
-    match (caller, given) {
-        (Some(caller), None) => Ok(format!("key:{}", caller.key_id)),
-        (Some(_), Some(_)) => Err(ApiError::bad_request(
-            "by",
-            "the operator is the API key that asks; leave `by` out",
-        )),
-        (None, Some(by)) if !by.trim().is_empty() => Ok(format!("unauthenticated:{by}")),
-        (None, _) => Err(ApiError::bad_request("by", format!("say who {what}"))),
-    }
-}
-
-/// A provider as the host sees it.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-struct ProviderInfo {
-    /// The operator's id.
-    id: String,
-    /// `loaded`, `restarting` (its worker died), `unhealthy` (its worker crash-loops) or
-    /// `failed` (it did not load).
-    health: String,
-    /// `in_process` or `process`.
-    isolation: Option<String>,
-    /// The plugin's manifest, when loaded.
-    #[schema(value_type = Object)]
-    manifest: Option<serde_json::Value>,
-    /// The negotiated protocol.
-    protocol: Option<u32>,
-    /// The library file.
-    library: Option<String>,
-    /// Its SHA-256.
-    sha256: Option<String>,
-    /// Calls running now.
-    calls_in_progress: Option<usize>,
-    /// Why it failed to load.
-    error: Option<String>,
-}
-
-/// Providers.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-struct ProviderList {
-    /// In id order, then the failed ones.
-    providers: Vec<ProviderInfo>,
-}
-
-/// The configured providers with their manifests and health.
-#[utoipa::path(get, path = "/v1/providers", responses((status = 200, body = ProviderList), ErrorResponses),
-    security(("api_key" = ["operator"])))]
-async fn list_providers(Admitted(s): Admitted) -> Json<ProviderList> {
-    let mut providers: Vec<ProviderInfo> = s
-        .host
-        .providers()
-        .iter()
-        .map(|p| ProviderInfo {
-            id: p.id().to_owned(),
-            health: match p.isolation().1 {
-                None | Some(crate::worker::WorkerHealth::Up) => "loaded",
-                Some(crate::worker::WorkerHealth::Restarting) => "restarting",
-                Some(crate::worker::WorkerHealth::Unhealthy) => "unhealthy",
-            }
-            .into(),
-            isolation: Some(p.isolation().0.into()),
-            manifest: serde_json::to_value(p.manifest()).ok(),
-            protocol: Some(p.protocol()),
-            library: Some(p.library().path.display().to_string()),
-            sha256: Some(p.library().sha256.clone()),
-            calls_in_progress: Some(p.calls_in_progress()),
-            error: None,
-        })
-        .collect();
-    providers.extend(s.failed_providers.iter().map(|(id, e)| ProviderInfo {
-        id: id.clone(),
-        health: "failed".into(),
-        isolation: None,
-        manifest: None,
-        protocol: None,
-        library: None,
-        sha256: None,
-        calls_in_progress: None,
-        error: Some(e.clone()),
-    }));
-    Json(ProviderList { providers })
-}
-
-/// How many webhooks that fail verification one client address may send a provider: 2 per
-/// second, 20 at once. Past it the address gets `429` without its webhooks being verified.
-pub const WEBHOOK_FAILURE_RATE: crate::auth::RateLimit = crate::auth::RateLimit {
-    rate: 2.0,
-    burst: 20.0,
-};
-
-/// A provider's webhook: verified by the provider before any 2xx, stored once per event id,
-/// applied through the engine. Two budgets: one per provider for verified events (the
-/// provider's `webhook_rate`), and one per client address for events that fail verification,
-/// so unsigned junk never takes the processor's real webhooks' budget.
-#[utoipa::path(post, path = "/hooks/{provider_id}", params(("provider_id" = String, Path)),
-    request_body(content = String, description = "The provider's raw event"),
-    responses((status = 200, body = WebhookReceipt), ErrorResponses))]
-async fn receive_webhook(
-    Admitted(s): Admitted,
-    Path(provider_id): Path<String>,
-    headers: HeaderMap,
-    extensions: axum::http::Extensions,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> ApiResult<Json<WebhookReceipt>> {
-    let m = crate::metrics::global();
-    // Only ids of loaded providers become label values.
-    let provider = s.host.providers().get(&provider_id).cloned();
-    let known = provider.as_ref().map_or("other", |p| p.id());
-    let address = extensions
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map_or_else(|| "unknown".to_owned(), |c| c.0.ip().to_string());
-    let failures_of = format!("{known}/{address}");
-    if let Err(retry_after) = s.webhook_failures.has_room(&failures_of) {
-        m.webhooks.with_label_values(&[known, "rate_limited"]).inc();
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_error",
-            "rate_limited",
-            "this address sent too many webhooks that failed verification",
-        )
-        .retry_after(retry_after));
-    }
-    let body = body.map_err(|e| {
-        ApiError::new(
-            e.status(),
-            "invalid_request_error",
-            "invalid_body",
-            e.body_text(),
-        )
-    })?;
-    let failed = |e: EngineError| {
-        let _ = s.webhook_failures.take(&failures_of, WEBHOOK_FAILURE_RATE);
-        m.webhooks.with_label_values(&[known, e.code()]).inc();
-        tracing::info!(peer = %address, provider = %provider_id, code = e.code(), "webhook refused: {e}");
-        match e {
-            EngineError::ProviderNotLoaded(id) => ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "provider_not_loaded",
-                format!("no provider `{id}`"),
-            ),
-            other => ApiError::from(other),
-        }
-    };
-    let body = match String::from_utf8(body.to_vec()) {
-        Ok(body) => body,
-        Err(_) => {
-            let _ = s.webhook_failures.take(&failures_of, WEBHOOK_FAILURE_RATE);
-            return Err(ApiError::bad_request(
-                "body",
-                "the webhook body is not UTF-8",
-            ));
-        }
-    };
-    let headers: Vec<(String, String)> = headers
-        .iter()
-        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
-        .collect();
-    let verified = s
-        .host
-        .verify_webhook(&provider_id, body, headers)
-        .await
-        .map_err(failed)?;
-    if let Some(p) = &provider
-        && let Err(retry_after) = s.webhook_limiter.take(p.id(), p.webhook_rate())
-    {
-        m.webhooks.with_label_values(&[known, "rate_limited"]).inc();
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_error",
-            "rate_limited",
-            format!(
-                "provider `{}` sends webhooks faster than its webhook rate",
-                p.id()
-            ),
-        )
-        .retry_after(retry_after));
-    }
-    let result = s.host.accept_webhook(verified).await;
-    let label = match &result {
-        Ok(r) if r.duplicate => "duplicate",
-        Ok(_) => "applied",
-        Err(e) => e.code(),
-    };
-    m.webhooks.with_label_values(&[known, label]).inc();
-    Ok(Json(result?))
-}
-
-/// Liveness.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-struct Health {
-    /// `ok`.
-    status: String,
-}
-
-/// The process is up.
-#[utoipa::path(get, path = "/health", responses((status = 200, body = Health)))]
-async fn health() -> Json<Health> {
-    Json(Health {
-        status: "ok".into(),
-    })
-}
-
-/// Readiness.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-struct Readiness {
-    /// Whether the host can serve.
-    ready: bool,
-    /// The store answered.
-    store: bool,
-    /// Providers loaded.
-    providers_loaded: usize,
-    /// Providers that failed to load.
-    providers_failed: Vec<String>,
-    /// The reconciler asked about everything a previous run left open.
-    recovered: bool,
-    /// This host holds a current lease on the shared store (always true on SQLite).
-    lease: bool,
-    /// Isolated providers whose worker crash-loops.
-    providers_unhealthy: Vec<String>,
-}
-
-/// The store is reachable, every enabled provider loaded, and start-up reconciliation is done
-/// (`503` otherwise).
-#[utoipa::path(get, path = "/ready", responses((status = 200, body = Readiness), (status = 503, body = Readiness)),
-    security(("api_key" = ["operator"])))]
-async fn ready(Admitted(s): Admitted) -> Response {
-    let store = s.host.store().key("payhost-readiness-probe").await.is_ok();
-    let recovered = s.host.recovered();
-    let lease = s.host.lease_ok();
-    let unhealthy: Vec<String> = s
-        .host
-        .providers()
-        .iter()
-        .filter(|p| !p.healthy())
-        .map(|p| p.id().to_owned())
-        .collect();
-    let r = Readiness {
-        ready: store && s.failed_providers.is_empty() && recovered && lease && unhealthy.is_empty(),
-        providers_unhealthy: unhealthy,
-        store,
-        recovered,
-        lease,
-        providers_loaded: s.host.providers().len(),
-        providers_failed: s
-            .failed_providers
-            .iter()
-            .map(|(id, _)| id.clone())
-            .collect(),
-    };
-    let status = if r.ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, Json(r)).into_response()
-}
-
-/// Prometheus metrics.
-#[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain", body = String)),
-    security(("api_key" = ["operator"])))]
-async fn metrics(Admitted(s): Admitted) -> Response {
-    let m = crate::metrics::global();
-    if let Ok(hosts) = s.host.store().hosts().await
-        && !hosts.is_empty()
-    {
-        let live = hosts.iter().filter(|h| h.live).count() as i64;
-        m.hosts.with_label_values(&["live"]).set(live);
-        m.hosts
-            .with_label_values(&["expired"])
-            .set(hosts.len() as i64 - live);
-    }
-    for p in s.host.providers().iter() {
-        m.provider_healthy
-            .with_label_values(&[p.id()])
-            .set(i64::from(p.healthy()));
-    }
-    if let Ok(open) = s.host.open_attempts().await {
-        for state in [
-            AttemptState::InFlight,
-            AttemptState::Unknown,
-            AttemptState::NeedsOperator,
-        ] {
-            let n = open.iter().filter(|a| a.state == state).count();
-            m.attempts_open
-                .with_label_values(&[state.as_str()])
-                .set(n as i64);
-        }
-    }
-    if let Ok(parked) = s.host.parked_deliveries(10_000).await {
-        m.deliveries_parked.set(parked.len() as i64);
-    }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        m.render(),
-    )
-        .into_response()
-}
-
-/// The OpenAPI document of this API, generated from the code.
-#[derive(OpenApi)]
-#[openapi(
-    info(
-        title = "payhost",
-        description = "Payment sessions, payments and their providers."
-    ),
-    paths(
-        create_collection,
-        get_collection,
-        create_session,
-        list_sessions,
-        get_session,
-        update_session,
-        delete_session,
-        select_session,
-        authorize_session,
-        sync_session,
-        get_payment,
-        capture_payment,
-        refund_payment,
-        cancel_payment,
-        list_attempts,
-        resolve_attempt,
-        list_providers,
-        events::list_events,
-        events::parked_deliveries,
-        events::redeliver,
-        receive_webhook,
-        health,
-        ready,
-        metrics,
-        openapi_json
-    ),
-    components(schemas(ErrorBody, PaymentView)),
-    modifiers(&BearerKeys, &EventSchemas)
-)]
-pub struct ApiDoc;
-
-/// Declares the `api_key` bearer scheme the operations' `security` names.
-struct BearerKeys;
-
-impl utoipa::Modify for BearerKeys {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "api_key",
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("phk_<key id>_<secret>")
-                    .description(Some(
-                        "An API key from `payhost keys new`. Each operation names the scope it needs.",
-                    ))
-                    .build(),
-            ),
-        );
-    }
-}
-
-/// This document.
-#[utoipa::path(get, path = "/openapi.json",
-    responses((status = 200, content_type = "application/json", body = Object, description = "The OpenAPI 3.1 document of this API")))]
-async fn openapi_json() -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        ApiDoc::openapi().to_json().unwrap_or_default(),
-    )
-        .into_response()
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{Access, ApiDoc, AppState, Arc, Method, OpenApi, Scope, admin_rules, rules};
+    use super::{Access, ApiDoc, AppState, Arc, Method, Scope, admin_rules, rules};
+    use utoipa::OpenApi;
 
     use crate::engine::*;
 

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use payhost_provider_api::{Manifest, ProviderError};
 
-use crate::answer::Raw;
+use crate::answer::Undecoded;
 use crate::host_side::{HostSide, escape_control};
 use frame::{CALL_SOCKET, Frame, read_frame, too_large, write_frame};
 
@@ -212,14 +212,14 @@ impl Worker {
 
     /// Makes one call and waits for its answer (bounded: the watchdog kills a worker whose call
     /// overruns its deadline by `kill_after`).
-    pub(crate) fn call(&self, op: &str, payload: &str, deadline: Instant) -> Raw {
+    pub(crate) fn call(&self, op: &str, payload: &str, deadline: Instant) -> Undecoded {
         let Some(conn) = self
             .connection
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
         else {
-            return Raw::NotSent(format!(
+            return Undecoded::NotSent(format!(
                 "the worker of provider `{}` is down (restarting)",
                 self.settings.provider_id
             ));
@@ -230,7 +230,7 @@ impl Worker {
             None => match CallStream::connect(&conn.calls) {
                 Ok(stream) => stream,
                 Err(e) => {
-                    return Raw::NotSent(format!("the worker did not take the call: {e}"));
+                    return Undecoded::NotSent(format!("the worker did not take the call: {e}"));
                 }
             },
         };
@@ -244,7 +244,7 @@ impl Worker {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);
-        if matches!(raw, Raw::Ok(_) | Raw::Err(_)) {
+        if matches!(raw, Undecoded::Ok(_) | Undecoded::Err(_)) {
             conn.idle
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -263,7 +263,7 @@ impl Worker {
         payload: &str,
         deadline: Instant,
         host: &HostSide,
-    ) -> Raw {
+    ) -> Undecoded {
         let frame = Frame::Call {
             id,
             op: op.to_owned(),
@@ -272,15 +272,15 @@ impl Worker {
         if let Err(e) = write_frame(&mut stream.writer, &frame) {
             // `write_all` failed, so the frame is incomplete, and an incomplete frame is never
             // executed.
-            return Raw::NotSent(format!("the worker did not take the call: {e}"));
+            return Undecoded::NotSent(format!("the worker did not take the call: {e}"));
         }
         loop {
             match read_frame(&mut stream.reader) {
                 Ok(Frame::Answer { id: got, ok, err }) if got == id => {
                     return match (ok, err) {
-                        (Some(ok), _) => Raw::Ok(ok),
-                        (None, Some(err)) => Raw::Err(err),
-                        (None, None) => Raw::Lost("an empty answer".into()),
+                        (Some(ok), _) => Undecoded::Ok(ok),
+                        (None, Some(err)) => Undecoded::Err(err),
+                        (None, None) => Undecoded::Lost("an empty answer".into()),
                     };
                 }
                 Ok(Frame::HostCall {
@@ -300,17 +300,17 @@ impl Worker {
                         err,
                     };
                     if let Err(e) = write_frame(&mut stream.writer, &answer) {
-                        return Raw::Lost(format!("the worker's connection broke: {e}"));
+                        return Undecoded::Lost(format!("the worker's connection broke: {e}"));
                     }
                 }
                 Ok(other) => {
-                    return Raw::Lost(format!("the worker answered out of turn: {other:?}"));
+                    return Undecoded::Lost(format!("the worker answered out of turn: {other:?}"));
                 }
                 Err(e) => {
                     if let Some(bytes) = too_large(&e) {
-                        return Raw::TooLarge(bytes);
+                        return Undecoded::TooLarge(bytes);
                     }
-                    return Raw::Lost(format!("the worker died before answering ({e})"));
+                    return Undecoded::Lost(format!("the worker died before answering ({e})"));
                 }
             }
         }
