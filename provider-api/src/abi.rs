@@ -1,7 +1,7 @@
 //! The frozen envelope: the only types that cross the boundary as memory, and the only module of
 //! payhost that names abi_stable.
 //!
-//! It is deliberately tiny (DESIGN.md §2): a root module with a manifest function and a
+//! It is deliberately tiny: a root module with a manifest function and a
 //! constructor, one provider object with `call(op, request_json)`, and one host object with the
 //! same shape. Everything else is JSON defined in [`crate::protocol`], versioned by
 //! [`crate::PROTOCOL_VERSION`]. abi_stable checks this layout at load; changing any type here is a

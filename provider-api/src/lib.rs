@@ -48,7 +48,7 @@
 //! ```
 //!
 //! What crosses the boundary is a frozen, layout-checked envelope carrying JSON (see
-//! `DESIGN.md` §2): a plugin built against any earlier 1.x provider-api loads in every later 1.x
+//! docs/vendors.md, "What stays stable"): a plugin built against any earlier 1.x provider-api loads in every later 1.x
 //! host, and a newer plugin loads in an older host as long as they share a protocol version.
 //! Panics inside a provider are caught at the boundary and reported as errors of kind
 //! [`ErrorKind::Panic`]; plugins must be built with `panic = "unwind"` (the default).

@@ -1,6 +1,6 @@
 //! The typed payloads that cross the plugin boundary as JSON.
 //!
-//! Rules that keep old and new plugins working together (see DESIGN.md §2): no type here uses
+//! Rules that keep old and new plugins working together (docs/vendors.md, "What stays stable"): no type here uses
 //! `deny_unknown_fields`, every field added after 1.0 is optional (`#[serde(default)]`), and every
 //! enum that a newer peer may extend has a catch-all variant, so that a newer plugin's answer is
 //! read as "unknown" instead of failing.

@@ -33,7 +33,7 @@ pub use providers::{
 pub use reconcile::ReconcileConfig;
 pub use redact::{Redactor, option_secrets, redact_url};
 pub use server::{AuthMode, ServerConfig, TlsConfig};
-pub use storage::StorageConfig;
+pub use storage::{StorageConfig, StorageUrl};
 
 /// A fully validated config.
 #[derive(Clone)]
@@ -74,7 +74,7 @@ struct RawConfig {
     #[serde(default)]
     server: ServerConfig,
     #[serde(default)]
-    storage: StorageConfig,
+    storage: storage::RawStorage,
     #[serde(default)]
     plugins: plugins::RawPlugins,
     #[serde(default)]
@@ -212,7 +212,7 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("path", &self.path)
             .field("server", &self.server)
-            .field("storage", &redact_url(&self.redact(&self.storage.url)))
+            .field("storage", &self.redact(&self.storage.url.redacted()))
             .field("plugin_dir", &self.plugin_dir)
             .field("worker_user", &self.worker_user)
             .field(
@@ -309,7 +309,7 @@ impl Config {
             path: &path,
         };
         let providers = providers::validate(raw.providers, &dir, &check)?;
-        let storage = storage::validate(raw.storage, &check)?;
+        let storage = storage::validate(raw.storage, &dir, &check)?;
         let server = server::validate(raw.server, &dir, &check)?;
         let reconcile = reconcile::validate(raw.reconcile, &check)?;
         let log = log::validate(raw.log, &check)?;

@@ -139,7 +139,7 @@ pub async fn serve(
     let deliverer = host.spawn_deliverer();
     tracing::info!(
         config = %config.path.display(),
-        storage = %crate::config::redact_url(&config.redact(&config.storage.url)),
+        storage = %config.redact(&config.storage.url.redacted()),
         loaded = host.providers().len(),
         failed = options.failed_providers.len(),
         open_files = options.open_files,

@@ -1,5 +1,5 @@
 //! A loaded provider instance and how the host calls it: off the async runtime, under a deadline
-//! and a concurrency limit, with every failure mode kept apart (DESIGN.md §2, §4).
+//! and a concurrency limit, with every failure mode kept apart.
 
 use std::path::PathBuf;
 use std::sync::Arc;

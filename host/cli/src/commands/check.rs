@@ -73,10 +73,9 @@ pub(crate) fn check(path: &Path, json: bool) -> ExitCode {
 fn postgres_durability(
     config: &Config,
 ) -> Option<Result<payhost::store::postgres::Durability, payhost::store::StoreError>> {
-    let url = &config.storage.url;
-    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+    let payhost::config::StorageUrl::Postgres(url) = &config.storage.url else {
         return None;
-    }
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -160,7 +159,7 @@ fn server_summary(config: &Config) -> serde_json::Value {
         "max_connections": s.connection_limit(nofile),
         "max_connections_from": if s.max_connections.is_some() { "config" } else { "open-file limit" },
         "open_files": nofile,
-        "storage": payhost::config::redact_url(&config.redact(&config.storage.url)),
+        "storage": config.redact(&config.storage.url.redacted()),
         "events": events_summary(&config.events),
     })
 }

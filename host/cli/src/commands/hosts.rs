@@ -17,7 +17,7 @@ pub(crate) fn hosts(path: &Path, json: bool) -> ExitCode {
         Err(code) => return code,
     };
     runtime.block_on(async {
-        if config.storage.url.starts_with("sqlite://") {
+        if !config.storage.url.is_shared() {
             say!(
                 "one host per SQLite file: no leases (the file's lock names the host that has it)"
             );

@@ -371,7 +371,7 @@ pub struct Resolution {
     pub at: Timestamp,
 }
 
-/// One money-moving provider call, recorded before it is made (DESIGN.md §4).
+/// One money-moving provider call, recorded before it is made.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Attempt {
     /// `att_…`.

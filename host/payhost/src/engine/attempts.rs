@@ -1,4 +1,4 @@
-//! The write-ahead core (DESIGN.md §4): record an attempt before the call, record its outcome
+//! The write-ahead core: record an attempt before the call, record its outcome
 //! and effects after, in one write each; and ask a provider about an earlier attempt.
 
 use super::{

@@ -1,7 +1,7 @@
 //! The lifecycle engine: the only code that changes a status or moves money, for the library API,
 //! the server and webhooks alike.
 //!
-//! Every money-moving call follows DESIGN.md §4: under the entity's lock, check the transition and
+//! Every money-moving call is written ahead: under the entity's lock, check the transition and
 //! record an `in_flight` attempt (one atomic write; the database allows one open attempt per
 //! session or payment); call the provider with no transaction open; record the outcome and its
 //! effects in one atomic write. An outcome the host could not read stays `unknown` and is settled
@@ -9,7 +9,9 @@
 //!
 //! Files: `sessions` (collections, sessions, authorize), `payments` (capture, refund, cancel),
 //! `attempts` (the write-ahead core: begin, after_call, settle, ask_about), `reports` (webhooks,
-//! syncs), `reconcile`, `idempotency` (client keys), `inputs` (what callers send).
+//! syncs), `reconcile`, `idempotency` (client keys), `inputs` (what callers send), `outbox`
+//! (which change makes which event, the stream, the deliverer), `lease` (a host's lease on a
+//! shared store), `owed` (writes kept through a store outage).
 
 mod attempts;
 mod idempotency;
@@ -492,30 +494,25 @@ pub enum OpenError {
 /// Opens the store `config.storage.url` names (migrations applied).
 pub async fn open_store(config: &crate::Config) -> Result<Arc<dyn Store>, OpenError> {
     let storage = &config.storage;
-    let url = &storage.url;
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let settings = crate::store::postgres::PostgresSettings {
-            pool_size: storage.pool_size,
-            acquire_timeout: Duration::from_millis(storage.connect_timeout_ms),
-            statement_timeout: Duration::from_millis(storage.statement_timeout_ms),
-        };
-        let store = crate::store::postgres::PostgresStore::open(url, &settings).await?;
-        return Ok(Arc::new(store));
+    match &storage.url {
+        crate::config::StorageUrl::Postgres(url) => {
+            let settings = crate::store::postgres::PostgresSettings {
+                pool_size: storage.pool_size,
+                acquire_timeout: Duration::from_millis(storage.connect_timeout_ms),
+                statement_timeout: Duration::from_millis(storage.statement_timeout_ms),
+            };
+            let store = crate::store::postgres::PostgresStore::open(url, &settings).await?;
+            Ok(Arc::new(store))
+        }
+        crate::config::StorageUrl::Sqlite(path) => {
+            let path = path.clone();
+            let store =
+                tokio::task::spawn_blocking(move || crate::store::sqlite::SqliteStore::open(path))
+                    .await
+                    .map_err(|e| OpenError::Storage(e.to_string()))??;
+            Ok(Arc::new(store))
+        }
     }
-    let Some(path) = url.strip_prefix("sqlite://") else {
-        return Err(OpenError::Storage(format!(
-            "`{}` is not supported (use sqlite://<file> or postgres://…)",
-            url.split("://").next().unwrap_or(url)
-        )));
-    };
-    if path.is_empty() {
-        return Err(OpenError::Storage("sqlite:// needs a file path".into()));
-    }
-    let path = config.dir.join(path);
-    let store = tokio::task::spawn_blocking(move || crate::store::sqlite::SqliteStore::open(path))
-        .await
-        .map_err(|e| OpenError::Storage(e.to_string()))??;
-    Ok(Arc::new(store))
 }
 
 /// The reconciler's settings from `config`'s `[reconcile]` and its providers' timeouts.
@@ -545,9 +542,9 @@ pub async fn open_store_for_outbox(config: &crate::Config) -> Result<Arc<dyn Sto
             let path = config
                 .storage
                 .url
-                .strip_prefix("sqlite://")
+                .sqlite_path()
                 .ok_or_else(|| OpenError::Storage("only a SQLite store is locked".into()))?;
-            let store = crate::store::sqlite::SqliteStore::open_beside(config.dir.join(path))?;
+            let store = crate::store::sqlite::SqliteStore::open_beside(path)?;
             Ok(Arc::new(store))
         }
         other => other,
@@ -559,9 +556,9 @@ pub fn open_store_read_only(config: &crate::Config) -> Result<Arc<dyn Store>, Op
     let path = config
         .storage
         .url
-        .strip_prefix("sqlite://")
+        .sqlite_path()
         .ok_or_else(|| OpenError::Storage("only a SQLite store opens read-only".into()))?;
-    let store = crate::store::sqlite::SqliteStore::open_read_only(config.dir.join(path))?;
+    let store = crate::store::sqlite::SqliteStore::open_read_only(path)?;
     Ok(Arc::new(store))
 }
 
