@@ -37,7 +37,7 @@ pub async fn flow(host: &payhost::Host) -> (String, std::time::Instant) {
     let session = host
         .create_session(
             NewSession {
-                payment_collection_id: col.id.0,
+                payment_collection_id: Some(col.id.0),
                 provider_id: "system".into(),
                 cart_id: Some("cart_bench".into()),
                 cart: Value::Null,
@@ -46,6 +46,7 @@ pub async fn flow(host: &payhost::Host) -> (String, std::time::Instant) {
                 amount: None,
                 currency_code: None,
                 metadata: Value::Null,
+                reference: None,
                 initiate: true,
             },
             None,

@@ -41,6 +41,9 @@ pub struct Endpoint {
     pub secret: String,
     /// Type patterns it receives (`*` for all).
     pub types: Vec<String>,
+    /// The providers whose events it receives (`None`: every event). With a list, an event
+    /// that belongs to no provider (a collection created) is not sent.
+    pub providers: Option<Vec<String>>,
     /// One try's timeout.
     pub timeout: Duration,
     /// Retry for this long after the first try, then park.
@@ -81,9 +84,15 @@ impl std::fmt::Debug for Endpoint {
 }
 
 impl Endpoint {
-    /// Whether it receives `kind`.
-    pub fn wants(&self, kind: EventType) -> bool {
-        self.types.iter().any(|p| kind.matches(p))
+    /// Whether it receives an event of `kind` about `provider`'s session or payment (`None`:
+    /// an event of no provider).
+    pub fn wants(&self, kind: EventType, provider: Option<&str>) -> bool {
+        let provider_wanted = match (&self.providers, provider) {
+            (None, _) => true,
+            (Some(list), Some(p)) => list.iter().any(|l| l == p),
+            (Some(_), None) => false,
+        };
+        provider_wanted && self.types.iter().any(|p| kind.matches(p))
     }
 
     /// The delay before try `attempts + 1` (after `attempts` failed): doubling from the base up
@@ -142,14 +151,20 @@ pub(crate) struct RawEndpoint {
     url: String,
     secret: String,
     types: Option<Vec<String>>,
+    providers: Option<Vec<String>>,
     timeout_ms: Option<u64>,
     retry_for_ms: Option<u64>,
     retry_base_ms: Option<u64>,
     retry_max_ms: Option<u64>,
 }
 
-/// Validates `[events]`: each endpoint's id, URL, secret, types and timings.
-pub(crate) fn validate(raw: RawEvents, check: &Check<'_>) -> Result<EventSettings, ConfigError> {
+/// Validates `[events]`: each endpoint's id, URL, secret, types, providers (among
+/// `provider_ids`, the configured ones) and timings.
+pub(crate) fn validate(
+    raw: RawEvents,
+    provider_ids: &[&str],
+    check: &Check<'_>,
+) -> Result<EventSettings, ConfigError> {
     use std::time::Duration;
     let defaults = EventSettings::default();
     let ms = |v: Option<u64>, d: Duration| v.map_or(d, Duration::from_millis);
@@ -221,6 +236,23 @@ pub(crate) fn validate(raw: RawEvents, check: &Check<'_>) -> Result<EventSetting
                 ),
             ));
         }
+        if let Some(list) = &e.providers {
+            if list.is_empty() {
+                return Err(bad(
+                    "providers",
+                    "`providers = []` would send nothing: list provider ids, or leave it out to send every provider's events".into(),
+                ));
+            }
+            if let Some(p) = list.iter().find(|p| !provider_ids.contains(&p.as_str())) {
+                return Err(bad(
+                    "providers",
+                    format!(
+                        "`{p}` is not a configured provider (the providers are: {})",
+                        provider_ids.join(", ")
+                    ),
+                ));
+            }
+        }
         let timeout = ms(e.timeout_ms, Duration::from_secs(10));
         let retry_for = ms(e.retry_for_ms, Duration::from_secs(3 * 24 * 3600));
         let retry_base = ms(e.retry_base_ms, Duration::from_secs(5));
@@ -253,6 +285,7 @@ pub(crate) fn validate(raw: RawEvents, check: &Check<'_>) -> Result<EventSetting
             url: e.url,
             secret: e.secret,
             types,
+            providers: e.providers,
             timeout,
             retry_for,
             retry_base,
@@ -285,6 +318,7 @@ mod tests {
             url: "http://x".into(),
             secret: "s".into(),
             types: vec!["*".into()],
+            providers: None,
             timeout: Duration::from_secs(1),
             retry_for: Duration::from_secs(60),
             retry_base: Duration::from_millis(100),
@@ -295,5 +329,35 @@ mod tests {
         assert_eq!(e.backoff(2, 0.0), Duration::from_millis(200));
         assert_eq!(e.backoff(10, 1.0), Duration::from_millis(1000));
         assert_eq!(e.backoff(99, 1.0), Duration::from_millis(1000));
+    }
+
+    #[test]
+    fn an_endpoint_with_providers_gets_only_their_events() {
+        let e = Endpoint {
+            id: "medusa".into(),
+            url: "http://x".into(),
+            secret: "s".into(),
+            types: vec!["payment_session.*".into(), "payment.*".into()],
+            providers: Some(vec!["sandbox".into()]),
+            timeout: Duration::from_secs(1),
+            retry_for: Duration::from_secs(60),
+            retry_base: Duration::from_millis(100),
+            retry_max: Duration::from_millis(1000),
+        };
+        use payhost_core::events::EventType as T;
+        assert!(e.wants(T::SessionAuthorized, Some("sandbox")));
+        assert!(!e.wants(T::SessionAuthorized, Some("system")));
+        assert!(!e.wants(T::CollectionCreated, None));
+        assert!(
+            !e.wants(T::AttemptUnknown, Some("sandbox")),
+            "a type it did not ask for"
+        );
+        let all = Endpoint {
+            providers: None,
+            types: vec!["*".into()],
+            ..e
+        };
+        assert!(all.wants(T::CollectionCreated, None));
+        assert!(all.wants(T::SessionAuthorized, Some("system")));
     }
 }

@@ -321,7 +321,8 @@ impl Config {
                 "`auth = \"none\"` turns key checks off, but `[[api_keys]]` are configured: remove one or the other".into(),
             ));
         }
-        let events = events::validate(raw.events, &check)?;
+        let provider_ids: Vec<&str> = providers.iter().map(|p| p.id.as_str()).collect();
+        let events = events::validate(raw.events, &provider_ids, &check)?;
         let worker_user = plugins::worker_user(&raw.plugins, &check)?;
         Ok(Config {
             dir: dir.clone(),
@@ -671,6 +672,27 @@ mod tests {
         assert_eq!(
             c.providers[0].library,
             LibrarySource::Path("/etc/payhost/lib/libs.so".into())
+        );
+    }
+
+    #[test]
+    fn an_endpoints_providers_must_be_configured_ones() {
+        let endpoint = "[[events.endpoints]]\nid = \"medusa\"\nurl = \"https://shop.example/hooks\"\nsecret = \"whsec_endpoint_secret_1\"\n";
+        let base = "[providers.sandbox]\nlibrary = \"x\"\n";
+        let e = parse(&format!("{base}{endpoint}providers = [\"stripe\"]\n")).unwrap_err();
+        assert_eq!(e.kind, ConfigErrorKind::Invalid);
+        assert!(
+            e.message.contains("`stripe` is not a configured provider"),
+            "{e}"
+        );
+        assert!(e.message.contains("sandbox"), "{e}");
+        assert_eq!(e.location.as_ref().unwrap().line, 3, "{e}");
+        let e = parse(&format!("{base}{endpoint}providers = []\n")).unwrap_err();
+        assert!(e.message.contains("would send nothing"), "{e}");
+        let ok = parse(&format!("{base}{endpoint}providers = [\"sandbox\"]\n")).unwrap();
+        assert_eq!(
+            ok.events.endpoints[0].providers.as_deref(),
+            Some(&["sandbox".to_owned()][..])
         );
     }
 

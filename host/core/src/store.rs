@@ -345,6 +345,11 @@ pub trait Store: Send + Sync + 'static {
     async fn session(&self, id: &SessionId) -> Result<Option<PaymentSession>, StoreError>;
     /// Sessions of a cart, oldest first.
     async fn sessions_by_cart(&self, cart_id: &str) -> Result<Vec<PaymentSession>, StoreError>;
+    /// Sessions carrying the caller's `reference`, oldest first.
+    async fn sessions_by_reference(
+        &self,
+        reference: &str,
+    ) -> Result<Vec<PaymentSession>, StoreError>;
     /// Sessions of a collection, oldest first.
     async fn sessions_by_collection(
         &self,

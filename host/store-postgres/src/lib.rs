@@ -363,6 +363,13 @@ impl Store for PostgresStore {
         self.sessions_where("cart_id", cart_id).await
     }
 
+    async fn sessions_by_reference(
+        &self,
+        reference: &str,
+    ) -> Result<Vec<PaymentSession>, StoreError> {
+        self.sessions_where("reference", reference).await
+    }
+
     async fn sessions_by_collection(
         &self,
         id: &CollectionId,

@@ -20,6 +20,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (7, include_str!("../migrations/0007_outbox.sql")),
     (8, include_str!("../migrations/0008_payhost_write.sql")),
     (9, include_str!("../migrations/0009_redelivered_by.sql")),
+    (10, include_str!("../migrations/0010_session_reference.sql")),
 ];
 
 impl PostgresStore {

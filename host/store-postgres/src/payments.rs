@@ -193,7 +193,7 @@ impl PostgresStore {
         match row {
             None => Ok(None),
             Some(r) => Ok(Some((
-                with_movements(&r, 18)?,
+                with_movements(&r, SESSION_COLUMNS.split(", ").count())?,
                 decode(&r, 0, rows::session)?,
             ))),
         }

@@ -66,7 +66,7 @@ impl From<RowError> for StoreError {
 pub const COLLECTION_COLUMNS: &str =
     "c.id, c.amount, c.currency_code, c.metadata, c.created_at, c.updated_at";
 /// The columns of `payment_sessions s`.
-pub const SESSION_COLUMNS: &str = "s.id, s.payment_collection_id, s.cart_id, s.cart, s.context, s.provider_id, s.is_selected, s.is_initiated, s.status, s.data, s.idempotency_key, s.amount, s.currency_code, s.payment_authorized_at, s.metadata, s.created_at, s.updated_at, s.version";
+pub const SESSION_COLUMNS: &str = "s.id, s.payment_collection_id, s.cart_id, s.cart, s.context, s.provider_id, s.is_selected, s.is_initiated, s.status, s.data, s.idempotency_key, s.amount, s.currency_code, s.payment_authorized_at, s.metadata, s.created_at, s.updated_at, s.version, s.reference";
 /// The columns of `payments p` (its captures and refunds are read apart).
 pub const PAYMENT_COLUMNS: &str = "p.id, p.payment_session_id, p.payment_collection_id, p.provider_id, p.amount, p.currency_code, p.data, p.captured_at, p.canceled_at, p.created_at, p.updated_at, p.version";
 /// The columns of `captures c`.
@@ -206,6 +206,7 @@ pub fn session(r: &(impl Record + ?Sized), at: usize) -> Result<PaymentSession, 
         currency_code: r.currency(12)?,
         payment_authorized_at: r.opt_int(13)?,
         metadata: r.json(14)?,
+        reference: r.opt_text(18)?,
         created_at: r.int(15)?,
         updated_at: r.int(16)?,
         version: r.int(17)?,
@@ -461,6 +462,7 @@ mod tests {
             Some("1"),
             Some("1"),
             Some("0"),
+            Some("medusa_ps_1"),
         ]
     }
 
@@ -469,6 +471,7 @@ mod tests {
         assert_eq!(SESSION_COLUMNS.split(", ").count(), session_cells().len());
         let s = session(&Cells(session_cells()), 0).unwrap();
         assert_eq!((s.id.0.as_str(), s.amount), ("ps_1", 1000));
+        assert_eq!(s.reference.as_deref(), Some("medusa_ps_1"));
     }
 
     /// Whatever is corrupt, the error names the table and the column, and nothing panics.

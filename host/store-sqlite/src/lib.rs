@@ -206,6 +206,15 @@ impl Store for SqliteStore {
         self.read(move |c| sessions::of_cart(c, &cart_id)).await
     }
 
+    async fn sessions_by_reference(
+        &self,
+        reference: &str,
+    ) -> Result<Vec<PaymentSession>, StoreError> {
+        let reference = reference.to_owned();
+        self.read(move |c| sessions::of_reference(c, &reference))
+            .await
+    }
+
     async fn sessions_by_collection(
         &self,
         id: &CollectionId,

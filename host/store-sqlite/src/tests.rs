@@ -227,7 +227,7 @@ fn migration_9_keeps_every_row_and_every_rule() {
         "CHECK constraint failed",
     );
     refused(
-        "INSERT INTO payment_sessions VALUES ('ps_3', 'pc_missing', NULL, '{}', '{}', 'system', 0, 0, 'pending', '{}', 'psk_3', 1, 'eur', NULL, '{}', 1, 1, 1)",
+        "INSERT INTO payment_sessions (id, payment_collection_id, cart_id, cart, context, provider_id, is_selected, is_initiated, status, data, idempotency_key, amount, currency_code, payment_authorized_at, metadata, created_at, updated_at, version) VALUES ('ps_3', 'pc_missing', NULL, '{}', '{}', 'system', 0, 0, 'pending', '{}', 'psk_3', 1, 'eur', NULL, '{}', 1, 1, 1)",
         "FOREIGN KEY constraint failed",
     );
     refused(

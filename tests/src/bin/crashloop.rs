@@ -59,7 +59,7 @@ async fn main() {
         let session = match host
             .create_session(
                 NewSession {
-                    payment_collection_id: col.id.0.clone(),
+                    payment_collection_id: Some(col.id.0.clone()),
                     provider_id: "sandbox".into(),
                     cart_id: None,
                     cart: Value::Null,
@@ -68,6 +68,7 @@ async fn main() {
                     amount: None,
                     currency_code: None,
                     metadata: Value::Null,
+                    reference: None,
                     initiate: true,
                 },
                 None,

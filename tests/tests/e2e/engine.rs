@@ -40,7 +40,7 @@ async fn authorized(host: &Host, provider: &str) -> payhost::domain::Payment {
 
 fn new_session(collection: &str, provider: &str, data: Value) -> NewSession {
     NewSession {
-        payment_collection_id: collection.into(),
+        payment_collection_id: Some(collection.into()),
         provider_id: provider.into(),
         cart_id: Some("cart_1".into()),
         cart: json!({"email": "c@example.com"}),
@@ -49,6 +49,7 @@ fn new_session(collection: &str, provider: &str, data: Value) -> NewSession {
         amount: None,
         currency_code: None,
         metadata: Value::Null,
+        reference: None,
         initiate: true,
     }
 }
@@ -1048,6 +1049,173 @@ async fn the_sqlite_wal_stays_bounded_as_payments_are_written() {
     assert!(largest <= bound, "the WAL reached {largest} bytes");
 }
 
+/// A session created with an amount and a currency and no collection brings its own, in the
+/// same write (one transaction on PostgreSQL), with both events; it carries the caller's
+/// reference, by which it is listed. A session without the currency creates nothing.
+async fn a_session_without_a_collection_brings_its_own_in_one_write(backend: Backend) {
+    let s = Scratch::new();
+    let Some(host) = s.host_on(backend, HOST).await else {
+        return;
+    };
+    let mut input = new_session("", "system", Value::Null);
+    input.payment_collection_id = None;
+    input.amount = Some(1234);
+    input.currency_code = Some("kwd".into());
+    input.reference = Some("payses_medusa_1".into());
+    let before = host.store().statement_counts();
+    let session = host.create_session(input.clone(), None).await.unwrap();
+    if let (Some((_, tx_before)), Some((_, tx_after))) = (before, host.store().statement_counts()) {
+        assert_eq!(tx_after - tx_before, 1, "one write transaction");
+    }
+    let view = host
+        .collection(&session.payment_collection_id.0)
+        .await
+        .unwrap();
+    assert_eq!(
+        (view.collection.amount, view.collection.currency_code.code()),
+        (1234, "kwd")
+    );
+    assert_eq!(session.reference.as_deref(), Some("payses_medusa_1"));
+    let found = host
+        .sessions_with_reference("payses_medusa_1")
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].id, session.id);
+    let events = host.events_page(0, None, 100).await.unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["payment_collection.created", "payment_session.created"]
+    );
+    assert_eq!(events[1].data["reference"], "payses_medusa_1");
+
+    for (missing, field) in [("currency_code", "currency_code"), ("amount", "amount")] {
+        let mut bad = input.clone();
+        bad.reference = Some("payses_medusa_2".into());
+        match missing {
+            "currency_code" => bad.currency_code = None,
+            _ => bad.amount = None,
+        }
+        match host.create_session(bad, None).await.unwrap_err() {
+            EngineError::InvalidInput { field: f, message } => {
+                assert_eq!(f, field);
+                assert!(
+                    message.contains("without `payment_collection_id`"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut long = input.clone();
+    long.reference = Some("r".repeat(256));
+    assert!(matches!(
+        host.create_session(long, None).await.unwrap_err(),
+        EngineError::InvalidInput { field, .. } if field == "reference"
+    ));
+    assert!(
+        host.sessions_with_reference("payses_medusa_2")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        host.events_page(0, None, 100).await.unwrap().len(),
+        2,
+        "the refused sessions created nothing"
+    );
+}
+
+/// Capturing or refunding "what is left" when nothing is left is an invalid state that says
+/// so, not a complaint about an amount nobody sent.
+async fn nothing_left_to_capture_or_refund_is_an_invalid_state(backend: Backend) {
+    let s = Scratch::new();
+    let Some(host) = s.host_on(backend, HOST).await else {
+        return;
+    };
+    let payment = authorized(&host, "system").await;
+    let id = payment.id.0.clone();
+    host.capture_payment(&id, CaptureInput::default(), None)
+        .await
+        .unwrap();
+    match host
+        .capture_payment(&id, CaptureInput::default(), None)
+        .await
+        .unwrap_err()
+    {
+        EngineError::InvalidTransition(why) => {
+            assert_eq!(why, "nothing is left to capture: 1000 of 1000 is captured")
+        }
+        other => panic!("{other:?}"),
+    }
+    host.refund_payment(&id, RefundInput::default(), None)
+        .await
+        .unwrap();
+    match host
+        .refund_payment(&id, RefundInput::default(), None)
+        .await
+        .unwrap_err()
+    {
+        EngineError::InvalidTransition(why) => {
+            assert!(why.starts_with("nothing is left to refund"), "{why}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let p = host.payment(&id).await.unwrap();
+    assert_eq!((p.captures.len(), p.refunds.len()), (1, 1));
+}
+
+/// An endpoint that names providers gets only their sessions' and payments' events (and no
+/// collection's); one that names none gets every event.
+async fn an_endpoint_with_providers_gets_only_their_events(backend: Backend) {
+    let s = Scratch::new();
+    let config = format!(
+        "{HOST}\n[[events.endpoints]]\nid = \"all\"\nurl = \"http://127.0.0.1:9/all\"\nsecret = \"whsec_endpoint_secret_1\"\n\n[[events.endpoints]]\nid = \"medusa\"\nurl = \"http://127.0.0.1:9/medusa\"\nsecret = \"whsec_endpoint_secret_2\"\nproviders = [\"sandbox\"]\n"
+    );
+    let Some(host) = s.host_on(backend, &config).await else {
+        return;
+    };
+    authorized(&host, "system").await;
+    authorized(&host, "sandbox").await;
+    let events = host.events_page(0, None, 100).await.unwrap();
+    let deliveries = host
+        .store()
+        .deliveries(payhost::events::DeliveryState::Pending, 1000)
+        .await
+        .unwrap();
+    let to = |endpoint: &str| -> Vec<String> {
+        let mut ids: Vec<String> = deliveries
+            .iter()
+            .filter(|d| d.endpoint_id == endpoint)
+            .map(|d| d.id.trim_end_matches(&format!(":{endpoint}")).to_owned())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let mut all: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+    all.sort();
+    assert_eq!(to("all"), all);
+    let sandbox_sessions: Vec<&str> = events
+        .iter()
+        .filter(|e| e.data["provider_id"] == "sandbox")
+        .filter_map(|e| e.payment_session_id.as_deref())
+        .collect();
+    assert!(!sandbox_sessions.is_empty());
+    let mut expected: Vec<String> = events
+        .iter()
+        .filter(|e| {
+            e.payment_session_id
+                .as_deref()
+                .is_some_and(|s| sandbox_sessions.contains(&s))
+        })
+        .map(|e| e.id.clone())
+        .collect();
+    expected.sort();
+    assert!(expected.len() >= 2, "{expected:?}");
+    assert_eq!(to("medusa"), expected);
+}
+
 /// Every scenario above, on SQLite and on PostgreSQL.
 macro_rules! on_both_stores {
     ($($name:ident),* $(,)?) => {
@@ -1086,4 +1254,7 @@ on_both_stores!(
     cancel_voids_a_payment_and_the_database_refuses_captures_after_it,
     one_session_is_selected_per_cart_and_placeholders_initiate_on_selection,
     everything_survives_reopening_the_store,
+    a_session_without_a_collection_brings_its_own_in_one_write,
+    nothing_left_to_capture_or_refund_is_an_invalid_state,
+    an_endpoint_with_providers_gets_only_their_events,
 );

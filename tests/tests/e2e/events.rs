@@ -50,7 +50,7 @@ async fn collection(host: &Host, amount: i64) -> String {
 
 fn sandbox_session(collection: &str, data: Value) -> NewSession {
     NewSession {
-        payment_collection_id: collection.into(),
+        payment_collection_id: Some(collection.into()),
         provider_id: "sandbox".into(),
         cart_id: Some("cart_events".into()),
         cart: Value::Null,
@@ -59,6 +59,7 @@ fn sandbox_session(collection: &str, data: Value) -> NewSession {
         amount: None,
         currency_code: None,
         metadata: Value::Null,
+        reference: None,
         initiate: true,
     }
 }

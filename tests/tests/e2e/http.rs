@@ -1135,3 +1135,71 @@ async fn every_mutating_route_replays_its_idempotency_key() {
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
 }
+
+/// What a commerce platform's bridge relies on: a session created with its amount and currency
+/// in one request (its collection made with it), found by the platform's own id, and "capture
+/// what is left" on a payment with nothing left answered 422 `invalid_state`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_creates_a_session_in_one_request_and_finds_it_by_its_own_id() {
+    let api = Api::start();
+    let (status, s) = api
+        .post(
+            "/v1/payment-sessions",
+            json!({"provider_id": "system", "amount": 1500, "currency_code": "jpy", "reference": "payses_01"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{s}");
+    assert_eq!(s["reference"], "payses_01");
+    let col = s["payment_collection_id"].as_str().unwrap();
+    let (_, view) = api.get(&format!("/v1/payment-collections/{col}")).await;
+    assert_eq!(
+        (view["amount"].as_i64(), view["currency_code"].as_str()),
+        (Some(1500), Some("jpy")),
+        "{view}"
+    );
+    let (status, list) = api.get("/v1/payment-sessions?reference=payses_01").await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    assert_eq!(list["payment_sessions"][0]["id"], s["id"]);
+    let (status, none) = api.get("/v1/payment-sessions?reference=payses_02").await;
+    assert_eq!(
+        (status, none["payment_sessions"].as_array().map(Vec::len)),
+        (StatusCode::OK, Some(0))
+    );
+    let (status, both) = api
+        .get(&format!(
+            "/v1/payment-sessions?reference=payses_01&payment_collection_id={col}"
+        ))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{both}");
+
+    let (status, missing) = api
+        .post(
+            "/v1/payment-sessions",
+            json!({"provider_id": "system", "amount": 1500}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{missing}");
+    assert_eq!(missing["error"]["param"], "currency_code", "{missing}");
+
+    let sid = s["id"].as_str().unwrap();
+    let (_, auth) = api
+        .post(&format!("/v1/payment-sessions/{sid}/authorize"), json!({}))
+        .await;
+    let pay = auth["payment"]["id"].as_str().unwrap().to_owned();
+    let (status, p) = api
+        .post(&format!("/v1/payments/{pay}/capture"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{p}");
+    let (status, again) = api
+        .post(&format!("/v1/payments/{pay}/capture"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{again}");
+    assert_error(&again, "invalid_state");
+    assert!(
+        again["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nothing is left to capture"),
+        "{again}"
+    );
+}

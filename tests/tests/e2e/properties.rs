@@ -443,7 +443,7 @@ impl World {
                 let s = h
                     .create_session(
                         NewSession {
-                            payment_collection_id: self.collection.clone(),
+                            payment_collection_id: Some(self.collection.clone()),
                             provider_id: if *system { "system" } else { "sandbox" }.into(),
                             cart_id: Some("cart".into()),
                             cart: Value::Null,
@@ -452,6 +452,7 @@ impl World {
                             amount: Some(1000),
                             currency_code: None,
                             metadata: Value::Null,
+                            reference: None,
                             initiate: true,
                         },
                         None,
@@ -1186,6 +1187,12 @@ impl Store for Recorder {
     }
     async fn sessions_by_cart(&self, cart_id: &str) -> Result<Vec<PaymentSession>, StoreError> {
         self.inner.sessions_by_cart(cart_id).await
+    }
+    async fn sessions_by_reference(
+        &self,
+        reference: &str,
+    ) -> Result<Vec<PaymentSession>, StoreError> {
+        self.inner.sessions_by_reference(reference).await
     }
     async fn sessions_by_collection(
         &self,

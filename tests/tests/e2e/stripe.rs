@@ -54,7 +54,7 @@ async fn session(host: &payhost::Host, amount: i64, data: Value) -> String {
         .unwrap();
     host.create_session(
         NewSession {
-            payment_collection_id: col.id.0,
+            payment_collection_id: Some(col.id.0),
             provider_id: "stripe".into(),
             cart_id: None,
             cart: Value::Null,
@@ -63,6 +63,7 @@ async fn session(host: &payhost::Host, amount: i64, data: Value) -> String {
             amount: None,
             currency_code: None,
             metadata: Value::Null,
+            reference: None,
             initiate: true,
         },
         None,

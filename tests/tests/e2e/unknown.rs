@@ -30,7 +30,7 @@ async fn collection(host: &Host, amount: i64) -> String {
 
 fn new_session(collection: &str, provider: &str, data: Value) -> NewSession {
     NewSession {
-        payment_collection_id: collection.into(),
+        payment_collection_id: Some(collection.into()),
         provider_id: provider.into(),
         cart_id: None,
         cart: Value::Null,
@@ -39,6 +39,7 @@ fn new_session(collection: &str, provider: &str, data: Value) -> NewSession {
         amount: None,
         currency_code: None,
         metadata: Value::Null,
+        reference: None,
         initiate: true,
     }
 }

@@ -175,6 +175,7 @@ fn events_summary(e: &payhost::events::EventSettings) -> serde_json::Value {
             "id": p.id,
             "url": payhost::events::redact_endpoint_url(&p.url),
             "types": p.types,
+            "providers": p.providers,
             "timeout_ms": ms(p.timeout),
             "retry_base_ms": ms(p.retry_base),
             "retry_max_ms": ms(p.retry_max),
@@ -260,17 +261,14 @@ fn print_check(config: &Config, report: &LoadReport, disabled: &[&str]) {
     }
     for p in e["endpoints"].as_array().into_iter().flatten() {
         say!(
-            "        endpoint {} {} types {}, timeout {} ms, retried {}..{} ms apart for {} ms, then parked",
+            "        endpoint {} {} types {}{}, timeout {} ms, retried {}..{} ms apart for {} ms, then parked",
             p["id"].as_str().unwrap_or(""),
             p["url"].as_str().unwrap_or(""),
-            p["types"]
-                .as_array()
-                .map(|a| a
-                    .iter()
-                    .filter_map(|v| v.as_str())
-                    .collect::<Vec<_>>()
-                    .join(","))
-                .unwrap_or_default(),
+            list(&p["types"]),
+            match p["providers"].as_array() {
+                Some(_) => format!(" of providers {}", list(&p["providers"])),
+                None => String::new(),
+            },
             p["timeout_ms"],
             p["retry_base_ms"],
             p["retry_max_ms"],
@@ -346,4 +344,16 @@ fn check_json(config: &Config, report: &LoadReport, disabled: &[&str]) -> serde_
         "failed": failed,
         "disabled": disabled,
     })
+}
+
+/// A JSON array of strings as `a,b,c`.
+fn list(v: &serde_json::Value) -> String {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
 }

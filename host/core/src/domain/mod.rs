@@ -196,6 +196,9 @@ pub struct PaymentSession {
     pub payment_authorized_at: Option<Timestamp>,
     /// The embedder's metadata.
     pub metadata: Value,
+    /// The caller's own id for the session (a Medusa session id), set at creation; sessions
+    /// can be listed by it.
+    pub reference: Option<String>,
     /// Created.
     pub created_at: Timestamp,
     /// Last changed.

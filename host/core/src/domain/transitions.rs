@@ -91,6 +91,14 @@ pub fn payment(p: &Payment, input: PaymentInput) -> Result<(), String> {
         return Err("the payment is canceled".into());
     }
     match input {
+        // What is left, when nothing is: no amount was asked for, and there is none to take.
+        PaymentInput::Capture(0) => Err(format!(
+            "nothing is left to capture: {captured} of {} is captured",
+            p.amount
+        )),
+        PaymentInput::Refund(0) => Err(format!(
+            "nothing is left to refund: {refunded} of the {captured} captured is refunded"
+        )),
         PaymentInput::Capture(amount) => {
             if captured.checked_add(amount).is_none_or(|t| t > p.amount) {
                 Err(format!(
@@ -244,8 +252,10 @@ mod tests {
 
 #[cfg(test)]
 mod totals {
-    use super::{CollectionStatus, Payment, collection};
-    use crate::domain::{CollectionId, Currency, MAX_AMOUNT, PaymentId, SessionId};
+    use super::{CollectionStatus, Payment, PaymentInput, collection};
+    use crate::domain::{
+        AttemptId, Capture, CaptureId, CollectionId, Currency, MAX_AMOUNT, PaymentId, SessionId,
+    };
 
     fn payment(amount: i64) -> Payment {
         Payment {
@@ -281,5 +291,25 @@ mod totals {
             (status, authorized),
             (CollectionStatus::Authorized, MAX_AMOUNT)
         );
+    }
+
+    /// Asked for "what is left" (no amount) when nothing is, the answer says so: an invalid
+    /// state, not an amount nobody sent.
+    #[test]
+    fn nothing_left_is_named_as_such() {
+        let mut p = payment(500);
+        p.captures.push(Capture {
+            id: CaptureId::generate(),
+            amount: 500,
+            attempt_id: AttemptId::generate(),
+            created_at: 1,
+        });
+        let e = super::payment(&p, PaymentInput::Capture(0)).unwrap_err();
+        assert_eq!(e, "nothing is left to capture: 500 of 500 is captured");
+        assert!(super::payment(&p, PaymentInput::Refund(500)).is_ok());
+        let e = super::payment(&payment(500), PaymentInput::Refund(0)).unwrap_err();
+        assert!(e.starts_with("nothing is left to refund"), "{e}");
+        let e = super::payment(&p, PaymentInput::Capture(1)).unwrap_err();
+        assert!(e.contains("would exceed"), "{e}");
     }
 }

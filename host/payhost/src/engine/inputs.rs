@@ -28,8 +28,10 @@ fn yes() -> bool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewSession {
-    /// The collection it pays.
-    pub payment_collection_id: String,
+    /// The collection it pays. Without one, `amount` and `currency_code` are required and the
+    /// session's own collection is created with it, in the same write.
+    #[serde(default)]
+    pub payment_collection_id: Option<String>,
     /// The operator's provider id.
     pub provider_id: String,
     /// The embedder's cart.
@@ -57,6 +59,10 @@ pub struct NewSession {
     /// The embedder's metadata.
     #[serde(default)]
     pub metadata: Value,
+    /// The caller's own id for the session (1 to 255 characters), kept with it: `GET
+    /// /v1/payment-sessions?reference=` finds it.
+    #[serde(default)]
+    pub reference: Option<String>,
     /// Initiate with the provider now (default); false creates a placeholder (Medusa v1).
     #[serde(default = "yes")]
     pub initiate: bool,

@@ -693,6 +693,14 @@ impl Host {
         Ok(self.store.sessions_by_cart(cart_id).await?)
     }
 
+    /// Sessions created with the caller's `reference`, oldest first.
+    pub async fn sessions_with_reference(
+        &self,
+        reference: &str,
+    ) -> Result<Vec<PaymentSession>, EngineError> {
+        Ok(self.store.sessions_by_reference(reference).await?)
+    }
+
     /// Sessions of a collection, oldest first.
     pub async fn sessions_of_collection(
         &self,

@@ -30,13 +30,14 @@ impl Host {
         &self.events
     }
 
-    /// The op appending `event`, with a delivery to each endpoint that wants its type.
-    pub(super) fn event_op(&self, event: Event) -> WriteOp {
+    /// The op appending `event` (about `provider`'s session or payment, if any), with a
+    /// delivery to each endpoint that wants its type and provider.
+    pub(super) fn event_op(&self, event: Event, provider: Option<&str>) -> WriteOp {
         let deliver_to = self
             .events
             .endpoints
             .iter()
-            .filter(|e| e.wants(event.kind))
+            .filter(|e| e.wants(event.kind, provider))
             .map(|e| e.id.clone())
             .collect();
         WriteOp::AppendEvent { event, deliver_to }
@@ -51,7 +52,7 @@ impl Host {
         e.payment_collection_id = Some(collection.id.0.clone());
         e.amount = Some(collection.amount);
         e.currency_code = Some(collection.currency_code.code().to_owned());
-        self.event_op(e)
+        self.event_op(e, None)
     }
 
     /// The event of a session's new status, if `before` was another.
@@ -76,7 +77,7 @@ impl Host {
         e.payment_id = payment.map(|p| p.0.clone());
         e.amount = Some(after.amount);
         e.currency_code = Some(after.currency_code.code().to_owned());
-        Some(self.event_op(e))
+        Some(self.event_op(e, Some(&after.provider_id)))
     }
 
     /// A payment's capture, refund or cancel: `payment` as it stands after it, `amount` the
@@ -95,7 +96,7 @@ impl Host {
         e.attempt_id = Some(attempt.0.clone());
         e.amount = Some(amount);
         e.currency_code = Some(payment.currency_code.code().to_owned());
-        self.event_op(e)
+        self.event_op(e, Some(&payment.provider_id))
     }
 
     /// An attempt became unknown, needs an operator, or was resolved (`resolved_by`).
@@ -115,7 +116,7 @@ impl Host {
         e.attempt_id = Some(attempt.id.0.clone());
         e.amount = Some(attempt.amount);
         e.currency_code = Some(attempt.currency_code.code().to_owned());
-        self.event_op(e)
+        self.event_op(e, Some(&attempt.provider_id))
     }
 
     /// A verified webhook was applied.
@@ -136,7 +137,7 @@ impl Host {
             }),
         );
         e.payment_session_id = event.session_id.clone();
-        self.event_op(e)
+        self.event_op(e, Some(provider_id))
     }
 
     // ------------------------------------------------------------ reading

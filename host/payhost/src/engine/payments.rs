@@ -97,6 +97,7 @@ impl Host {
         let caps = provider.manifest().capabilities;
         let captured = payment.captured_amount();
         let refunded = payment.refunded_amount();
+        let given_none = amount.is_none();
         let (amount, input) = match operation {
             Operation::Capture => {
                 let a = amount.unwrap_or(payment.amount - captured);
@@ -108,7 +109,10 @@ impl Host {
             }
             _ => (payment.amount, PaymentInput::Cancel),
         };
-        if operation != Operation::Cancel {
+        // No amount asked for and nothing left: the transition says so (invalid state), not an
+        // amount nobody sent.
+        let nothing_left = given_none && amount == 0;
+        if operation != Operation::Cancel && !nothing_left {
             Money::of(amount, payment.currency_code)
                 .map_err(|e| EngineError::invalid("amount", e.to_string()))?;
         }

@@ -61,14 +61,30 @@ impl Host {
         idempotency_key: Option<&str>,
     ) -> Result<PaymentSession, EngineError> {
         self.idempotent(idempotency_key, "create_session", &input, no_attempt, || async {
-            let collection_id = CollectionId::parse(&input.payment_collection_id)
-                .ok_or_else(|| not_found("payment collection", &input.payment_collection_id))?;
-            let collection = self
-                .store
-                .collection(&collection_id)
-                .await?
-                .ok_or_else(|| not_found("payment collection", collection_id.as_str()))?;
             self.provider(&input.provider_id)?;
+            if let Some(reference) = &input.reference
+                && (reference.is_empty() || reference.len() > 255)
+            {
+                return Err(EngineError::invalid(
+                    "reference",
+                    "must be 1 to 255 characters",
+                ));
+            }
+            // Without a collection, the session brings its own: created in the same write.
+            let (collection, new_collection) = match &input.payment_collection_id {
+                Some(id) => {
+                    let collection_id = CollectionId::parse(id)
+                        .ok_or_else(|| not_found("payment collection", id))?;
+                    let collection = self
+                        .store
+                        .collection(&collection_id)
+                        .await?
+                        .ok_or_else(|| not_found("payment collection", collection_id.as_str()))?;
+                    (collection, false)
+                }
+                None => (self.own_collection(&input)?, true),
+            };
+            let collection_id = collection.id.clone();
             if let Some(code) = &input.currency_code {
                 let currency = Currency::parse(code).ok_or_else(|| {
                     EngineError::invalid(
@@ -123,6 +139,7 @@ impl Host {
                 currency_code: collection.currency_code,
                 payment_authorized_at: None,
                 metadata: input.metadata.clone(),
+                reference: input.reference.clone(),
                 created_at: now,
                 updated_at: now,
                 version: 1,
@@ -142,12 +159,46 @@ impl Host {
                 session.updated_at = self.now();
             }
             let created = self.session_changed(None, &session, None);
-            self.store
-                .write([WriteOp::InsertSession(session.clone())].into_iter().chain(created).collect())
-                .await?;
+            let mut ops = Vec::with_capacity(4);
+            if new_collection {
+                ops.push(WriteOp::InsertCollection(collection.clone()));
+                ops.push(self.collection_event(&collection));
+            }
+            ops.push(WriteOp::InsertSession(session.clone()));
+            ops.extend(created);
+            self.store.write(ops).await?;
             Ok(session)
         })
         .await
+    }
+
+    /// The collection a session created without one brings: its `amount` and `currency_code`
+    /// (both required then), no metadata of its own.
+    fn own_collection(&self, input: &NewSession) -> Result<PaymentCollection, EngineError> {
+        let (Some(amount), Some(code)) = (input.amount, input.currency_code.as_deref()) else {
+            let missing = if input.amount.is_none() {
+                "amount"
+            } else {
+                "currency_code"
+            };
+            return Err(EngineError::invalid(
+                missing,
+                "a session created without `payment_collection_id` needs `amount` and `currency_code` (its collection is created with it)",
+            ));
+        };
+        let money = Money::new(amount, code).map_err(|e| match e {
+            MoneyError::UnknownCurrency(_) => EngineError::invalid("currency_code", e.to_string()),
+            _ => EngineError::invalid("amount", e.to_string()),
+        })?;
+        let now = self.now();
+        Ok(PaymentCollection {
+            id: CollectionId::generate(),
+            amount: money.amount,
+            currency_code: money.currency,
+            metadata: Value::Null,
+            created_at: now,
+            updated_at: now,
+        })
     }
 
     /// Initiates a placeholder session with its provider (Medusa v1: when it is selected).

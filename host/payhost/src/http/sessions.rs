@@ -35,6 +35,8 @@ pub(super) struct SessionFilter {
     cart_id: Option<String>,
     /// Sessions of this collection.
     payment_collection_id: Option<String>,
+    /// Sessions created with this `reference` (the caller's own id).
+    reference: Option<String>,
 }
 
 /// Sessions.
@@ -44,7 +46,7 @@ pub(super) struct SessionList {
     payment_sessions: Vec<PaymentSession>,
 }
 
-/// List the sessions of a cart or of a collection.
+/// List the sessions of a cart, of a collection, or with a reference.
 #[utoipa::path(get, path = "/v1/payment-sessions", params(SessionFilter),
     responses((status = 200, body = SessionList), ErrorResponses),
     security(("api_key" = ["read"])))]
@@ -53,13 +55,18 @@ pub(super) async fn list_sessions(
     filter: Result<Query<SessionFilter>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<SessionList>> {
     let Query(filter) = filter.map_err(|e| ApiError::bad_request("query", e.body_text()))?;
-    let payment_sessions = match (filter.cart_id, filter.payment_collection_id) {
-        (Some(cart), None) => s.host.sessions_of_cart(&cart).await?,
-        (None, Some(col)) => s.host.sessions_of_collection(&col).await?,
+    let payment_sessions = match (
+        filter.cart_id,
+        filter.payment_collection_id,
+        filter.reference,
+    ) {
+        (Some(cart), None, None) => s.host.sessions_of_cart(&cart).await?,
+        (None, Some(col), None) => s.host.sessions_of_collection(&col).await?,
+        (None, None, Some(reference)) => s.host.sessions_with_reference(&reference).await?,
         _ => {
             return Err(ApiError::bad_request(
                 "cart_id",
-                "give exactly one of cart_id and payment_collection_id",
+                "give exactly one of cart_id, payment_collection_id and reference",
             ));
         }
     };
