@@ -2,9 +2,10 @@
 //! - `cargo xtask run [-- <payhost args>]`: build the host and every plugin, then run
 //!   `payhost serve --config config/payhost.toml` (or the given arguments);
 //! - `cargo xtask test`: start what the tests need (PostgreSQL, localstripe, schemathesis),
-//!   build everything, then run every test (doctests, then nextest); a test that cannot run
-//!   fails, unless `PAYHOST_SKIP=postgres,localstripe,root,failover` names what to skip, and the
-//!   run ends with how many were skipped and why;
+//!   build everything, then run every test (doctests, the Medusa bridge's unit and integration
+//!   tests, then nextest); a test that cannot run fails, unless
+//!   `PAYHOST_SKIP=postgres,localstripe,root,failover,medusa` names what to skip, and the run
+//!   ends with how many were skipped and why;
 //! - `cargo xtask fuzz`: only the API fuzzing that `test` runs (schemathesis);
 //! - `cargo xtask tidy`: only the layering rules that `test` checks first (see `tidy.rs`).
 
@@ -112,13 +113,53 @@ fn test(root: &Path, args: &[String]) -> Result<(), String> {
     // is recorded here and counted below.
     let skips = root.join("target/test-skips.log");
     let _ = std::fs::remove_file(&skips);
+    // The Medusa bridge's tests (only when no nextest filter narrows the run).
+    let bridge = if args.is_empty() {
+        if skipping("medusa") {
+            let _ = std::fs::write(
+                &skips,
+                "medusa\tintegrations/medusa (unit and integration)\tPAYHOST_SKIP names medusa\n",
+            );
+            Ok(())
+        } else {
+            medusa(root)
+        }
+    } else {
+        Ok(())
+    };
     let mut c = cargo(root);
     c.args(["nextest", "run", "--workspace", "--no-fail-fast"])
         .env("PAYHOST_SKIP_LOG", &skips)
         .args(args);
     let result = status(c);
     report_skips(&skips);
-    result
+    bridge.and(result)
+}
+
+/// The Medusa bridge (`integrations/medusa`): its npm packages installed from the lockfile
+/// (`npm ci`, again only when the lockfile changed), its unit tests, then its integration tests
+/// — Medusa's Payment Module on a fresh PostgreSQL database against the `payhost` just built.
+fn medusa(root: &Path) -> Result<(), String> {
+    let dir = root.join("integrations/medusa");
+    let lock = std::fs::read(dir.join("package-lock.json"))
+        .map_err(|e| format!("integrations/medusa/package-lock.json: {e}"))?;
+    let stamp = dir.join("node_modules/.payhost-lockfile");
+    if std::fs::read(&stamp).ok().as_deref() != Some(&lock[..]) {
+        let mut c = Command::new("npm");
+        c.current_dir(&dir).args(["ci", "--no-audit", "--no-fund"]);
+        status(c).map_err(|e| {
+            format!("{e}: the Medusa bridge's packages (Node 20 and npm are needed)")
+        })?;
+        std::fs::write(&stamp, &lock).map_err(|e| format!("{}: {e}", stamp.display()))?;
+    }
+    let mut c = Command::new("npm");
+    c.current_dir(&dir).args(["test"]);
+    status(c)?;
+    let mut c = Command::new("npm");
+    c.current_dir(&dir)
+        .args(["run", "test:integration"])
+        .env("PAYHOST_BIN", root.join("target/debug/payhost"));
+    status(c)
 }
 
 /// Prints how many tests were skipped (only ever by `PAYHOST_SKIP`) and why.

@@ -180,17 +180,13 @@ export function paymentData(p: PayhostPayment): Json {
   }
 }
 
-/** The Medusa session id a payhost session carries (its `reference`, or the metadata fallback). */
+/** The Medusa session id a payhost session carries (its `reference`). */
 export function medusaSessionIdOf(s: Partial<PayhostSession> | undefined): string | undefined {
   if (!s) {
     return undefined
   }
   if (typeof s.reference === "string" && s.reference) {
     return s.reference
-  }
-  const m = s.metadata
-  if (isObject(m) && typeof m.medusa_session_id === "string" && m.medusa_session_id) {
-    return m.medusa_session_id
   }
   return undefined
 }

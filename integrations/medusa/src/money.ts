@@ -2,7 +2,7 @@
  * Money: Medusa's decimal major units <-> payhost's integer minor units.
  *
  * The exponent table below MUST equal payhost's `CURRENCIES` table in
- * host/src/domain/money.rs (ISO 4217 codes in circulation with their minor-unit exponents;
+ * host/core/src/domain/money.rs (ISO 4217 codes in circulation with their minor-unit exponents;
  * metals, testing and "no currency" codes are absent). `test/unit/money.test.ts` parses that
  * file and fails on any drift.
  */

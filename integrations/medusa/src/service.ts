@@ -112,8 +112,6 @@ export class PayhostProviderService extends AbstractPaymentProvider<PayhostOptio
   protected readonly options_: ResolvedOptions
   protected readonly client_: PayhostClient
   protected readonly logger_: { warn: (m: string) => void; info: (m: string) => void; error: (m: string) => void }
-  /** Whether payhost creates a session's collection in the same write (`undefined`: not yet known). */
-  protected oneRoundTrip_: boolean | undefined
 
   constructor(cradle: Record<string, unknown>, options: PayhostOptions) {
     super(cradle, options)
@@ -557,9 +555,8 @@ export class PayhostProviderService extends AbstractPaymentProvider<PayhostOptio
   }
 
   /**
-   * One round trip where payhost can (`POST /v1/payment-sessions` with amount, currency and
-   * reference creates the collection in the same write); otherwise (an older payhost, which
-   * refuses those fields) a collection and then a session, remembered for the next calls.
+   * One round trip: `POST /v1/payment-sessions` with the amount, the currency and Medusa's
+   * session id as `reference` creates the session and its collection in one payhost write.
    */
   protected async createSession_(args: {
     amount: number
@@ -569,68 +566,26 @@ export class PayhostProviderService extends AbstractPaymentProvider<PayhostOptio
     input: Json
     context?: Json
   }): Promise<PayhostSession> {
-    const metadata = args.reference ? { medusa_session_id: args.reference } : {}
-    const common: Json = {
-      provider_id: this.options_.provider,
-      data: args.input,
-      metadata,
-      ...(args.context ? { context: args.context } : {}),
-    }
-    const initiateKey = idempotencyKey("initiate", args.key)
-    if (this.oneRoundTrip_ !== false) {
-      try {
-        const s = await this.client_.post<PayhostSession>(
-          "/v1/payment-sessions",
-          {
-            ...common,
-            amount: args.amount,
-            currency_code: args.currency_code,
-            ...(args.reference ? { reference: args.reference } : {}),
-          },
-          { idempotencyKey: initiateKey }
-        )
-        this.oneRoundTrip_ = true
-        return s
-      } catch (e) {
-        const older =
-          e instanceof PayhostError &&
-          e.kind === "invalid_request" &&
-          /`reference`|`payment_collection_id`|payment_collection_id/.test(e.payhost?.message ?? e.message)
-        if (!older) {
-          throw e
-        }
-        this.oneRoundTrip_ = false
-        this.logger_.warn(
-          "payhost bridge: this payhost creates a session's collection separately and keeps no `reference`; " +
-            "using two requests per session and metadata.medusa_session_id"
-        )
-      }
-    }
-    const collection = await this.client_.post<{ id: string }>(
-      "/v1/payment-collections",
-      { amount: args.amount, currency_code: args.currency_code, metadata },
-      { idempotencyKey: idempotencyKey("collection", args.key) }
-    )
     return this.client_.post<PayhostSession>(
       "/v1/payment-sessions",
-      { ...common, payment_collection_id: collection.id },
-      { idempotencyKey: initiateKey }
+      {
+        provider_id: this.options_.provider,
+        amount: args.amount,
+        currency_code: args.currency_code,
+        data: args.input,
+        ...(args.reference ? { reference: args.reference } : {}),
+        ...(args.context ? { context: args.context } : {}),
+      },
+      { idempotencyKey: idempotencyKey("initiate", args.key) }
     )
   }
 
-  /** payhost's sessions carrying this reference (none where payhost cannot list by reference). */
+  /** payhost's sessions created with this reference (Medusa's session id). */
   protected async sessionsByReference_(reference: string): Promise<PayhostSession[]> {
-    try {
-      const list = await this.client_.get<{ payment_sessions: PayhostSession[] }>("/v1/payment-sessions", {
-        query: { reference },
-      })
-      return (list.payment_sessions ?? []).filter((s) => medusaSessionIdOf(s) === reference)
-    } catch (e) {
-      if (e instanceof PayhostError && e.kind === "invalid_request") {
-        return []
-      }
-      throw e
-    }
+    const list = await this.client_.get<{ payment_sessions: PayhostSession[] }>("/v1/payment-sessions", {
+      query: { reference },
+    })
+    return (list.payment_sessions ?? []).filter((s) => medusaSessionIdOf(s) === reference)
   }
 
   protected async cancelByReference_(reference: string): Promise<void> {

@@ -1,6 +1,6 @@
 /**
  * payhost's outgoing-event signature, as `payhost::events::{sign, verify}` do it
- * (host/src/events.rs): header `payhost-signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of
+ * (host/core/src/events.rs): header `payhost-signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of
  * "<t>.<raw body>" keyed with the endpoint's secret>`, several `v1=` accepted (a secret being
  * rotated), timestamps further than the tolerance from now refused, compared in constant time.
  */

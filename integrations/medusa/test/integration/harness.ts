@@ -86,7 +86,6 @@ export type Payhost = {
   apiKey: string
   dir: string
   /** What this payhost supports of the additions the bridge is written against. */
-  features: { oneRoundTripCreate: boolean; reference: boolean; endpointProviders: boolean; nothingLeftIs422?: boolean }
   stop: () => Promise<void>
   kill: () => void
   restart: () => Promise<void>
@@ -95,7 +94,7 @@ export type Payhost = {
   logs: () => string
 }
 
-function config(opts: { dir: string; digest: string; listen: string; webhookUrl?: string; endpointProviders: boolean }): string {
+function config(opts: { dir: string; digest: string; listen: string; webhookUrl?: string }): string {
   const pluginDir = path.dirname(PAYHOST_BIN)
   let toml = `
 [server]
@@ -143,7 +142,7 @@ types = ["payment_session.*", "payment.*"]
 timeout_ms = 10000
 retry_base_ms = 200
 retry_max_ms = 2000
-${opts.endpointProviders ? 'providers = ["sandbox"]' : ""}
+providers = ["sandbox"]
 `
   }
   return toml
@@ -160,12 +159,11 @@ export async function startPayhost(opts: { webhookUrl?: string } = {}): Promise<
   let child: ChildProcess | undefined
   let output = ""
   let url = ""
-  let endpointProviders = true
   let listen = "127.0.0.1:0"
 
   const boot = async (): Promise<void> => {
-    for (;;) {
-      writeFileSync(cfg, config({ dir, digest, listen, webhookUrl: opts.webhookUrl, endpointProviders }))
+    {
+      writeFileSync(cfg, config({ dir, digest, listen, webhookUrl: opts.webhookUrl }))
       const started = await new Promise<{ ok: boolean; out: string }>((resolve) => {
         const c = spawn(PAYHOST_BIN, ["serve", "--config", cfg], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, RUST_LOG: undefined } })
         child = c
@@ -193,11 +191,6 @@ export async function startPayhost(opts: { webhookUrl?: string } = {}): Promise<
       if (started.ok) {
         return
       }
-      if (endpointProviders && /unknown field `providers`/.test(started.out)) {
-        // This payhost does not know `[[events.endpoints]] providers` yet (addition 3).
-        endpointProviders = false
-        continue
-      }
       throw new Error(`payhost did not start:\n${started.out}`)
     }
   }
@@ -214,13 +207,6 @@ export async function startPayhost(opts: { webhookUrl?: string } = {}): Promise<
     return { status: r.status, body: text ? JSON.parse(text) : undefined }
   }
 
-  const probeCreate = await api("POST", "/v1/payment-sessions", { provider_id: "system", amount: 1, currency_code: "eur", reference: "probe" })
-  const probeList = await api("GET", "/v1/payment-sessions?reference=probe")
-  const features = {
-    oneRoundTripCreate: probeCreate.status === 201,
-    reference: probeList.status === 200,
-    endpointProviders,
-  }
 
   const stopChild = async (signal: NodeJS.Signals) => {
     const c = child
@@ -234,7 +220,6 @@ export async function startPayhost(opts: { webhookUrl?: string } = {}): Promise<
     url,
     apiKey,
     dir,
-    features,
     api,
     logs: () => output,
     kill: () => child?.kill("SIGKILL"),
@@ -329,6 +314,8 @@ export type Delivery = {
   type: string
   /** The payhost provider of the session or payment the event is about. */
   providerId?: string
+  /** The payhost session the event is about. */
+  payhostSessionId?: string
   result?: { action: string; data?: { session_id: string; amount: unknown } }
   error?: string
   processed: boolean
@@ -379,6 +366,7 @@ export async function startReceiver(delayMs = Number(process.env.MEDUSA_WEBHOOK_
         body = {}
       }
       delivery.providerId = (body as any)?.data?.provider_id
+      delivery.payhostSessionId = (body as any)?.payment_session_id
       setTimeout(() => {
         process_(provider, { data: body as any, rawData: rawBody, headers: req.headers as any }, delivery).finally(() => {
           delivery.processed = true

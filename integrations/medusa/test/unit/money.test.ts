@@ -8,7 +8,7 @@ import { CURRENCY_EXPONENTS, toMajorString, toMajorUnits, toMinorUnits } from ".
 /** payhost's money.rs: $PAYHOST_REPO, else the repository this package sits in. */
 function moneyRs(): string {
   const repo = process.env.PAYHOST_REPO ?? path.resolve(__dirname, "../../../../..")
-  const file = path.join(repo, "host/src/domain/money.rs")
+  const file = path.join(repo, "host/core/src/domain/money.rs")
   assert.ok(existsSync(file), `payhost's money.rs not found at ${file} (set PAYHOST_REPO)`)
   return readFileSync(file, "utf8")
 }

@@ -78,24 +78,6 @@ test("initiate: one round trip, namespaced key, reference, card data nulled, ids
   assert.equal(d.payhost_authorize_seq, 0)
 })
 
-test("initiate against a payhost without the one-round-trip create: collection, then session", async () => {
-  const { svc, requests } = provider([
-    { status: 400, body: err("invalid_request_error", "invalid_input", "missing field `payment_collection_id`", "body") },
-    { status: 201, body: { id: "paycol_9" } },
-    { status: 201, body: session({ payment_collection_id: "paycol_9", reference: undefined, metadata: { medusa_session_id: "payses_1" } }) },
-    { status: 201, body: { id: "paycol_10" } },
-    { status: 201, body: session({ id: "ps_2" }) },
-  ])
-  const out = await svc.initiatePayment({ amount: 10, currency_code: "eur", data: { session_id: "payses_1" }, context: { idempotency_key: "payses_1" } })
-  assert.equal(out.data!.payhost_collection_id, "paycol_9")
-  assert.equal(requests[1].url.pathname, "/v1/payment-collections")
-  assert.equal(requests[1].headers["idempotency-key"], "medusa:collection:payses_1")
-  assert.equal(requests[2].body.payment_collection_id, "paycol_9")
-  assert.deepEqual(requests[2].body.metadata, { medusa_session_id: "payses_1" })
-  await svc.initiatePayment({ amount: 10, currency_code: "eur", data: { session_id: "payses_2" }, context: { idempotency_key: "payses_2" } })
-  assert.equal(requests[3].url.pathname, "/v1/payment-collections", "remembered: no second probe")
-})
-
 test("initiate refuses 200.129 USD before calling payhost", async () => {
   const { svc, requests } = provider([])
   await assert.rejects(
