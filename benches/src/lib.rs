@@ -15,6 +15,8 @@ pub fn authorize_request() -> AuthorizeRequest {
         context: serde_json::json!({"email": "customer@example.com", "ip": "203.0.113.7"}),
         data: Value::Null,
         input: Value::Null,
+        account_holder: None,
+        payment_method: None,
         deadline_unix_ms: None,
     }
 }

@@ -41,6 +41,9 @@ pub struct InstanceConfig {
 pub(crate) struct Instance<P> {
     provider: P,
     host: HostServices,
+    /// The manifest declares `account_holders`: without it those operations answer
+    /// `unsupported` before the request is read, whatever the provider implements.
+    account_holders: bool,
 }
 
 /// The plugin's manifest with the SDK-owned fields made truthful.
@@ -77,7 +80,12 @@ pub(crate) fn instantiate<P: PaymentProvider>(
     let provider = with_current(&host, || {
         catch_unwind(AssertUnwindSafe(|| P::new(options, ctx))).map_err(panicked)
     })??;
-    Ok(Instance { provider, host })
+    let account_holders = manifest::<P>()?.account_holders;
+    Ok(Instance {
+        provider,
+        host,
+        account_holders,
+    })
 }
 
 /// Serves one envelope call.
@@ -88,17 +96,18 @@ pub(crate) fn dispatch<P: PaymentProvider>(
 ) -> Result<String, ProviderError> {
     with_current(&instance.host, || {
         catch_unwind(AssertUnwindSafe(|| {
-            dispatch_unguarded(&instance.provider, op, request)
+            dispatch_unguarded(instance, op, request)
         }))
         .map_err(panicked)?
     })
 }
 
 fn dispatch_unguarded<P: PaymentProvider>(
-    p: &P,
+    instance: &Instance<P>,
     op: &str,
     request: &str,
 ) -> Result<String, ProviderError> {
+    let p = &instance.provider;
     if let Some(name) = op.strip_prefix("x.") {
         let payload: Value = parse_request(request)?;
         return to_json(&p.custom(name, payload)?);
@@ -106,6 +115,9 @@ fn dispatch_unguarded<P: PaymentProvider>(
     let Some(operation) = Operation::from_wire(op) else {
         return Err(ProviderError::unsupported(op));
     };
+    if !instance.account_holders && Operation::ACCOUNT_HOLDER.contains(&operation) {
+        return Err(ProviderError::unsupported(op));
+    }
     match operation {
         Operation::Initiate => to_json(&p.initiate(parse_request(request)?)?),
         Operation::Update => to_json(&p.update(parse_request(request)?)?),
@@ -116,6 +128,23 @@ fn dispatch_unguarded<P: PaymentProvider>(
         Operation::Delete => to_json(&p.delete(parse_request(request)?)?),
         Operation::Retrieve => to_json(&p.retrieve(parse_request(request)?)?),
         Operation::ParseWebhook => to_json(&p.parse_webhook(parse_request(request)?)?),
+        Operation::CreateAccountHolder => {
+            to_json(&p.create_account_holder(parse_request(request)?)?)
+        }
+        Operation::UpdateAccountHolder => {
+            to_json(&p.update_account_holder(parse_request(request)?)?)
+        }
+        Operation::DeleteAccountHolder => {
+            to_json(&p.delete_account_holder(parse_request(request)?)?)
+        }
+        Operation::RetrieveAccountHolder => {
+            to_json(&p.retrieve_account_holder(parse_request(request)?)?)
+        }
+        Operation::ListPaymentMethods => to_json(&p.list_payment_methods(parse_request(request)?)?),
+        Operation::SavePaymentMethod => to_json(&p.save_payment_method(parse_request(request)?)?),
+        Operation::DeletePaymentMethod => {
+            to_json(&p.delete_payment_method(parse_request(request)?)?)
+        }
     }
 }
 

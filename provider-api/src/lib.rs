@@ -63,6 +63,7 @@
 #[allow(unsafe_code, non_local_definitions)]
 mod abi;
 mod dispatch;
+mod holders;
 mod host;
 mod manifest;
 mod protocol;
@@ -70,6 +71,7 @@ mod provider;
 pub mod testkit;
 
 pub use dispatch::{InstanceConfig, SUPPORTED_PROTOCOLS};
+pub use holders::*;
 pub use host::{HostServices, HttpFailure, HttpRequest, HttpResponse, LogRecord, ops as host_ops};
 pub use manifest::{API_VERSION, Capabilities, Manifest};
 pub use protocol::*;

@@ -55,9 +55,16 @@ pub struct Manifest {
     /// call's result, even while that call is still being processed, and never acts twice
     /// (Stripe does, for every POST). The host may then settle an unknown capture, refund or
     /// cancel by sending it again with the same key. Leave it empty unless that is guaranteed.
-    /// Since 1.3.
+    /// List only capture, refund and cancel (the ones the host sends again): a host older than
+    /// an operation listed here cannot read the manifest. Since 1.3.
     #[serde(default)]
     pub replays_idempotency_keys: Vec<crate::Operation>,
+    /// The provider keeps customers and their saved payment methods: it implements every
+    /// operation in [`crate::Operation::ACCOUNT_HOLDER`] (set it with
+    /// [`Manifest::account_holders`]). Since 1.4; a plugin built before it reads as `false`,
+    /// and the host refuses those operations for it up front.
+    #[serde(default)]
+    pub account_holders: bool,
 }
 
 impl Manifest {
@@ -72,7 +79,15 @@ impl Manifest {
             capabilities: Capabilities::default(),
             description: String::new(),
             replays_idempotency_keys: Vec::new(),
+            account_holders: false,
         }
+    }
+
+    /// Declares that the provider keeps customers and their saved payment methods (the seven
+    /// operations of [`crate::Operation::ACCOUNT_HOLDER`]).
+    pub fn account_holders(mut self) -> Self {
+        self.account_holders = true;
+        self
     }
 
     /// Declares the operations whose repeated idempotency key the processor replays (see

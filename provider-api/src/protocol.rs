@@ -8,6 +8,12 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::holders::{
+    CreateAccountHolderRequest, DeleteAccountHolderRequest, DeletePaymentMethodRequest,
+    ListPaymentMethodsRequest, PaymentMethodList, RetrieveAccountHolderRequest,
+    RetrieveAccountHolderResponse, SavePaymentMethodRequest, UpdateAccountHolderRequest,
+};
+
 /// The protocol version this build of provider-api speaks. The host and a plugin agree on the
 /// highest version both list; see [`crate::Manifest::protocols`].
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -34,11 +40,25 @@ pub enum Operation {
     Retrieve,
     /// Verify and translate an incoming webhook.
     ParseWebhook,
+    /// Create a customer's record at the processor (since 1.4).
+    CreateAccountHolder,
+    /// Change a customer's record at the processor (since 1.4).
+    UpdateAccountHolder,
+    /// Delete a customer's record, detaching its payment methods (since 1.4).
+    DeleteAccountHolder,
+    /// Ask for the truth about an account holder or one earlier holder call (since 1.4).
+    RetrieveAccountHolder,
+    /// List the payment methods saved to an account holder (since 1.4).
+    ListPaymentMethods,
+    /// Save (attach) a payment method to an account holder (since 1.4).
+    SavePaymentMethod,
+    /// Delete (detach) a saved payment method (since 1.4).
+    DeletePaymentMethod,
 }
 
 impl Operation {
     /// Every operation, in lifecycle order.
-    pub const ALL: [Operation; 9] = [
+    pub const ALL: [Operation; 16] = [
         Operation::Initiate,
         Operation::Update,
         Operation::Authorize,
@@ -48,6 +68,25 @@ impl Operation {
         Operation::Delete,
         Operation::Retrieve,
         Operation::ParseWebhook,
+        Operation::CreateAccountHolder,
+        Operation::UpdateAccountHolder,
+        Operation::DeleteAccountHolder,
+        Operation::RetrieveAccountHolder,
+        Operation::ListPaymentMethods,
+        Operation::SavePaymentMethod,
+        Operation::DeletePaymentMethod,
+    ];
+
+    /// The account holder and payment method operations (since 1.4), which a provider offers
+    /// only when its manifest declares [`crate::Manifest::account_holders`].
+    pub const ACCOUNT_HOLDER: [Operation; 7] = [
+        Operation::CreateAccountHolder,
+        Operation::UpdateAccountHolder,
+        Operation::DeleteAccountHolder,
+        Operation::RetrieveAccountHolder,
+        Operation::ListPaymentMethods,
+        Operation::SavePaymentMethod,
+        Operation::DeletePaymentMethod,
     ];
 
     /// The name used on the wire (`"authorize"`, `"parse_webhook"`, …).
@@ -62,6 +101,13 @@ impl Operation {
             Operation::Delete => "delete",
             Operation::Retrieve => "retrieve",
             Operation::ParseWebhook => "parse_webhook",
+            Operation::CreateAccountHolder => "create_account_holder",
+            Operation::UpdateAccountHolder => "update_account_holder",
+            Operation::DeleteAccountHolder => "delete_account_holder",
+            Operation::RetrieveAccountHolder => "retrieve_account_holder",
+            Operation::ListPaymentMethods => "list_payment_methods",
+            Operation::SavePaymentMethod => "save_payment_method",
+            Operation::DeletePaymentMethod => "delete_payment_method",
         }
     }
 
@@ -75,6 +121,19 @@ impl Operation {
         matches!(
             self,
             Operation::Authorize | Operation::Capture | Operation::Refund | Operation::Cancel
+        )
+    }
+
+    /// Whether the operation changes what the processor holds for a customer (a customer
+    /// record, an attached method), so the host records it before making it, like money.
+    pub const fn changes_account_holder(self) -> bool {
+        matches!(
+            self,
+            Operation::CreateAccountHolder
+                | Operation::UpdateAccountHolder
+                | Operation::DeleteAccountHolder
+                | Operation::SavePaymentMethod
+                | Operation::DeletePaymentMethod
         )
     }
 }
@@ -116,6 +175,13 @@ request! {
     CancelRequest => Cancel, ProviderResponse;
     DeleteRequest => Delete, ProviderResponse;
     RetrieveRequest => Retrieve, RetrieveResponse;
+    CreateAccountHolderRequest => CreateAccountHolder, ProviderResponse;
+    UpdateAccountHolderRequest => UpdateAccountHolder, ProviderResponse;
+    DeleteAccountHolderRequest => DeleteAccountHolder, ProviderResponse;
+    RetrieveAccountHolderRequest => RetrieveAccountHolder, RetrieveAccountHolderResponse;
+    ListPaymentMethodsRequest => ListPaymentMethods, PaymentMethodList;
+    SavePaymentMethodRequest => SavePaymentMethod, ProviderResponse;
+    DeletePaymentMethodRequest => DeletePaymentMethod, ProviderResponse;
 }
 
 impl Request for WebhookRequest {
@@ -149,6 +215,10 @@ pub struct InitiateRequest {
     /// hosts before it merged the caller's fields into `data`.
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub input: Value,
+    /// The customer's account holder at this provider, when the session has one (since 1.4;
+    /// older plugins ignore it), so the processor's payment belongs to that customer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_holder: Option<crate::AccountHolderRef>,
     /// When the host stops waiting for this call (Unix milliseconds).
     #[serde(default)]
     pub deadline_unix_ms: Option<i64>,
@@ -207,6 +277,15 @@ pub struct AuthorizeRequest {
     /// hosts before it merged the caller's fields into `data`.
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub input: Value,
+    /// The customer's account holder at this provider, when the session has one (since 1.4;
+    /// older plugins ignore it), so the processor's payment belongs to that customer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_holder: Option<crate::AccountHolderRef>,
+    /// The saved payment method to charge (the account holder's, since 1.4): charge it without
+    /// the customer present (`off_session`), or answer `requires_more` when the processor wants
+    /// the customer again (3-D Secure). `None`: the method comes in `input` as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_method: Option<crate::PaymentMethodRef>,
     /// When the host stops waiting for this call (Unix milliseconds).
     #[serde(default)]
     pub deadline_unix_ms: Option<i64>,

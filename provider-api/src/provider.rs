@@ -5,6 +5,11 @@ use std::path::PathBuf;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::holders::{
+    CreateAccountHolderRequest, DeleteAccountHolderRequest, DeletePaymentMethodRequest,
+    ListPaymentMethodsRequest, PaymentMethodList, RetrieveAccountHolderRequest,
+    RetrieveAccountHolderResponse, SavePaymentMethodRequest, UpdateAccountHolderRequest,
+};
 use crate::host::HostServices;
 use crate::manifest::Manifest;
 use crate::protocol::{
@@ -114,6 +119,72 @@ pub trait PaymentProvider: Sized + Send + Sync + 'static {
     fn parse_webhook(&self, request: WebhookRequest) -> Result<WebhookEvent, ProviderError> {
         let _ = request;
         Err(ProviderError::unsupported("parse_webhook"))
+    }
+
+    /// Creates the customer's record at the processor; answer its id as the response's
+    /// `reference`. Since 1.4, with the six below: implement them all and declare
+    /// [`crate::Manifest::account_holders`]; the defaults answer `unsupported`.
+    fn create_account_holder(
+        &self,
+        request: CreateAccountHolderRequest,
+    ) -> Result<ProviderResponse, ProviderError> {
+        let _ = request;
+        Err(ProviderError::unsupported("create_account_holder"))
+    }
+
+    /// Changes the customer's record at the processor.
+    fn update_account_holder(
+        &self,
+        request: UpdateAccountHolderRequest,
+    ) -> Result<ProviderResponse, ProviderError> {
+        let _ = request;
+        Err(ProviderError::unsupported("update_account_holder"))
+    }
+
+    /// Deletes the customer's record, detaching every method saved to it.
+    fn delete_account_holder(
+        &self,
+        request: DeleteAccountHolderRequest,
+    ) -> Result<ProviderResponse, ProviderError> {
+        let _ = request;
+        Err(ProviderError::unsupported("delete_account_holder"))
+    }
+
+    /// Tells the truth about an account holder and, when asked, about one earlier account
+    /// holder or payment method call: the contract of [`PaymentProvider::retrieve`].
+    fn retrieve_account_holder(
+        &self,
+        request: RetrieveAccountHolderRequest,
+    ) -> Result<RetrieveAccountHolderResponse, ProviderError> {
+        let _ = request;
+        Err(ProviderError::unsupported("retrieve_account_holder"))
+    }
+
+    /// Lists the methods saved to an account holder at the processor.
+    fn list_payment_methods(
+        &self,
+        request: ListPaymentMethodsRequest,
+    ) -> Result<PaymentMethodList, ProviderError> {
+        let _ = request;
+        Err(ProviderError::unsupported("list_payment_methods"))
+    }
+
+    /// Saves (attaches) a payment method to an account holder; answer its id as `reference`.
+    fn save_payment_method(
+        &self,
+        request: SavePaymentMethodRequest,
+    ) -> Result<ProviderResponse, ProviderError> {
+        let _ = request;
+        Err(ProviderError::unsupported("save_payment_method"))
+    }
+
+    /// Deletes (detaches) a saved payment method.
+    fn delete_payment_method(
+        &self,
+        request: DeletePaymentMethodRequest,
+    ) -> Result<ProviderResponse, ProviderError> {
+        let _ = request;
+        Err(ProviderError::unsupported("delete_payment_method"))
     }
 
     /// Provider-specific operations outside the payment lifecycle (diagnostics, test helpers),

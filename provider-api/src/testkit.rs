@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::Value;
 
 use crate::dispatch::{self, Instance, InstanceConfig};
+use crate::holders::*;
 use crate::host::{HostBackend, LogRecord, ops, system_now_unix_ms};
 use crate::manifest::Manifest;
 use crate::protocol::*;
@@ -198,6 +199,7 @@ impl TestHost {
             context: Value::Null,
             data: Value::Null,
             input: Value::Null,
+            account_holder: None,
             deadline_unix_ms: None,
         }
     }
@@ -212,6 +214,8 @@ impl TestHost {
             context: Value::Null,
             data: Value::Null,
             input: Value::Null,
+            account_holder: None,
+            payment_method: None,
             deadline_unix_ms: None,
         }
     }
@@ -271,6 +275,124 @@ impl TestHost {
             currency_code: currency.into(),
             data: Value::Null,
             attempt,
+            deadline_unix_ms: None,
+        }
+    }
+}
+
+/// Account holder and payment method requests (since 1.4).
+impl TestHost {
+    /// A customer with this id and e-mail address.
+    pub fn customer(id: &str, email: &str) -> Customer {
+        Customer {
+            id: id.into(),
+            email: Some(email.into()),
+            ..Customer::default()
+        }
+    }
+
+    /// A create request for a new account holder `account_holder_id`, with a fresh key.
+    pub fn create_account_holder_request(
+        account_holder_id: &str,
+        customer: Customer,
+    ) -> CreateAccountHolderRequest {
+        CreateAccountHolderRequest {
+            account_holder_id: account_holder_id.into(),
+            idempotency_key: fresh_key("ach"),
+            customer,
+            input: Value::Null,
+            deadline_unix_ms: None,
+        }
+    }
+
+    /// The host's view of an account holder after its create answered `answer`.
+    pub fn account_holder(account_holder_id: &str, answer: &ProviderResponse) -> AccountHolderRef {
+        AccountHolderRef {
+            id: account_holder_id.into(),
+            reference: answer.reference.clone(),
+            data: answer.data.clone().unwrap_or(Value::Null),
+        }
+    }
+
+    /// An update request with a fresh key.
+    pub fn update_account_holder_request(
+        holder: &AccountHolderRef,
+        customer: Customer,
+    ) -> UpdateAccountHolderRequest {
+        UpdateAccountHolderRequest {
+            account_holder: holder.clone(),
+            idempotency_key: fresh_key("achu"),
+            customer,
+            input: Value::Null,
+            deadline_unix_ms: None,
+        }
+    }
+
+    /// A delete request with a fresh key.
+    pub fn delete_account_holder_request(holder: &AccountHolderRef) -> DeleteAccountHolderRequest {
+        DeleteAccountHolderRequest {
+            account_holder: holder.clone(),
+            idempotency_key: fresh_key("achd"),
+            deadline_unix_ms: None,
+        }
+    }
+
+    /// A retrieve request, asking about `attempt` when given.
+    pub fn retrieve_account_holder_request(
+        holder: &AccountHolderRef,
+        attempt: Option<AttemptRef>,
+    ) -> RetrieveAccountHolderRequest {
+        RetrieveAccountHolderRequest {
+            account_holder: holder.clone(),
+            idempotency_key: fresh_key("achr"),
+            attempt,
+            deadline_unix_ms: None,
+        }
+    }
+
+    /// A list request with a fresh key.
+    pub fn list_payment_methods_request(holder: &AccountHolderRef) -> ListPaymentMethodsRequest {
+        ListPaymentMethodsRequest {
+            account_holder: holder.clone(),
+            idempotency_key: fresh_key("pml"),
+            deadline_unix_ms: None,
+        }
+    }
+
+    /// A save request for payment method `payment_method_id` with this `input` (a card or a
+    /// token), with a fresh key.
+    pub fn save_payment_method_request(
+        holder: &AccountHolderRef,
+        payment_method_id: &str,
+        input: Value,
+    ) -> SavePaymentMethodRequest {
+        SavePaymentMethodRequest {
+            account_holder: holder.clone(),
+            payment_method_id: payment_method_id.into(),
+            idempotency_key: fresh_key("pms"),
+            input,
+            deadline_unix_ms: None,
+        }
+    }
+
+    /// The host's view of a payment method after its save answered `answer`.
+    pub fn payment_method(payment_method_id: &str, answer: &ProviderResponse) -> PaymentMethodRef {
+        PaymentMethodRef {
+            id: payment_method_id.into(),
+            reference: answer.reference.clone(),
+            data: answer.data.clone().unwrap_or(Value::Null),
+        }
+    }
+
+    /// A delete request for a saved method, with a fresh key.
+    pub fn delete_payment_method_request(
+        holder: &AccountHolderRef,
+        method: &PaymentMethodRef,
+    ) -> DeletePaymentMethodRequest {
+        DeletePaymentMethodRequest {
+            account_holder: holder.clone(),
+            payment_method: method.clone(),
+            idempotency_key: fresh_key("pmd"),
             deadline_unix_ms: None,
         }
     }
@@ -345,6 +467,55 @@ impl<P: PaymentProvider> TestProvider<P> {
     pub fn parse_webhook(&self, r: &WebhookRequest) -> Result<WebhookEvent, ProviderError> {
         self.call(r)
     }
+    /// Creates an account holder.
+    pub fn create_account_holder(
+        &self,
+        r: &CreateAccountHolderRequest,
+    ) -> Result<ProviderResponse, ProviderError> {
+        self.call(r)
+    }
+    /// Updates an account holder.
+    pub fn update_account_holder(
+        &self,
+        r: &UpdateAccountHolderRequest,
+    ) -> Result<ProviderResponse, ProviderError> {
+        self.call(r)
+    }
+    /// Deletes an account holder.
+    pub fn delete_account_holder(
+        &self,
+        r: &DeleteAccountHolderRequest,
+    ) -> Result<ProviderResponse, ProviderError> {
+        self.call(r)
+    }
+    /// Retrieves an account holder.
+    pub fn retrieve_account_holder(
+        &self,
+        r: &RetrieveAccountHolderRequest,
+    ) -> Result<RetrieveAccountHolderResponse, ProviderError> {
+        self.call(r)
+    }
+    /// Lists saved payment methods.
+    pub fn list_payment_methods(
+        &self,
+        r: &ListPaymentMethodsRequest,
+    ) -> Result<PaymentMethodList, ProviderError> {
+        self.call(r)
+    }
+    /// Saves a payment method.
+    pub fn save_payment_method(
+        &self,
+        r: &SavePaymentMethodRequest,
+    ) -> Result<ProviderResponse, ProviderError> {
+        self.call(r)
+    }
+    /// Deletes a saved payment method.
+    pub fn delete_payment_method(
+        &self,
+        r: &DeletePaymentMethodRequest,
+    ) -> Result<ProviderResponse, ProviderError> {
+        self.call(r)
+    }
     /// Calls a custom `x.<name>` operation.
     pub fn custom(&self, name: &str, payload: &Value) -> Result<Value, ProviderError> {
         let answer = self.call_raw(&format!("x.{name}"), &payload.to_string())?;
@@ -392,6 +563,116 @@ pub fn check_conformance<P: PaymentProvider>(
     let init = TestHost::initiate_request("ps_conformance", 1000, "eur");
     if let Err(e) = provider.initiate(&init) {
         failures.push(format!("initiate of a plain 10.00 EUR payment failed: {e}"));
+    }
+    let declared = dispatch::manifest::<P>()
+        .map(|m| m.account_holders)
+        .unwrap_or(false);
+    if !declared {
+        for op in Operation::ACCOUNT_HOLDER {
+            match provider.call_raw(op.as_str(), "{}") {
+                Err(e) if e.kind == ErrorKind::Unsupported => {}
+                other => failures.push(format!(
+                    "`{op}` is not declared (Manifest::account_holders) so it must answer \
+                     `unsupported`, got {other:?}"
+                )),
+            }
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("\n"))
+    }
+}
+
+/// Checks a provider that declares [`crate::Manifest::account_holders`] with its own
+/// processor behind it (options and `card`: a card or token `input` its save accepts): an
+/// account holder is created (with a `reference`), read back active, a method saved to it (with
+/// a `reference`) is listed, a repeated save key saves once, the method is deleted and no longer
+/// listed, and the holder is deleted and read back deleted. `Err` lists every failure found.
+pub fn check_account_holders<P: PaymentProvider>(
+    host: &TestHost,
+    options: Value,
+    card: Value,
+) -> Result<(), String> {
+    let mut failures = Vec::new();
+    let provider = host
+        .instantiate::<P>(options)
+        .map_err(|e| format!("instantiate with the given options: {e}"))?;
+    let create = TestHost::create_account_holder_request(
+        "ach_conformance",
+        TestHost::customer("cus_conformance", "kit@example.com"),
+    );
+    let created = provider
+        .create_account_holder(&create)
+        .map_err(|e| format!("create_account_holder: {e}"))?;
+    if created.outcome != Outcome::Processed || created.reference.is_none() {
+        return Err(format!(
+            "create_account_holder must answer processed with the processor's id as `reference`, \
+             got {created:?}"
+        ));
+    }
+    let holder = TestHost::account_holder("ach_conformance", &created);
+    match provider
+        .retrieve_account_holder(&TestHost::retrieve_account_holder_request(&holder, None))
+    {
+        Ok(r) if r.status == HolderStatus::Active => {}
+        other => failures.push(format!(
+            "a created account holder must retrieve as active, got {other:?}"
+        )),
+    }
+    let save = TestHost::save_payment_method_request(&holder, "pm_conformance", card);
+    let saved = match provider.save_payment_method(&save) {
+        Ok(r) if r.outcome == Outcome::Processed && r.reference.is_some() => r,
+        other => {
+            failures.push(format!(
+                "save_payment_method must answer processed with the method's id as `reference`, \
+                 got {other:?}"
+            ));
+            return Err(failures.join("\n"));
+        }
+    };
+    match provider.save_payment_method(&save) {
+        Ok(again) if again.reference == saved.reference => {}
+        other => failures.push(format!(
+            "a repeated save key must answer the first save ({:?}), got {other:?}",
+            saved.reference
+        )),
+    }
+    let method = TestHost::payment_method("pm_conformance", &saved);
+    let listed = |p: &TestProvider<P>| -> Result<Vec<String>, String> {
+        p.list_payment_methods(&TestHost::list_payment_methods_request(&holder))
+            .map(|l| l.methods.into_iter().map(|m| m.reference).collect())
+            .map_err(|e| format!("list_payment_methods: {e}"))
+    };
+    match listed(&provider) {
+        Ok(refs) if refs == [saved.reference.clone().unwrap_or_default()] => {}
+        other => failures.push(format!(
+            "after one save, exactly that method must be listed, got {other:?}"
+        )),
+    }
+    match provider.delete_payment_method(&TestHost::delete_payment_method_request(&holder, &method))
+    {
+        Ok(r) if r.outcome == Outcome::Processed => {}
+        other => failures.push(format!("delete_payment_method: {other:?}")),
+    }
+    match listed(&provider) {
+        Ok(refs) if refs.is_empty() => {}
+        other => failures.push(format!(
+            "a deleted method must no longer be listed, got {other:?}"
+        )),
+    }
+    match provider.delete_account_holder(&TestHost::delete_account_holder_request(&holder)) {
+        Ok(r) if r.outcome == Outcome::Processed => {}
+        other => failures.push(format!("delete_account_holder: {other:?}")),
+    }
+    match provider
+        .retrieve_account_holder(&TestHost::retrieve_account_holder_request(&holder, None))
+    {
+        Ok(r) if r.status == HolderStatus::Deleted || r.status == HolderStatus::NotFound => {}
+        other => failures.push(format!(
+            "a deleted account holder must retrieve as deleted or not_found, got {other:?}"
+        )),
     }
     if failures.is_empty() {
         Ok(())

@@ -21,6 +21,8 @@
 //!         context: serde_json::Value::Null,
 //!         data: serde_json::Value::Null,
 //!         input: serde_json::Value::Null,
+//!         account_holder: None,
+//!         payment_method: None,
 //!         deadline_unix_ms: None,
 //!     })
 //!     .await?;

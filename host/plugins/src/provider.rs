@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use payhost_provider_api::envelope::{ProviderBox, RResult, RStr};
 use payhost_provider_api::{
-    ErrorKind, Manifest, Operation, ProviderError, ProviderResponse, Request, RetrieveResponse,
-    WebhookEvent,
+    ErrorKind, Manifest, Operation, PaymentMethodList, ProviderError, ProviderResponse, Request,
+    RetrieveAccountHolderResponse, RetrieveResponse, WebhookEvent,
 };
 
 /// A provider's answer, as labelled in metrics.
@@ -37,6 +37,23 @@ impl Answer for RetrieveResponse {
     }
     fn data(&self) -> Option<&serde_json::Value> {
         self.data.as_ref()
+    }
+}
+
+impl Answer for RetrieveAccountHolderResponse {
+    fn outcome_label(&self) -> &'static str {
+        "answered"
+    }
+    fn data(&self) -> Option<&serde_json::Value> {
+        self.data.as_ref()
+    }
+}
+
+/// The whole list is bounded by [`MAX_ANSWER_BYTES`]; each method's data is the host's to
+/// bound when it stores one.
+impl Answer for PaymentMethodList {
+    fn outcome_label(&self) -> &'static str {
+        "answered"
     }
 }
 
@@ -403,6 +420,7 @@ impl Provider {
     pub fn supports(&self, op: Operation) -> bool {
         match op {
             Operation::ParseWebhook => self.manifest.capabilities.webhooks,
+            op if Operation::ACCOUNT_HOLDER.contains(&op) => self.manifest.account_holders,
             _ => true,
         }
     }

@@ -10,16 +10,24 @@ use std::sync::Mutex;
 
 use payhost_provider_api::{Outcome, ProviderError, ProviderResponse};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// One effect at the simulated processor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
     /// The idempotency key of the call (or the event id of a settlement).
     pub key: String,
-    /// `initiate`, `authorize`, `capture`, `refund`, `cancel`, `update`, `delete` or `settle`.
+    /// `initiate`, `authorize`, `capture`, `refund`, `cancel`, `update`, `delete`, `settle`, or
+    /// an account holder operation (`create_account_holder`, `save_payment_method`, …).
     pub op: String,
-    /// The payhost session id.
+    /// The payhost session id (the payhost account holder id for account holder operations).
     pub session_id: String,
+    /// For account holder operations after the create: the sandbox's id of the customer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+    /// For `delete_payment_method`, and a charge of a saved method: the sandbox's id of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
     /// Amount in minor units.
     pub amount: i64,
     /// ISO 4217 code.
@@ -45,15 +53,56 @@ pub struct SessionState {
     pub currency_code: String,
 }
 
+/// A customer at the sandbox.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HolderState {
+    /// Deleted (its methods are detached).
+    pub deleted: bool,
+    /// Attached methods, oldest first: the sandbox's id and what it keeps of the card.
+    pub methods: Vec<(String, Value)>,
+}
+
 #[derive(Default)]
 struct State {
     offset: u64,
     by_key: HashMap<String, Entry>,
     sessions: HashMap<String, SessionState>,
+    holders: HashMap<String, HolderState>,
 }
 
 impl State {
     fn apply(&mut self, e: &Entry) {
+        if e.response.outcome == Outcome::Processed {
+            let made = e.response.reference.clone().unwrap_or_default();
+            let holder = e.holder.as_deref().unwrap_or_default();
+            match e.op.as_str() {
+                "create_account_holder" => {
+                    self.holders.insert(made, HolderState::default());
+                }
+                "delete_account_holder" => {
+                    if let Some(h) = self.holders.get_mut(holder) {
+                        h.deleted = true;
+                        h.methods.clear();
+                    }
+                }
+                "save_payment_method" => {
+                    if let Some(h) = self.holders.get_mut(holder) {
+                        let kept = e.response.data.clone().unwrap_or(Value::Null);
+                        h.methods.push((made, kept));
+                    }
+                }
+                "delete_payment_method" => {
+                    if let Some(h) = self.holders.get_mut(holder) {
+                        h.methods.retain(|(id, _)| Some(id) != e.method.as_ref());
+                    }
+                }
+                _ => {}
+            }
+        }
+        if e.op.ends_with("account_holder") || e.op.ends_with("payment_method") {
+            self.by_key.insert(e.key.clone(), e.clone());
+            return;
+        }
         let s = self.sessions.entry(e.session_id.clone()).or_default();
         if s.currency_code.is_empty() {
             s.currency_code = e.currency_code.clone();
@@ -206,6 +255,11 @@ impl Locked<'_> {
         self.state.offset += line.len() as u64;
         self.state.apply(&entry);
         Ok(())
+    }
+
+    /// The sandbox's view of a customer (`None`: it never existed).
+    pub fn holder(&self, holder: &str) -> Option<HolderState> {
+        self.state.holders.get(holder).cloned()
     }
 
     /// Every entry of a session, in no particular order.

@@ -84,6 +84,8 @@ pub struct SandboxProvider {
 #[derive(Debug, Clone, PartialEq, Default)]
 struct Behaviour {
     outcome: Option<String>,
+    /// The outcome was set by a `sandbox` switch (which wins over a saved card's kind).
+    switched: bool,
     delay_ms: u64,
     /// After acting: a processor that did it, but whose answer is slow.
     delay_after_ms: u64,
@@ -148,6 +150,7 @@ fn behaviour(op: Operation, input: &Value, data: &Value, context: &Value) -> Beh
     {
         b.outcome = Some(outcome.into());
     }
+    b.switched = sandbox_switch(op, [context, data, input]);
     // Later sources win: the cart's context, the sandbox's data, the caller's input.
     for source in [context, data, input] {
         let Some(sandbox) = source.get("sandbox") else {
@@ -175,6 +178,16 @@ fn behaviour(op: Operation, input: &Value, data: &Value, context: &Value) -> Beh
     b.delay_ms = b.delay_ms.min(600_000);
     b.delay_after_ms = b.delay_after_ms.min(600_000);
     b
+}
+
+/// Whether any of `sources` has a `sandbox` switch naming an outcome for `op`.
+fn sandbox_switch(op: Operation, sources: [&Value; 3]) -> bool {
+    sources.iter().any(|source| {
+        source
+            .get("sandbox")
+            .and_then(|s| s.get(op.as_str()))
+            .is_some_and(|spec| spec.is_string() || spec.get("outcome").is_some())
+    })
 }
 
 /// The data the sandbox keeps after a call with this input: its test switches and the card's
@@ -208,6 +221,31 @@ struct Call<'a> {
     data: &'a Value,
     input: &'a Value,
     context: &'a Value,
+    /// Account holder operations: the sandbox's id of the customer, once it exists.
+    holder: Option<&'a str>,
+    /// The sandbox's id of the payment method a call deletes, or a charge uses.
+    method: Option<&'a str>,
+    /// A charge of a saved method: the customer's and the method's sandbox ids.
+    saved: Option<(&'a str, &'a str)>,
+}
+
+impl<'a> Call<'a> {
+    /// An account holder operation's call (no session, no amount).
+    fn holder(op: Operation, key: &'a str, holder_id: &'a str, input: &'a Value) -> Self {
+        Call {
+            op,
+            key,
+            session_id: holder_id,
+            amount: 0,
+            currency_code: "",
+            data: &Value::Null,
+            input,
+            context: &Value::Null,
+            holder: None,
+            method: None,
+            saved: None,
+        }
+    }
 }
 
 impl SandboxProvider {
@@ -217,7 +255,11 @@ impl SandboxProvider {
         call: Call<'_>,
         effect: impl FnOnce(&Locked<'_>) -> Result<ProviderResponse, ProviderError>,
     ) -> Result<ProviderResponse, ProviderError> {
-        if call.amount <= 0 && call.op != Operation::Delete && call.op != Operation::Cancel {
+        if call.amount <= 0
+            && call.op != Operation::Delete
+            && call.op != Operation::Cancel
+            && !Operation::ACCOUNT_HOLDER.contains(&call.op)
+        {
             return Err(ProviderError::invalid_request(format!(
                 "amount must be positive, got {}",
                 call.amount
@@ -257,19 +299,55 @@ impl SandboxProvider {
                 }
                 return Ok((first.response.clone(), false));
             }
+            // A saved method is charged as the card it was saved with, if it is still
+            // attached to that customer; a detached one is declined.
+            let mut outcome = outcome;
+            let mut card = card_of(call.input, call.data);
+            if let Some((holder, method)) = call.saved {
+                let attached = ledger.holder(holder).and_then(|h| {
+                    h.methods
+                        .into_iter()
+                        .find(|(id, _)| id == method)
+                        .map(|(_, kept)| kept)
+                });
+                match attached {
+                    None => {
+                        outcome = "declined";
+                        card = Some("detached".into());
+                    }
+                    Some(kept) => {
+                        card = kept.pointer("/card/kind").and_then(Value::as_str).map(str::to_owned);
+                        if !b.switched
+                            && let Some(o) = card.as_deref().and_then(card_outcome)
+                        {
+                            outcome = o;
+                        }
+                    }
+                }
+                if outcome == "not_attempted" {
+                    return Ok((
+                        ProviderResponse::with_outcome(Outcome::NotAttempted {
+                            reason: "sandbox: the processor was not reached".into(),
+                        }),
+                        false,
+                    ));
+                }
+            }
             let response = match outcome {
                 "declined" => ProviderResponse::with_outcome(Outcome::Declined {
                     code: Some(
-                        if card_of(call.input, call.data).as_deref()
-                            == Some("insufficient_funds")
-                        {
-                            "insufficient_funds"
-                        } else {
-                            "card_declined"
+                        match card.as_deref() {
+                            Some("insufficient_funds") => "insufficient_funds",
+                            Some("detached") => "payment_method_unavailable",
+                            _ => "card_declined",
                         }
                         .into(),
                     ),
-                    message: "sandbox: declined".into(),
+                    message: if card.as_deref() == Some("detached") {
+                        "sandbox: the payment method is not attached to this customer".into()
+                    } else {
+                        "sandbox: declined".into()
+                    },
                 }),
                 "requires_more"
                     if ledger.session(call.session_id).status != "requires_more" =>
@@ -289,6 +367,8 @@ impl SandboxProvider {
                 key: call.key.to_owned(),
                 op: call.op.as_str().to_owned(),
                 session_id: call.session_id.to_owned(),
+                holder: call.holder.map(str::to_owned),
+                method: call.method.map(str::to_owned),
                 amount: call.amount,
                 currency_code: call.currency_code.to_owned(),
                 response: response.clone(),
@@ -368,6 +448,7 @@ impl PaymentProvider for SandboxProvider {
                 async_authorization: true,
                 webhooks: true,
             })
+            .account_holders()
             // The ledger check and the record happen under one lock: a repeated key, even one
             // sent while the first call is still running, gets the first call's answer.
             .replays_idempotency_keys(&[Operation::Capture, Operation::Refund, Operation::Cancel])
@@ -413,6 +494,9 @@ impl PaymentProvider for SandboxProvider {
             data: &r.data,
             input: &r.input,
             context: &r.context,
+            holder: None,
+            method: None,
+            saved: None,
         };
         self.run(call, |_| Ok(ProviderResponse::processed().data(data)))
     }
@@ -428,6 +512,9 @@ impl PaymentProvider for SandboxProvider {
             data: &r.data,
             input: &r.input,
             context: &r.context,
+            holder: None,
+            method: None,
+            saved: None,
         };
         self.run(call, |l| match l.session(&r.session_id).status {
             "authorized" | "canceled" | "deleted" => Err(ProviderError::new(
@@ -444,6 +531,25 @@ impl PaymentProvider for SandboxProvider {
 
     fn authorize(&self, r: AuthorizeRequest) -> Result<ProviderResponse, ProviderError> {
         let kept = kept_data(&r.input, &r.data);
+        let saved = match (&r.payment_method, &r.account_holder) {
+            (None, _) => None,
+            (Some(method), Some(holder)) => Some((
+                holder.reference.as_deref().ok_or_else(|| {
+                    ProviderError::invalid_request("the account holder has no sandbox id")
+                        .param("account_holder.reference")
+                })?,
+                method.reference.as_deref().ok_or_else(|| {
+                    ProviderError::invalid_request("the payment method has no sandbox id")
+                        .param("payment_method.reference")
+                })?,
+            )),
+            (Some(_), None) => {
+                return Err(ProviderError::invalid_request(
+                    "a saved payment method is charged with its account holder",
+                )
+                .param("account_holder"));
+            }
+        };
         let call = Call {
             op: Operation::Authorize,
             key: &r.idempotency_key,
@@ -453,6 +559,9 @@ impl PaymentProvider for SandboxProvider {
             data: &r.data,
             input: &r.input,
             context: &r.context,
+            holder: None,
+            method: saved.map(|(_, m)| m),
+            saved,
         };
         let answer = self.run(call, |l| match l.session(&r.session_id).status {
             "canceled" | "deleted" | "declined" => Err(ProviderError::new(
@@ -479,6 +588,9 @@ impl PaymentProvider for SandboxProvider {
             data: &r.data,
             input: &Value::Null,
             context: &Value::Null,
+            holder: None,
+            method: None,
+            saved: None,
         };
         self.run(call, |l| {
             let s = l.session(&r.session_id);
@@ -513,6 +625,9 @@ impl PaymentProvider for SandboxProvider {
             data: &r.data,
             input: &Value::Null,
             context: &Value::Null,
+            holder: None,
+            method: None,
+            saved: None,
         };
         self.run(call, |l| {
             let s = l.session(&r.session_id);
@@ -540,6 +655,9 @@ impl PaymentProvider for SandboxProvider {
             data: &r.data,
             input: &Value::Null,
             context: &Value::Null,
+            holder: None,
+            method: None,
+            saved: None,
         };
         self.run(call, |l| {
             let s = l.session(&r.session_id);
@@ -564,8 +682,185 @@ impl PaymentProvider for SandboxProvider {
             data: &r.data,
             input: &Value::Null,
             context: &Value::Null,
+            holder: None,
+            method: None,
+            saved: None,
         };
         self.run(call, |_| Ok(ProviderResponse::processed()))
+    }
+
+    fn create_account_holder(
+        &self,
+        r: CreateAccountHolderRequest,
+    ) -> Result<ProviderResponse, ProviderError> {
+        if r.customer.id.is_empty() {
+            return Err(
+                ProviderError::invalid_request("a customer needs an id").param("customer.id")
+            );
+        }
+        let call = Call::holder(
+            Operation::CreateAccountHolder,
+            &r.idempotency_key,
+            &r.account_holder_id,
+            &r.input,
+        );
+        let data = json!({"customer_id": r.customer.id, "email": r.customer.email});
+        self.run(call, |_| Ok(ProviderResponse::processed().data(data)))
+    }
+
+    fn update_account_holder(
+        &self,
+        r: UpdateAccountHolderRequest,
+    ) -> Result<ProviderResponse, ProviderError> {
+        let holder = sandbox_id(&r.account_holder)?;
+        let mut call = Call::holder(
+            Operation::UpdateAccountHolder,
+            &r.idempotency_key,
+            &r.account_holder.id,
+            &r.input,
+        );
+        call.holder = Some(holder);
+        let data = json!({"customer_id": r.customer.id, "email": r.customer.email});
+        self.run(call, |l| {
+            live_holder(l, holder)?;
+            Ok(ProviderResponse::processed().data(data))
+        })
+    }
+
+    fn delete_account_holder(
+        &self,
+        r: DeleteAccountHolderRequest,
+    ) -> Result<ProviderResponse, ProviderError> {
+        let holder = sandbox_id(&r.account_holder)?;
+        let mut call = Call::holder(
+            Operation::DeleteAccountHolder,
+            &r.idempotency_key,
+            &r.account_holder.id,
+            &Value::Null,
+        );
+        call.holder = Some(holder);
+        self.run(call, |l| {
+            live_holder(l, holder)?;
+            Ok(ProviderResponse::processed())
+        })
+    }
+
+    fn retrieve_account_holder(
+        &self,
+        r: RetrieveAccountHolderRequest,
+    ) -> Result<RetrieveAccountHolderResponse, ProviderError> {
+        self.ledger.with(|l| {
+            let asked = r
+                .attempt
+                .as_ref()
+                .map(|a| l.get(&a.idempotency_key).cloned());
+            // The customer: the host's id for it, else the one the asked-about create made.
+            let reference = r.account_holder.reference.clone().or_else(|| {
+                asked.iter().flatten().find_map(|e| {
+                    (e.op == "create_account_holder").then(|| e.response.reference.clone())?
+                })
+            });
+            let status = match reference.as_deref().and_then(|h| l.holder(h)) {
+                None => HolderStatus::NotFound,
+                Some(h) if h.deleted => HolderStatus::Deleted,
+                Some(_) => HolderStatus::Active,
+            };
+            let (attempt, attempt_reference, data) = match asked {
+                None => (None, None, None),
+                Some(None) => (
+                    Some(Outcome::NotAttempted {
+                        reason: "sandbox: no call with that idempotency key reached the processor"
+                            .into(),
+                    }),
+                    None,
+                    None,
+                ),
+                Some(Some(e)) => (
+                    Some(e.response.outcome.clone()),
+                    e.response.reference.clone(),
+                    e.response.data.clone(),
+                ),
+            };
+            Ok(RetrieveAccountHolderResponse {
+                status,
+                reference,
+                attempt,
+                attempt_reference,
+                data,
+            })
+        })
+    }
+
+    fn list_payment_methods(
+        &self,
+        r: ListPaymentMethodsRequest,
+    ) -> Result<PaymentMethodList, ProviderError> {
+        let holder = sandbox_id(&r.account_holder)?;
+        self.ledger.with(|l| {
+            let h = live_holder(l, holder)?;
+            Ok(PaymentMethodList {
+                methods: h
+                    .methods
+                    .into_iter()
+                    .map(|(reference, data)| SavedMethod { reference, data })
+                    .collect(),
+            })
+        })
+    }
+
+    fn save_payment_method(
+        &self,
+        r: SavePaymentMethodRequest,
+    ) -> Result<ProviderResponse, ProviderError> {
+        let holder = sandbox_id(&r.account_holder)?;
+        let Some(number) = r.input.get("card_number").and_then(Value::as_str) else {
+            return Err(ProviderError::invalid_request(
+                "the sandbox saves a card given as input.card_number",
+            )
+            .param("input.card_number"));
+        };
+        let kept = json!({"card": kept_card(number)});
+        let mut call = Call::holder(
+            Operation::SavePaymentMethod,
+            &r.idempotency_key,
+            &r.account_holder.id,
+            &r.input,
+        );
+        call.holder = Some(holder);
+        self.run(call, |l| {
+            live_holder(l, holder)?;
+            Ok(ProviderResponse::processed().data(kept))
+        })
+    }
+
+    fn delete_payment_method(
+        &self,
+        r: DeletePaymentMethodRequest,
+    ) -> Result<ProviderResponse, ProviderError> {
+        let holder = sandbox_id(&r.account_holder)?;
+        let method = r.payment_method.reference.as_deref().ok_or_else(|| {
+            ProviderError::invalid_request("the payment method has no sandbox id")
+                .param("payment_method.reference")
+        })?;
+        let mut call = Call::holder(
+            Operation::DeletePaymentMethod,
+            &r.idempotency_key,
+            &r.account_holder.id,
+            &Value::Null,
+        );
+        call.holder = Some(holder);
+        call.method = Some(method);
+        self.run(call, |l| {
+            let h = live_holder(l, holder)?;
+            if !h.methods.iter().any(|(id, _)| id == method) {
+                return Err(ProviderError::new(
+                    ErrorKind::NotFound,
+                    format!("sandbox: payment method {method} is not attached to {holder}"),
+                )
+                .code("payment_method_not_attached"));
+            }
+            Ok(ProviderResponse::processed())
+        })
     }
 
     fn retrieve(&self, r: RetrieveRequest) -> Result<RetrieveResponse, ProviderError> {
@@ -715,6 +1010,8 @@ impl PaymentProvider for SandboxProvider {
                         key: event_id.clone(),
                         op: "settle".into(),
                         session_id: s.session_id.clone(),
+                        holder: None,
+                        method: None,
                         amount: pending.amount,
                         currency_code: pending.currency_code.clone(),
                         response: ProviderResponse::with_outcome(outcome),
@@ -807,6 +1104,31 @@ impl SandboxProvider {
                 (SIGNATURE_HEADER.into(), signature),
             ],
         })
+    }
+}
+
+/// The sandbox's id of an account holder (from its create's answer).
+fn sandbox_id(holder: &AccountHolderRef) -> Result<&str, ProviderError> {
+    holder.reference.as_deref().ok_or_else(|| {
+        ProviderError::invalid_request("the account holder has no sandbox id")
+            .param("account_holder.reference")
+    })
+}
+
+/// The customer, refused when the sandbox never made it or it was deleted.
+fn live_holder(l: &Locked<'_>, holder: &str) -> Result<ledger::HolderState, ProviderError> {
+    match l.holder(holder) {
+        None => Err(ProviderError::new(
+            ErrorKind::NotFound,
+            format!("sandbox: no customer {holder}"),
+        )
+        .code("customer_not_found")),
+        Some(h) if h.deleted => Err(ProviderError::new(
+            ErrorKind::Conflict,
+            format!("sandbox: customer {holder} was deleted"),
+        )
+        .code("customer_deleted")),
+        Some(h) => Ok(h),
     }
 }
 

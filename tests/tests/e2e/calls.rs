@@ -17,6 +17,8 @@ fn authorize(session: &str, key: &str, data: Value) -> AuthorizeRequest {
         context: Value::Null,
         data,
         input: Value::Null,
+        account_holder: None,
+        payment_method: None,
         deadline_unix_ms: None,
     }
 }
@@ -195,6 +197,7 @@ async fn the_system_provider_answers_across_the_boundary() {
             context: Value::Null,
             data: Value::Null,
             input: Value::Null,
+            account_holder: None,
             deadline_unix_ms: None,
         })
         .await

@@ -1,19 +1,24 @@
-//! A plugin built against an earlier provider-api (1.0.0, at the commit in
-//! `tests/compat/BASELINE`) loads and works in today's host.
+//! Plugins built against earlier provider-apis (1.0.0 at the commit in `tests/compat/BASELINE`,
+//! 1.3.0 at `tests/compat/BASELINE_1_3`) load and work in today's host, and one built against a
+//! later 1.x does too.
 
 use std::path::PathBuf;
 use std::process::Command;
 
-use payhost::Loader;
+use payhost::{CallError, Loader};
 use payhost_e2e::{Scratch, artifacts, workspace};
-use payhost_provider_api::{API_VERSION, AuthorizeRequest, CaptureRequest, Outcome};
+use payhost_provider_api::{
+    API_VERSION, AuthorizeRequest, CaptureRequest, CreateAccountHolderRequest, Customer, ErrorKind,
+    Operation, Outcome,
+};
 use serde_json::Value;
 
-/// Extracts the baseline commit and builds its system provider; returns the library file.
-fn build_baseline_plugin() -> PathBuf {
+/// Extracts the commit named in `tests/compat/<file>` and builds its system provider; returns
+/// the library file.
+fn build_baseline_plugin(file: &str) -> PathBuf {
     let root = workspace();
-    let sha = std::fs::read_to_string(root.join("tests/compat/BASELINE"))
-        .expect("tests/compat/BASELINE")
+    let sha = std::fs::read_to_string(root.join("tests/compat").join(file))
+        .unwrap_or_else(|e| panic!("tests/compat/{file}: {e}"))
         .trim()
         .to_owned();
     let known = Command::new("git")
@@ -61,7 +66,7 @@ fn build_baseline_plugin() -> PathBuf {
             "payhost-provider-system",
             "--target-dir",
         ])
-        .arg(&target)
+        .arg(target.join(format!("build-{file}")))
         .output()
         .expect("cargo build of the baseline");
     assert!(
@@ -69,16 +74,73 @@ fn build_baseline_plugin() -> PathBuf {
         "building the baseline plugin failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    target.join("debug").join(format!(
+    target.join(format!("build-{file}/debug")).join(format!(
         "{}payhost_provider_system{}",
         std::env::consts::DLL_PREFIX,
         std::env::consts::DLL_SUFFIX
     ))
 }
 
+/// A plugin built before provider-api 1.4 is reported as keeping no account holders, so the
+/// host refuses those operations up front; called anyway, it answers `unsupported`.
+async fn has_no_account_holders(provider: &payhost::Provider) {
+    assert!(!provider.manifest().account_holders);
+    for op in Operation::ACCOUNT_HOLDER {
+        assert!(!provider.supports(op), "{op}");
+    }
+    let err = provider
+        .call(CreateAccountHolderRequest {
+            account_holder_id: "ach_old".into(),
+            idempotency_key: "old-h1".into(),
+            customer: Customer {
+                id: "cus_1".into(),
+                ..Default::default()
+            },
+            input: Value::Null,
+            deadline_unix_ms: None,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, CallError::Provider(e) if e.kind == ErrorKind::Unsupported),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_built_against_provider_api_1_3_keeps_working_and_has_no_account_holders() {
+    let library = build_baseline_plugin("BASELINE_1_3");
+    let s = Scratch::new();
+    let (_config, report) = s.load(&format!(
+        "[providers.system_1_3]\npath = \"{}\"\n",
+        library.display()
+    ));
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    let old = report.providers.get("system_1_3").unwrap();
+    assert_eq!(old.manifest().api_version, "1.3.0", "built against 1.3");
+    assert_eq!(old.protocol(), 1);
+    let answer = old
+        .call(AuthorizeRequest {
+            session_id: "ps_13".into(),
+            idempotency_key: "13-a1".into(),
+            amount: 500,
+            currency_code: "eur".into(),
+            context: Value::Null,
+            data: Value::Null,
+            input: Value::Null,
+            account_holder: None,
+            payment_method: None,
+            deadline_unix_ms: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(answer.outcome, Outcome::Processed);
+    has_no_account_holders(old).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_built_against_provider_api_1_0_loads_and_works_in_todays_host() {
-    let library = build_baseline_plugin();
+    let library = build_baseline_plugin("BASELINE");
     let s = Scratch::new();
     let (config, report) = s.load(&format!(
         "[providers.old_system]\npath = \"{}\"\n",
@@ -103,6 +165,8 @@ async fn a_plugin_built_against_provider_api_1_0_loads_and_works_in_todays_host(
             context: Value::Null,
             data: Value::Null,
             input: Value::Null,
+            account_holder: None,
+            payment_method: None,
             deadline_unix_ms: None,
         })
         .await
@@ -121,6 +185,8 @@ async fn a_plugin_built_against_provider_api_1_0_loads_and_works_in_todays_host(
         .await
         .unwrap();
     assert_eq!(answer.outcome, Outcome::Processed);
+
+    has_no_account_holders(old).await;
 
     // `payhost inspect` reads it as well.
     let inspected = Loader::new(&config).inspect(&library).unwrap();
@@ -223,6 +289,8 @@ async fn a_plugin_built_against_a_newer_provider_api_loads_while_they_share_a_pr
             context: Value::Null,
             data: Value::Null,
             input: Value::Null,
+            account_holder: None,
+            payment_method: None,
             deadline_unix_ms: None,
         })
         .await

@@ -410,6 +410,8 @@ async fn a_plugins_own_threads_get_a_bounded_number_of_host_requests() {
             context: Value::Null,
             data: Value::Null,
             input: json!({"storm": {"url": format!("{hanging}/slow"), "threads": 64}}),
+            account_holder: None,
+            payment_method: None,
             deadline_unix_ms: None,
         })
         .await;

@@ -39,6 +39,7 @@ fn init(session: &str, data: Value) -> InitiateRequest {
         context: Value::Null,
         data: Value::Null,
         input: data,
+        account_holder: None,
         deadline_unix_ms: None,
     }
 }
@@ -52,6 +53,8 @@ fn auth(session: &str, key: &str, data: &Value) -> AuthorizeRequest {
         context: Value::Null,
         data: data.clone(),
         input: Value::Null,
+        account_holder: None,
+        payment_method: None,
         deadline_unix_ms: None,
     }
 }
@@ -483,4 +486,303 @@ async fn cancel_releases_an_authorization_and_blocks_later_captures() {
             .status,
         RemoteStatus::Canceled
     );
+}
+
+/// A customer's account holder at the sandbox, created through the host's call path.
+async fn holder(f: &Fixture, id: &str) -> AccountHolderRef {
+    let created = f
+        .sandbox
+        .call(CreateAccountHolderRequest {
+            account_holder_id: id.into(),
+            idempotency_key: format!("{id}:create"),
+            customer: Customer {
+                id: format!("cus_{id}"),
+                email: Some("ada@example.com".into()),
+                ..Default::default()
+            },
+            input: Value::Null,
+            deadline_unix_ms: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(created.outcome, Outcome::Processed);
+    assert!(created.reference.is_some(), "the customer's sandbox id");
+    AccountHolderRef {
+        id: id.into(),
+        reference: created.reference,
+        data: created.data.unwrap_or(Value::Null),
+    }
+}
+
+fn save(h: &AccountHolderRef, method: &str, input: Value) -> SavePaymentMethodRequest {
+    SavePaymentMethodRequest {
+        account_holder: h.clone(),
+        payment_method_id: method.into(),
+        idempotency_key: format!("{}:{method}:save", h.id),
+        input,
+        deadline_unix_ms: None,
+    }
+}
+
+/// Saves a card to `h`; the host's view of the method.
+async fn saved(f: &Fixture, h: &AccountHolderRef, method: &str, card: &str) -> PaymentMethodRef {
+    let r = f
+        .sandbox
+        .call(save(h, method, json!({"card_number": card})))
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, Outcome::Processed);
+    let data = r.data.unwrap();
+    assert!(!data.to_string().contains(card), "never the number: {data}");
+    PaymentMethodRef {
+        id: method.into(),
+        reference: r.reference,
+        data,
+    }
+}
+
+/// An authorize of `session` that charges a saved method, with no card input.
+fn charge(
+    session: &str,
+    key: &str,
+    h: &AccountHolderRef,
+    m: &PaymentMethodRef,
+) -> AuthorizeRequest {
+    let mut r = auth(session, key, &Value::Null);
+    r.account_holder = Some(h.clone());
+    r.payment_method = Some(m.clone());
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_card_saved_once_pays_later_sessions_without_card_input() {
+    let f = sandbox();
+    let h = holder(&f, "ach_ada").await;
+    let m = saved(&f, &h, "pm_ada_1", cards_ok()).await;
+    assert_eq!(m.data["card"]["last4"], "4242");
+    for session in ["ps_saved_1", "ps_saved_2"] {
+        let mut i = init(session, Value::Null);
+        i.account_holder = Some(h.clone());
+        f.sandbox.call(i).await.unwrap();
+        let r = f
+            .sandbox
+            .call(charge(session, &format!("{session}:a1"), &h, &m))
+            .await
+            .unwrap();
+        assert_eq!(r.outcome, Outcome::Processed, "{session}");
+        let c = f
+            .sandbox
+            .call(capture(session, &format!("{session}:c1"), 2000));
+        assert_eq!(c.await.unwrap().outcome, Outcome::Processed);
+    }
+    let listed = f
+        .sandbox
+        .call(ListPaymentMethodsRequest {
+            account_holder: h.clone(),
+            idempotency_key: "ach_ada:list".into(),
+            deadline_unix_ms: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.methods.len(), 1);
+    assert_eq!(Some(listed.methods[0].reference.clone()), m.reference);
+}
+
+fn cards_ok() -> &'static str {
+    "4242424242424242"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saved_card_declines_or_asks_for_3ds_again_as_its_kind_says() {
+    let f = sandbox();
+    let h = holder(&f, "ach_bob").await;
+    let declining = saved(&f, &h, "pm_bob_declined", "4000000000000002").await;
+    let r = f
+        .sandbox
+        .call(charge("ps_bob_1", "ps_bob_1:a1", &h, &declining))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&r.outcome, Outcome::Declined { code: Some(c), .. } if c == "card_declined"),
+        "{r:?}"
+    );
+    let three_ds = saved(&f, &h, "pm_bob_3ds", "4000002500003155").await;
+    let first = f
+        .sandbox
+        .call(charge("ps_bob_2", "ps_bob_2:a1", &h, &three_ds))
+        .await
+        .unwrap();
+    assert!(
+        matches!(first.outcome, Outcome::RequiresMore { .. }),
+        "{first:?}"
+    );
+    let second = f
+        .sandbox
+        .call(charge("ps_bob_2", "ps_bob_2:a2", &h, &three_ds))
+        .await
+        .unwrap();
+    assert_eq!(second.outcome, Outcome::Processed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_holder_detaches_its_methods_and_a_later_charge_is_refused() {
+    let f = sandbox();
+    let h = holder(&f, "ach_cy").await;
+    let m = saved(&f, &h, "pm_cy", cards_ok()).await;
+    let deleted = f
+        .sandbox
+        .call(DeleteAccountHolderRequest {
+            account_holder: h.clone(),
+            idempotency_key: "ach_cy:delete".into(),
+            deadline_unix_ms: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(deleted.outcome, Outcome::Processed);
+    let r = f
+        .sandbox
+        .call(charge("ps_cy", "ps_cy:a1", &h, &m))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&r.outcome, Outcome::Declined { code: Some(c), .. } if c == "payment_method_unavailable"),
+        "{r:?}"
+    );
+    let status = f
+        .sandbox
+        .call(RetrieveAccountHolderRequest {
+            account_holder: h.clone(),
+            idempotency_key: "ach_cy:retrieve".into(),
+            attempt: None,
+            deadline_unix_ms: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(status.status, HolderStatus::Deleted);
+    let err = f
+        .sandbox
+        .call(save(&h, "pm_cy_2", json!({"card_number": cards_ok()})))
+        .await
+        .unwrap_err();
+    assert_eq!(conflict_code(err), "customer_deleted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_method_is_no_longer_listed_or_charged() {
+    let f = sandbox();
+    let h = holder(&f, "ach_di").await;
+    let keep = saved(&f, &h, "pm_di_keep", cards_ok()).await;
+    let gone = saved(&f, &h, "pm_di_gone", "5555555555554444").await;
+    let r = f
+        .sandbox
+        .call(DeletePaymentMethodRequest {
+            account_holder: h.clone(),
+            payment_method: gone.clone(),
+            idempotency_key: "pm_di_gone:delete".into(),
+            deadline_unix_ms: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, Outcome::Processed);
+    let listed = f
+        .sandbox
+        .call(ListPaymentMethodsRequest {
+            account_holder: h.clone(),
+            idempotency_key: "ach_di:list".into(),
+            deadline_unix_ms: None,
+        })
+        .await
+        .unwrap();
+    let refs: Vec<_> = listed
+        .methods
+        .iter()
+        .map(|m| m.reference.as_str())
+        .collect();
+    assert_eq!(refs, [keep.reference.as_deref().unwrap()]);
+    let r = f
+        .sandbox
+        .call(charge("ps_di", "ps_di:a1", &h, &gone))
+        .await
+        .unwrap();
+    assert!(matches!(r.outcome, Outcome::Declined { .. }), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_save_happened_and_retrieve_says_what_it_made() {
+    let f = sandbox();
+    let h = holder(&f, "ach_eve").await;
+    let request = save(
+        &h,
+        "pm_eve",
+        json!({"card_number": cards_ok(), "sandbox": {"save_payment_method": "unknown"}}),
+    );
+    let r = f.sandbox.call(request.clone()).await.unwrap();
+    assert!(matches!(r.outcome, Outcome::Unknown { .. }), "{r:?}");
+    let told = f
+        .sandbox
+        .call(RetrieveAccountHolderRequest {
+            account_holder: h.clone(),
+            idempotency_key: "ach_eve:retrieve".into(),
+            attempt: Some(AttemptRef {
+                operation: Operation::SavePaymentMethod,
+                idempotency_key: request.idempotency_key.clone(),
+                amount: 0,
+            }),
+            deadline_unix_ms: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(told.attempt, Some(Outcome::Processed));
+    let made = told.attempt_reference.clone().expect("the method it saved");
+    assert_eq!(told.data.unwrap()["card"]["last4"], "4242");
+    // The same key again answers the first save's truth, and saves nothing more.
+    let again = f.sandbox.call(request).await.unwrap();
+    assert_eq!(again.reference.as_deref(), Some(made.as_str()));
+    let listed = f
+        .sandbox
+        .call(ListPaymentMethodsRequest {
+            account_holder: h,
+            idempotency_key: "ach_eve:list".into(),
+            deadline_unix_ms: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.methods.len(), 1);
+    // A key that never reached the sandbox is not_attempted.
+    let never = f
+        .sandbox
+        .call(RetrieveAccountHolderRequest {
+            account_holder: AccountHolderRef {
+                id: "ach_never".into(),
+                reference: None,
+                data: Value::Null,
+            },
+            idempotency_key: "ach_never:retrieve".into(),
+            attempt: Some(AttemptRef {
+                operation: Operation::CreateAccountHolder,
+                idempotency_key: "ach_never:create".into(),
+                amount: 0,
+            }),
+            deadline_unix_ms: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(never.status, HolderStatus::NotFound);
+    assert!(matches!(never.attempt, Some(Outcome::NotAttempted { .. })));
+}
+
+#[test]
+fn the_sandbox_passes_the_kits_account_holder_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = json!({"state_dir": dir.path(), "webhook_secret": "whsec_kit_check"});
+    let host = payhost_provider_api::testkit::TestHost::new();
+    payhost_provider_api::testkit::check_conformance::<payhost_provider_sandbox::SandboxProvider>(
+        &host,
+        options.clone(),
+    )
+    .unwrap();
+    payhost_provider_api::testkit::check_account_holders::<
+        payhost_provider_sandbox::SandboxProvider,
+    >(&host, options, json!({"card_number": "4242424242424242"}))
+    .unwrap();
 }

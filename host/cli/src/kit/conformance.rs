@@ -12,9 +12,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use payhost_provider_api::{
-    AttemptRef, AuthorizeRequest, CancelRequest, CaptureRequest, DeleteRequest, ErrorKind,
-    InitiateRequest, Manifest, Operation, Outcome, ProviderResponse, RefundRequest,
-    RetrieveRequest, RetrieveResponse, UpdateRequest, WebhookRequest,
+    AccountHolderRef, AttemptRef, AuthorizeRequest, CancelRequest, CaptureRequest,
+    CreateAccountHolderRequest, Customer, DeleteAccountHolderRequest, DeletePaymentMethodRequest,
+    DeleteRequest, ErrorKind, HolderStatus, InitiateRequest, ListPaymentMethodsRequest, Manifest,
+    Operation, Outcome, PaymentMethodRef, ProviderResponse, RefundRequest,
+    RetrieveAccountHolderRequest, RetrieveRequest, RetrieveResponse, SavePaymentMethodRequest,
+    UpdateAccountHolderRequest, UpdateRequest, WebhookRequest,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -126,6 +129,9 @@ pub(crate) struct Scenario {
     pub(crate) authorize_input: Value,
     /// An authorize input the processor declines (a declining test card); checked when given.
     pub(crate) decline_input: Option<Value>,
+    /// What a caller sends to save a payment method (a test card, a token): the account
+    /// holder checks save it when the manifest declares `account_holders`.
+    pub(crate) save_input: Option<Value>,
     /// How the provider's webhooks are signed, for the valid and stale webhook checks.
     pub(crate) webhook: Option<WebhookScenario>,
     /// Option keys whose values are secrets, beside those named like one (`*key*`,
@@ -151,6 +157,7 @@ impl Default for Scenario {
             context: json!({}),
             authorize_input: Value::Null,
             decline_input: None,
+            save_input: None,
             webhook: None,
             secrets: Vec::new(),
             timeout_ms: 10_000,
@@ -270,6 +277,7 @@ pub(crate) async fn run(target: &Target, scenario: &Scenario, logs: &LogCapture)
     run.concurrency(&provider).await;
     run.short_deadline(&provider).await;
     run.webhooks(&provider, &manifest).await;
+    run.account_holders(&provider, &manifest).await;
     run.latency(&provider).await;
     let secrets = secrets(&target.options, &scenario.secrets);
     let answers = std::mem::take(&mut run.answers);
@@ -513,6 +521,7 @@ impl Run<'_> {
             context: self.scenario.context.clone(),
             data: s.data.clone(),
             input: Value::Null,
+            account_holder: None,
             deadline_unix_ms: None,
         };
         let answer = p.call(request).await;
@@ -529,6 +538,8 @@ impl Run<'_> {
             context: self.scenario.context.clone(),
             data: s.data.clone(),
             input,
+            account_holder: None,
+            payment_method: None,
             deadline_unix_ms: None,
         }
     }
@@ -951,6 +962,7 @@ impl Run<'_> {
                         context: scenario.context.clone(),
                         data: json!({}),
                         input: Value::Null,
+                        account_holder: None,
                         deadline_unix_ms: None,
                     })
                     .await?;
@@ -962,6 +974,8 @@ impl Run<'_> {
                     context: scenario.context.clone(),
                     data: initiated.data.unwrap_or_else(|| json!({})),
                     input: scenario.authorize_input.clone(),
+                    account_holder: None,
+                    payment_method: None,
                     deadline_unix_ms: None,
                 })
                 .await
@@ -996,6 +1010,7 @@ impl Run<'_> {
             context: self.scenario.context.clone(),
             data: json!({}),
             input: Value::Null,
+            account_holder: None,
             deadline_unix_ms: None,
         };
         let started = Instant::now();
@@ -1110,6 +1125,317 @@ impl Run<'_> {
                 webhook_show(&tampered)
             ),
         );
+    }
+
+    /// Account holders and saved methods: when the manifest does not declare them, one check
+    /// that every such operation answers `unsupported`; else three: a customer created and
+    /// read back, a method saved to it, listed, charged without card input and deleted (then
+    /// neither listed nor charged), and the customer deleted.
+    async fn account_holders(&mut self, p: &Provider, m: &Manifest) {
+        if !m.account_holders {
+            let holder = AccountHolderRef {
+                id: "ach_conformance".into(),
+                reference: Some("cus_conformance".into()),
+                data: Value::Null,
+            };
+            let method = PaymentMethodRef {
+                id: "pm_conformance".into(),
+                reference: Some("pm_conformance".into()),
+                data: Value::Null,
+            };
+            let unsupported = |r: Result<(), CallError>| match r {
+                Err(CallError::Provider(e)) if e.kind == ErrorKind::Unsupported => None,
+                other => Some(format!("{other:?}")),
+            };
+            let key = || "conformance-undeclared".to_owned();
+            let answers = [
+                (
+                    Operation::CreateAccountHolder,
+                    p.call(CreateAccountHolderRequest {
+                        account_holder_id: holder.id.clone(),
+                        idempotency_key: key(),
+                        customer: Customer {
+                            id: "cus_conformance".into(),
+                            ..Customer::default()
+                        },
+                        input: Value::Null,
+                        deadline_unix_ms: None,
+                    })
+                    .await
+                    .map(drop),
+                ),
+                (
+                    Operation::UpdateAccountHolder,
+                    p.call(UpdateAccountHolderRequest {
+                        account_holder: holder.clone(),
+                        idempotency_key: key(),
+                        customer: Customer::default(),
+                        input: Value::Null,
+                        deadline_unix_ms: None,
+                    })
+                    .await
+                    .map(drop),
+                ),
+                (
+                    Operation::DeleteAccountHolder,
+                    p.call(DeleteAccountHolderRequest {
+                        account_holder: holder.clone(),
+                        idempotency_key: key(),
+                        deadline_unix_ms: None,
+                    })
+                    .await
+                    .map(drop),
+                ),
+                (
+                    Operation::RetrieveAccountHolder,
+                    p.call(RetrieveAccountHolderRequest {
+                        account_holder: holder.clone(),
+                        idempotency_key: key(),
+                        attempt: None,
+                        deadline_unix_ms: None,
+                    })
+                    .await
+                    .map(drop),
+                ),
+                (
+                    Operation::ListPaymentMethods,
+                    p.call(ListPaymentMethodsRequest {
+                        account_holder: holder.clone(),
+                        idempotency_key: key(),
+                        deadline_unix_ms: None,
+                    })
+                    .await
+                    .map(drop),
+                ),
+                (
+                    Operation::SavePaymentMethod,
+                    p.call(SavePaymentMethodRequest {
+                        account_holder: holder.clone(),
+                        payment_method_id: method.id.clone(),
+                        idempotency_key: key(),
+                        input: Value::Null,
+                        deadline_unix_ms: None,
+                    })
+                    .await
+                    .map(drop),
+                ),
+                (
+                    Operation::DeletePaymentMethod,
+                    p.call(DeletePaymentMethodRequest {
+                        account_holder: holder.clone(),
+                        payment_method: method.clone(),
+                        idempotency_key: key(),
+                        deadline_unix_ms: None,
+                    })
+                    .await
+                    .map(drop),
+                ),
+            ];
+            let wrong: Vec<String> = answers
+                .into_iter()
+                .filter_map(|(op, r)| unsupported(r).map(|got| format!("{op}: {got}")))
+                .collect();
+            self.verdict(
+                "holders.unsupported",
+                "no account_holders declared: each account holder operation answers unsupported",
+                wrong.is_empty(),
+                wrong.join("; "),
+            );
+            return;
+        }
+        let id = format!("ach_conformance_{}", uuid::Uuid::new_v4().simple());
+        let created = p
+            .call(CreateAccountHolderRequest {
+                account_holder_id: id.clone(),
+                idempotency_key: self.key("create_account_holder"),
+                customer: Customer {
+                    id: format!("cus_{id}"),
+                    email: Some("conformance@example.com".into()),
+                    ..Customer::default()
+                },
+                input: Value::Null,
+                deadline_unix_ms: None,
+            })
+            .await;
+        self.keep(&mut Session::default(), &created);
+        let holder = match &created {
+            Ok(r) if processed(&created) && r.reference.is_some() => AccountHolderRef {
+                id: id.clone(),
+                reference: r.reference.clone(),
+                data: r.data.clone().unwrap_or(Value::Null),
+            },
+            _ => {
+                self.fail(
+                    "holders.lifecycle",
+                    "create_account_holder answers processed with the processor's id as reference",
+                    show(&created),
+                );
+                for name in ["holders.saved_method", "holders.delete"] {
+                    self.skip(
+                        name,
+                        "account holders work",
+                        "no account holder was created",
+                    );
+                }
+                return;
+            }
+        };
+        let retrieved = p
+            .call(RetrieveAccountHolderRequest {
+                account_holder: holder.clone(),
+                idempotency_key: self.key("retrieve_account_holder"),
+                attempt: None,
+                deadline_unix_ms: None,
+            })
+            .await;
+        self.verdict(
+            "holders.lifecycle",
+            "a created account holder (processed, with a reference) retrieves as active",
+            matches!(&retrieved, Ok(r) if r.status == HolderStatus::Active),
+            format!("{retrieved:?}"),
+        );
+        self.saved_method(p, &holder).await;
+        let deleted = p
+            .call(DeleteAccountHolderRequest {
+                account_holder: holder.clone(),
+                idempotency_key: self.key("delete_account_holder"),
+                deadline_unix_ms: None,
+            })
+            .await;
+        let after = p
+            .call(RetrieveAccountHolderRequest {
+                account_holder: holder.clone(),
+                idempotency_key: self.key("retrieve_account_holder"),
+                attempt: None,
+                deadline_unix_ms: None,
+            })
+            .await;
+        let gone = matches!(&after, Ok(r) if matches!(r.status, HolderStatus::Deleted | HolderStatus::NotFound));
+        self.verdict(
+            "holders.delete",
+            "delete_account_holder answers processed and the holder then retrieves as deleted or not_found",
+            processed(&deleted) && gone,
+            format!("delete: {}; retrieve: {after:?}", show(&deleted)),
+        );
+    }
+
+    /// A method saved, listed, charged without card input, deleted and no longer listed or
+    /// charged.
+    async fn saved_method(&mut self, p: &Provider, holder: &AccountHolderRef) {
+        const EXPECTED: &str = "a saved method (processed, with a reference) is listed, pays a \
+             session without card input, and once deleted is neither listed nor charged";
+        let Some(input) = self.scenario.save_input.clone() else {
+            self.skip(
+                "holders.saved_method",
+                EXPECTED,
+                "give save_input (a card or token the save accepts) in a scenario",
+            );
+            return;
+        };
+        let pm_id = format!("pm_conformance_{}", uuid::Uuid::new_v4().simple());
+        let save = SavePaymentMethodRequest {
+            account_holder: holder.clone(),
+            payment_method_id: pm_id.clone(),
+            idempotency_key: self.key("save_payment_method"),
+            input,
+            deadline_unix_ms: None,
+        };
+        let saved = p.call(save.clone()).await;
+        self.keep(&mut Session::default(), &saved);
+        let method = match &saved {
+            Ok(r) if processed(&saved) && r.reference.is_some() => PaymentMethodRef {
+                id: pm_id,
+                reference: r.reference.clone(),
+                data: r.data.clone().unwrap_or(Value::Null),
+            },
+            _ => {
+                self.fail(
+                    "holders.saved_method",
+                    EXPECTED,
+                    format!("save: {}", show(&saved)),
+                );
+                return;
+            }
+        };
+        let again = p.call(save).await;
+        let listed = |key: String| {
+            p.call(ListPaymentMethodsRequest {
+                account_holder: holder.clone(),
+                idempotency_key: key,
+                deadline_unix_ms: None,
+            })
+        };
+        let before = listed(self.key("list_payment_methods")).await;
+        let mut s = self.session();
+        let init = self.initiate_for(p, &mut s, holder).await;
+        let mut charge = self.authorize_request(&s, Value::Null);
+        charge.account_holder = Some(holder.clone());
+        charge.payment_method = Some(method.clone());
+        let charged = p.call(charge).await;
+        let removed = p
+            .call(DeletePaymentMethodRequest {
+                account_holder: holder.clone(),
+                payment_method: method.clone(),
+                idempotency_key: self.key("delete_payment_method"),
+                deadline_unix_ms: None,
+            })
+            .await;
+        let after = listed(self.key("list_payment_methods")).await;
+        let mut s2 = self.session();
+        let _ = self.initiate_for(p, &mut s2, holder).await;
+        let mut late = self.authorize_request(&s2, Value::Null);
+        late.account_holder = Some(holder.clone());
+        late.payment_method = Some(method.clone());
+        let refused = p.call(late).await;
+        let reference = method.reference.clone().unwrap_or_default();
+        let listed_once = matches!(&before, Ok(l) if l.methods.iter().filter(|m| m.reference == reference).count() == 1);
+        let not_listed =
+            matches!(&after, Ok(l) if l.methods.iter().all(|m| m.reference != reference));
+        let replayed = matches!(&again, Ok(r) if r.reference == method.reference);
+        let late_refused = !processed(&refused);
+        self.verdict(
+            "holders.saved_method",
+            EXPECTED,
+            listed_once
+                && replayed
+                && processed(&init)
+                && processed(&charged)
+                && processed(&removed)
+                && not_listed
+                && late_refused,
+            format!(
+                "listed once: {listed_once}; repeated save key replayed: {replayed}; initiate: \
+                 {}; charge: {}; delete: {}; listed after delete: {}; charge after delete: {}",
+                show(&init),
+                show(&charged),
+                show(&removed),
+                !not_listed,
+                show(&refused)
+            ),
+        );
+    }
+
+    /// Initiates a session that belongs to `holder`.
+    async fn initiate_for(
+        &mut self,
+        p: &Provider,
+        s: &mut Session,
+        holder: &AccountHolderRef,
+    ) -> Answer {
+        let request = InitiateRequest {
+            session_id: s.id.clone(),
+            idempotency_key: self.key("initiate"),
+            amount: self.scenario.amount,
+            currency_code: self.scenario.currency.clone(),
+            context: self.scenario.context.clone(),
+            data: s.data.clone(),
+            input: Value::Null,
+            account_holder: Some(holder.clone()),
+            deadline_unix_ms: None,
+        };
+        let answer = p.call(request).await;
+        self.keep(s, &answer);
+        answer
     }
 
     async fn latency(&mut self, p: &Provider) {

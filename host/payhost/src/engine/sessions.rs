@@ -461,6 +461,7 @@ impl Host {
             context: session.context.clone(),
             data: with_legacy_input(provider, &session.data, input),
             input: input.clone(),
+            account_holder: None,
             deadline_unix_ms: None,
         }
     }
@@ -526,6 +527,8 @@ impl Host {
                     context: session.context.clone(),
                     data: with_legacy_input(&provider, &session.data, &authorize_input),
                     input: authorize_input,
+                    account_holder: None,
+                    payment_method: None,
                     deadline_unix_ms: None,
                 });
                 let answer = self.call_money(&provider, &attempt, request).await;
