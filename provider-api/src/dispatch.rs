@@ -185,3 +185,81 @@ fn panicked(payload: Box<dyn std::any::Any + Send>) -> ProviderError {
         format!("provider panicked: {}", panic_message(&*payload)),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use crate::testkit::TestHost;
+    use crate::*;
+
+    /// Implements `create_account_holder`, and declares account holders only when `DECLARED`.
+    struct Holders<const DECLARED: bool>;
+
+    impl<const DECLARED: bool> PaymentProvider for Holders<DECLARED> {
+        type Options = Value;
+        fn manifest() -> Manifest {
+            let m = Manifest::new("holders", "Holders", "1.0.0");
+            if DECLARED { m.account_holders() } else { m }
+        }
+        fn new(_: Value, _: ProviderContext) -> Result<Self, ProviderError> {
+            Ok(Holders)
+        }
+        fn initiate(&self, _: InitiateRequest) -> Result<ProviderResponse, ProviderError> {
+            Ok(ProviderResponse::processed())
+        }
+        fn authorize(&self, _: AuthorizeRequest) -> Result<ProviderResponse, ProviderError> {
+            Ok(ProviderResponse::processed())
+        }
+        fn capture(&self, _: CaptureRequest) -> Result<ProviderResponse, ProviderError> {
+            Ok(ProviderResponse::processed())
+        }
+        fn refund(&self, _: RefundRequest) -> Result<ProviderResponse, ProviderError> {
+            Ok(ProviderResponse::processed())
+        }
+        fn cancel(&self, _: CancelRequest) -> Result<ProviderResponse, ProviderError> {
+            Ok(ProviderResponse::processed())
+        }
+        fn retrieve(&self, _: RetrieveRequest) -> Result<RetrieveResponse, ProviderError> {
+            Ok(RetrieveResponse::attempt(None))
+        }
+        fn create_account_holder(
+            &self,
+            _: CreateAccountHolderRequest,
+        ) -> Result<ProviderResponse, ProviderError> {
+            Ok(ProviderResponse::processed().reference("cus_1"))
+        }
+    }
+
+    #[test]
+    fn an_undeclared_account_holder_operation_is_refused_even_when_implemented() {
+        let host = TestHost::new();
+        let request = TestHost::create_account_holder_request(
+            "ach_1",
+            TestHost::customer("cus_a", "a@example.com"),
+        );
+        let undeclared = host.instantiate::<Holders<false>>(json!({})).unwrap();
+        let err = undeclared.create_account_holder(&request).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Unsupported, "{err}");
+        // Refused before the request is read: an empty one is `unsupported` too.
+        let err = undeclared
+            .call_raw("create_account_holder", "{}")
+            .unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Unsupported, "{err}");
+        let declared = host.instantiate::<Holders<true>>(json!({})).unwrap();
+        let answer = declared.create_account_holder(&request).unwrap();
+        assert_eq!(answer.reference.as_deref(), Some("cus_1"));
+        // Declared, an operation left to its default still answers `unsupported`.
+        let list =
+            TestHost::list_payment_methods_request(&TestHost::account_holder("ach_1", &answer));
+        assert_eq!(
+            declared.list_payment_methods(&list).unwrap_err().kind,
+            ErrorKind::Unsupported
+        );
+        check_conformance_undeclared();
+    }
+
+    fn check_conformance_undeclared() {
+        crate::testkit::check_conformance::<Holders<false>>(&TestHost::new(), json!({})).unwrap();
+    }
+}

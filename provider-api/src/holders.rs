@@ -3,7 +3,8 @@
 //! pays without entering a card again.
 //!
 //! The same rules as the payment requests hold: each call that has an effect at the processor
-//! carries the host's idempotency key and is recorded before it is made; `input` is transient
+//! carries the host's idempotency key (a host records it before making it, as for money);
+//! `input` is transient
 //! (a card number may pass through it, and through nothing else); `data` and `reference` hold
 //! only what the provider owns (ids, tokens, a card's brand and last four).
 
@@ -121,6 +122,9 @@ pub struct RetrieveAccountHolderRequest {
     /// The earlier call to report on, when reconciling (its `amount` is 0).
     #[serde(default)]
     pub attempt: Option<crate::AttemptRef>,
+    /// The saved method that call was about (a `delete_payment_method`), when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_method: Option<PaymentMethodRef>,
     /// When the host stops waiting for this call (Unix milliseconds).
     #[serde(default)]
     pub deadline_unix_ms: Option<i64>,

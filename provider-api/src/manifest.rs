@@ -143,6 +143,17 @@ impl Manifest {
         if self.protocols.is_empty() {
             return Err("manifest lists no protocol version".into());
         }
+        if let Some(op) = self.replays_idempotency_keys.iter().find(|op| {
+            !matches!(
+                op,
+                crate::Operation::Capture | crate::Operation::Refund | crate::Operation::Cancel
+            )
+        }) {
+            return Err(format!(
+                "replays_idempotency_keys lists `{op}`: only capture, refund and cancel are sent \
+                 again (and a host older than another operation could not read the manifest)"
+            ));
+        }
         Ok(())
     }
 }
@@ -184,6 +195,11 @@ mod tests {
                 .contains("version")
         );
         assert!(Manifest::new("ok", "X", "1.0.0-beta.1").validate().is_ok());
+        let replays = Manifest::new("ok", "X", "1.0.0")
+            .replays_idempotency_keys(&[crate::Operation::SavePaymentMethod])
+            .validate()
+            .unwrap_err();
+        assert!(replays.contains("save_payment_method"), "{replays}");
     }
 
     #[test]

@@ -125,7 +125,7 @@ impl Operation {
     }
 
     /// Whether the operation changes what the processor holds for a customer (a customer
-    /// record, an attached method), so the host records it before making it, like money.
+    /// record, an attached method), so a host must record it before making it, like money.
     pub const fn changes_account_holder(self) -> bool {
         matches!(
             self,
@@ -283,7 +283,9 @@ pub struct AuthorizeRequest {
     pub account_holder: Option<crate::AccountHolderRef>,
     /// The saved payment method to charge (the account holder's, since 1.4): charge it without
     /// the customer present (`off_session`), or answer `requires_more` when the processor wants
-    /// the customer again (3-D Secure). `None`: the method comes in `input` as before.
+    /// the customer again (3-D Secure). `None`: the method comes in `input` as before. Sent only
+    /// to a provider whose manifest declares [`crate::Manifest::account_holders`] (an older
+    /// plugin would not see it and charge whatever `input` holds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payment_method: Option<crate::PaymentMethodRef>,
     /// When the host stops waiting for this call (Unix milliseconds).

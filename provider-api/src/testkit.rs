@@ -346,6 +346,7 @@ impl TestHost {
             account_holder: holder.clone(),
             idempotency_key: fresh_key("achr"),
             attempt,
+            payment_method: None,
             deadline_unix_ms: None,
         }
     }

@@ -290,10 +290,14 @@ impl SandboxProvider {
         }
         let (response, lost) = self.ledger.with(|ledger| {
             if let Some(first) = ledger.get(call.key) {
-                if first.op != call.op.as_str() || first.amount != call.amount {
+                if first.op != call.op.as_str()
+                    || first.amount != call.amount
+                    || first.session_id != call.session_id
+                    || first.method.as_deref() != call.method
+                {
                     return Err(ProviderError::invalid_request(format!(
-                        "idempotency key `{}` was first used for {} of {}",
-                        call.key, first.op, first.amount
+                        "idempotency key `{}` was first used for {} of {} on {}",
+                        call.key, first.op, first.amount, first.session_id
                     ))
                     .code("idempotency_key_reused"));
                 }

@@ -18,10 +18,16 @@
 //!   `payment_intent.*` events mapped to actions; events without a payhost session are
 //!   acknowledged and ignored.
 //!
+//! - account holders (provider-api 1.4, `holders.rs`): Customers, PaymentMethods attached and
+//!   detached, and a saved method charged without the customer (`off_session`) after checking
+//!   it is still attached to that customer.
+//!
 //! A request that never reached Stripe is `not_attempted`; one whose answer was lost (timeout,
 //! reset, 5xx) is `unknown`, and payhost reconciles it through `retrieve`.
 
 #![forbid(unsafe_code)]
+
+mod holders;
 
 use hmac::{Hmac, KeyInit, Mac};
 use payhost_provider_api::*;
@@ -47,6 +53,15 @@ pub struct StripeOptions {
     /// Longest wait for one Stripe request, in ms (never beyond the payhost call's deadline).
     #[serde(default = "default_request_timeout")]
     pub request_timeout_ms: i64,
+    /// Confirm a charge of a saved payment method with `off_session=true` (the customer is not
+    /// there; Stripe may then ask for 3-D Secure, which is `requires_more`). Default true;
+    /// localstripe refuses the parameter on confirm, so tests against it set false.
+    #[serde(default = "default_off_session")]
+    pub off_session: bool,
+}
+
+fn default_off_session() -> bool {
+    true
 }
 
 fn default_api_base() -> String {
@@ -307,6 +322,74 @@ impl StripeProvider {
         })))
     }
 
+    /// Authorizes the intent `id` with the customer's saved method: refused (declined) unless
+    /// the method is still attached to that customer; then set on the intent with the customer
+    /// and confirmed without the customer present.
+    fn charge_saved(
+        &self,
+        r: &AuthorizeRequest,
+        id: &str,
+        method: &PaymentMethodRef,
+    ) -> Result<ProviderResponse, ProviderError> {
+        let key = &r.idempotency_key;
+        let deadline = r.deadline_unix_ms;
+        let customer = r
+            .account_holder
+            .as_ref()
+            .ok_or_else(|| {
+                ProviderError::invalid_request(
+                    "a saved payment method is charged with its account holder",
+                )
+                .param("account_holder")
+            })
+            .and_then(holders::customer_id)?;
+        let pm = method.reference.as_deref().ok_or_else(|| {
+            ProviderError::invalid_request("the payment method has no Stripe id")
+                .param("payment_method.reference")
+        })?;
+        match self.attached(customer, pm, deadline)? {
+            Ok(true) => {}
+            Ok(false) => {
+                return Ok(ProviderResponse::with_outcome(Outcome::Declined {
+                    code: Some("payment_method_unavailable".into()),
+                    message: format!(
+                        "the payment method {pm} is not attached to customer {customer}"
+                    ),
+                }));
+            }
+            Err(other) => return Ok(Self::answer(other, |_| ProviderResponse::processed())),
+        }
+        match self.request(
+            "POST",
+            &format!("/v1/payment_intents/{id}"),
+            &[
+                ("payment_method", pm.to_owned()),
+                ("customer", customer.to_owned()),
+            ],
+            Some(&format!("{key}:attach")),
+            deadline,
+        )? {
+            Reply::Ok(_) => {}
+            other => return Ok(Self::answer(other, |_| ProviderResponse::processed())),
+        }
+        let confirm = if self.options.off_session {
+            vec![("off_session", "true".to_owned())]
+        } else {
+            Vec::new()
+        };
+        let reply = self.request(
+            "POST",
+            &format!("/v1/payment_intents/{id}/confirm"),
+            &confirm,
+            Some(&format!("{key}:confirm")),
+            deadline,
+        )?;
+        Ok(Self::answer(reply, |intent| {
+            let outcome = authorize_outcome(&intent).unwrap_or(Outcome::Pending);
+            ProviderResponse::with_outcome(outcome).reference(id.to_owned())
+        }))
+    }
+
     fn answer(reply: Reply, on_ok: impl FnOnce(Value) -> ProviderResponse) -> ProviderResponse {
         match reply {
             Reply::Ok(json) => on_ok(json),
@@ -378,6 +461,7 @@ impl PaymentProvider for StripeProvider {
                 async_authorization: true,
                 webhooks: true,
             })
+            .account_holders()
             // Stripe answers a repeated Idempotency-Key with the first request's result (and a
             // 409 while that one is still running). localstripe does not: test against it with
             // `resend_unknown = false`.
@@ -445,12 +529,16 @@ impl PaymentProvider for StripeProvider {
     }
 
     fn initiate(&self, r: InitiateRequest) -> Result<ProviderResponse, ProviderError> {
-        let form = [
+        let mut form = vec![
             ("amount", r.amount.to_string()),
             ("currency", r.currency_code.clone()),
             ("capture_method", "manual".to_owned()),
             ("metadata[session_id]", r.session_id.clone()),
         ];
+        // A customer's session: the intent is theirs, so their saved methods can pay it.
+        if let Some(holder) = &r.account_holder {
+            form.push(("customer", holders::customer_id(holder)?.to_owned()));
+        }
         let reply = self.request(
             "POST",
             "/v1/payment_intents",
@@ -512,6 +600,9 @@ impl PaymentProvider for StripeProvider {
         if let Some(outcome) = authorize_outcome(&intent) {
             return Ok(ProviderResponse::with_outcome(outcome).reference(id));
         }
+        if let Some(method) = &r.payment_method {
+            return self.charge_saved(&r, &id, method);
+        }
         let payment_method = match self.payment_method(&r.input, key, deadline)? {
             Ok(Some(pm)) => pm,
             Ok(None) => match r.data.get("payment_method") {
@@ -546,6 +637,55 @@ impl PaymentProvider for StripeProvider {
             let outcome = authorize_outcome(&intent).unwrap_or(Outcome::Pending);
             ProviderResponse::with_outcome(outcome).reference(id.clone())
         }))
+    }
+
+    fn create_account_holder(
+        &self,
+        r: CreateAccountHolderRequest,
+    ) -> Result<ProviderResponse, ProviderError> {
+        self.create_customer(r)
+    }
+
+    fn update_account_holder(
+        &self,
+        r: UpdateAccountHolderRequest,
+    ) -> Result<ProviderResponse, ProviderError> {
+        self.update_customer(r)
+    }
+
+    fn delete_account_holder(
+        &self,
+        r: DeleteAccountHolderRequest,
+    ) -> Result<ProviderResponse, ProviderError> {
+        self.delete_customer(r)
+    }
+
+    fn retrieve_account_holder(
+        &self,
+        r: RetrieveAccountHolderRequest,
+    ) -> Result<RetrieveAccountHolderResponse, ProviderError> {
+        self.retrieve_customer(r)
+    }
+
+    fn list_payment_methods(
+        &self,
+        r: ListPaymentMethodsRequest,
+    ) -> Result<PaymentMethodList, ProviderError> {
+        self.list_methods(r)
+    }
+
+    fn save_payment_method(
+        &self,
+        r: SavePaymentMethodRequest,
+    ) -> Result<ProviderResponse, ProviderError> {
+        self.save_method(r)
+    }
+
+    fn delete_payment_method(
+        &self,
+        r: DeletePaymentMethodRequest,
+    ) -> Result<ProviderResponse, ProviderError> {
+        self.delete_method(r)
     }
 
     fn capture(&self, r: CaptureRequest) -> Result<ProviderResponse, ProviderError> {

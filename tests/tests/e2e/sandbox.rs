@@ -654,6 +654,7 @@ async fn deleting_a_holder_detaches_its_methods_and_a_later_charge_is_refused() 
             account_holder: h.clone(),
             idempotency_key: "ach_cy:retrieve".into(),
             attempt: None,
+            payment_method: None,
             deadline_unix_ms: None,
         })
         .await
@@ -705,6 +706,46 @@ async fn a_deleted_method_is_no_longer_listed_or_charged() {
         .await
         .unwrap();
     assert!(matches!(r.outcome, Outcome::Declined { .. }), "{r:?}");
+
+    // A new instance on the same ledger (a host restart) knows the same customer and cards.
+    let (_c, report) = f._scratch.load(&f.text);
+    let again = report.providers.get("sandbox").unwrap().clone();
+    let listed = again
+        .call(ListPaymentMethodsRequest {
+            account_holder: h.clone(),
+            idempotency_key: "ach_di:list2".into(),
+            deadline_unix_ms: None,
+        })
+        .await
+        .unwrap();
+    let refs: Vec<_> = listed
+        .methods
+        .iter()
+        .map(|m| m.reference.as_str())
+        .collect();
+    assert_eq!(refs, [keep.reference.as_deref().unwrap()]);
+    let paid = again
+        .call(charge("ps_di_2", "ps_di_2:a1", &h, &keep))
+        .await
+        .unwrap();
+    assert_eq!(paid.outcome, Outcome::Processed);
+    let refused = again
+        .call(charge("ps_di_3", "ps_di_3:a1", &h, &gone))
+        .await
+        .unwrap();
+    assert!(
+        matches!(refused.outcome, Outcome::Declined { .. }),
+        "{refused:?}"
+    );
+    // The same key for another card is refused, never replayed as the first save.
+    let mut reused = save(&h, "pm_di_keep", json!({"card_number": "5555555555554444"}));
+    reused.payment_method_id = "pm_di_other".into();
+    reused.account_holder.id = "ach_other".into();
+    let err = again.call(reused).await.unwrap_err();
+    assert!(
+        matches!(&err, CallError::Provider(e) if e.code.as_deref() == Some("idempotency_key_reused")),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -728,6 +769,7 @@ async fn an_unknown_save_happened_and_retrieve_says_what_it_made() {
                 idempotency_key: request.idempotency_key.clone(),
                 amount: 0,
             }),
+            payment_method: None,
             deadline_unix_ms: None,
         })
         .await
@@ -763,6 +805,7 @@ async fn an_unknown_save_happened_and_retrieve_says_what_it_made() {
                 idempotency_key: "ach_never:create".into(),
                 amount: 0,
             }),
+            payment_method: None,
             deadline_unix_ms: None,
         })
         .await

@@ -32,6 +32,8 @@ resend_unknown = false
 api_key = "sk_test_payhost"
 api_base = "{api_base}"
 webhook_secret = "whsec_localstripe"
+# localstripe refuses `off_session` on confirm.
+off_session = false
 "#
     )
 }
@@ -764,7 +766,7 @@ fn the_stripe_provider_passes_provider_test() {
     std::fs::write(
         &options,
         format!(
-            "api_key = \"sk_test_payhost\"\napi_base = \"{}\"\nwebhook_secret = \"whsec_localstripe\"\n",
+            "api_key = \"sk_test_payhost\"\napi_base = \"{}\"\nwebhook_secret = \"whsec_localstripe\"\noff_session = false\n",
             stripe.base()
         ),
     )
@@ -793,4 +795,204 @@ fn the_stripe_provider_passes_provider_test() {
     assert!(report.contains("0 failed, 2 skipped"), "{report}");
     assert!(report.contains("SKIP  flow.capture_again"), "{report}");
     assert!(report.contains("SKIP  idempotency.capture"), "{report}");
+}
+
+/// A new session of `holder`, authorized with the saved `method` and no card input.
+async fn charge_saved(
+    p: &payhost::Provider,
+    session: &str,
+    holder: &payhost_provider_api::AccountHolderRef,
+    method: &payhost_provider_api::PaymentMethodRef,
+) -> payhost_provider_api::ProviderResponse {
+    use payhost_provider_api::{AuthorizeRequest, InitiateRequest};
+    let init = p
+        .call(InitiateRequest {
+            session_id: session.into(),
+            idempotency_key: format!("{session}:init"),
+            amount: 1500,
+            currency_code: "eur".into(),
+            context: Value::Null,
+            data: Value::Null,
+            input: Value::Null,
+            account_holder: None,
+            deadline_unix_ms: None,
+        })
+        .await
+        .unwrap();
+    p.call(AuthorizeRequest {
+        session_id: session.into(),
+        idempotency_key: format!("{session}:auth"),
+        amount: 1500,
+        currency_code: "eur".into(),
+        context: Value::Null,
+        data: init.data.unwrap(),
+        input: Value::Null,
+        account_holder: Some(holder.clone()),
+        payment_method: Some(method.clone()),
+        deadline_unix_ms: None,
+    })
+    .await
+    .unwrap()
+}
+
+/// A Stripe customer through the host's call path: a card saved to it pays a later session
+/// without card input; a declining card is refused at attach; an unknown save is found by its
+/// key; deleting the customer detaches its cards, and a charge with one is then declined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saved_card_pays_a_later_session_and_is_refused_once_its_customer_is_deleted() {
+    use payhost_provider_api::*;
+    let Some(stripe) = LocalStripe::start() else {
+        return;
+    };
+    let s = Scratch::new();
+    let (_config, report) = s.load(&config(&stripe.base(), 10_000));
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    let p = report.providers.get("stripe").unwrap();
+    assert!(p.supports(Operation::SavePaymentMethod));
+
+    let created = p
+        .call(CreateAccountHolderRequest {
+            account_holder_id: "ach_ada".into(),
+            idempotency_key: "ach_ada:create".into(),
+            customer: Customer {
+                id: "cus_medusa_ada".into(),
+                email: Some("ada@example.com".into()),
+                first_name: Some("Ada".into()),
+                last_name: Some("Lovelace".into()),
+                ..Default::default()
+            },
+            input: Value::Null,
+            deadline_unix_ms: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(created.outcome, Outcome::Processed);
+    let holder = AccountHolderRef {
+        id: "ach_ada".into(),
+        reference: created.reference.clone(),
+        data: created.data.clone().unwrap(),
+    };
+    assert!(holder.reference.as_deref().unwrap().starts_with("cus_"));
+
+    let save = |method: &str, number: &str| SavePaymentMethodRequest {
+        account_holder: holder.clone(),
+        payment_method_id: method.into(),
+        idempotency_key: format!("{method}:save"),
+        input: card(number),
+        deadline_unix_ms: None,
+    };
+    let saved = p
+        .call(save("pm_ada_visa", "4242424242424242"))
+        .await
+        .unwrap();
+    assert_eq!(saved.outcome, Outcome::Processed);
+    let data = saved.data.clone().unwrap();
+    assert_eq!(data["card"]["last4"], "4242");
+    assert!(!data.to_string().contains("4242424242424242"), "{data}");
+    let method = PaymentMethodRef {
+        id: "pm_ada_visa".into(),
+        reference: saved.reference.clone(),
+        data,
+    };
+    let declined = p
+        .call(save("pm_ada_declined", "4000000000000002"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&declined.outcome, Outcome::Declined { code: Some(c), .. } if c == "card_declined"),
+        "{declined:?}"
+    );
+    let listed = p
+        .call(ListPaymentMethodsRequest {
+            account_holder: holder.clone(),
+            idempotency_key: "ach_ada:list".into(),
+            deadline_unix_ms: None,
+        })
+        .await
+        .unwrap();
+    let refs: Vec<_> = listed
+        .methods
+        .iter()
+        .map(|m| Some(m.reference.clone()))
+        .collect();
+    assert_eq!(
+        refs,
+        vec![method.reference.clone()],
+        "the declined card is not attached"
+    );
+
+    // The save's key finds what it made, as retrieve must answer for an unknown save.
+    let told = p
+        .call(RetrieveAccountHolderRequest {
+            account_holder: holder.clone(),
+            idempotency_key: "ach_ada:retrieve".into(),
+            attempt: Some(AttemptRef {
+                operation: Operation::SavePaymentMethod,
+                idempotency_key: "pm_ada_visa:save".into(),
+                amount: 0,
+            }),
+            payment_method: None,
+            deadline_unix_ms: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(told.status, HolderStatus::Active);
+    assert_eq!(told.attempt, Some(Outcome::Processed));
+    assert_eq!(told.attempt_reference, method.reference);
+    let never = p
+        .call(RetrieveAccountHolderRequest {
+            account_holder: AccountHolderRef {
+                id: "ach_never".into(),
+                reference: None,
+                data: Value::Null,
+            },
+            idempotency_key: "ach_never:retrieve".into(),
+            attempt: Some(AttemptRef {
+                operation: Operation::CreateAccountHolder,
+                idempotency_key: "ach_never:create".into(),
+                amount: 0,
+            }),
+            payment_method: None,
+            deadline_unix_ms: None,
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(never.attempt, Some(Outcome::NotAttempted { .. })),
+        "{never:?}"
+    );
+
+    // A later session of the customer, paid with the saved card and no card input (the intent
+    // is created without the customer: charging sets it).
+    let paid = charge_saved(p, "ps_ada_1", &holder, &method).await;
+    assert_eq!(paid.outcome, Outcome::Processed, "{paid:?}");
+
+    let deleted = p
+        .call(DeleteAccountHolderRequest {
+            account_holder: holder.clone(),
+            idempotency_key: "ach_ada:delete".into(),
+            deadline_unix_ms: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(deleted.outcome, Outcome::Processed);
+    let refused = charge_saved(p, "ps_ada_2", &holder, &method).await;
+    assert!(
+        matches!(&refused.outcome, Outcome::Declined { code: Some(c), .. } if c == "payment_method_unavailable"),
+        "{refused:?}"
+    );
+    let gone = p
+        .call(RetrieveAccountHolderRequest {
+            account_holder: holder.clone(),
+            idempotency_key: "ach_ada:retrieve2".into(),
+            attempt: None,
+            payment_method: None,
+            deadline_unix_ms: None,
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(gone.status, HolderStatus::Deleted | HolderStatus::NotFound),
+        "{gone:?}"
+    );
 }

@@ -1192,6 +1192,7 @@ impl Run<'_> {
                         account_holder: holder.clone(),
                         idempotency_key: key(),
                         attempt: None,
+                        payment_method: None,
                         deadline_unix_ms: None,
                     })
                     .await
@@ -1285,6 +1286,7 @@ impl Run<'_> {
                 account_holder: holder.clone(),
                 idempotency_key: self.key("retrieve_account_holder"),
                 attempt: None,
+                payment_method: None,
                 deadline_unix_ms: None,
             })
             .await;
@@ -1307,6 +1309,7 @@ impl Run<'_> {
                 account_holder: holder.clone(),
                 idempotency_key: self.key("retrieve_account_holder"),
                 attempt: None,
+                payment_method: None,
                 deadline_unix_ms: None,
             })
             .await;
@@ -1357,7 +1360,12 @@ impl Run<'_> {
                 return;
             }
         };
-        let again = p.call(save).await;
+        // A double that ignores idempotency keys (localstripe) would save twice: not asked.
+        let again = if self.scenario.processor_ignores_idempotency_keys {
+            None
+        } else {
+            Some(p.call(save).await)
+        };
         let listed = |key: String| {
             p.call(ListPaymentMethodsRequest {
                 account_holder: holder.clone(),
@@ -1382,7 +1390,7 @@ impl Run<'_> {
             .await;
         let after = listed(self.key("list_payment_methods")).await;
         let mut s2 = self.session();
-        let _ = self.initiate_for(p, &mut s2, holder).await;
+        let init2 = self.initiate_for(p, &mut s2, holder).await;
         let mut late = self.authorize_request(&s2, Value::Null);
         late.account_holder = Some(holder.clone());
         late.payment_method = Some(method.clone());
@@ -1391,21 +1399,36 @@ impl Run<'_> {
         let listed_once = matches!(&before, Ok(l) if l.methods.iter().filter(|m| m.reference == reference).count() == 1);
         let not_listed =
             matches!(&after, Ok(l) if l.methods.iter().all(|m| m.reference != reference));
-        let replayed = matches!(&again, Ok(r) if r.reference == method.reference);
-        let late_refused = !processed(&refused);
+        let (replayed, replay_text) = match &again {
+            None => (
+                true,
+                "not checked (the processor ignores idempotency keys)".to_owned(),
+            ),
+            Some(Ok(r)) if r.reference == method.reference => (true, "yes".to_owned()),
+            Some(other) => (false, format!("no: {other:?}")),
+        };
+        let late_refused = processed(&init2)
+            && matches!(&refused, Ok(r) if matches!(r.outcome, Outcome::Declined { .. }));
+        // Nothing the caller typed (a card number) comes back in what may be kept.
+        let typed = long_digit_runs(&self.scenario.save_input.clone().unwrap_or_default());
+        let kept = format!("{saved:?} {before:?} {after:?}");
+        let leaked: Vec<&String> = typed.iter().filter(|d| kept.contains(d.as_str())).collect();
         self.verdict(
             "holders.saved_method",
             EXPECTED,
             listed_once
                 && replayed
+                && leaked.is_empty()
                 && processed(&init)
                 && processed(&charged)
                 && processed(&removed)
                 && not_listed
                 && late_refused,
             format!(
-                "listed once: {listed_once}; repeated save key replayed: {replayed}; initiate: \
-                 {}; charge: {}; delete: {}; listed after delete: {}; charge after delete: {}",
+                "listed once: {listed_once}; repeated save key replayed: {replay_text}; card \
+                 digits in what is kept: {}; initiate: {}; charge: {}; delete: {}; listed after \
+                 delete: {}; charge after delete (must be declined): {}",
+                leaked.len(),
                 show(&init),
                 show(&charged),
                 show(&removed),
@@ -1485,6 +1508,15 @@ impl Run<'_> {
         };
         self.verdict("secrets.not_logged", expected, !in_logs && !in_answers, got);
     }
+}
+
+/// Runs of 12 or more digits in `value` (card numbers), to look for where they must not be.
+fn long_digit_runs(value: &Value) -> Vec<String> {
+    let text = value.to_string();
+    text.split(|c: char| !c.is_ascii_digit())
+        .filter(|run| run.len() >= 12)
+        .map(str::to_owned)
+        .collect()
 }
 
 fn processed(answer: &Answer) -> bool {

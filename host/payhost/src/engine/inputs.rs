@@ -60,8 +60,9 @@ pub struct NewSession {
     #[serde(default)]
     pub metadata: Value,
     /// The caller's own id for the session (1 to 255 characters), kept with it: `GET
-    /// /v1/payment-sessions?reference=` finds it.
-    #[serde(default)]
+    /// /v1/payment-sessions?reference=` finds it. (Left out when absent, so an idempotency
+    /// key's stored request reads the same as before references existed.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<String>,
     /// Initiate with the provider now (default); false creates a placeholder (Medusa v1).
     #[serde(default = "yes")]

@@ -85,7 +85,6 @@ export type Payhost = {
   url: string
   apiKey: string
   dir: string
-  /** What this payhost supports of the additions the bridge is written against. */
   stop: () => Promise<void>
   kill: () => void
   restart: () => Promise<void>
