@@ -536,7 +536,7 @@ pub fn check_conformance<P: PaymentProvider>(
     let mut failures = Vec::new();
     match dispatch::manifest::<P>() {
         Ok(m) => {
-            if let Err(e) = Manifest::validate(&m) {
+            if let Err(e) = Manifest::validate(&m).and_then(|()| m.check_replays()) {
                 failures.push(format!("manifest: {e}"));
             }
         }

@@ -262,7 +262,7 @@ pub(crate) async fn run(target: &Target, scenario: &Scenario, logs: &LogCapture)
     run.pass("loads", "the library loads with these options");
     report.manifest = Some(provider.manifest().clone());
     let manifest = provider.manifest().clone();
-    match manifest.validate() {
+    match manifest.validate().and_then(|()| manifest.check_replays()) {
         Ok(()) => run.pass(
             "manifest",
             "a valid manifest (id, name, semver version, protocols)",
