@@ -15,9 +15,6 @@ use serde_json::{Value, json};
 
 use crate::{Reply, StripeProvider};
 
-/// Pages of 100 looked through for an object made under a key before answering `unknown`.
-const MAX_PAGES: usize = 100;
-
 /// The Stripe customer id of an account holder.
 pub(crate) fn customer_id(holder: &AccountHolderRef) -> Result<&str, ProviderError> {
     holder.reference.as_deref().ok_or_else(|| {
@@ -384,10 +381,16 @@ impl StripeProvider {
         customer: &str,
         deadline: Option<i64>,
     ) -> Result<Result<Vec<Value>, Reply>, ProviderError> {
-        self.all_pages(
+        let mut all = Vec::new();
+        let walked = self.pages(
             &format!("/v1/payment_methods?customer={customer}&type=card"),
             deadline,
-        )
+            |pm| {
+                all.push(pm.clone());
+                false
+            },
+        )?;
+        Ok(walked.map(|_| all))
     }
 
     /// The customer made under `key`, looking through every page of customers.
@@ -396,48 +399,15 @@ impl StripeProvider {
         key: &str,
         deadline: Option<i64>,
     ) -> Result<Result<Option<Value>, Reply>, ProviderError> {
-        Ok(self
-            .all_pages("/v1/customers?", deadline)?
-            .map(|customers| {
-                customers
-                    .into_iter()
-                    .find(|c| c["metadata"]["payhost_key"] == key)
-            }))
-    }
-
-    /// Every object of a list, page by page (100 pages of 100 at most: past that the answer is
-    /// "unknown", never "not there").
-    fn all_pages(
-        &self,
-        list: &str,
-        deadline: Option<i64>,
-    ) -> Result<Result<Vec<Value>, Reply>, ProviderError> {
-        let sep = if list.ends_with('?') { "" } else { "&" };
-        let mut all = Vec::new();
-        let mut after: Option<String> = None;
-        for _ in 0..MAX_PAGES {
-            let path = match &after {
-                None => format!("{list}{sep}limit=100"),
-                Some(last) => format!("{list}{sep}limit=100&starting_after={last}"),
-            };
-            let page = match self.request("GET", &path, &[], None, deadline)? {
-                Reply::Ok(page) => page,
-                other => return Ok(Err(other)),
-            };
-            let data = page["data"].as_array().cloned().unwrap_or_default();
-            let more = page["has_more"].as_bool() == Some(true);
-            after = data
-                .last()
-                .and_then(|o| o["id"].as_str())
-                .map(str::to_owned);
-            all.extend(data);
-            if !more || after.is_none() {
-                return Ok(Ok(all));
+        let mut found = None;
+        let walked = self.pages("/v1/customers", deadline, |c| {
+            let made = c["metadata"]["payhost_key"] == key;
+            if made {
+                found = Some(c.clone());
             }
-        }
-        Ok(Err(Reply::Outcome(Outcome::Unknown {
-            reason: format!("more than {} objects to look through", MAX_PAGES * 100),
-        })))
+            made
+        })?;
+        Ok(walked.map(|_| found))
     }
 }
 

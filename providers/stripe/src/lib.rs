@@ -283,42 +283,55 @@ impl StripeProvider {
         key: &str,
         deadline: Option<i64>,
     ) -> Result<Result<bool, Reply>, ProviderError> {
+        self.pages(
+            &format!("/v1/refunds?payment_intent={intent}"),
+            deadline,
+            |refund| refund["metadata"]["payhost_key"] == key,
+        )
+    }
+
+    /// Walks a Stripe list page by page (100 a page) until `stop` holds for an object
+    /// (`Ok(true)`) or the list ends (`Ok(false)`). Past 100 pages the answer is `unknown`,
+    /// never "not there"; `Err(reply)` also when a page did not come back in full.
+    fn pages(
+        &self,
+        list: &str,
+        deadline: Option<i64>,
+        mut stop: impl FnMut(&Value) -> bool,
+    ) -> Result<Result<bool, Reply>, ProviderError> {
         /// 100 pages of 100: past that, say "unknown" rather than "not found".
         const MAX_PAGES: usize = 100;
+        let sep = if list.contains('?') { "&" } else { "?" };
         let mut after: Option<String> = None;
         for _ in 0..MAX_PAGES {
             let path = match &after {
-                None => format!("/v1/refunds?payment_intent={intent}&limit=100"),
-                Some(last) => {
-                    format!("/v1/refunds?payment_intent={intent}&limit=100&starting_after={last}")
-                }
+                None => format!("{list}{sep}limit=100"),
+                Some(last) => format!("{list}{sep}limit=100&starting_after={last}"),
             };
-            let list = match self.request("GET", &path, &[], None, deadline)? {
-                Reply::Ok(list) => list,
+            let page = match self.request("GET", &path, &[], None, deadline)? {
+                Reply::Ok(page) => page,
                 other => return Ok(Err(other)),
             };
-            let refunds = list["data"].as_array().cloned().unwrap_or_default();
-            if refunds
-                .iter()
-                .any(|refund| refund["metadata"]["payhost_key"] == key)
-            {
+            let data = page["data"].as_array().cloned().unwrap_or_default();
+            if data.iter().any(&mut stop) {
                 return Ok(Ok(true));
             }
-            match (list["has_more"].as_bool(), refunds.last()) {
-                (Some(true), Some(last)) => {
-                    after = last["id"].as_str().map(str::to_owned);
-                    if after.is_none() {
-                        break;
-                    }
-                }
-                _ => return Ok(Ok(false)),
+            if page["has_more"].as_bool() != Some(true) {
+                return Ok(Ok(false));
+            }
+            // More to read but no id to read on from: the list was not read in full.
+            after = data
+                .last()
+                .and_then(|o| o["id"].as_str())
+                .map(str::to_owned);
+            if after.is_none() {
+                return Ok(Err(Reply::Outcome(Outcome::Unknown {
+                    reason: "a list page said there was more but gave no id to read on from".into(),
+                })));
             }
         }
         Ok(Err(Reply::Outcome(Outcome::Unknown {
-            reason: format!(
-                "the intent has more than {} refunds to look through",
-                MAX_PAGES * 100
-            ),
+            reason: format!("more than {} objects to look through", MAX_PAGES * 100),
         })))
     }
 

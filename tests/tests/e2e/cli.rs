@@ -18,6 +18,7 @@ fn check_loads_the_system_and_sandbox_plugins_and_shows_their_provenance() {
         "protocol 1",
         "partial_capture",
         "async_authorization, webhooks",
+        "webhooks, account_holders",
         "libpayhost_provider_sandbox.so",
         "sha256",
         "2 loaded, 0 failed, 0 disabled",

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use payhost::{Config, LoadReport, Loader};
-use payhost_provider_api::Capabilities;
+use payhost_provider_api::Manifest;
 
 use crate::output::{EXIT_CONFIG, EXIT_PROVIDERS, init_logging, load_config};
 
@@ -86,7 +86,10 @@ fn postgres_durability(
     )))
 }
 
-pub(crate) fn capability_names(c: &Capabilities) -> Vec<&'static str> {
+/// The optional abilities a manifest declares, by name (account holders included: a plugin
+/// built before provider-api 1.4 shows none).
+pub(crate) fn capability_names(m: &Manifest) -> Vec<&'static str> {
+    let c = &m.capabilities;
     [
         (c.partial_capture, "partial_capture"),
         (c.multiple_captures, "multiple_captures"),
@@ -94,6 +97,7 @@ pub(crate) fn capability_names(c: &Capabilities) -> Vec<&'static str> {
         (c.update_amount, "update_amount"),
         (c.async_authorization, "async_authorization"),
         (c.webhooks, "webhooks"),
+        (m.account_holders, "account_holders"),
     ]
     .into_iter()
     .filter_map(|(on, name)| on.then_some(name))
@@ -284,10 +288,7 @@ fn print_check(config: &Config, report: &LoadReport, disabled: &[&str]) {
             m.api_version,
             p.protocol()
         );
-        say!(
-            "      capabilities  {}",
-            capability_names(&m.capabilities).join(", ")
-        );
+        say!("      capabilities  {}", capability_names(m).join(", "));
         say!(
             "      limits        timeout {} ms, max {} concurrent calls",
             p.timeout().as_millis(),

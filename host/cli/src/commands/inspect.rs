@@ -61,10 +61,7 @@ fn print_inspection(i: &Inspection) {
             .map(|p| format!("speaks {p}"))
             .unwrap_or_else(|| "none in common".into())
     );
-    say!(
-        "capabilities  {}",
-        capability_names(&m.capabilities).join(", ")
-    );
+    say!("capabilities  {}", capability_names(m).join(", "));
     say!("library       {}", i.library.path.display());
     say!("sha256        {}", i.library.sha256);
     // Isolation is the operator's choice per provider, not the library's: say what it can be.
