@@ -49,6 +49,7 @@ pub async fn flow(host: &payhost::Host) -> (String, std::time::Instant) {
                 currency_code: None,
                 metadata: Value::Null,
                 reference: None,
+                account_holder_id: None,
                 initiate: true,
             },
             None,

@@ -86,6 +86,14 @@ event_types! {
     AttemptResolved = "attempt.resolved",
     /// A provider's verified webhook was applied (`data`: provider, event id, action).
     WebhookApplied = "webhook.applied",
+    /// An account holder was created at its provider (`data`: the holder).
+    AccountHolderCreated = "account_holder.created",
+    /// An account holder was deleted at its provider, with every method saved to it.
+    AccountHolderDeleted = "account_holder.deleted",
+    /// A payment method was saved to an account holder (`data`: the method: never a card number).
+    PaymentMethodSaved = "payment_method.saved",
+    /// A saved payment method was deleted (detached at the processor).
+    PaymentMethodDeleted = "payment_method.deleted",
 }
 
 /// What an event's `data` is: the entity as it stands after the change.
@@ -101,6 +109,10 @@ pub enum Subject {
     Attempt,
     /// A webhook: `provider_id`, `event_id`, `action`, `payment_session_id`.
     Webhook,
+    /// A [`crate::domain::AccountHolder`].
+    AccountHolder,
+    /// A [`crate::domain::PaymentMethod`].
+    PaymentMethod,
 }
 
 impl EventType {
@@ -121,6 +133,12 @@ impl EventType {
             | EventType::AttemptNeedsOperator
             | EventType::AttemptResolved => Subject::Attempt,
             EventType::WebhookApplied => Subject::Webhook,
+            EventType::AccountHolderCreated | EventType::AccountHolderDeleted => {
+                Subject::AccountHolder
+            }
+            EventType::PaymentMethodSaved | EventType::PaymentMethodDeleted => {
+                Subject::PaymentMethod
+            }
         }
     }
 
@@ -225,12 +243,21 @@ impl Event {
         Cursor(self.seq)
     }
 
-    /// What orders its deliveries: events of one session (or else one collection) reach an
-    /// endpoint in order.
+    /// What orders its deliveries: events of one session (or else one collection, or one
+    /// account holder with its methods) reach an endpoint in order.
     pub fn order_key(&self) -> String {
+        let holder = || {
+            let field = match self.kind.subject() {
+                Subject::AccountHolder => "id",
+                Subject::PaymentMethod => "account_holder_id",
+                _ => return None,
+            };
+            self.data.get(field)?.as_str().map(str::to_owned)
+        };
         self.payment_session_id
             .clone()
             .or_else(|| self.payment_collection_id.clone())
+            .or_else(holder)
             .unwrap_or_else(|| self.id.clone())
     }
 }

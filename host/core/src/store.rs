@@ -8,7 +8,8 @@ use serde_json::Value;
 use crate::events::{Delivery, DeliveryState, Event, EventPage};
 
 use crate::domain::{
-    Attempt, Capture, CollectionId, Payment, PaymentCollection, PaymentId, PaymentSession, Refund,
+    AccountHolder, AccountHolderId, Attempt, Capture, CollectionId, HolderAttempt, Payment,
+    PaymentCollection, PaymentId, PaymentMethod, PaymentMethodId, PaymentSession, Refund,
     SessionId, Timestamp,
 };
 
@@ -168,6 +169,37 @@ pub enum WriteOp {
     PruneEvents {
         /// Events created before this may go.
         before: Timestamp,
+    },
+    /// A new account holder. At most one live (`pending` or `active`) per customer and
+    /// provider, else [`StoreError::KeyExists`].
+    InsertAccountHolder(AccountHolder),
+    /// Replaces an account holder if its stored version is `expected_version`.
+    UpdateAccountHolder {
+        /// The new row.
+        holder: AccountHolder,
+        /// The version read before.
+        expected_version: i64,
+    },
+    /// A new saved payment method.
+    InsertPaymentMethod(PaymentMethod),
+    /// Replaces a saved method if its stored version is `expected_version`.
+    UpdatePaymentMethod {
+        /// The new row.
+        method: PaymentMethod,
+        /// The version read before.
+        expected_version: i64,
+    },
+    /// Records a holder attempt. At most one open per holder (else
+    /// [`StoreError::AttemptOpen`]).
+    InsertHolderAttempt(HolderAttempt),
+    /// Replaces a holder attempt if its stored version is `expected_version` (a reconciler's
+    /// claim is such a write). A settled attempt never changes again
+    /// ([`StoreError::Invariant`]).
+    UpdateHolderAttempt {
+        /// The new row.
+        attempt: HolderAttempt,
+        /// The version read before.
+        expected_version: i64,
     },
     /// Marks a stored webhook as applied.
     MarkWebhookApplied {
@@ -395,6 +427,35 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<WebhookEventRecord>, StoreError>;
     /// A client idempotency key.
     async fn key(&self, key: &str) -> Result<Option<StoredKey>, StoreError>;
+    /// An account holder.
+    async fn account_holder(
+        &self,
+        id: &AccountHolderId,
+    ) -> Result<Option<AccountHolder>, StoreError>;
+    /// The account holders of a customer, every provider and status, oldest first.
+    async fn account_holders_of_customer(
+        &self,
+        customer_id: &str,
+    ) -> Result<Vec<AccountHolder>, StoreError>;
+    /// A saved payment method.
+    async fn payment_method(
+        &self,
+        id: &PaymentMethodId,
+    ) -> Result<Option<PaymentMethod>, StoreError>;
+    /// The methods of an account holder, every status, oldest first.
+    async fn payment_methods_of(
+        &self,
+        id: &AccountHolderId,
+    ) -> Result<Vec<PaymentMethod>, StoreError>;
+    /// A holder attempt.
+    async fn holder_attempt(&self, id: &str) -> Result<Option<HolderAttempt>, StoreError>;
+    /// The attempts of an account holder, oldest first.
+    async fn holder_attempts_of(
+        &self,
+        id: &AccountHolderId,
+    ) -> Result<Vec<HolderAttempt>, StoreError>;
+    /// Every open holder attempt, oldest first.
+    async fn open_holder_attempts(&self) -> Result<Vec<HolderAttempt>, StoreError>;
     /// Up to `limit` events after sequence number `after`, of the `types` named (all: `None`),
     /// in order.
     async fn events_after(

@@ -24,6 +24,7 @@ use payhost_core::store::{Store, StoreError, StoredKey, WebhookEventRecord, Writ
 
 mod attempts;
 mod durability;
+mod holders;
 mod keys;
 mod lease;
 mod migrate;
@@ -357,6 +358,51 @@ impl Store for PostgresStore {
 
     async fn session(&self, id: &SessionId) -> Result<Option<PaymentSession>, StoreError> {
         Ok(self.sessions_where("id", &id.0).await?.pop())
+    }
+
+    async fn account_holder(
+        &self,
+        id: &AccountHolderId,
+    ) -> Result<Option<AccountHolder>, StoreError> {
+        Ok(self.holders_where("id", &id.0).await?.pop())
+    }
+
+    async fn account_holders_of_customer(
+        &self,
+        customer_id: &str,
+    ) -> Result<Vec<AccountHolder>, StoreError> {
+        self.holders_where("customer_id", customer_id).await
+    }
+
+    async fn payment_method(
+        &self,
+        id: &PaymentMethodId,
+    ) -> Result<Option<PaymentMethod>, StoreError> {
+        Ok(self.methods_where("id", &id.0).await?.pop())
+    }
+
+    async fn payment_methods_of(
+        &self,
+        id: &AccountHolderId,
+    ) -> Result<Vec<PaymentMethod>, StoreError> {
+        self.methods_where("account_holder_id", &id.0).await
+    }
+
+    async fn holder_attempt(&self, id: &str) -> Result<Option<HolderAttempt>, StoreError> {
+        Ok(self.holder_attempts_where("t.id = $1", &[&id]).await?.pop())
+    }
+
+    async fn holder_attempts_of(
+        &self,
+        id: &AccountHolderId,
+    ) -> Result<Vec<HolderAttempt>, StoreError> {
+        self.holder_attempts_where("t.account_holder_id = $1", &[&id.0])
+            .await
+    }
+
+    async fn open_holder_attempts(&self) -> Result<Vec<HolderAttempt>, StoreError> {
+        self.holder_attempts_where("t.state IN ('in_flight','unknown','needs_operator')", &[])
+            .await
     }
 
     async fn sessions_by_cart(&self, cart_id: &str) -> Result<Vec<PaymentSession>, StoreError> {

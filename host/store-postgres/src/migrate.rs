@@ -21,6 +21,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (8, include_str!("../migrations/0008_payhost_write.sql")),
     (9, include_str!("../migrations/0009_redelivered_by.sql")),
     (10, include_str!("../migrations/0010_session_reference.sql")),
+    (11, include_str!("../migrations/0011_account_holders.sql")),
 ];
 
 impl PostgresStore {

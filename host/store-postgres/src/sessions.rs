@@ -39,8 +39,8 @@ pub(crate) async fn insert_session(
     s: &PaymentSession,
 ) -> Result<(), StoreError> {
     tx.execute(
-        "INSERT INTO payment_sessions (id, payment_collection_id, cart_id, cart, context, provider_id, is_selected, is_initiated, status, data, idempotency_key, amount, currency_code, payment_authorized_at, metadata, created_at, updated_at, version, reference) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19)",
-        &[&s.id.0, &s.payment_collection_id.0, &s.cart_id, &json(&s.cart), &json(&s.context), &s.provider_id, &s.is_selected, &s.is_initiated, &s.status.as_str(), &json(&s.data), &s.idempotency_key, &s.amount, &s.currency_code.code(), &s.payment_authorized_at, &json(&s.metadata), &s.created_at, &s.updated_at, &s.version, &s.reference],
+        "INSERT INTO payment_sessions (id, payment_collection_id, cart_id, cart, context, provider_id, is_selected, is_initiated, status, data, idempotency_key, amount, currency_code, payment_authorized_at, metadata, created_at, updated_at, version, reference, account_holder_id) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20)",
+        &[&s.id.0, &s.payment_collection_id.0, &s.cart_id, &json(&s.cart), &json(&s.context), &s.provider_id, &s.is_selected, &s.is_initiated, &s.status.as_str(), &json(&s.data), &s.idempotency_key, &s.amount, &s.currency_code.code(), &s.payment_authorized_at, &json(&s.metadata), &s.created_at, &s.updated_at, &s.version, &s.reference, &s.account_holder_id.as_ref().map(|h| h.0.as_str())],
     )
     .await
     .map_err(|e| classify(e, s.id.as_str()))?;
@@ -68,6 +68,10 @@ pub(crate) fn encode_insert_session(s: &PaymentSession, out: &mut Vec<u8>) {
         .int("updated_at", s.updated_at)
         .int("version", s.version)
         .opt_str("reference", s.reference.as_deref())
+        .opt_str(
+            "account_holder_id",
+            s.account_holder_id.as_ref().map(|h| h.0.as_str()),
+        )
         .end();
 }
 

@@ -9,7 +9,7 @@ use payhost_core::store::{HostLease, StoreError, WriteOp};
 use serde_json::Value;
 
 use crate::sql::{classify, json};
-use crate::{attempts, keys, outbox, payments, sessions, webhooks};
+use crate::{attempts, holders, keys, outbox, payments, sessions, webhooks};
 
 /// The host a write is made as: its lease's host id and epoch (`None` before it registered,
 /// as in tools). The database refuses a write of a host whose lease lapsed.
@@ -89,6 +89,21 @@ pub(crate) async fn apply(
             keys::release_pending(tx, *older_than, me).await
         }
         WriteOp::InsertWebhookEvent(e) => webhooks::insert(tx, e).await,
+        WriteOp::InsertAccountHolder(h) => holders::insert_holder(tx, h).await,
+        WriteOp::UpdateAccountHolder {
+            holder,
+            expected_version,
+        } => holders::update_holder(tx, holder, *expected_version).await,
+        WriteOp::InsertPaymentMethod(m) => holders::insert_method(tx, m).await,
+        WriteOp::UpdatePaymentMethod {
+            method,
+            expected_version,
+        } => holders::update_method(tx, method, *expected_version).await,
+        WriteOp::InsertHolderAttempt(t) => holders::insert_attempt(tx, t).await,
+        WriteOp::UpdateHolderAttempt {
+            attempt,
+            expected_version,
+        } => holders::update_attempt(tx, attempt, *expected_version).await,
         WriteOp::MarkWebhookApplied {
             provider_id,
             event_id,
@@ -153,7 +168,13 @@ fn encode(op: &WriteOp, out: &mut Vec<u8>) -> bool {
         | WriteOp::DeliveryOutcomes { .. }
         | WriteOp::Redeliver { .. }
         | WriteOp::ParkUnconfigured { .. }
-        | WriteOp::PruneEvents { .. } => return false,
+        | WriteOp::PruneEvents { .. }
+        | WriteOp::InsertAccountHolder(_)
+        | WriteOp::UpdateAccountHolder { .. }
+        | WriteOp::InsertPaymentMethod(_)
+        | WriteOp::UpdatePaymentMethod { .. }
+        | WriteOp::InsertHolderAttempt(_)
+        | WriteOp::UpdateHolderAttempt { .. } => return false,
     }
     true
 }

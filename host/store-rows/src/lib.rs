@@ -4,15 +4,17 @@
 //! naming the table, the column and what was wrong, never a panic and never a silent default.
 //!
 //! Every list is qualified by its table's alias (`s` sessions, `p` payments, `a` attempts,
-//! `e` events, `d` deliveries, `c` collections, `k` idempotency keys, `w` webhook events), so
+//! `e` events, `d` deliveries, `c` collections, `k` idempotency keys, `w` webhook events, `h`
+//! account holders, `m` payment methods, `t` holder attempts), so
 //! the lists can be joined; decoders take the index of the list's first column in the row.
 
 #![forbid(unsafe_code)]
 
 use payhost_core::domain::{
-    Attempt, AttemptId, AttemptState, Capture, CaptureId, CollectionId, Currency, Operation,
-    Payment, PaymentCollection, PaymentId, PaymentSession, Refund, RefundId, SessionId,
-    SessionStatus,
+    AccountHolder, AccountHolderId, Attempt, AttemptId, AttemptState, Capture, CaptureId,
+    CollectionId, Currency, HolderAttempt, HolderStatus, MethodStatus, Operation, Payment,
+    PaymentCollection, PaymentId, PaymentMethod, PaymentMethodId, PaymentSession, Refund, RefundId,
+    SessionId, SessionStatus,
 };
 use payhost_core::events::{Delivery, DeliveryState, Event, EventType};
 use payhost_core::store::{StoreError, StoredKey, WebhookEventRecord};
@@ -66,7 +68,7 @@ impl From<RowError> for StoreError {
 pub const COLLECTION_COLUMNS: &str =
     "c.id, c.amount, c.currency_code, c.metadata, c.created_at, c.updated_at";
 /// The columns of `payment_sessions s`.
-pub const SESSION_COLUMNS: &str = "s.id, s.payment_collection_id, s.cart_id, s.cart, s.context, s.provider_id, s.is_selected, s.is_initiated, s.status, s.data, s.idempotency_key, s.amount, s.currency_code, s.payment_authorized_at, s.metadata, s.created_at, s.updated_at, s.version, s.reference";
+pub const SESSION_COLUMNS: &str = "s.id, s.payment_collection_id, s.cart_id, s.cart, s.context, s.provider_id, s.is_selected, s.is_initiated, s.status, s.data, s.idempotency_key, s.amount, s.currency_code, s.payment_authorized_at, s.metadata, s.created_at, s.updated_at, s.version, s.reference, s.account_holder_id";
 /// The columns of `payments p` (its captures and refunds are read apart).
 pub const PAYMENT_COLUMNS: &str = "p.id, p.payment_session_id, p.payment_collection_id, p.provider_id, p.amount, p.currency_code, p.data, p.captured_at, p.canceled_at, p.created_at, p.updated_at, p.version";
 /// The columns of `captures c`.
@@ -89,6 +91,13 @@ pub const KEY_COLUMNS: &str = "k.operation, k.request_hash, k.response, k.attemp
 /// The columns of `webhook_events w`.
 pub const WEBHOOK_EVENT_COLUMNS: &str =
     "w.provider_id, w.event_id, w.body, w.session_id, w.action, w.received_at, w.applied_at";
+
+/// The columns of `account_holders h`.
+pub const HOLDER_COLUMNS: &str = "h.id, h.provider_id, h.customer_id, h.customer, h.reference, h.data, h.status, h.idempotency_key, h.created_at, h.updated_at, h.version";
+/// The columns of `payment_methods m`.
+pub const METHOD_COLUMNS: &str = "m.id, m.account_holder_id, m.provider_id, m.reference, m.data, m.status, m.created_at, m.updated_at, m.version";
+/// The columns of `holder_attempts t`.
+pub const HOLDER_ATTEMPT_COLUMNS: &str = "t.id, t.account_holder_id, t.payment_method_id, t.provider_id, t.operation, t.idempotency_key, t.state, t.detail, t.outcome, t.error, t.checks, t.next_check_at, t.call_deadline_at, t.created_at, t.updated_at, t.version";
 
 /// Reads one row of `table` whose columns, from index `at`, are `columns`.
 struct Reader<'r, R: Record + ?Sized> {
@@ -207,6 +216,7 @@ pub fn session(r: &(impl Record + ?Sized), at: usize) -> Result<PaymentSession, 
         payment_authorized_at: r.opt_int(13)?,
         metadata: r.json(14)?,
         reference: r.opt_text(18)?,
+        account_holder_id: r.opt_text(19)?.map(AccountHolderId),
         created_at: r.int(15)?,
         updated_at: r.int(16)?,
         version: r.int(17)?,
@@ -310,6 +320,80 @@ pub fn attempt(r: &(impl Record + ?Sized), at: usize) -> Result<Attempt, RowErro
         owner_host: None,
         owner_epoch: None,
         resends: r.int(19)?,
+    })
+}
+
+/// An account holder read with [`HOLDER_COLUMNS`] from column `at`.
+pub fn holder(r: &(impl Record + ?Sized), at: usize) -> Result<AccountHolder, RowError> {
+    let r = Reader {
+        row: r,
+        table: "account_holders",
+        columns: HOLDER_COLUMNS,
+        at,
+    };
+    let customer = serde_json::from_value(r.json(3)?)
+        .map_err(|e| r.fail(3, format!("not a customer: {e}")))?;
+    Ok(AccountHolder {
+        id: AccountHolderId(r.text(0)?),
+        provider_id: r.text(1)?,
+        customer_id: r.text(2)?,
+        customer,
+        reference: r.opt_text(4)?,
+        data: r.json(5)?,
+        status: r.parsed(6, "account holder status", HolderStatus::parse)?,
+        idempotency_key: r.text(7)?,
+        created_at: r.int(8)?,
+        updated_at: r.int(9)?,
+        version: r.int(10)?,
+    })
+}
+
+/// A saved payment method read with [`METHOD_COLUMNS`] from column `at`.
+pub fn method(r: &(impl Record + ?Sized), at: usize) -> Result<PaymentMethod, RowError> {
+    let r = Reader {
+        row: r,
+        table: "payment_methods",
+        columns: METHOD_COLUMNS,
+        at,
+    };
+    Ok(PaymentMethod {
+        id: PaymentMethodId(r.text(0)?),
+        account_holder_id: AccountHolderId(r.text(1)?),
+        provider_id: r.text(2)?,
+        reference: r.opt_text(3)?,
+        data: r.json(4)?,
+        status: r.parsed(5, "payment method status", MethodStatus::parse)?,
+        created_at: r.int(6)?,
+        updated_at: r.int(7)?,
+        version: r.int(8)?,
+    })
+}
+
+/// A holder attempt read with [`HOLDER_ATTEMPT_COLUMNS`] from column `at`.
+pub fn holder_attempt(r: &(impl Record + ?Sized), at: usize) -> Result<HolderAttempt, RowError> {
+    let r = Reader {
+        row: r,
+        table: "holder_attempts",
+        columns: HOLDER_ATTEMPT_COLUMNS,
+        at,
+    };
+    Ok(HolderAttempt {
+        id: AttemptId(r.text(0)?),
+        account_holder_id: AccountHolderId(r.text(1)?),
+        payment_method_id: r.opt_text(2)?.map(PaymentMethodId),
+        provider_id: r.text(3)?,
+        operation: r.parsed(4, "operation", Operation::from_wire)?,
+        idempotency_key: r.text(5)?,
+        state: r.parsed(6, "attempt state", AttemptState::parse)?,
+        detail: r.json(7)?,
+        outcome: r.opt_json(8)?,
+        error: r.opt_json(9)?,
+        checks: r.int(10)?,
+        next_check_at: r.opt_int(11)?,
+        call_deadline_at: r.int(12)?,
+        created_at: r.int(13)?,
+        updated_at: r.int(14)?,
+        version: r.int(15)?,
     })
 }
 

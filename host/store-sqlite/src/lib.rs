@@ -26,6 +26,7 @@ use payhost_core::store::{Store, StoreError, StoredKey, WebhookEventRecord, Writ
 
 mod attempts;
 mod checkpoint;
+mod holders;
 mod keys;
 mod lock;
 mod migrate;
@@ -266,6 +267,56 @@ impl Store for SqliteStore {
 
     async fn open_attempts(&self) -> Result<Vec<Attempt>, StoreError> {
         self.read(attempts::open).await
+    }
+
+    async fn account_holder(
+        &self,
+        id: &AccountHolderId,
+    ) -> Result<Option<AccountHolder>, StoreError> {
+        let id = id.0.clone();
+        self.read(move |c| holders::holder(c, &id)).await
+    }
+
+    async fn account_holders_of_customer(
+        &self,
+        customer_id: &str,
+    ) -> Result<Vec<AccountHolder>, StoreError> {
+        let customer_id = customer_id.to_owned();
+        self.read(move |c| holders::of_customer(c, &customer_id))
+            .await
+    }
+
+    async fn payment_method(
+        &self,
+        id: &PaymentMethodId,
+    ) -> Result<Option<PaymentMethod>, StoreError> {
+        let id = id.0.clone();
+        self.read(move |c| holders::method(c, &id)).await
+    }
+
+    async fn payment_methods_of(
+        &self,
+        id: &AccountHolderId,
+    ) -> Result<Vec<PaymentMethod>, StoreError> {
+        let id = id.0.clone();
+        self.read(move |c| holders::methods_of(c, &id)).await
+    }
+
+    async fn holder_attempt(&self, id: &str) -> Result<Option<HolderAttempt>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |c| holders::attempt(c, &id)).await
+    }
+
+    async fn holder_attempts_of(
+        &self,
+        id: &AccountHolderId,
+    ) -> Result<Vec<HolderAttempt>, StoreError> {
+        let id = id.0.clone();
+        self.read(move |c| holders::attempts_of(c, &id)).await
+    }
+
+    async fn open_holder_attempts(&self) -> Result<Vec<HolderAttempt>, StoreError> {
+        self.read(holders::open_attempts).await
     }
 
     async fn webhook_event(

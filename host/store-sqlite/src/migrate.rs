@@ -19,6 +19,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (9, include_str!("../migrations/0009_or_chains.sql")),
     (10, include_str!("../migrations/0010_redelivered_by.sql")),
     (11, include_str!("../migrations/0011_session_reference.sql")),
+    (12, include_str!("../migrations/0012_account_holders.sql")),
 ];
 
 /// Applies the pending migrations in one transaction. Foreign keys are off while it runs (a

@@ -20,8 +20,8 @@ pub(crate) fn insert_collection(tx: &Connection, c: &PaymentCollection) -> Resul
 pub(crate) fn insert_session(tx: &Connection, s: &PaymentSession) -> Result<(), StoreError> {
     exec(
         tx,
-        "INSERT INTO payment_sessions (id, payment_collection_id, cart_id, cart, context, provider_id, is_selected, is_initiated, status, data, idempotency_key, amount, currency_code, payment_authorized_at, metadata, created_at, updated_at, version, reference) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19)",
-        params![s.id.0, s.payment_collection_id.0, s.cart_id, json(&s.cart), json(&s.context), s.provider_id, s.is_selected, s.is_initiated, s.status.as_str(), json(&s.data), s.idempotency_key, s.amount, s.currency_code.code(), s.payment_authorized_at, json(&s.metadata), s.created_at, s.updated_at, s.version, s.reference],
+        "INSERT INTO payment_sessions (id, payment_collection_id, cart_id, cart, context, provider_id, is_selected, is_initiated, status, data, idempotency_key, amount, currency_code, payment_authorized_at, metadata, created_at, updated_at, version, reference, account_holder_id) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20)",
+        params![s.id.0, s.payment_collection_id.0, s.cart_id, json(&s.cart), json(&s.context), s.provider_id, s.is_selected, s.is_initiated, s.status.as_str(), json(&s.data), s.idempotency_key, s.amount, s.currency_code.code(), s.payment_authorized_at, json(&s.metadata), s.created_at, s.updated_at, s.version, s.reference, s.account_holder_id.as_ref().map(|h| &h.0)],
     )
     .map_err(|e| classify(e, s.id.as_str()))?;
     Ok(())

@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 
 use crate::checkpoint::{CHECKPOINT_FRAMES, Checkpointer, finish_checkpoint, note_wal_frames};
 use crate::sql::unavailable;
-use crate::{attempts, keys, outbox, payments, sessions, webhooks};
+use crate::{attempts, holders, keys, outbox, payments, sessions, webhooks};
 
 /// A write and where its result goes.
 pub(crate) type Job = (Vec<WriteOp>, oneshot::Sender<Result<(), StoreError>>);
@@ -203,6 +203,21 @@ pub(crate) fn apply(tx: &Connection, ops: &[WriteOp]) -> Result<(), StoreError> 
             WriteOp::LinkKey { key, attempt_id } => keys::link(tx, key, attempt_id)?,
             WriteOp::ReleasePendingKeys { older_than } => keys::release_pending(tx, *older_than)?,
             WriteOp::InsertWebhookEvent(e) => webhooks::insert(tx, e)?,
+            WriteOp::InsertAccountHolder(h) => holders::insert_holder(tx, h)?,
+            WriteOp::UpdateAccountHolder {
+                holder,
+                expected_version,
+            } => holders::update_holder(tx, holder, *expected_version)?,
+            WriteOp::InsertPaymentMethod(m) => holders::insert_method(tx, m)?,
+            WriteOp::UpdatePaymentMethod {
+                method,
+                expected_version,
+            } => holders::update_method(tx, method, *expected_version)?,
+            WriteOp::InsertHolderAttempt(t) => holders::insert_attempt(tx, t)?,
+            WriteOp::UpdateHolderAttempt {
+                attempt,
+                expected_version,
+            } => holders::update_attempt(tx, attempt, *expected_version)?,
             WriteOp::MarkWebhookApplied {
                 provider_id,
                 event_id,

@@ -69,6 +69,7 @@ async fn main() {
                     currency_code: None,
                     metadata: Value::Null,
                     reference: None,
+                    account_holder_id: None,
                     initiate: true,
                 },
                 None,

@@ -50,6 +50,7 @@ fn new_session(collection: &str, provider: &str, data: Value) -> NewSession {
         currency_code: None,
         metadata: Value::Null,
         reference: None,
+        account_holder_id: None,
         initiate: true,
     }
 }

@@ -60,6 +60,7 @@ fn sandbox_session(collection: &str, data: Value) -> NewSession {
         currency_code: None,
         metadata: Value::Null,
         reference: None,
+        account_holder_id: None,
         initiate: true,
     }
 }

@@ -453,6 +453,7 @@ impl World {
                             currency_code: None,
                             metadata: Value::Null,
                             reference: None,
+                            account_holder_id: None,
                             initiate: true,
                         },
                         None,
@@ -1217,6 +1218,47 @@ impl Store for Recorder {
     }
     async fn open_attempts(&self) -> Result<Vec<Attempt>, StoreError> {
         self.inner.open_attempts().await
+    }
+    async fn account_holder(
+        &self,
+        id: &payhost::domain::AccountHolderId,
+    ) -> Result<Option<payhost::domain::AccountHolder>, StoreError> {
+        self.inner.account_holder(id).await
+    }
+    async fn account_holders_of_customer(
+        &self,
+        customer_id: &str,
+    ) -> Result<Vec<payhost::domain::AccountHolder>, StoreError> {
+        self.inner.account_holders_of_customer(customer_id).await
+    }
+    async fn payment_method(
+        &self,
+        id: &payhost::domain::PaymentMethodId,
+    ) -> Result<Option<payhost::domain::PaymentMethod>, StoreError> {
+        self.inner.payment_method(id).await
+    }
+    async fn payment_methods_of(
+        &self,
+        id: &payhost::domain::AccountHolderId,
+    ) -> Result<Vec<payhost::domain::PaymentMethod>, StoreError> {
+        self.inner.payment_methods_of(id).await
+    }
+    async fn holder_attempt(
+        &self,
+        id: &str,
+    ) -> Result<Option<payhost::domain::HolderAttempt>, StoreError> {
+        self.inner.holder_attempt(id).await
+    }
+    async fn holder_attempts_of(
+        &self,
+        id: &payhost::domain::AccountHolderId,
+    ) -> Result<Vec<payhost::domain::HolderAttempt>, StoreError> {
+        self.inner.holder_attempts_of(id).await
+    }
+    async fn open_holder_attempts(
+        &self,
+    ) -> Result<Vec<payhost::domain::HolderAttempt>, StoreError> {
+        self.inner.open_holder_attempts().await
     }
     async fn webhook_event(
         &self,

@@ -66,6 +66,7 @@ async fn session(host: &payhost::Host, amount: i64, data: Value) -> String {
             currency_code: None,
             metadata: Value::Null,
             reference: None,
+            account_holder_id: None,
             initiate: true,
         },
         None,

@@ -1,6 +1,7 @@
 //! The payment domain, after Medusa: collections, sessions, payments with captures and refunds,
-//! and the attempts that record every money-moving provider call. The transition tables live in
-//! [`transitions`]; nothing else decides a status.
+//! and the attempts that record every money-moving provider call; account holders and their saved
+//! payment methods ([`holders`]). The transition tables live in [`transitions`] (sessions,
+//! payments, collections) and [`holders`] (holders, methods); nothing else decides a status.
 
 pub mod money;
 pub mod transitions;
@@ -60,6 +61,13 @@ id_type!(/// A refund id (`ref_…`).
     RefundId, "ref_");
 id_type!(/// An attempt id (`att_…`).
     AttemptId, "att_");
+
+pub mod holders;
+
+pub use holders::{
+    AccountHolder, AccountHolderId, HolderAttempt, HolderStatus, MethodStatus, PaymentMethod,
+    PaymentMethodId,
+};
 
 /// Milliseconds since the Unix epoch.
 pub type Timestamp = i64;
@@ -199,6 +207,10 @@ pub struct PaymentSession {
     /// The caller's own id for the session (a Medusa session id), set at creation; sessions
     /// can be listed by it.
     pub reference: Option<String>,
+    /// The account holder whose saved methods may pay it (set at creation; its provider is
+    /// the session's).
+    #[serde(default)]
+    pub account_holder_id: Option<AccountHolderId>,
     /// Created.
     pub created_at: Timestamp,
     /// Last changed.

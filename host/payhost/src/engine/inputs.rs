@@ -64,6 +64,10 @@ pub struct NewSession {
     /// key's stored request reads the same as before references existed.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<String>,
+    /// The account holder (`ach_…`, active, at the same provider) whose saved methods may pay
+    /// the session; its provider calls carry it. (Left out when absent, as `reference`.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_holder_id: Option<String>,
     /// Initiate with the provider now (default); false creates a placeholder (Medusa v1).
     #[serde(default = "yes")]
     pub initiate: bool,
@@ -102,6 +106,10 @@ pub struct AuthorizeInput {
     /// (transient, like [`NewSession::data`]).
     #[serde(default)]
     pub data: Option<Value>,
+    /// A method saved to the session's account holder (`pm_…`) to charge, without card input.
+    /// (Left out when absent, so an idempotency key's stored request reads as before.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_method_id: Option<String>,
 }
 
 /// Capture a payment.

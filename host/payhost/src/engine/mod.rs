@@ -8,12 +8,14 @@
 //! by [`Host::reconcile_due`], never guessed.
 //!
 //! Files: `sessions` (collections, sessions, authorize), `payments` (capture, refund, cancel),
+//! `holders` (account holders and saved methods, with their own write-ahead attempts),
 //! `attempts` (the write-ahead core: begin, after_call, settle, ask_about), `reports` (webhooks,
 //! syncs), `reconcile`, `idempotency` (client keys), `inputs` (what callers send), `outbox`
 //! (which change makes which event, the stream, the deliverer), `lease` (a host's lease on a
 //! shared store), `owed` (writes kept through a store outage).
 
 mod attempts;
+mod holders;
 mod idempotency;
 mod inputs;
 mod lease;
@@ -39,6 +41,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use attempts::{Current, Settled};
+pub use holders::{AccountHolderUpdate, AccountHolderView, NewAccountHolder, NewPaymentMethod};
 pub use inputs::*;
 pub use lease::LeaseSettings;
 pub use reconcile::{ReconcileReport, ReconcileSettings, ResolveAs};

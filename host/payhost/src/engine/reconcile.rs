@@ -184,6 +184,9 @@ impl Host {
                 }
             }
         }
+        let (settled, open) = self.reconcile_holders_due().await?;
+        report.settled += settled;
+        report.still_open += open;
         if report != ReconcileReport::default() {
             tracing::info!(?report, "reconciliation pass");
         }

@@ -119,6 +119,10 @@ impl Host {
                     "`data` is input for the provider's initiate call, and a session created with `initiate: false` makes none; send it when authorizing",
                 ));
             }
+            let account_holder_id = match &input.account_holder_id {
+                Some(id) => Some(self.holder_for_session(id, &input.provider_id).await?.id),
+                None => None,
+            };
             let now = self.now();
             let mut session = PaymentSession {
                 id: SessionId::generate(),
@@ -140,6 +144,7 @@ impl Host {
                 payment_authorized_at: None,
                 metadata: input.metadata.clone(),
                 reference: input.reference.clone(),
+                account_holder_id,
                 created_at: now,
                 updated_at: now,
                 version: 1,
@@ -150,7 +155,8 @@ impl Host {
                 // whose insert failed is an unused reference at the processor).
                 let provider = self.provider(&session.provider_id)?;
                 let key = format!("{}:initiate:{}", session.idempotency_key, session.amount);
-                let request = Self::initiate_request(provider, &session, key, &input.data);
+                let holder = self.session_holder_ref(provider, &session).await?;
+                let request = Self::initiate_request(provider, &session, key, &input.data, holder);
                 let response = definitive(provider.call(request).await, "initiate")?;
                 session.is_initiated = true;
                 if let Some(data) = provider_data(provider, response.data) {
@@ -221,7 +227,8 @@ impl Host {
         allow(session.status, SessionInput::Update)?;
         let provider = self.provider(&session.provider_id)?;
         let key = format!("{}:initiate:{}", session.idempotency_key, session.amount);
-        let request = Self::initiate_request(provider, &session, key, input);
+        let holder = self.session_holder_ref(provider, &session).await?;
+        let request = Self::initiate_request(provider, &session, key, input, holder);
         let response = definitive(provider.call(request).await, "initiate")?;
         let expected = session.version;
         session.is_initiated = true;
@@ -305,6 +312,7 @@ impl Host {
                                     &session,
                                     format!("{key}:initiate"),
                                     &update_input,
+                                    self.session_holder_ref(provider, &session).await?,
                                 ))
                                 .await,
                             "initiate",
@@ -452,6 +460,7 @@ impl Host {
         session: &PaymentSession,
         key: String,
         input: &Value,
+        account_holder: Option<payhost_provider_api::AccountHolderRef>,
     ) -> InitiateRequest {
         InitiateRequest {
             session_id: session.id.0.clone(),
@@ -461,7 +470,7 @@ impl Host {
             context: session.context.clone(),
             data: with_legacy_input(provider, &session.data, input),
             input: input.clone(),
-            account_holder: None,
+            account_holder,
             deadline_unix_ms: None,
         }
     }
@@ -500,6 +509,19 @@ impl Host {
                     session.context = context.clone();
                 }
                 let authorize_input = input.data.clone().unwrap_or(Value::Null);
+                let payment_method = match &input.payment_method_id {
+                    Some(id) => {
+                        if !provider.manifest().account_holders {
+                            return Err(EngineError::Unsupported(format!(
+                                "provider `{}` does not support saved payment methods",
+                                provider.id()
+                            )));
+                        }
+                        Some(self.method_for_charge(&session, id).await?)
+                    }
+                    None => None,
+                };
+                let account_holder = self.session_holder_ref(&provider, &session).await?;
                 let attempt = self.new_attempt(
                     &session,
                     None,
@@ -527,8 +549,8 @@ impl Host {
                     context: session.context.clone(),
                     data: with_legacy_input(&provider, &session.data, &authorize_input),
                     input: authorize_input,
-                    account_holder: None,
-                    payment_method: None,
+                    account_holder,
+                    payment_method,
                     deadline_unix_ms: None,
                 });
                 let answer = self.call_money(&provider, &attempt, request).await;

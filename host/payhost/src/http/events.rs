@@ -203,6 +203,8 @@ impl utoipa::Modify for EventSchemas {
                 Subject::Collection => reference("PaymentCollection"),
                 Subject::Session => reference("PaymentSession"),
                 Subject::Payment => reference("Payment"),
+                Subject::AccountHolder => reference("AccountHolder"),
+                Subject::PaymentMethod => reference("PaymentMethod"),
                 Subject::Attempt => json!({"allOf": [reference("Attempt"), {
                     "type": "object",
                     "properties": {"resolved_by": {
