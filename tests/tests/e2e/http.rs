@@ -1203,3 +1203,98 @@ async fn a_bridge_creates_a_session_in_one_request_and_finds_it_by_its_own_id() 
         "{again}"
     );
 }
+
+/// A customer's card saved over HTTP pays a later session with no card in any request after
+/// the save; the card number never comes back; deleting the holder refuses the next charge.
+#[tokio::test]
+async fn a_card_saved_over_http_pays_a_later_session_and_not_after_its_holder_is_deleted() {
+    let api = Api::start();
+    let (status, h) = api
+        .post(
+            "/v1/account-holders",
+            json!({"provider_id": "sandbox", "customer": {"id": "cus_http", "email": "h@example.com"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{h}");
+    assert_eq!(h["status"], "active", "{h}");
+    let id = h["id"].as_str().unwrap().to_owned();
+    let (status, m) = api
+        .post_key(
+            &format!("/v1/account-holders/{id}/payment-methods"),
+            "save-1",
+            json!({"data": {"card_number": "4242424242424242"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{m}");
+    assert!(!m.to_string().contains("4242424242424242"), "{m}");
+    // The same key replays the save (no second attach).
+    let (status, again) = api
+        .post_key(
+            &format!("/v1/account-holders/{id}/payment-methods"),
+            "save-1",
+            json!({"data": {"card_number": "4242424242424242"}}),
+        )
+        .await;
+    assert_eq!((status, &again["id"]), (StatusCode::CREATED, &m["id"]));
+    let (status, list) = api
+        .get(&format!("/v1/account-holders/{id}/payment-methods"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    assert_eq!(list["payment_methods"].as_array().map(Vec::len), Some(1));
+    let (status, by_customer) = api.get("/v1/account-holders?customer_id=cus_http").await;
+    assert_eq!(status, StatusCode::OK, "{by_customer}");
+    assert_eq!(by_customer["account_holders"][0]["id"], h["id"]);
+
+    let method = m["id"].as_str().unwrap();
+    let mut session_ids = Vec::new();
+    for _ in 0..2 {
+        let (status, s) = api
+            .post(
+                "/v1/payment-sessions",
+                json!({"provider_id": "sandbox", "amount": 1200, "currency_code": "eur", "account_holder_id": id}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{s}");
+        let sid = s["id"].as_str().unwrap().to_owned();
+        let (status, r) = api
+            .post(
+                &format!("/v1/payment-sessions/{sid}/authorize"),
+                json!({"payment_method_id": method}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{r}");
+        assert_eq!(r["payment_session"]["status"], "authorized", "{r}");
+        session_ids.push(sid);
+    }
+
+    let (status, third) = api
+        .post(
+            "/v1/payment-sessions",
+            json!({"provider_id": "sandbox", "amount": 1200, "currency_code": "eur", "account_holder_id": id}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{third}");
+    let (status, deleted) = api
+        .send(
+            api.client
+                .delete(api.url(&format!("/v1/account-holders/{id}"))),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{deleted}");
+    assert_eq!(deleted["status"], "deleted");
+    let (status, refused) = api
+        .post(
+            &format!(
+                "/v1/payment-sessions/{}/authorize",
+                third["id"].as_str().unwrap()
+            ),
+            json!({"payment_method_id": method}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{refused}");
+    let (status, bad) = api.get("/v1/account-holders").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+    assert_eq!(bad["error"]["param"], "customer_id", "{bad}");
+    let (status, _) = api.get("/v1/account-holders/ach_nope").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}

@@ -11,6 +11,7 @@ mod edge;
 mod engine;
 mod events;
 mod failover;
+mod holders;
 mod http;
 mod isolation;
 mod leases;

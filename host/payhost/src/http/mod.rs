@@ -8,6 +8,7 @@ pub mod edge;
 pub mod error;
 mod events;
 mod guard;
+mod holders;
 pub mod json;
 pub mod listeners;
 mod openapi;
@@ -263,6 +264,54 @@ fn api_routes(state: &AppState) -> (Router<AppState>, Vec<RouteRule>) {
             "/v1/payments/{id}/cancel",
             pay,
             post(payments::cancel_payment),
+        )
+        .add(
+            Method::POST,
+            "/v1/account-holders",
+            pay,
+            post(holders::create_account_holder),
+        )
+        .add(
+            Method::GET,
+            "/v1/account-holders",
+            read,
+            get(holders::list_account_holders),
+        )
+        .add(
+            Method::GET,
+            "/v1/account-holders/{id}",
+            read,
+            get(holders::get_account_holder),
+        )
+        .add(
+            Method::POST,
+            "/v1/account-holders/{id}",
+            pay,
+            post(holders::update_account_holder),
+        )
+        .add(
+            Method::DELETE,
+            "/v1/account-holders/{id}",
+            pay,
+            delete(holders::delete_account_holder),
+        )
+        .add(
+            Method::GET,
+            "/v1/account-holders/{id}/payment-methods",
+            read,
+            get(holders::list_payment_methods),
+        )
+        .add(
+            Method::POST,
+            "/v1/account-holders/{id}/payment-methods",
+            pay,
+            post(holders::save_payment_method),
+        )
+        .add(
+            Method::DELETE,
+            "/v1/account-holders/{id}/payment-methods/{method_id}",
+            pay,
+            delete(holders::delete_payment_method),
         )
         .add(Method::GET, "/v1/events", read, get(events::list_events))
         .add(Method::GET, "/health", Access::Open, get(probes::health))

@@ -13,7 +13,7 @@ use super::events::EventSchemas;
 #[openapi(
     info(
         title = "payhost",
-        description = "Payment sessions, payments and their providers."
+        description = "Payment sessions, payments, account holders with their saved payment methods, and their providers."
     ),
     paths(
         super::collections::create_collection,
@@ -30,6 +30,14 @@ use super::events::EventSchemas;
         super::payments::capture_payment,
         super::payments::refund_payment,
         super::payments::cancel_payment,
+        super::holders::create_account_holder,
+        super::holders::list_account_holders,
+        super::holders::get_account_holder,
+        super::holders::update_account_holder,
+        super::holders::delete_account_holder,
+        super::holders::list_payment_methods,
+        super::holders::save_payment_method,
+        super::holders::delete_payment_method,
         super::operations::list_attempts,
         super::operations::resolve_attempt,
         super::operations::list_providers,
