@@ -547,6 +547,7 @@ mod tests {
             Some("1"),
             Some("0"),
             Some("medusa_ps_1"),
+            Some("ach_1"),
         ]
     }
 
@@ -556,6 +557,7 @@ mod tests {
         let s = session(&Cells(session_cells()), 0).unwrap();
         assert_eq!((s.id.0.as_str(), s.amount), ("ps_1", 1000));
         assert_eq!(s.reference.as_deref(), Some("medusa_ps_1"));
+        assert_eq!(s.account_holder_id.map(|h| h.0).as_deref(), Some("ach_1"));
     }
 
     /// Whatever is corrupt, the error names the table and the column, and nothing panics.

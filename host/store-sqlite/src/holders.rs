@@ -159,7 +159,7 @@ pub(crate) fn attempts_of(c: &Connection, holder: &str) -> rusqlite::Result<Vec<
 /// Every open holder attempt, oldest first.
 pub(crate) fn open_attempts(c: &Connection) -> rusqlite::Result<Vec<HolderAttempt>> {
     c.prepare_cached(&format!(
-        "SELECT {HOLDER_ATTEMPT_COLUMNS} FROM holder_attempts t WHERE t.state IN ('in_flight','unknown','needs_operator') ORDER BY t.created_at, t.id"
+        "SELECT {HOLDER_ATTEMPT_COLUMNS} FROM holder_attempts t WHERE (t.state = 'in_flight' OR t.state = 'unknown' OR t.state = 'needs_operator') ORDER BY t.created_at, t.id"
     ))?
     .query_map([], |r| decode(r, 0, rows::holder_attempt))?
     .collect()

@@ -34,6 +34,10 @@ export const KEYS = {
    * the next authorize is then a new payhost call, while a retry of the same call replays.
    */
   authorizeSeq: "payhost_authorize_seq",
+  /** payhost's account holder (`ach_…`), in Medusa's AccountHolder data. */
+  accountHolderId: "payhost_account_holder_id",
+  /** The saved method an authorize charges (payhost's `pm_…`, as `listPaymentMethods` gives it). */
+  paymentMethodId: "payment_method_id",
 } as const
 
 /**

@@ -17,6 +17,10 @@ export type Operation =
   | "capture"
   | "refund"
   | "cancel"
+  | "account_holder_update"
+  | "account_holder_delete"
+  | "save_payment_method"
+  | "delete_payment_method"
 
 /** payhost caps nothing here, but keep keys short and printable. */
 function clean(part: string): string {

@@ -28,6 +28,20 @@ import type {
   UpdatePaymentInput,
   UpdatePaymentOutput,
   WebhookActionResult,
+  CreateAccountHolderInput,
+  CreateAccountHolderOutput,
+  UpdateAccountHolderInput,
+  UpdateAccountHolderOutput,
+  DeleteAccountHolderInput,
+  DeleteAccountHolderOutput,
+  RetrieveAccountHolderInput,
+  RetrieveAccountHolderOutput,
+  ListPaymentMethodsInput,
+  ListPaymentMethodsOutput,
+  SavePaymentMethodInput,
+  SavePaymentMethodOutput,
+  DeletePaymentMethodInput,
+  DeletePaymentMethodOutput,
 } from "@medusajs/framework/types"
 
 import { PayhostClient, PayhostError } from "./client"
@@ -153,6 +167,7 @@ export class PayhostProviderService extends AbstractPaymentProvider<PayhostOptio
         key,
         input: providerInput(data),
         context: this.contextFor_(context),
+        accountHolderId: str(context?.account_holder?.data, KEYS.accountHolderId),
       })
     } catch (e) {
       if (reference && e instanceof PayhostError && (e.outcomeUnknown || e.kind === "other")) {
@@ -241,6 +256,94 @@ export class PayhostProviderService extends AbstractPaymentProvider<PayhostOptio
     return { data: { ...secretNulls(data), ...(await this.deleteSession_(sessionId, data)) } }
   }
 
+  // ---------------------------------------------------------------------------------------
+  // Account holders and saved payment methods
+  // ---------------------------------------------------------------------------------------
+
+  /**
+   * Medusa creates a customer's AccountHolder for this provider: payhost creates its account
+   * holder (the customer at the processor).
+   */
+  async createAccountHolder(input: CreateAccountHolderInput): Promise<CreateAccountHolderOutput> {
+    const customer = input.context?.customer
+    if (!customer?.id) {
+      throw new MedusaError(MedusaError.Types.INVALID_DATA, "payhost bridge: createAccountHolder needs context.customer.id")
+    }
+    const holder = await this.client_.post<PayhostAccountHolder>(
+      "/v1/account-holders",
+      {
+        provider_id: this.options_.provider,
+        customer: customerOf(customer),
+        ...(Object.keys(providerInput(input.data)).length ? { data: providerInput(input.data) } : {}),
+      }
+      // No key: payhost keeps one live holder per customer and provider, so a retry gets the
+      // same one, while a key (Medusa's is the customer id) would replay a holder deleted since.
+    )
+    return { id: holder.id, data: holderData(holder) }
+  }
+
+  /** The customer's details changed in Medusa: payhost updates them at the processor. */
+  async updateAccountHolder(input: UpdateAccountHolderInput): Promise<UpdateAccountHolderOutput> {
+    const id = holderIdOf(input.context?.account_holder)
+    const customer = input.context?.customer
+    if (!customer?.id) {
+      return { data: input.context?.account_holder?.data ?? {} }
+    }
+    const holder = await this.client_.post<PayhostAccountHolder>(
+      `/v1/account-holders/${enc(id)}`,
+      { customer: customerOf(customer) },
+      { idempotencyKey: idempotencyKey("account_holder_update", input.context?.idempotency_key) }
+    )
+    return { data: holderData(holder) }
+  }
+
+  /** Deletes the customer at the processor: every method saved to it is detached. */
+  async deleteAccountHolder(input: DeleteAccountHolderInput): Promise<DeleteAccountHolderOutput> {
+    const id = holderIdOf(input.context?.account_holder)
+    const holder = await this.client_.delete<PayhostAccountHolder>(`/v1/account-holders/${enc(id)}`, {
+      idempotencyKey: idempotencyKey("account_holder_delete", id),
+    })
+    return { data: holderData(holder) }
+  }
+
+  async retrieveAccountHolder(input: RetrieveAccountHolderInput): Promise<RetrieveAccountHolderOutput> {
+    const view = await this.client_.get<PayhostAccountHolder>(`/v1/account-holders/${enc(input.id)}`)
+    return { id: view.id, data: holderData(view) }
+  }
+
+  /** The methods saved to the customer's account holder at this provider. */
+  async listPaymentMethods(input: ListPaymentMethodsInput): Promise<ListPaymentMethodsOutput> {
+    const id = holderIdOf(input.context?.account_holder)
+    const list = await this.client_.get<{ payment_methods: PayhostPaymentMethod[] }>(
+      `/v1/account-holders/${enc(id)}/payment-methods`
+    )
+    return (list.payment_methods ?? []).map((m) => ({ id: m.id, data: methodData(m) }))
+  }
+
+  /**
+   * Saves a method (a card in tests, a processor token) to the customer's account holder. The
+   * card fields are handed to payhost for that call only; Medusa's stored data gets `null`s.
+   */
+  async savePaymentMethod(input: SavePaymentMethodInput): Promise<SavePaymentMethodOutput> {
+    const id = holderIdOf(input.context?.account_holder)
+    const method = await this.client_.post<PayhostPaymentMethod>(
+      `/v1/account-holders/${enc(id)}/payment-methods`,
+      { data: providerInput(input.data) },
+      { idempotencyKey: idempotencyKey("save_payment_method", input.context?.idempotency_key) }
+    )
+    return { id: method.id, data: { ...secretNulls(input.data), ...methodData(method) } }
+  }
+
+  async deletePaymentMethod(input: DeletePaymentMethodInput): Promise<DeletePaymentMethodOutput> {
+    const id = holderIdOf(input.context?.account_holder)
+    const method = await this.client_.delete<PayhostPaymentMethod>(
+      `/v1/account-holders/${enc(id)}/payment-methods/${enc(input.data.id)}`,
+      { idempotencyKey: idempotencyKey("delete_payment_method", input.data.id) }
+    )
+    return { data: methodData(method) }
+  }
+
+
   /**
    * Authorize with payhost. Medusa sends the stored data and `idempotency_key = <Medusa session
    * id>` every time; the key sent to payhost adds the operation and the bridge's sequence number.
@@ -257,6 +360,11 @@ export class PayhostProviderService extends AbstractPaymentProvider<PayhostOptio
     )
     const body: Json = {}
     const forProvider = providerInput(data)
+    const method = str(data, KEYS.paymentMethodId)
+    if (method) {
+      // A method saved to the session's account holder: charged without card input.
+      body.payment_method_id = method
+    }
     if (Object.keys(forProvider).length) {
       body.data = forProvider
     }
@@ -565,6 +673,7 @@ export class PayhostProviderService extends AbstractPaymentProvider<PayhostOptio
     key?: string
     input: Json
     context?: Json
+    accountHolderId?: string
   }): Promise<PayhostSession> {
     return this.client_.post<PayhostSession>(
       "/v1/payment-sessions",
@@ -575,6 +684,7 @@ export class PayhostProviderService extends AbstractPaymentProvider<PayhostOptio
         data: args.input,
         ...(args.reference ? { reference: args.reference } : {}),
         ...(args.context ? { context: args.context } : {}),
+        ...(args.accountHolderId ? { account_holder_id: args.accountHolderId } : {}),
       },
       { idempotencyKey: idempotencyKey("initiate", args.key) }
     )
@@ -740,3 +850,67 @@ function enc(id: string): string {
 }
 
 export default PayhostProviderService
+
+/** payhost's account holder, as its routes answer. */
+type PayhostAccountHolder = {
+  id: string
+  provider_id: string
+  customer_id: string
+  reference?: string | null
+  data?: unknown
+  status: string
+}
+
+/** A saved payment method, as payhost's routes answer. */
+type PayhostPaymentMethod = {
+  id: string
+  account_holder_id: string
+  reference?: string | null
+  data?: unknown
+  status: string
+}
+
+/** What Medusa keeps of a payhost account holder (ids and the provider's tokens, never a card). */
+function holderData(h: PayhostAccountHolder): Json {
+  return {
+    [KEYS.accountHolderId]: h.id,
+    payhost_account_holder_status: h.status,
+    payhost_reference: h.reference ?? null,
+    [KEYS.providerData]: h.data ?? null,
+  }
+}
+
+function methodData(m: PayhostPaymentMethod): Json {
+  return {
+    [KEYS.paymentMethodId]: m.id,
+    [KEYS.accountHolderId]: m.account_holder_id,
+    payhost_payment_method_status: m.status,
+    [KEYS.providerData]: m.data ?? null,
+  }
+}
+
+/** payhost's holder id from Medusa's AccountHolder (its data, else its `external_id`). */
+function holderIdOf(holder: { data?: unknown; external_id?: string } | undefined): string {
+  const id = str(holder?.data, KEYS.accountHolderId) ?? holder?.external_id
+  if (!id) {
+    throw new MedusaError(
+      MedusaError.Types.INVALID_DATA,
+      `payhost bridge: the account holder carries no ${KEYS.accountHolderId} (was it created by this provider?)`
+    )
+  }
+  return id
+}
+
+/** Medusa's customer as payhost takes it. */
+function customerOf(c: Record<string, unknown>): Json {
+  const out: Json = { id: c.id }
+  for (const k of ["email", "first_name", "last_name", "company_name", "phone"]) {
+    if (typeof c[k] === "string" && c[k]) {
+      out[k] = c[k]
+    }
+  }
+  if (c.billing_address && typeof c.billing_address === "object") {
+    out.billing_address = c.billing_address
+  }
+  return out
+}

@@ -142,6 +142,63 @@ describe("medusa-payment-payhost through Medusa's Payment Module", () => {
     assert.deepEqual(mine.map((x) => x.error), [undefined, undefined], "Medusa's webhook flow ran without errors")
   })
 
+  test("a customer's card saved through Medusa pays a later checkout without card input, and not after its holder is deleted", async () => {
+    const customer = { id: "cus_medusa_saved", email: "saved@example.com", first_name: "Ada" }
+    const holder = await medusa.payment.createAccountHolder({ provider_id: SANDBOX, context: { customer } } as any)
+    const hd = holder.data as Record<string, any>
+    assert.match(hd.payhost_account_holder_id, /^ach_/)
+    assert.equal(holder.external_id, hd.payhost_account_holder_id)
+    const payhostHolder = await payhost.api("GET", `/v1/account-holders/${hd.payhost_account_holder_id}`)
+    assert.equal(payhostHolder.status, 200, JSON.stringify(payhostHolder.body))
+    assert.equal(payhostHolder.body.customer_id, customer.id)
+    assert.equal(payhostHolder.body.status, "active")
+
+    const saved = (await medusa.payment.createPaymentMethods({
+      provider_id: SANDBOX,
+      context: { account_holder: holder },
+      data: { card_number: OK_CARD },
+    } as any)) as any
+    assert.match(saved.id, /^pm_/)
+    assert.ok(!JSON.stringify(saved).includes(OK_CARD), "the card number is not in what Medusa keeps")
+    const listed = await medusa.payment.listPaymentMethods({ provider_id: SANDBOX, context: { account_holder: holder } } as any)
+    assert.deepEqual(listed.map((m: any) => m.id), [saved.id])
+    assert.equal((listed[0] as any).data.payhost_provider_data.card.last4, "4242")
+
+    // Two later checkouts, each with the saved method and no card.
+    for (const amount of [12.5, 7]) {
+      const collection = await medusa.payment.createPaymentCollections({ amount, currency_code: "eur" })
+      const session = await medusa.payment.createPaymentSession(collection.id, {
+        provider_id: SANDBOX,
+        amount,
+        currency_code: "eur",
+        data: { payment_method_id: saved.id },
+        context: { account_holder: holder, customer },
+      } as any)
+      const ps = await payhostSession((session.data as any).payhost_session_id)
+      assert.equal(ps.account_holder_id, hd.payhost_account_holder_id)
+      const payment = await authorize(session.id)
+      const pp = await payhostPayment((payment.data as any).payhost_payment_id)
+      assert.equal(pp.amount, Math.round(amount * 100))
+    }
+
+    // Deleted in Medusa: payhost deletes the customer at the processor, which detaches the card.
+    await medusa.payment.deleteAccountHolder(holder.id)
+    const gone = await payhost.api("GET", `/v1/account-holders/${hd.payhost_account_holder_id}`)
+    assert.equal(gone.body.status, "deleted", JSON.stringify(gone.body))
+    assert.deepEqual(gone.body.payment_methods, [])
+    const collection = await medusa.payment.createPaymentCollections({ amount: 5, currency_code: "eur" })
+    await assert.rejects(
+      medusa.payment.createPaymentSession(collection.id, {
+        provider_id: SANDBOX,
+        amount: 5,
+        currency_code: "eur",
+        data: { payment_method_id: saved.id },
+        context: { account_holder: holder, customer },
+      } as any),
+      /account holder .* is deleted/
+    )
+  })
+
   test("pp_payhost_system: the same flow on payhost's system provider, JPY and KWD amounts", async () => {
     for (const [amount, currency, minor] of [[1500, "jpy", 1500], [12.345, "kwd", 12345]] as const) {
       const { session } = await checkout(SYSTEM, amount, currency)
