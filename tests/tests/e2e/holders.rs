@@ -456,6 +456,93 @@ async fn bad_holder_requests_are_named_and_change_nothing(backend: Backend) {
     assert_eq!(updated.customer.email.as_deref(), Some("new@example.com"));
 }
 
+/// What a process killed in the middle of a save leaves (the pending method and its attempt in
+/// flight, the call long past its deadline) is asked about as the next host opens the file, not
+/// once it has gone stale: the processor never saw it, so the method fails and the holder is
+/// free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_call_in_flight_when_its_process_died_is_settled_as_the_next_host_opens() {
+    use payhost::domain::{AttemptId, HolderAttempt, Operation, PaymentMethod, PaymentMethodId};
+    use payhost::store::WriteOp;
+    let s = Scratch::new();
+    let host = s.host(HOST).await;
+    let h = holder(&host, "cus_crash").await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let method = PaymentMethod {
+        id: PaymentMethodId::generate(),
+        account_holder_id: h.id.clone(),
+        provider_id: "sandbox".into(),
+        reference: None,
+        data: Value::Null,
+        status: MethodStatus::Pending,
+        created_at: now,
+        updated_at: now,
+        version: 1,
+    };
+    let id = AttemptId::generate();
+    let attempt = HolderAttempt {
+        idempotency_key: format!("{}:{id}", h.idempotency_key),
+        id: id.clone(),
+        account_holder_id: h.id.clone(),
+        payment_method_id: Some(method.id.clone()),
+        provider_id: "sandbox".into(),
+        operation: Operation::SavePaymentMethod,
+        state: AttemptState::InFlight,
+        detail: Value::Null,
+        outcome: None,
+        error: None,
+        checks: 0,
+        next_check_at: None,
+        call_deadline_at: now - 60_000,
+        created_at: now,
+        updated_at: now,
+        version: 1,
+    };
+    host.store()
+        .write(vec![
+            WriteOp::InsertPaymentMethod(method.clone()),
+            WriteOp::InsertHolderAttempt(attempt),
+        ])
+        .await
+        .unwrap();
+    drop(host);
+
+    let host = s.host(HOST).await;
+    let started = std::time::Instant::now();
+    loop {
+        host.reconcile_due().await.unwrap();
+        let t = host
+            .holder_attempts(h.id.as_str())
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|t| t.id == id)
+            .unwrap();
+        if !t.state.is_open() {
+            assert_eq!(t.state, AttemptState::Failed, "{t:?}");
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "the dead run's attempt is still open: {t:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let view = host.account_holder(h.id.as_str()).await.unwrap();
+    assert!(
+        view.open_attempt.is_none() && view.payment_methods.is_empty(),
+        "{view:?}"
+    );
+    // The holder takes a save again.
+    let m = save(&host, h.id.as_str(), json!({"card_number": CARD}))
+        .await
+        .unwrap();
+    assert_eq!(m.status, MethodStatus::Saved);
+}
+
 fn session_input() -> NewSession {
     NewSession {
         payment_collection_id: None,

@@ -110,6 +110,20 @@ impl Host {
             older_than: horizon,
         }];
         let mut abandoned = 0;
+        for t in self.store.open_holder_attempts().await? {
+            if t.state == AttemptState::InFlight && !self.live.contains(t.id.as_str()) {
+                let mut unknown = t.clone();
+                unknown.state = AttemptState::Unknown;
+                unknown.next_check_at = Some(now);
+                unknown.updated_at = now;
+                unknown.version += 1;
+                ops.push(WriteOp::UpdateHolderAttempt {
+                    attempt: unknown,
+                    expected_version: t.version,
+                });
+                abandoned += 1;
+            }
+        }
         for mut a in self.store.open_attempts().await? {
             if a.state == AttemptState::InFlight && a.updated_at < horizon {
                 a.state = AttemptState::Unknown;
