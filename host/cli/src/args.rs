@@ -70,6 +70,24 @@ pub(crate) enum Command {
         #[command(subcommand)]
         action: ProviderAction,
     },
+    /// Make a running `payhost serve` read its config file again and apply it (API keys, event
+    /// endpoints), without a restart. The file is validated here first; the server validates it
+    /// again and changes nothing if it is invalid or needs a restart. Same as `SIGHUP`.
+    Reload {
+        /// The config file the server runs (its admin listener is asked, else its API one).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The server's base URL, when the config's address is not where it listens (a
+        /// `--listen` override): `http://127.0.0.1:8081`.
+        #[arg(long)]
+        url: Option<String>,
+        /// The environment variable holding an operator key (`phk_…`), when keys are configured.
+        #[arg(long, default_value = "PAYHOST_API_KEY")]
+        key_env: String,
+        /// Print the server's answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage API keys.
     Keys {
         #[command(subcommand)]

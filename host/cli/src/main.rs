@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use args::{Cli, Command, KeysAction, ProviderAction};
 use clap::Parser;
-use commands::{attempts, check, events, hosts, inspect, keys, provider, serve};
+use commands::{attempts, check, events, hosts, inspect, keys, provider, reload, serve};
 use output::EXIT_CONFIG;
 
 fn main() -> ExitCode {
@@ -66,6 +66,12 @@ fn main() -> ExitCode {
                 },
         } => keys::new_key(&scope, id, rate_per_second),
         Command::Events { action } => events::events(action),
+        Command::Reload {
+            config,
+            url,
+            key_env,
+            json,
+        } => reload::reload(&config, url, &key_env, json),
         Command::Attempts {
             config,
             json,

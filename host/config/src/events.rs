@@ -52,7 +52,14 @@ pub struct Endpoint {
     pub retry_base: Duration,
     /// The longest delay between tries.
     pub retry_max: Duration,
+    /// Secrets a reload replaced, each with the end of its overlap: until then deliveries are
+    /// signed with it too (one more `v1=`), so a receiver that still verifies with it keeps
+    /// accepting while it switches. Empty as read from the file.
+    pub previous_secrets: Vec<(String, std::time::SystemTime)>,
 }
+
+/// How long a secret a reload replaced still signs deliveries.
+pub const SECRET_OVERLAP: Duration = Duration::from_secs(24 * 3600);
 
 /// `url` fit for logs and `check`: a password and every query value replaced by `***` (a
 /// receiver's URL often carries a token).
@@ -84,6 +91,40 @@ impl std::fmt::Debug for Endpoint {
 }
 
 impl Endpoint {
+    /// The secrets its deliveries are signed with now: its own, then each replaced one whose
+    /// overlap has not ended.
+    pub fn signing_secrets(&self, now: std::time::SystemTime) -> Vec<&str> {
+        std::iter::once(self.secret.as_str())
+            .chain(
+                self.previous_secrets
+                    .iter()
+                    .filter(|(_, until)| *until > now)
+                    .map(|(s, _)| s.as_str()),
+            )
+            .collect()
+    }
+
+    /// This endpoint as a reload gives it, `previous` being the running one: a changed secret
+    /// keeps signing until `now + overlap` (with the older ones still in their overlap).
+    pub fn succeeding(
+        mut self,
+        previous: &Endpoint,
+        now: std::time::SystemTime,
+        overlap: Duration,
+    ) -> Endpoint {
+        let mut kept: Vec<(String, std::time::SystemTime)> = previous
+            .previous_secrets
+            .iter()
+            .filter(|(s, until)| *until > now && *s != self.secret)
+            .cloned()
+            .collect();
+        if previous.secret != self.secret {
+            kept.insert(0, (previous.secret.clone(), now + overlap));
+        }
+        self.previous_secrets = kept;
+        self
+    }
+
     /// Whether it receives an event of `kind` about `provider`'s session or payment (`None`:
     /// an event of no provider).
     pub fn wants(&self, kind: EventType, provider: Option<&str>) -> bool {
@@ -290,6 +331,7 @@ pub(crate) fn validate(
             retry_for,
             retry_base,
             retry_max,
+            previous_secrets: Vec::new(),
         });
     }
     Ok(settings)
@@ -323,6 +365,7 @@ mod tests {
             retry_for: Duration::from_secs(60),
             retry_base: Duration::from_millis(100),
             retry_max: Duration::from_millis(1000),
+            previous_secrets: Vec::new(),
         };
         assert_eq!(e.backoff(0, 1.0), Duration::from_millis(100));
         assert_eq!(e.backoff(2, 1.0), Duration::from_millis(400));
@@ -343,6 +386,7 @@ mod tests {
             retry_for: Duration::from_secs(60),
             retry_base: Duration::from_millis(100),
             retry_max: Duration::from_millis(1000),
+            previous_secrets: Vec::new(),
         };
         use payhost_core::events::EventType as T;
         assert!(e.wants(T::SessionAuthorized, Some("sandbox")));
@@ -359,5 +403,39 @@ mod tests {
         };
         assert!(all.wants(T::CollectionCreated, None));
         assert!(all.wants(T::SessionAuthorized, Some("system")));
+    }
+
+    #[test]
+    fn a_rotated_secret_signs_beside_the_new_one_until_its_overlap_ends() {
+        let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let running = Endpoint {
+            id: "medusa".into(),
+            url: "https://m.example/hooks".into(),
+            secret: "old".into(),
+            types: vec!["*".into()],
+            providers: None,
+            timeout: Duration::from_millis(100),
+            retry_for: Duration::from_millis(100),
+            retry_base: Duration::from_millis(10),
+            retry_max: Duration::from_millis(1000),
+            previous_secrets: Vec::new(),
+        };
+        let hour = Duration::from_secs(3600);
+        let rotated = Endpoint {
+            secret: "new".into(),
+            ..running.clone()
+        }
+        .succeeding(&running, now, hour);
+        assert_eq!(rotated.signing_secrets(now), vec!["new", "old"]);
+        assert_eq!(rotated.signing_secrets(now + hour), vec!["new"]);
+        // Unchanged on a later reload: the overlap keeps its end; rotated back: no duplicate.
+        let again = rotated.clone().succeeding(&rotated, now + hour / 2, hour);
+        assert_eq!(again.previous_secrets, rotated.previous_secrets);
+        let back = Endpoint {
+            secret: "old".into(),
+            ..rotated.clone()
+        }
+        .succeeding(&rotated, now, hour);
+        assert_eq!(back.signing_secrets(now), vec!["old", "new"]);
     }
 }

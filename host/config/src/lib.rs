@@ -341,6 +341,14 @@ impl Config {
         })
     }
 
+    /// The SHA-256 of the file as read (lower-case hex): what `check`, `/ready` and a reload
+    /// report, so an operator sees which file a server runs. Values taken from the environment
+    /// are not in it (a secret rotated there changes nothing here).
+    pub fn digest(&self) -> String {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(self.source.text.as_bytes()))
+    }
+
     /// The enabled providers.
     pub fn enabled_providers(&self) -> impl Iterator<Item = &ProviderSettings> {
         self.providers.iter().filter(|p| p.enabled)

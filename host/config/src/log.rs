@@ -5,7 +5,7 @@ use serde::Deserialize;
 use crate::{Check, ConfigError};
 
 /// `[log]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// A `tracing` filter (`info`, `payhost=debug,info`); `RUST_LOG` overrides it.

@@ -21,7 +21,7 @@ pub enum LibrarySource {
 }
 
 /// One `[providers.<id>]` table, validated.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct ProviderSettings {
     /// The operator's id for this provider (`[providers.<id>]`); `[a-z0-9_-]+`.
     pub id: String,

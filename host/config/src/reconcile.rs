@@ -5,7 +5,7 @@ use serde::Deserialize;
 use crate::{Check, ConfigError};
 
 /// `[reconcile]`: how open outcomes are settled.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReconcileConfig {
     /// Delay before the first check of an unknown outcome.

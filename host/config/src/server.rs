@@ -8,7 +8,7 @@ use serde::Deserialize;
 use crate::{Check, ConfigError};
 
 /// `[server]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Address the HTTP API listens on.
@@ -67,7 +67,7 @@ pub enum AuthMode {
 }
 
 /// `[server.tls]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain (relative to the config's folder).

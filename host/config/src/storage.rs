@@ -64,7 +64,7 @@ impl std::fmt::Debug for StorageUrl {
 }
 
 /// `[storage]`, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StorageConfig {
     /// Where the store is.
     pub url: StorageUrl,

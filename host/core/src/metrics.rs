@@ -64,6 +64,9 @@ pub struct Metrics {
     /// `payhost_event_deliveries_seconds{endpoint,outcome}`: tries to POST an event
     /// (delivered, failed, parked) and how long each took.
     pub event_deliveries: HistogramVec,
+    /// `payhost_config_reloads_total{result}`: reloads asked for, by what came of them
+    /// (`applied`, `unchanged`, `invalid`, `restart_needed`).
+    pub config_reloads: IntCounterVec,
 }
 
 const BUCKETS: &[f64] = &[
@@ -235,8 +238,17 @@ impl Metrics {
             &["endpoint", "outcome"],
         )
         .expect("valid metric");
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "payhost_config_reloads_total",
+                "Config reloads asked for (SIGHUP, payhost reload, POST /v1/admin/reload), by result",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(worker_restarts.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(config_reloads.clone()),
             Box::new(event_deliveries.clone()),
             Box::new(worker_kills.clone()),
             Box::new(worker_stderr_dropped.clone()),
@@ -288,6 +300,7 @@ impl Metrics {
             plugin_limits,
             provider_healthy,
             event_deliveries,
+            config_reloads,
         }
     }
 

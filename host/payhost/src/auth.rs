@@ -166,7 +166,7 @@ impl AuthError {
 #[derive(Debug, Default)]
 pub struct Keys {
     by_id: HashMap<String, KeySpec>,
-    limiter: Limiter,
+    limiter: std::sync::Arc<Limiter>,
 }
 
 impl Keys {
@@ -174,7 +174,16 @@ impl Keys {
     pub fn new(specs: Vec<KeySpec>) -> Keys {
         Keys {
             by_id: specs.into_iter().map(|k| (k.id.clone(), k)).collect(),
-            limiter: Limiter::default(),
+            limiter: Default::default(),
+        }
+    }
+
+    /// Keys from a reloaded config that keep these keys' rate buckets: a key whose rate did not
+    /// change is not handed a fresh allowance by a reload.
+    pub fn reloaded(&self, specs: Vec<KeySpec>) -> Keys {
+        Keys {
+            by_id: specs.into_iter().map(|k| (k.id.clone(), k)).collect(),
+            limiter: self.limiter.clone(),
         }
     }
 

@@ -35,6 +35,7 @@
 pub mod auth;
 pub mod engine;
 pub mod http;
+pub mod reload;
 pub mod serve;
 
 pub use payhost_config as config;

@@ -1,5 +1,6 @@
 //! `payhost serve` as a library: the listeners a config asks for (refused where they would be
-//! unsafe), the router on each, the reconciler and the deliverer, and one bounded stop. The
+//! unsafe), the router on each, the reconciler and the deliverer, reloads on `SIGHUP`, and one
+//! bounded stop. The
 //! binary and an embedder that wants payhost's own server run the same code.
 //!
 //! Invariants: a listener is opened only as [`crate::http::listeners::plan`] allows; the stop
@@ -114,6 +115,7 @@ pub async fn serve(
     if listeners.len() > 1 {
         state = state.with_admin_apart();
     }
+    let state = state.reloading(config.clone());
     let grace = Duration::from_millis(server.shutdown_grace_ms);
     let edge = EdgeSettings {
         name: "api",
@@ -137,6 +139,7 @@ pub async fn serve(
     };
     let reconciler = host.spawn_reconciler();
     let deliverer = host.spawn_deliverer();
+    let reloads = state.reloader().map(reload_on_hangup);
     tracing::info!(
         config = %config.path.display(),
         storage = %config.redact(&config.storage.url.redacted()),
@@ -202,6 +205,9 @@ pub async fn serve(
     }
     reconciler.abort();
     deliverer.abort();
+    if let Some(reloads) = reloads {
+        reloads.abort();
+    }
     // Calls still running keep their attempts in flight (the next start, or another host once
     // this one's lease lapsed, reconciles them); once they return, or the grace period ends, the
     // lease goes, so other hosts take over at once instead of after it lapses.
@@ -221,4 +227,32 @@ pub async fn serve(
         p.stop();
     }
     Ok(())
+}
+
+/// Reloads the config on every `SIGHUP` (Unix), until aborted; the outcome is logged (and
+/// counted) by the reloader.
+fn reload_on_hangup(reloader: Arc<crate::reload::Reloader>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut hangups = match signal(SignalKind::hangup()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(
+                        "SIGHUP cannot be watched ({e}); reload with `payhost reload` or POST /v1/admin/reload"
+                    );
+                    return;
+                }
+            };
+            while hangups.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the config");
+                let _ = reloader.reload().await;
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = reloader;
+        }
+    })
 }

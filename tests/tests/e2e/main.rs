@@ -19,6 +19,7 @@ mod multihost;
 mod outage;
 mod outbound;
 mod properties;
+mod reload;
 mod sandbox;
 mod stripe;
 mod unknown;

@@ -7,4 +7,5 @@ pub(crate) mod hosts;
 pub(crate) mod inspect;
 pub(crate) mod keys;
 pub(crate) mod provider;
+pub(crate) mod reload;
 pub(crate) mod serve;

@@ -364,7 +364,10 @@ pub struct Host {
     lease_ok: Arc<std::sync::atomic::AtomicBool>,
     lease_keeper: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     owed: owed::OwedWrites,
-    events: Arc<crate::events::EventSettings>,
+    /// The event settings now: a reload swaps them whole (a write reads them once).
+    events: std::sync::RwLock<Arc<crate::events::EventSettings>>,
+    /// Woken when a reload swapped the event settings (the deliverer follows).
+    events_swapped: Arc<tokio::sync::Notify>,
 }
 
 impl Drop for Host {
@@ -601,7 +604,8 @@ impl Host {
             lease_ok: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             lease_keeper: std::sync::Mutex::new(None),
             owed: owed::OwedWrites::default(),
-            events: Arc::default(),
+            events: std::sync::RwLock::default(),
+            events_swapped: Arc::default(),
         }
     }
 

@@ -21,20 +21,31 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 impl Host {
     /// Where events go and how long they are kept.
     pub fn with_events(mut self, settings: EventSettings) -> Host {
-        self.events = Arc::new(settings);
+        *self.events.get_mut().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
         self
     }
 
-    /// The event settings.
-    pub fn event_settings(&self) -> &EventSettings {
-        &self.events
+    /// The event settings now (a reload may swap them; this is one whole generation).
+    pub fn event_settings(&self) -> Arc<EventSettings> {
+        self.events
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Swaps the event settings (a reload): writes from now on deliver to the new endpoints,
+    /// and the deliverer starts, stops or restarts each endpoint's task to match. Deliveries
+    /// to a removed endpoint are parked, as at start-up.
+    pub fn swap_event_settings(&self, settings: EventSettings) {
+        *self.events.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
+        self.events_swapped.notify_one();
     }
 
     /// The op appending `event` (about `provider`'s session or payment, if any), with a
     /// delivery to each endpoint that wants its type and provider.
     pub(super) fn event_op(&self, event: Event, provider: Option<&str>) -> WriteOp {
         let deliver_to = self
-            .events
+            .event_settings()
             .endpoints
             .iter()
             .filter(|e| e.wants(event.kind, provider))
@@ -182,7 +193,10 @@ impl Host {
             if !events.is_empty() || tokio::time::Instant::now() >= until {
                 return Ok(events);
             }
-            let nap = self.events.poll.min(until - tokio::time::Instant::now());
+            let nap = self
+                .event_settings()
+                .poll
+                .min(until - tokio::time::Instant::now());
             let _ = tokio::time::timeout(nap, woken).await;
         }
     }
@@ -229,7 +243,7 @@ impl Host {
                     }
                     Ok(_) => {
                         s.from_oldest = false;
-                        let _ = tokio::time::timeout(s.host.events.poll, woken).await;
+                        let _ = tokio::time::timeout(s.host.event_settings().poll, woken).await;
                     }
                     Err(EngineError::EventsPruned { pruned_through, .. }) if s.from_oldest => {
                         s.after = pruned_through;
@@ -239,7 +253,7 @@ impl Host {
                         return Some((Err(e), s));
                     }
                     Err(e) => {
-                        tokio::time::sleep(s.host.events.poll).await;
+                        tokio::time::sleep(s.host.event_settings().poll).await;
                         return Some((Err(e), s));
                     }
                 }
@@ -281,7 +295,12 @@ impl Host {
             .store
             .deliveries(DeliveryState::Parked, usize::MAX >> 1)
             .await?;
-        let configured: Vec<String> = self.events.endpoints.iter().map(|e| e.id.clone()).collect();
+        let configured: Vec<String> = self
+            .event_settings()
+            .endpoints
+            .iter()
+            .map(|e| e.id.clone())
+            .collect();
         let n = match id {
             Some(id) => {
                 let Some(d) = parked.iter().find(|d| d.id == id) else {
@@ -336,7 +355,7 @@ impl Host {
             .claim_deliveries(
                 &endpoint.id,
                 &claimer,
-                self.events.claim.as_millis() as i64,
+                self.event_settings().claim.as_millis() as i64,
                 CLAIM,
             )
             .await?;
@@ -346,7 +365,7 @@ impl Host {
         }
         // A try starts only if it ends within the claim: another host never sends what this one
         // still is.
-        let claimed_until = std::time::Instant::now() + self.events.claim;
+        let claimed_until = std::time::Instant::now() + self.event_settings().claim;
         // Runs by session, each in order (the store returns them ordered).
         let mut runs: Vec<(String, Vec<(Delivery, Event)>)> = Vec::new();
         for (delivery, event) in claimed {
@@ -419,7 +438,9 @@ impl Host {
 
     /// Delivers events to each configured endpoint (one task each, so a slow endpoint delays
     /// only its own deliveries) and prunes delivered events past the retention, until the tasks
-    /// are aborted.
+    /// are aborted. Follows [`Host::swap_event_settings`]: a new endpoint gets its task, a
+    /// removed one loses it (its pending deliveries are parked), a changed one is restarted with
+    /// its new settings (a delivery it was sending is sent again: deliveries are at least once).
     pub fn spawn_deliverer(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let host = self.clone();
         tokio::spawn(async move {
@@ -428,53 +449,95 @@ impl Host {
                 .user_agent(concat!("payhost/", env!("CARGO_PKG_VERSION")))
                 .build()
                 .unwrap_or_default();
-            // Deliveries to an endpoint removed from the config are parked, so they are listed
-            // (`payhost events failed`) rather than waiting unseen.
-            let configured = host.events.endpoints.iter().map(|e| e.id.clone()).collect();
-            if let Err(e) = host
-                .store
-                .write(vec![WriteOp::ParkUnconfigured { configured }])
-                .await
-            {
-                tracing::warn!(
-                    code = e.code(),
-                    "parking deliveries to removed endpoints failed: {e}"
-                );
-            }
+            let mut running: std::collections::HashMap<
+                String,
+                (Endpoint, tokio::task::AbortHandle),
+            > = std::collections::HashMap::new();
             let mut tasks = tokio::task::JoinSet::new();
-            for i in 0..host.events.endpoints.len() {
-                let (host, client) = (host.clone(), client.clone());
-                tasks.spawn(async move {
-                    let endpoint = &host.events.endpoints[i];
-                    let appended = host.store.appended();
-                    loop {
-                        let woken = appended.notified();
-                        let tried = match host.deliver_due(endpoint, &client).await {
-                            Ok(n) => n,
-                            Err(e) => {
-                                tracing::warn!(code = e.code(), endpoint = %endpoint.id, "event delivery pass failed: {e}");
-                                0
-                            }
-                        };
-                        if tried == 0 {
-                            let _ = tokio::time::timeout(host.events.poll, woken).await;
-                        }
-                    }
-                });
-            }
+            let swapped = host.events_swapped.clone();
+            let mut next_prune = tokio::time::Instant::now();
+            let mut first = true;
             loop {
-                if let Err(e) = host.prune_events().await {
-                    tracing::warn!(code = e.code(), "pruning events failed: {e}");
+                let woken = swapped.notified();
+                let settings = host.event_settings();
+                let wanted: std::collections::HashMap<&str, &Endpoint> = settings
+                    .endpoints
+                    .iter()
+                    .map(|e| (e.id.as_str(), e))
+                    .collect();
+                let ids_changed = first
+                    || running.len() != wanted.len()
+                    || running.keys().any(|id| !wanted.contains_key(id.as_str()));
+                first = false;
+                let stale: Vec<String> = running
+                    .iter()
+                    .filter(|(id, (e, _))| {
+                        wanted.get(id.as_str()).is_none_or(|w| !same_endpoint(w, e))
+                    })
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in stale {
+                    if let Some((_, task)) = running.remove(&id) {
+                        task.abort();
+                    }
                 }
-                tokio::time::sleep(PRUNE_EVERY.min(host.events.retention.max(host.events.poll)))
-                    .await;
+                if ids_changed {
+                    // Deliveries to an endpoint removed from the config are parked, so they are
+                    // listed (`payhost events failed`) rather than waiting unseen.
+                    let configured = wanted.keys().map(|id| (*id).to_owned()).collect();
+                    if let Err(e) = host
+                        .store
+                        .write(vec![WriteOp::ParkUnconfigured { configured }])
+                        .await
+                    {
+                        tracing::warn!(
+                            code = e.code(),
+                            "parking deliveries to removed endpoints failed: {e}"
+                        );
+                    }
+                }
+                for (id, endpoint) in wanted {
+                    if running.contains_key(id) {
+                        continue;
+                    }
+                    let endpoint = endpoint.clone();
+                    let (h, client) = (host.clone(), client.clone());
+                    let mine = endpoint.clone();
+                    let task = tasks.spawn(async move {
+                        let appended = h.store.appended();
+                        loop {
+                            let woken = appended.notified();
+                            let tried = match h.deliver_due(&mine, &client).await {
+                                Ok(n) => n,
+                                Err(e) => {
+                                    tracing::warn!(code = e.code(), endpoint = %mine.id, "event delivery pass failed: {e}");
+                                    0
+                                }
+                            };
+                            if tried == 0 {
+                                let _ = tokio::time::timeout(h.event_settings().poll, woken).await;
+                            }
+                        }
+                    });
+                    running.insert(id.to_owned(), (endpoint, task));
+                }
+                if tokio::time::Instant::now() >= next_prune {
+                    if let Err(e) = host.prune_events().await {
+                        tracing::warn!(code = e.code(), "pruning events failed: {e}");
+                    }
+                    next_prune = tokio::time::Instant::now()
+                        + PRUNE_EVERY.min(settings.retention.max(settings.poll));
+                }
+                // Reap finished tasks (an aborted one) without waiting for them.
+                while tasks.try_join_next().is_some() {}
+                let _ = tokio::time::timeout_at(next_prune, woken).await;
             }
         })
     }
 
     /// Prunes delivered events older than the retention.
     pub async fn prune_events(&self) -> Result<(), EngineError> {
-        let before = self.now() - self.events.retention.as_millis() as i64;
+        let before = self.now() - self.event_settings().retention.as_millis() as i64;
         self.store
             .write(vec![WriteOp::PruneEvents { before }])
             .await?;
@@ -500,6 +563,34 @@ fn jitter() -> f64 {
 }
 
 /// POSTs one event, signed. Ok only for a 2xx read in full.
+/// Whether two settings of one endpoint deliver alike (its task is kept across a reload).
+fn same_endpoint(a: &Endpoint, b: &Endpoint) -> bool {
+    a.url == b.url
+        && a.secret == b.secret
+        && a.previous_secrets == b.previous_secrets
+        && a.types == b.types
+        && a.providers == b.providers
+        && (a.timeout, a.retry_for, a.retry_base, a.retry_max)
+            == (b.timeout, b.retry_for, b.retry_base, b.retry_max)
+}
+
+/// `t=…,v1=…`, with one more `v1=` for each secret a reload replaced whose overlap has not ended
+/// (a receiver verifying with either accepts; `payhost::events::verify` takes any match).
+fn signature(endpoint: &Endpoint, t: i64, body: &[u8]) -> String {
+    let mut secrets = endpoint
+        .signing_secrets(std::time::SystemTime::now())
+        .into_iter();
+    let mut header = crate::events::sign(secrets.next().unwrap_or_default(), t, body);
+    for other in secrets {
+        let extra = crate::events::sign(other, t, body);
+        if let Some(v1) = extra.split_once(",v1=").map(|(_, v)| v) {
+            header.push_str(",v1=");
+            header.push_str(v1);
+        }
+    }
+    header
+}
+
 async fn post(client: &reqwest::Client, endpoint: &Endpoint, event: &Event) -> Result<(), String> {
     let body = serde_json::to_vec(event).map_err(|e| e.to_string())?;
     let t = std::time::SystemTime::now()
@@ -511,7 +602,7 @@ async fn post(client: &reqwest::Client, endpoint: &Endpoint, event: &Event) -> R
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .header(
             crate::events::SIGNATURE_HEADER,
-            crate::events::sign(&endpoint.secret, t, &body),
+            signature(endpoint, t, &body),
         )
         .header(crate::events::EVENT_ID_HEADER, &event.id)
         .header("payhost-event-type", event.kind.as_str())

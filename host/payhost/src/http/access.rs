@@ -160,7 +160,7 @@ async fn admit(
     }
     let route = request.uri().path().to_owned();
     let peer = peer(request.extensions());
-    let (Some(keys), Access::Scope(scope)) = (s.keys.clone(), access) else {
+    let (Some(keys), Access::Scope(scope)) = (s.keys(), access) else {
         request.extensions_mut().insert(Admission { caller: None });
         let response = next.run(request).await;
         if mutating && access != Access::Open {

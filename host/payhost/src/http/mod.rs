@@ -51,7 +51,11 @@ pub struct AppState {
     host: Arc<Host>,
     failed_providers: Arc<Vec<(String, String)>>,
     body_timeout: Duration,
-    keys: Option<Arc<crate::auth::Keys>>,
+    /// The API keys now, when keys are configured: a reload swaps them whole, and each request
+    /// reads them once.
+    keys: Option<Arc<std::sync::RwLock<Arc<crate::auth::Keys>>>>,
+    /// What reloads this server's config, when it was started from a file.
+    reloader: Option<Arc<crate::reload::Reloader>>,
     admin_apart: bool,
     loopback_hosts: bool,
     webhook_limiter: Arc<crate::auth::Limiter>,
@@ -68,6 +72,7 @@ impl AppState {
             failed_providers: Arc::new(failed_providers),
             body_timeout: DEFAULT_BODY_TIMEOUT,
             keys: None,
+            reloader: None,
             admin_apart: false,
             loopback_hosts: false,
             webhook_limiter: Arc::default(),
@@ -84,8 +89,43 @@ impl AppState {
     /// Every route but `/health`, `/openapi.json` and the webhooks needs one of `keys`, with
     /// the scope its rule names ([`rules`]).
     pub fn with_keys(mut self, keys: crate::auth::Keys) -> AppState {
-        self.keys = Some(Arc::new(keys));
+        self.keys = Some(Arc::new(std::sync::RwLock::new(Arc::new(keys))));
         self
+    }
+
+    /// The keys every request is checked against now, if keys are configured.
+    pub fn keys(&self) -> Option<Arc<crate::auth::Keys>> {
+        self.keys
+            .as_ref()
+            .map(|k| k.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// Replaces the keys (a reload): the next request is checked against `specs`. Refused
+    /// (`false`) when the state has no keys: turning key checks on or off changes which
+    /// listeners are safe, which needs a restart.
+    pub fn swap_keys(&self, specs: Vec<crate::auth::KeySpec>) -> bool {
+        let Some(keys) = &self.keys else {
+            return false;
+        };
+        let mut keys = keys.write().unwrap_or_else(|e| e.into_inner());
+        *keys = Arc::new(keys.reloaded(specs));
+        true
+    }
+
+    /// Reloads `config`'s file on `POST /v1/admin/reload` (and reports its digest in `/ready`):
+    /// the keys of this state (set them first) and the host's event settings follow it.
+    pub fn reloading(mut self, config: crate::config::Config) -> AppState {
+        self.reloader = Some(Arc::new(crate::reload::Reloader::new(
+            config,
+            self.host.clone(),
+            self.keys.clone(),
+        )));
+        self
+    }
+
+    /// What reloads this server's config, when it has a file.
+    pub fn reloader(&self) -> Option<Arc<crate::reload::Reloader>> {
+        self.reloader.clone()
     }
 
     /// `/ready`, `/metrics` and the operator routes are served by [`admin_router`] instead of
@@ -136,6 +176,12 @@ fn operator_routes(routes: Routes) -> Routes {
             "/v1/providers",
             operator,
             get(operations::list_providers),
+        )
+        .add(
+            Method::POST,
+            "/v1/admin/reload",
+            operator,
+            post(operations::reload_config),
         )
         .add(
             Method::GET,

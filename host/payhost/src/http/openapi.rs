@@ -41,6 +41,7 @@ use super::events::EventSchemas;
         super::operations::list_attempts,
         super::operations::resolve_attempt,
         super::operations::list_providers,
+        super::operations::reload_config,
         super::events::list_events,
         super::events::parked_deliveries,
         super::events::redeliver,

@@ -1,15 +1,16 @@
 //! The operator's routes: open attempts and their resolution, the providers as the host sees
-//! them; and who an operator action is recorded as.
+//! them, the config's reload; and who an operator action is recorded as.
 
 use axum::Json;
 use axum::extract::Path;
+use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::ApiResult;
 use super::access::{Admission, Admitted};
 use super::error::{ApiError, ErrorResponses};
 use super::json::{ApiJson, IdempotencyKey};
+use super::{ApiResult, Empty};
 use crate::domain::*;
 use crate::engine::*;
 
@@ -161,4 +162,40 @@ pub(super) async fn list_providers(Admitted(s): Admitted) -> Json<ProviderList> 
         error: Some(e.clone()),
     }));
     Json(ProviderList { providers })
+}
+
+/// Read the config file this server was started with again and apply it: API keys and event
+/// endpoints change at once; a file that does not validate, or that changes a setting only a
+/// restart applies, changes nothing (`422 config.invalid` naming `file:line:column`, `409
+/// config.restart_needed` naming the settings).
+#[utoipa::path(post, path = "/v1/admin/reload", request_body = Empty,
+    responses((status = 200, body = crate::reload::ReloadReport), ErrorResponses),
+    security(("api_key" = ["operator"])))]
+pub(super) async fn reload_config(
+    Admitted(s): Admitted,
+    ApiJson(Empty {}): ApiJson<Empty>,
+) -> ApiResult<Json<crate::reload::ReloadReport>> {
+    let Some(reloader) = s.reloader.clone() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request",
+            "config.not_reloadable",
+            "this server was not started from a config file (an embedder's router): nothing to reload",
+        ));
+    };
+    match reloader.reload().await {
+        Ok(report) => Ok(Json(report)),
+        Err(e @ crate::reload::ReloadError::Invalid(_)) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            e.code(),
+            e.to_string(),
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request",
+            e.code(),
+            e.to_string(),
+        )),
+    }
 }

@@ -41,6 +41,10 @@ pub(super) struct Readiness {
     lease: bool,
     /// Isolated providers whose worker crash-loops.
     providers_unhealthy: Vec<String>,
+    /// The SHA-256 of the config file running (when the server was started from one).
+    config_digest: Option<String>,
+    /// Reloads applied since start (0: the file it started with).
+    config_generation: Option<u64>,
 }
 
 /// The store is reachable, every enabled provider loaded, and start-up reconciliation is done
@@ -58,7 +62,10 @@ pub(super) async fn ready(Admitted(s): Admitted) -> Response {
         .filter(|p| !p.healthy())
         .map(|p| p.id().to_owned())
         .collect();
+    let running = s.reloader.as_ref().map(|r| r.current());
     let r = Readiness {
+        config_digest: running.as_ref().map(|(d, _)| d.clone()),
+        config_generation: running.map(|(_, g)| g),
         ready: store && s.failed_providers.is_empty() && recovered && lease && unhealthy.is_empty(),
         providers_unhealthy: unhealthy,
         store,
