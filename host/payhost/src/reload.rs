@@ -10,9 +10,17 @@
 //! endpoint secret keeps signing beside the new one for [`SECRET_OVERLAP`]). One reload runs at
 //! a time.
 //!
-//! Applied live today: `[[api_keys]]` and `[events]` with `[[events.endpoints]]`. Everything
-//! else — listeners, TLS, storage, plugins, logging, the reconciler and the providers — is
-//! refused as needing a restart.
+//! Providers: a new or changed `[providers.<id>]` (options, secrets, timeout, a new library file
+//! or `sha256` pin) is loaded with the same checks as at start — ABI, protocol, manifest, pin —
+//! before anything is applied; a failure refuses the whole reload. The new instance takes the
+//! calls from then on; calls in flight finish on the old one, which is stopped once nothing
+//! holds it (an in-process library is never unloaded; an isolated one's worker ends). A provider
+//! disabled or removed stays loaded but closed: it reconciles what it has open and verifies its
+//! webhooks, and takes no new session or account holder.
+//!
+//! Refused as needing a restart: `[server]` (listeners, TLS, limits), `[storage]`, `[plugins]`,
+//! `[log]`, `[reconcile]`, turning key checks on or off, and a provider timeout above the running
+//! maximum (the reconciler's take-over horizon is derived from it).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,6 +37,16 @@ pub enum ReloadError {
     /// The new file does not read or does not validate (the message names `file:line:column`).
     #[error("{0}; the running config is unchanged")]
     Invalid(ConfigError),
+    /// A new or changed provider did not load (the message says why, as at start).
+    #[error(
+        "provider `{id}` did not load: {message}; nothing was applied and the running config is unchanged"
+    )]
+    ProviderFailed {
+        /// The provider.
+        id: String,
+        /// Why, with the load error's code.
+        message: String,
+    },
     /// The new file changes settings that cannot change while the server runs.
     #[error(
         "{} cannot change while the server runs: restart to apply {}; nothing was applied and the running config is unchanged",
@@ -44,6 +62,7 @@ impl ReloadError {
         match self {
             ReloadError::Invalid(_) => "config.invalid",
             ReloadError::RestartNeeded(_) => "config.restart_needed",
+            ReloadError::ProviderFailed { .. } => "config.provider_failed",
         }
     }
 }
@@ -64,6 +83,7 @@ pub struct Reloader {
     path: PathBuf,
     host: Arc<Host>,
     keys: Option<Arc<std::sync::RwLock<Arc<crate::auth::Keys>>>>,
+    failed: Arc<std::sync::RwLock<Vec<(String, String)>>>,
     running: std::sync::Mutex<(Config, u64)>,
     one_at_a_time: tokio::sync::Mutex<()>,
 }
@@ -83,11 +103,13 @@ impl Reloader {
         config: Config,
         host: Arc<Host>,
         keys: Option<Arc<std::sync::RwLock<Arc<crate::auth::Keys>>>>,
+        failed: Arc<std::sync::RwLock<Vec<(String, String)>>>,
     ) -> Reloader {
         Reloader {
             path: config.path.clone(),
             host,
             keys,
+            failed,
             running: std::sync::Mutex::new((config, 0)),
             one_at_a_time: tokio::sync::Mutex::new(()),
         }
@@ -127,8 +149,20 @@ impl Reloader {
                 return Err(ReloadError::Invalid(e));
             }
         };
-        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        let needs_restart = restart_needed(&running.0, &new, self.keys.is_some());
+        let (needs_restart, before) = {
+            let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            let max_timeout = self
+                .host
+                .providers()
+                .iter()
+                .map(|p| p.timeout())
+                .max()
+                .unwrap_or_default();
+            (
+                restart_needed(&running.0, &new, self.keys.is_some(), max_timeout),
+                running.0.clone(),
+            )
+        };
         if !needs_restart.is_empty() {
             metrics
                 .config_reloads
@@ -138,7 +172,28 @@ impl Reloader {
             tracing::error!(code = e.code(), "config reload refused: {e}");
             return Err(e);
         }
+        // Providers: everything new is loaded (off the runtime) before anything is applied.
+        let plan = match self.load_providers(&before, &new).await {
+            Ok(plan) => plan,
+            Err(e) => {
+                metrics.config_reloads.with_label_values(&["invalid"]).inc();
+                tracing::error!(code = e.code(), "config reload refused: {e}");
+                return Err(e);
+            }
+        };
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         let mut changed = Vec::new();
+        if let Some((providers, replaced, names, loaded_now)) = plan {
+            self.host.swap_providers(providers);
+            for old in replaced {
+                retire(old);
+            }
+            self.failed
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|(id, _)| !loaded_now.contains(id));
+            changed.extend(names);
+        }
         if !same_keys(&running.0.api_keys, &new.api_keys)
             && let Some(keys) = &self.keys
         {
@@ -184,8 +239,143 @@ impl Reloader {
     }
 }
 
+/// The providers a reload gives, the instances they replace (to retire), what changed
+/// (`providers.<id>`), and the ids loaded now; `None`: no provider changed.
+type ProviderPlan = Option<(
+    crate::Providers,
+    Vec<Arc<crate::Provider>>,
+    Vec<String>,
+    Vec<String>,
+)>;
+
+impl Reloader {
+    /// Loads every provider `new` adds or changes (and retries one that failed at start), with
+    /// the checks of a start; closes the ones it disables or removes.
+    async fn load_providers(
+        &self,
+        running: &Config,
+        new: &Config,
+    ) -> Result<ProviderPlan, ReloadError> {
+        let now = self.host.providers();
+        let failed_at_start: Vec<String> = self
+            .failed
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut to_load = Vec::new();
+        for p in new.enabled_providers() {
+            let unchanged = running.enabled_providers().any(|r| r == p);
+            if unchanged && now.is_open(&p.id) {
+                continue;
+            }
+            // Unchanged but failed at start: tried again, and left failed if it fails again.
+            let retry_only = unchanged && failed_at_start.contains(&p.id);
+            to_load.push((p.clone(), retry_only));
+        }
+        let to_close: Vec<String> = running
+            .enabled_providers()
+            .filter(|r| !new.enabled_providers().any(|p| p.id == r.id))
+            .map(|r| r.id.clone())
+            .filter(|id| now.is_open(id))
+            .collect();
+        if to_load.is_empty() && to_close.is_empty() {
+            return Ok(None);
+        }
+        let config = new.clone();
+        let loads = to_load.clone();
+        let results = tokio::task::spawn_blocking(move || {
+            let loader = crate::Loader::new(&config);
+            loads
+                .iter()
+                .map(|(p, _)| (p.id.clone(), loader.load(p, Some(&config))))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| ReloadError::ProviderFailed {
+            id: "?".into(),
+            message: format!("loading stopped: {e}"),
+        })?;
+        let mut next = (*now).clone();
+        let mut replaced = Vec::new();
+        let mut names = Vec::new();
+        let mut loaded_now = Vec::new();
+        let mut refusal = None;
+        let mut fresh = Vec::new();
+        for ((id, result), (_, retry_only)) in results.into_iter().zip(&to_load) {
+            match result {
+                Ok(provider) => fresh.push((id, Arc::new(provider))),
+                Err(_) if *retry_only => {}
+                Err(e) if refusal.is_none() => {
+                    refusal = Some(ReloadError::ProviderFailed {
+                        id,
+                        message: format!("[{}] {e}", e.code()),
+                    });
+                }
+                Err(_) => {}
+            }
+        }
+        if let Some(refusal) = refusal {
+            // Nothing is applied: what did load is stopped again.
+            for (_, p) in fresh {
+                p.stop();
+            }
+            return Err(refusal);
+        }
+        for (id, provider) in fresh {
+            tracing::info!(
+                provider = %id,
+                version = %provider.manifest().version,
+                sha256 = %provider.library().sha256,
+                "provider loaded by a reload"
+            );
+            if let Some(old) = now.get(&id) {
+                replaced.push(old.clone());
+            }
+            next = next.with(&id, provider);
+            names.push(format!("providers.{id}"));
+            loaded_now.push(id);
+        }
+        for id in to_close {
+            tracing::info!(provider = %id, "provider disabled by a reload: it finishes what it has open and takes nothing new");
+            next = next.closing(&id);
+            names.push(format!("providers.{id} (disabled)"));
+        }
+        if names.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some((next, replaced, names, loaded_now)))
+    }
+}
+
+/// Stops a replaced provider instance once nothing holds it and no call of it runs (calls in
+/// flight finish on it), within ten minutes.
+fn retire(old: Arc<crate::Provider>) {
+    tokio::spawn(async move {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(600);
+        while (Arc::strong_count(&old) > 1 || old.calls_in_progress() > 0)
+            && std::time::Instant::now() < until
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        if old.calls_in_progress() > 0 {
+            tracing::warn!(
+                provider = old.id(),
+                "a replaced provider instance still has calls running after 10 minutes; stopping it"
+            );
+        }
+        old.stop();
+    });
+}
+
 /// The settings `new` changes that only a restart applies, named as in the file.
-fn restart_needed(running: &Config, new: &Config, has_keys: bool) -> Vec<String> {
+fn restart_needed(
+    running: &Config,
+    new: &Config,
+    has_keys: bool,
+    max_timeout: std::time::Duration,
+) -> Vec<String> {
     let mut out = Vec::new();
     let mut differs = |name: &str, same: bool| {
         if !same {
@@ -202,13 +392,14 @@ fn restart_needed(running: &Config, new: &Config, has_keys: bool) -> Vec<String>
     );
     differs("[log]", running.log == new.log);
     differs("[reconcile]", running.reconcile == new.reconcile);
-    for p in &new.providers {
-        let same = running.providers.iter().any(|r| r == p);
-        differs(&format!("[providers.{}]", p.id), same);
-    }
-    for p in &running.providers {
-        if !new.providers.iter().any(|n| n.id == p.id) {
-            out.push(format!("[providers.{}] (removed)", p.id));
+    for p in new.enabled_providers() {
+        let was = running.providers.iter().find(|r| r.id == p.id);
+        if p.timeout > max_timeout && was.is_none_or(|r| r.timeout != p.timeout) {
+            out.push(format!(
+                "[providers.{}] timeout_ms above the running maximum ({} ms)",
+                p.id,
+                max_timeout.as_millis()
+            ));
         }
     }
     // Keys on or off changes which listeners are safe to open.

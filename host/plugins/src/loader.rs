@@ -35,12 +35,38 @@ pub struct LoadFailure {
 #[derive(Debug, Default, Clone)]
 pub struct Providers {
     by_id: BTreeMap<String, Arc<Provider>>,
+    /// Providers a reload disabled or removed: still called for what they have open (reconciling
+    /// their attempts, verifying their webhooks), never for a new session or account holder.
+    closed: std::collections::BTreeSet<String>,
 }
 
 impl Providers {
     /// The provider with this id.
     pub fn get(&self, id: &str) -> Option<&Arc<Provider>> {
         self.by_id.get(id)
+    }
+
+    /// Whether the provider takes new sessions and account holders (loaded, and not disabled by
+    /// a reload).
+    pub fn is_open(&self, id: &str) -> bool {
+        self.by_id.contains_key(id) && !self.closed.contains(id)
+    }
+
+    /// These providers with `id` replaced by (or added as) `provider`, open.
+    pub fn with(&self, id: &str, provider: Arc<Provider>) -> Providers {
+        let mut next = self.clone();
+        next.by_id.insert(id.to_owned(), provider);
+        next.closed.remove(id);
+        next
+    }
+
+    /// These providers with `id` closed to new sessions (still loaded for what it has open).
+    pub fn closing(&self, id: &str) -> Providers {
+        let mut next = self.clone();
+        if next.by_id.contains_key(id) {
+            next.closed.insert(id.to_owned());
+        }
+        next
     }
     /// All of them, in id order.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Provider>> {

@@ -927,7 +927,7 @@ impl World {
         let open = self.host.open_attempts().await.unwrap();
         assert!(open.is_empty(), "every outcome settled: {open:?}");
         let view = self.host.collection(&self.collection).await.unwrap();
-        let sandbox = self.host.providers().get("sandbox").unwrap();
+        let sandbox = self.host.providers().get("sandbox").unwrap().clone();
         for s in view
             .payment_sessions
             .iter()

@@ -174,8 +174,7 @@ async fn a_reload_revokes_a_key_adds_an_endpoint_and_an_invalid_or_restart_needi
 
     // A change that needs a restart: named, and nothing else of the file applied.
     let restart = format!(
-        "{}\n{ops_table}{shop_table}\n{}",
-        HOST.replace("timeout_ms = 400", "timeout_ms = 900"),
+        "[reconcile]\nmax_checks = 7\n{HOST}\n{ops_table}{shop_table}\n{}",
         endpoint(&receiver.url, SECRET)
     );
     r.write(&restart);
@@ -193,7 +192,7 @@ async fn a_reload_revokes_a_key_adds_an_endpoint_and_an_invalid_or_restart_needi
         answer["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("[providers.sandbox]"),
+            .contains("[reconcile]"),
         "{answer}"
     );
     assert_eq!(
@@ -296,4 +295,203 @@ async fn a_rotated_endpoint_secret_keeps_signing_beside_the_new_one() {
         vec![false],
         "a secret nobody signs with verifies nothing"
     );
+}
+
+/// A provider reloaded: new options (its webhook secret rotated) on a new instance, a new
+/// library file under a new `sha256` pin for an in-process and an isolated provider (visible in
+/// `/v1/providers`), and a provider disabled: it takes no new session but finishes what it has
+/// open (a capture of its payment).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn providers_reload_with_new_options_a_new_library_and_disabled_keep_their_open_work() {
+    let (ops, ops_table) = new_key("ops", "read,payments,operator");
+    let scratch = Scratch::new();
+    let dir = scratch.dir.path().display().to_string();
+    let iso = "[providers.sandbox_iso]\nlibrary = \"payhost_provider_sandbox\"\nisolation = \"process\"\ntimeout_ms = 2000\n[providers.sandbox_iso.options]\nstate_dir = \"{dir}/iso\"\nwebhook_secret = \"whsec_iso\"\n";
+    let first = format!("{HOST}\n{iso}\n{ops_table}").replace("{dir}", &dir);
+    let path = scratch.config(&first);
+    let r = Running {
+        server: Server::start(&path),
+        scratch,
+        client: reqwest::Client::new(),
+    };
+    let sha = |providers: &Value, id: &str| {
+        providers["providers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["id"] == id)
+            .map(|p| {
+                (
+                    p["sha256"].as_str().unwrap_or("").to_owned(),
+                    p["health"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .unwrap()
+    };
+    let (_, before) = r
+        .call(reqwest::Method::GET, "/v1/providers", &ops, None)
+        .await;
+    let (old_sha, _) = sha(&before, "sandbox");
+    // An authorized sandbox payment, to capture once the provider is disabled.
+    let pay = |provider: &'static str| {
+        let r = &r;
+        let ops = ops.clone();
+        async move {
+            let (status, s) = r
+                .call(
+                    reqwest::Method::POST,
+                    "/v1/payment-sessions",
+                    &ops,
+                    Some(json!({"provider_id": provider, "amount": 700, "currency_code": "eur"})),
+                )
+                .await;
+            assert_eq!(status, StatusCode::CREATED, "{s}");
+            let sid = s["id"].as_str().unwrap().to_owned();
+            let (status, a) = r
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/v1/payment-sessions/{sid}/authorize"),
+                    &ops,
+                    Some(json!({})),
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{a}");
+            a["payment"]["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let payment = pay("sandbox").await;
+
+    // A new library file (the same plugin, its bytes changed: a new digest) under a pin, for
+    // both; and the sandbox's webhook secret rotated.
+    let upgraded = r
+        .scratch
+        .dir
+        .path()
+        .join("libpayhost_provider_sandbox_next.so");
+    let mut bytes = std::fs::read(payhost_e2e::library("payhost_provider_sandbox")).unwrap();
+    bytes.extend_from_slice(b"payhost-reload-test");
+    std::fs::write(&upgraded, &bytes).unwrap();
+    let digest = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(&bytes))
+    };
+    let pinned = format!("path = \"{}\"\nsha256 = \"{digest}\"", upgraded.display());
+    let second = format!("{HOST}\n{iso}\n{ops_table}")
+        .replace("library = \"payhost_provider_sandbox\"", &pinned)
+        .replace("whsec_test_secret", "whsec_rotated_secret")
+        .replace("{dir}", &dir);
+    r.write(&second);
+    let out = r.reload_cli(&ops);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("providers.sandbox") && said.contains("providers.sandbox_iso"),
+        "{said}"
+    );
+    let (_, after) = r
+        .call(reqwest::Method::GET, "/v1/providers", &ops, None)
+        .await;
+    for id in ["sandbox", "sandbox_iso"] {
+        let (now_sha, health) = sha(&after, id);
+        assert_eq!(
+            (now_sha.as_str(), health.as_str()),
+            (digest.as_str(), "loaded"),
+            "{id}: {after}"
+        );
+    }
+    assert_ne!(old_sha, digest);
+    // Both instances work; the rotated secret verifies webhooks, the old one no longer does.
+    pay("sandbox").await;
+    pay("sandbox_iso").await;
+    let hook = |secret: &str| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let body = json!({"id": format!("evt_{secret}"), "type": "ping", "session_id": "ps_none", "created": now}).to_string();
+        (
+            body.clone(),
+            payhost_provider_sandbox::sign(secret, &body, now),
+        )
+    };
+    for (secret, expected) in [("whsec_test_secret", 401), ("whsec_rotated_secret", 200)] {
+        let (body, signature) = hook(secret);
+        let status = r
+            .client
+            .post(format!("{}/hooks/sandbox", r.server.base))
+            .header("content-type", "application/json")
+            .header("sandbox-signature", signature)
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status.as_u16(), expected, "a webhook signed with {secret}");
+    }
+    // A pin that does not match refuses the whole reload: nothing changes.
+    r.write(&second.replace(&digest, &"0".repeat(64)));
+    let (status, answer) = r
+        .call(
+            reqwest::Method::POST,
+            "/v1/admin/reload",
+            &ops,
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert_eq!(
+        answer["error"]["code"], "config.provider_failed",
+        "{answer}"
+    );
+    pay("sandbox").await;
+
+    // Disabled: no new session; what it has open goes on.
+    r.write(&second.replace(
+        "[providers.sandbox]\n",
+        "[providers.sandbox]\nenabled = false\n",
+    ));
+    let out = r.reload_cli(&ops);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let (status, refused) = r
+        .call(
+            reqwest::Method::POST,
+            "/v1/payment-sessions",
+            &ops,
+            Some(json!({"provider_id": "sandbox", "amount": 700, "currency_code": "eur"})),
+        )
+        .await;
+    assert!(
+        status.is_client_error() || status.is_server_error(),
+        "{refused}"
+    );
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("disabled"),
+        "{refused}"
+    );
+    let (status, captured) = r
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/payments/{payment}/capture"),
+            &ops,
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{captured}");
+    let (_, listed) = r
+        .call(reqwest::Method::GET, "/v1/providers", &ops, None)
+        .await;
+    assert_eq!(sha(&listed, "sandbox").1, "disabled", "{listed}");
 }

@@ -182,7 +182,7 @@ impl Host {
         match answer {
             Ok(response) => {
                 let outcome = response.outcome.clone();
-                let data = match self.providers.get(&attempt.provider_id) {
+                let data = match self.providers().get(&attempt.provider_id) {
                     Some(p) => provider_data(p, response.data.clone()),
                     None => response.data.clone(),
                 };
@@ -505,7 +505,7 @@ impl Host {
     pub(super) async fn resend(&self, mut attempt: Attempt) -> Result<Outcome, CallError> {
         let not_sent = |reason: String| CallError::NotAttempted { reason };
         let provider = self
-            .providers
+            .providers()
             .get(&attempt.provider_id)
             .ok_or_else(|| not_sent(format!("provider `{}` is not loaded", attempt.provider_id)))?
             .clone();
@@ -545,12 +545,13 @@ impl Host {
 
     /// The provider's answer to an earlier attempt.
     pub(super) async fn ask_about(&self, attempt: &Attempt) -> Result<Outcome, CallError> {
-        let provider =
-            self.providers
-                .get(&attempt.provider_id)
-                .ok_or_else(|| CallError::NotAttempted {
-                    reason: format!("provider `{}` is not loaded", attempt.provider_id),
-                })?;
+        let provider = self
+            .providers()
+            .get(&attempt.provider_id)
+            .cloned()
+            .ok_or_else(|| CallError::NotAttempted {
+                reason: format!("provider `{}` is not loaded", attempt.provider_id),
+            })?;
         // The provider finds its own references (an intent id, …) in the data it returned.
         let data = match &attempt.payment_id {
             Some(p) => self.store.payment(p).await.ok().flatten().map(|p| p.data),

@@ -101,7 +101,9 @@ impl Host {
         &self,
         input: NewAccountHolder,
     ) -> Result<AccountHolder, EngineError> {
-        let provider = self.holder_provider(&input.provider_id)?.clone();
+        let provider = self.holder_provider(&input.provider_id)?;
+        // A new holder is new work: not for a provider a reload disabled.
+        self.open_provider(&input.provider_id)?;
         let customer_id = input.customer.id.clone();
         if customer_id.is_empty() || customer_id.len() > 255 {
             return Err(EngineError::invalid(
@@ -917,7 +919,7 @@ impl Host {
         reconciled: bool,
     ) -> Result<Effects, EngineError> {
         let Effects { mut holder, method } = effects;
-        let provider = self.provider(&attempt.provider_id).ok().cloned();
+        let provider = self.provider(&attempt.provider_id).ok();
         let data = match &provider {
             Some(p) => provider_data(p, response.data.clone()),
             None => response.data.clone(),
@@ -1038,7 +1040,8 @@ impl Host {
 
     // ------------------------------------------------------------ helpers
 
-    fn holder_provider(&self, id: &str) -> Result<&std::sync::Arc<Provider>, EngineError> {
+    /// The provider of an account holder call: loaded, and declaring account holders.
+    fn holder_provider(&self, id: &str) -> Result<std::sync::Arc<Provider>, EngineError> {
         let provider = self.provider(id)?;
         if !provider.manifest().account_holders {
             return Err(EngineError::Unsupported(format!(

@@ -353,7 +353,8 @@ impl LateQueue {
 /// The payment-session host: the engine over a store and the loaded providers.
 pub struct Host {
     store: Arc<dyn Store>,
-    providers: Providers,
+    /// The providers now: a reload swaps them whole; an operation takes its provider once.
+    providers: std::sync::RwLock<Arc<Providers>>,
     clock: Arc<dyn Clock>,
     locks: Locks,
     reconcile: ReconcileSettings,
@@ -387,7 +388,7 @@ impl Drop for Host {
 impl std::fmt::Debug for Host {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Host")
-            .field("providers", &self.providers)
+            .field("providers", &self.providers())
             .finish_non_exhaustive()
     }
 }
@@ -593,7 +594,7 @@ impl Host {
     pub fn new(store: Arc<dyn Store>, providers: Providers) -> Host {
         Host {
             store,
-            providers,
+            providers: std::sync::RwLock::new(Arc::new(providers)),
             clock: Arc::new(SystemClock),
             locks: Locks::new(),
             reconcile: ReconcileSettings::default(),
@@ -637,9 +638,18 @@ impl Host {
         self
     }
 
-    /// The loaded providers.
-    pub fn providers(&self) -> &Providers {
-        &self.providers
+    /// The providers now (one whole generation: a reload may swap them).
+    pub fn providers(&self) -> Arc<Providers> {
+        self.providers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Swaps the providers (a reload): operations from now on take theirs from `providers`;
+    /// one that took its provider before finishes on it.
+    pub fn swap_providers(&self, providers: Providers) {
+        *self.providers.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(providers);
     }
 
     /// The store.
@@ -651,10 +661,24 @@ impl Host {
         self.clock.now_unix_ms()
     }
 
-    pub(super) fn provider(&self, id: &str) -> Result<&Arc<Provider>, EngineError> {
-        self.providers
+    pub(super) fn provider(&self, id: &str) -> Result<Arc<Provider>, EngineError> {
+        self.providers()
             .get(id)
+            .cloned()
             .ok_or_else(|| EngineError::ProviderNotLoaded(id.to_owned()))
+    }
+
+    /// The provider for something new (a session, an account holder): loaded and not disabled
+    /// by a reload.
+    pub(super) fn open_provider(&self, id: &str) -> Result<Arc<Provider>, EngineError> {
+        let providers = self.providers();
+        match providers.get(id) {
+            Some(p) if providers.is_open(id) => Ok(p.clone()),
+            Some(_) => Err(EngineError::ProviderNotLoaded(format!(
+                "{id}` is disabled: it finishes what it has open but takes nothing new; `{id}"
+            ))),
+            None => Err(EngineError::ProviderNotLoaded(id.to_owned())),
+        }
     }
 
     // ---------------------------------------------------------------- reads

@@ -407,7 +407,7 @@ impl Host {
         attempt.resends == 0
             && attempt.payment_id.is_some()
             && self
-                .providers
+                .providers()
                 .get(&attempt.provider_id)
                 .is_some_and(|p| p.replays(attempt.operation))
     }

@@ -214,7 +214,7 @@ impl Host {
 
     async fn sync_once(&self, id: &str) -> Result<PaymentSession, EngineError> {
         let session = self.session(id).await?;
-        let provider = self.provider(&session.provider_id)?;
+        let provider = &self.provider(&session.provider_id)?;
         let truth = provider
             .call(RetrieveRequest {
                 session_id: session.id.0.clone(),

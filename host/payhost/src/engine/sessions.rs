@@ -61,7 +61,7 @@ impl Host {
         idempotency_key: Option<&str>,
     ) -> Result<PaymentSession, EngineError> {
         self.idempotent(idempotency_key, "create_session", &input, no_attempt, || async {
-            self.provider(&input.provider_id)?;
+            self.open_provider(&input.provider_id)?;
             if let Some(reference) = &input.reference
                 && (reference.is_empty() || reference.len() > 255)
             {
@@ -153,7 +153,7 @@ impl Host {
                 // Initiating moves no money: the provider is asked first, and the session is
                 // stored once, initiated (a failed initiate stores nothing; an initiated one
                 // whose insert failed is an unused reference at the processor).
-                let provider = self.provider(&session.provider_id)?;
+                let provider = &self.provider(&session.provider_id)?;
                 let key = format!("{}:initiate:{}", session.idempotency_key, session.amount);
                 let holder = self.session_holder_ref(provider, &session).await?;
                 let request = Self::initiate_request(provider, &session, key, &input.data, holder);
@@ -225,7 +225,7 @@ impl Host {
         input: &Value,
     ) -> Result<PaymentSession, EngineError> {
         allow(session.status, SessionInput::Update)?;
-        let provider = self.provider(&session.provider_id)?;
+        let provider = &self.provider(&session.provider_id)?;
         let key = format!("{}:initiate:{}", session.idempotency_key, session.amount);
         let holder = self.session_holder_ref(provider, &session).await?;
         let request = Self::initiate_request(provider, &session, key, input, holder);
@@ -286,7 +286,7 @@ impl Host {
                     session.metadata = metadata.clone();
                 }
                 if session.is_initiated {
-                    let provider = self.provider(&session.provider_id)?;
+                    let provider = &self.provider(&session.provider_id)?;
                     let key = format!("{}:update:{}", session.idempotency_key, session.version);
                     let response = if amount_changed
                         && !provider.manifest().capabilities.update_amount
@@ -407,7 +407,7 @@ impl Host {
         allow(session.status, SessionInput::Delete)?;
         self.refuse_if_open(session.id.as_str()).await?;
         if session.is_initiated {
-            let provider = self.provider(&session.provider_id)?;
+            let provider = &self.provider(&session.provider_id)?;
             definitive(
                 provider
                     .call(DeleteRequest {

@@ -49,7 +49,8 @@ pub const MAX_WEBHOOK_BODY: usize = 1024 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     host: Arc<Host>,
-    failed_providers: Arc<Vec<(String, String)>>,
+    /// Providers that failed to load (id, why); a reload that loads one takes it off.
+    failed_providers: Arc<std::sync::RwLock<Vec<(String, String)>>>,
     body_timeout: Duration,
     /// The API keys now, when keys are configured: a reload swaps them whole, and each request
     /// reads them once.
@@ -69,7 +70,7 @@ impl AppState {
     pub fn new(host: Arc<Host>, failed_providers: Vec<(String, String)>) -> AppState {
         AppState {
             host,
-            failed_providers: Arc::new(failed_providers),
+            failed_providers: Arc::new(std::sync::RwLock::new(failed_providers)),
             body_timeout: DEFAULT_BODY_TIMEOUT,
             keys: None,
             reloader: None,
@@ -119,8 +120,17 @@ impl AppState {
             config,
             self.host.clone(),
             self.keys.clone(),
+            self.failed_providers.clone(),
         )));
         self
+    }
+
+    /// The providers that failed to load (id, why).
+    pub fn failed_providers(&self) -> Vec<(String, String)> {
+        self.failed_providers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// What reloads this server's config, when it has a file.

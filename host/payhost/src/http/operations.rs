@@ -98,8 +98,9 @@ pub(super) fn actor(
 pub(super) struct ProviderInfo {
     /// The operator's id.
     id: String,
-    /// `loaded`, `restarting` (its worker died), `unhealthy` (its worker crash-loops) or
-    /// `failed` (it did not load).
+    /// `loaded`, `restarting` (its worker died), `unhealthy` (its worker crash-loops),
+    /// `disabled` (a reload disabled or removed it: it finishes what it has open and takes
+    /// nothing new) or `failed` (it did not load).
     health: String,
     /// `in_process` or `process`.
     isolation: Option<String>,
@@ -129,13 +130,14 @@ pub(super) struct ProviderList {
 #[utoipa::path(get, path = "/v1/providers", responses((status = 200, body = ProviderList), ErrorResponses),
     security(("api_key" = ["operator"])))]
 pub(super) async fn list_providers(Admitted(s): Admitted) -> Json<ProviderList> {
-    let mut providers: Vec<ProviderInfo> = s
-        .host
-        .providers()
+    let loaded = s.host.providers();
+    let mut providers: Vec<ProviderInfo> = loaded
         .iter()
         .map(|p| ProviderInfo {
             id: p.id().to_owned(),
             health: match p.isolation().1 {
+                // Disabled by a reload: it finishes what it has open, takes nothing new.
+                _ if !loaded.is_open(p.id()) => "disabled",
                 None | Some(crate::worker::WorkerHealth::Up) => "loaded",
                 Some(crate::worker::WorkerHealth::Restarting) => "restarting",
                 Some(crate::worker::WorkerHealth::Unhealthy) => "unhealthy",
@@ -150,7 +152,7 @@ pub(super) async fn list_providers(Admitted(s): Admitted) -> Json<ProviderList> 
             error: None,
         })
         .collect();
-    providers.extend(s.failed_providers.iter().map(|(id, e)| ProviderInfo {
+    providers.extend(s.failed_providers().iter().map(|(id, e)| ProviderInfo {
         id: id.clone(),
         health: "failed".into(),
         isolation: None,

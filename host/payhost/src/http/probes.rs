@@ -63,20 +63,17 @@ pub(super) async fn ready(Admitted(s): Admitted) -> Response {
         .map(|p| p.id().to_owned())
         .collect();
     let running = s.reloader.as_ref().map(|r| r.current());
+    let failed = s.failed_providers();
     let r = Readiness {
         config_digest: running.as_ref().map(|(d, _)| d.clone()),
         config_generation: running.map(|(_, g)| g),
-        ready: store && s.failed_providers.is_empty() && recovered && lease && unhealthy.is_empty(),
+        ready: store && failed.is_empty() && recovered && lease && unhealthy.is_empty(),
         providers_unhealthy: unhealthy,
         store,
         recovered,
         lease,
         providers_loaded: s.host.providers().len(),
-        providers_failed: s
-            .failed_providers
-            .iter()
-            .map(|(id, _)| id.clone())
-            .collect(),
+        providers_failed: failed.iter().map(|(id, _)| id.clone()).collect(),
     };
     let status = if r.ready {
         StatusCode::OK
