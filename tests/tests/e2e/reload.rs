@@ -495,3 +495,468 @@ async fn providers_reload_with_new_options_a_new_library_and_disabled_keep_their
         .await;
     assert_eq!(sha(&listed, "sandbox").1, "disabled", "{listed}");
 }
+
+/// What the load test's config holds at one reload.
+#[derive(Clone)]
+struct Shape {
+    ops: String,
+    steady: String,
+    temp: Option<String>,
+    endpoint: Option<(String, String)>,
+    sandbox_secret: String,
+    sandbox_lib: Option<(std::path::PathBuf, String)>,
+    iso_lib: Option<(std::path::PathBuf, String)>,
+    extra: Option<bool>,
+    reconcile_max_checks: Option<u32>,
+}
+
+impl Shape {
+    fn text(&self, dir: &str) -> String {
+        let lib = |l: &Option<(std::path::PathBuf, String)>| match l {
+            None => "library = \"payhost_provider_sandbox\"".to_owned(),
+            Some((path, sha)) => format!("path = \"{}\"\nsha256 = \"{sha}\"", path.display()),
+        };
+        let mut t = String::new();
+        if let Some(n) = self.reconcile_max_checks {
+            t.push_str(&format!("[reconcile]\nmax_checks = {n}\n"));
+        }
+        t.push_str(&format!(
+            "[storage]\nurl = \"sqlite://{dir}/payhost.db\"\n\n[plugins]\ndir = \"{{plugins}}\"\n\n\
+             [providers.system]\nlibrary = \"payhost_provider_system\"\n\n\
+             [providers.sandbox]\n{}\ntimeout_ms = 2000\nmax_concurrency = 16\n\
+             [providers.sandbox.options]\nstate_dir = \"{dir}/state\"\nwebhook_secret = \"{}\"\n\n\
+             [providers.sandbox_iso]\n{}\nisolation = \"process\"\ntimeout_ms = 2000\n\
+             [providers.sandbox_iso.options]\nstate_dir = \"{dir}/iso\"\nwebhook_secret = \"whsec_iso\"\n\n",
+            lib(&self.sandbox_lib),
+            self.sandbox_secret,
+            lib(&self.iso_lib),
+        ));
+        if let Some(enabled) = self.extra {
+            t.push_str(&format!(
+                "[providers.extra]\nlibrary = \"payhost_provider_sandbox\"\nenabled = {enabled}\ntimeout_ms = 2000\n\
+                 [providers.extra.options]\nstate_dir = \"{dir}/extra\"\nwebhook_secret = \"whsec_extra\"\n\n"
+            ));
+        }
+        if let Some((url, secret)) = &self.endpoint {
+            t.push_str(&endpoint(url, secret));
+        }
+        t.push_str(&self.ops);
+        t.push_str(&self.steady);
+        if let Some(temp) = &self.temp {
+            t.push_str(temp);
+        }
+        t
+    }
+}
+
+/// One request of the load, as the client saw it.
+struct Seen {
+    ok: bool,
+    took: Duration,
+    what: String,
+}
+
+/// A copy of the sandbox library with `tag` appended: the same plugin as a new file with a new
+/// digest (a vendor's fixed release, as far as loading and pinning go).
+fn release(dir: &std::path::Path, tag: &str) -> (std::path::PathBuf, String) {
+    use sha2::Digest as _;
+    let path = dir.join(format!("libpayhost_provider_sandbox_{tag}.so"));
+    let mut bytes = std::fs::read(payhost_e2e::library("payhost_provider_sandbox")).unwrap();
+    bytes.extend_from_slice(tag.as_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    (path, hex::encode(sha2::Sha256::digest(&bytes)))
+}
+
+/// Twenty reloads of every kind while two clients run payment flows without pause: no request
+/// fails but those a change meant to refuse, every money movement payhost recorded is in the
+/// processors' ledgers exactly once, no attempt is left open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_reloads_under_keyed_load_fail_no_request_and_lose_or_double_no_money() {
+    let (ops, ops_table) = new_key("ops", "read,payments,operator");
+    let (steady, steady_table) = new_key("steady", "read,payments");
+    let (temp, temp_table) = new_key("temp", "read");
+    let temp_rated = temp_table.replace("scopes", "rate_per_second = 50\nscopes");
+    let scratch = Scratch::new();
+    let dir = scratch.dir.path().display().to_string();
+    let mut shape = Shape {
+        ops: ops_table,
+        steady: steady_table,
+        temp: None,
+        endpoint: None,
+        sandbox_secret: "whsec_s0".into(),
+        sandbox_lib: None,
+        iso_lib: None,
+        extra: None,
+        reconcile_max_checks: None,
+    };
+    let path = scratch.config(&shape.text(&dir));
+    let r = std::sync::Arc::new(Running {
+        server: Server::start(&path),
+        scratch,
+        client: reqwest::Client::new(),
+    });
+    let receiver = Receiver::start("whsec_endpoint_a").await;
+
+    // The load: two clients, each a loop of collection+session, authorize, capture, refund.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..2 {
+        let (r, stop, key) = (r.clone(), stop.clone(), steady.clone());
+        clients.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut payments = Vec::new();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                n += 1;
+                let provider = if (n + c) % 2 == 0 { "sandbox" } else { "sandbox_iso" };
+                let mut step = |what: &str, status: StatusCode, body: &Value, took: Duration| {
+                    let ok = status.is_success();
+                    seen.push(Seen {
+                        ok,
+                        took,
+                        what: format!("{what} on {provider}: {status} {body}"),
+                    });
+                    ok
+                };
+                let t = std::time::Instant::now();
+                let (status, s) = r
+                    .call(
+                        reqwest::Method::POST,
+                        "/v1/payment-sessions",
+                        &key,
+                        Some(json!({"provider_id": provider, "amount": 1000 + n, "currency_code": "eur"})),
+                    )
+                    .await;
+                if !step("create", status, &s, t.elapsed()) {
+                    continue;
+                }
+                let sid = s["id"].as_str().unwrap().to_owned();
+                let t = std::time::Instant::now();
+                let (status, a) = r
+                    .call(
+                        reqwest::Method::POST,
+                        &format!("/v1/payment-sessions/{sid}/authorize"),
+                        &key,
+                        Some(json!({})),
+                    )
+                    .await;
+                if !step("authorize", status, &a, t.elapsed()) {
+                    continue;
+                }
+                let pid = a["payment"]["id"].as_str().unwrap().to_owned();
+                payments.push((pid.clone(), sid));
+                for (what, path, body) in [
+                    ("capture", format!("/v1/payments/{pid}/capture"), json!({})),
+                    ("refund", format!("/v1/payments/{pid}/refund"), json!({"amount": 100})),
+                ] {
+                    let t = std::time::Instant::now();
+                    let (status, b) = r.call(reqwest::Method::POST, &path, &key, Some(body)).await;
+                    if !step(what, status, &b, t.elapsed()) {
+                        break;
+                    }
+                }
+            }
+            (seen, payments)
+        }));
+    }
+
+    let generation = |r: std::sync::Arc<Running>, ops: String| async move {
+        let (_, ready) = r.call(reqwest::Method::GET, "/ready", &ops, None).await;
+        ready["config_generation"].as_u64().unwrap()
+    };
+    let sha_of = |providers: &Value, id: &str| {
+        providers["providers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["id"] == id)
+            .map(|p| {
+                (
+                    p["sha256"].as_str().unwrap_or("").to_owned(),
+                    p["health"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .unwrap()
+    };
+    let mut reloads = 0;
+    let via_cli = |r: &Running, shape: &Shape| {
+        r.write(&shape.text(&dir));
+        let out = r.reload_cli(&ops);
+        assert!(
+            out.status.success(),
+            "{}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    };
+    let post = |r: std::sync::Arc<Running>, ops: String| async move {
+        r.call(
+            reqwest::Method::POST,
+            "/v1/admin/reload",
+            &ops,
+            Some(json!({})),
+        )
+        .await
+    };
+    let scratch_dir = r.scratch.dir.path().to_owned();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // 1: a key added.
+    shape.temp = Some(temp_table.clone());
+    via_cli(&r, &shape);
+    reloads += 1;
+    assert_eq!(
+        r.call(reqwest::Method::GET, "/v1/events", &temp, None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    // 2: an endpoint added.
+    shape.endpoint = Some((receiver.url.clone(), "whsec_endpoint_a".into()));
+    via_cli(&r, &shape);
+    reloads += 1;
+    // 3: a provider secret rotated.
+    shape.sandbox_secret = "whsec_s1".into();
+    via_cli(&r, &shape);
+    reloads += 1;
+    // 4: the key removed: refused from its next request on.
+    shape.temp = None;
+    via_cli(&r, &shape);
+    reloads += 1;
+    assert_eq!(
+        r.call(reqwest::Method::GET, "/v1/events", &temp, None)
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    // 5, 6: a plugin upgrade, in-process and isolated.
+    let v2 = release(&scratch_dir, "v2");
+    shape.sandbox_lib = Some(v2.clone());
+    via_cli(&r, &shape);
+    reloads += 1;
+    shape.iso_lib = Some(v2.clone());
+    via_cli(&r, &shape);
+    reloads += 1;
+    let (_, listed) = r
+        .call(reqwest::Method::GET, "/v1/providers", &ops, None)
+        .await;
+    for id in ["sandbox", "sandbox_iso"] {
+        assert_eq!(
+            sha_of(&listed, id),
+            (v2.1.clone(), "loaded".to_owned()),
+            "{id}: {listed}"
+        );
+    }
+    // 7: an invalid file mid-way changes nothing.
+    let before = generation(r.clone(), ops.clone()).await;
+    r.write(&format!(
+        "{}\n[providers.sandbox.bogus]\n",
+        shape.text(&dir)
+    ));
+    let (status, answer) = post(r.clone(), ops.clone()).await;
+    reloads += 1;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert_eq!(generation(r.clone(), ops.clone()).await, before);
+    // 8: a provider added; 9: the endpoint's secret rotated; 10: the provider disabled.
+    shape.extra = Some(true);
+    via_cli(&r, &shape);
+    reloads += 1;
+    let (status, s) = r
+        .call(
+            reqwest::Method::POST,
+            "/v1/payment-sessions",
+            &ops,
+            Some(json!({"provider_id": "extra", "amount": 500, "currency_code": "eur"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{s}");
+    shape.endpoint = Some((receiver.url.clone(), "whsec_endpoint_b".into()));
+    via_cli(&r, &shape);
+    reloads += 1;
+    shape.extra = Some(false);
+    via_cli(&r, &shape);
+    reloads += 1;
+    let (status, refused) = r
+        .call(
+            reqwest::Method::POST,
+            "/v1/payment-sessions",
+            &ops,
+            Some(json!({"provider_id": "extra", "amount": 500, "currency_code": "eur"})),
+        )
+        .await;
+    assert!(
+        !status.is_success(),
+        "a disabled provider takes no session: {refused}"
+    );
+    // 11: a setting only a restart applies: refused, nothing applied.
+    shape.reconcile_max_checks = Some(9);
+    r.write(&shape.text(&dir));
+    let (status, answer) = post(r.clone(), ops.clone()).await;
+    reloads += 1;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    shape.reconcile_max_checks = None;
+    // 12: the key back, with a rate; 13: the provider secret again; 14: the endpoint removed.
+    shape.temp = Some(temp_rated.clone());
+    via_cli(&r, &shape);
+    reloads += 1;
+    assert_eq!(
+        r.call(reqwest::Method::GET, "/v1/events", &temp, None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    shape.sandbox_secret = "whsec_s2".into();
+    via_cli(&r, &shape);
+    reloads += 1;
+    shape.endpoint = None;
+    via_cli(&r, &shape);
+    reloads += 1;
+    // 15, 16: another release of both.
+    let v3 = release(&scratch_dir, "v3");
+    shape.sandbox_lib = Some(v3.clone());
+    via_cli(&r, &shape);
+    reloads += 1;
+    shape.iso_lib = Some(v3.clone());
+    via_cli(&r, &shape);
+    reloads += 1;
+    // 17: the disabled provider enabled again; 18: an endpoint again; 19: the key removed.
+    shape.extra = Some(true);
+    via_cli(&r, &shape);
+    reloads += 1;
+    shape.endpoint = Some((receiver.url.clone(), "whsec_endpoint_a".into()));
+    via_cli(&r, &shape);
+    reloads += 1;
+    shape.temp = None;
+    via_cli(&r, &shape);
+    reloads += 1;
+    // 20: SIGHUP, with the provider secret rotated once more.
+    shape.sandbox_secret = "whsec_s3".into();
+    r.write(&shape.text(&dir));
+    let before = generation(r.clone(), ops.clone()).await;
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &r.server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    reloads += 1;
+    let started = std::time::Instant::now();
+    while generation(r.clone(), ops.clone()).await == before {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "SIGHUP applied nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(reloads, 20);
+    let (_, listed) = r
+        .call(reqwest::Method::GET, "/v1/providers", &ops, None)
+        .await;
+    for id in ["sandbox", "sandbox_iso"] {
+        assert_eq!(
+            sha_of(&listed, id),
+            (v3.1.clone(), "loaded".to_owned()),
+            "{id}: {listed}"
+        );
+    }
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut seen = Vec::new();
+    let mut payments = Vec::new();
+    for c in clients {
+        let (s, p) = c.await.unwrap();
+        seen.extend(s);
+        payments.extend(p);
+    }
+    let failed: Vec<&Seen> = seen.iter().filter(|s| !s.ok).collect();
+    let longest = seen.iter().map(|s| s.took).max().unwrap_or_default();
+    eprintln!(
+        "reload under load: {} reloads, {} requests served, {} failed, longest request {:?}, {} payments",
+        reloads,
+        seen.len(),
+        failed.len(),
+        longest,
+        payments.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "requests failed: {:?}",
+        failed.iter().map(|s| &s.what).collect::<Vec<_>>()
+    );
+    assert!(
+        payments.len() >= 10,
+        "the load ran: {} payments",
+        payments.len()
+    );
+
+    // No attempt open, and the processors' ledgers agree with payhost's books.
+    let (status, open) = r
+        .call(reqwest::Method::GET, "/v1/attempts", &ops, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{open}");
+    assert_eq!(open["attempts"].as_array().map(Vec::len), Some(0), "{open}");
+    let mut ledger: Vec<Value> = Vec::new();
+    for sub in ["state", "iso"] {
+        for entry in std::fs::read_dir(scratch_dir.join(sub)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.to_string_lossy().ends_with(".ledger.jsonl") {
+                for line in std::fs::read_to_string(&path).unwrap().lines() {
+                    if let Ok(v) = serde_json::from_str::<Value>(line) {
+                        ledger.push(v);
+                    }
+                }
+            }
+        }
+    }
+    for (pid, sid) in &payments {
+        let (_, p) = r
+            .call(
+                reqwest::Method::GET,
+                &format!("/v1/payments/{pid}"),
+                &ops,
+                None,
+            )
+            .await;
+        let sum = |op: &str| -> (usize, i64) {
+            let hits: Vec<&Value> = ledger
+                .iter()
+                .filter(|e| {
+                    e["session_id"] == sid.as_str()
+                        && e["op"] == op
+                        && e["response"]["outcome"]["status"] == "processed"
+                })
+                .collect();
+            (
+                hits.len(),
+                hits.iter().map(|e| e["amount"].as_i64().unwrap_or(0)).sum(),
+            )
+        };
+        let (authorized, _) = sum("authorize");
+        assert_eq!(
+            authorized, 1,
+            "payment {pid}: authorized once at its processor"
+        );
+        let captured: i64 = p["captures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["amount"].as_i64().unwrap())
+            .sum();
+        let refunded: i64 = p["refunds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["amount"].as_i64().unwrap())
+            .sum();
+        assert_eq!(
+            sum("capture").1,
+            captured,
+            "payment {pid}: captures agree: {p}"
+        );
+        assert_eq!(
+            sum("refund").1,
+            refunded,
+            "payment {pid}: refunds agree: {p}"
+        );
+    }
+}
