@@ -183,24 +183,6 @@ impl Reloader {
         };
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         let mut changed = Vec::new();
-        if let Some((providers, replaced, names, loaded_now)) = plan {
-            self.host.swap_providers(providers);
-            for old in replaced {
-                retire(old);
-            }
-            self.failed
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|(id, _)| !loaded_now.contains(id));
-            changed.extend(names);
-        }
-        if !same_keys(&running.0.api_keys, &new.api_keys)
-            && let Some(keys) = &self.keys
-        {
-            let mut keys = keys.write().unwrap_or_else(|e| e.into_inner());
-            *keys = Arc::new(keys.reloaded(new.api_keys.clone()));
-            changed.push("api_keys".to_owned());
-        }
         let current = self.host.event_settings();
         let now = std::time::SystemTime::now();
         let mut events = new.events.clone();
@@ -209,9 +191,33 @@ impl Reloader {
                 *e = e.clone().succeeding(before, now, SECRET_OVERLAP);
             }
         }
-        if !same_events(&current, &events) {
-            self.host.swap_event_settings(events);
-            changed.push("events".to_owned());
+        let keys_changed = !same_keys(&running.0.api_keys, &new.api_keys) && self.keys.is_some();
+        let events_changed = !same_events(&current, &events);
+        // One generation: the keys, the providers and the event settings swap together, while
+        // no request is pinning one.
+        let mut replaced = Vec::new();
+        self.host.swapping(|| {
+            if keys_changed && let Some(keys) = &self.keys {
+                let mut keys = keys.write().unwrap_or_else(|e| e.into_inner());
+                *keys = Arc::new(keys.reloaded(new.api_keys.clone()));
+                changed.push("api_keys".to_owned());
+            }
+            if let Some((providers, old, names, loaded_now)) = plan {
+                self.host.swap_providers(providers);
+                replaced = old;
+                self.failed
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|(id, _)| !loaded_now.contains(id));
+                changed.extend(names);
+            }
+            if events_changed {
+                self.host.swap_event_settings(events);
+                changed.push("events".to_owned());
+            }
+        });
+        for old in replaced {
+            retire(old);
         }
         let digest = new.digest();
         if !changed.is_empty() || digest != running.0.digest() {

@@ -960,3 +960,27 @@ async fn twenty_reloads_under_keyed_load_fail_no_request_and_lose_or_double_no_m
         );
     }
 }
+
+/// A request runs on the generation it pinned: a swap meanwhile is seen by the next request,
+/// never half-way through this one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_keeps_the_generation_it_pinned_across_a_swap() {
+    let s = Scratch::new();
+    let host = s.host(HOST).await;
+    let (pinned, ()) = host.pin(|| ());
+    host.swapping(|| {
+        host.swap_providers(payhost::Providers::default());
+        host.swap_event_settings(payhost::events::EventSettings::default());
+    });
+    payhost::Host::with_pinned(pinned, async {
+        assert!(
+            host.providers().get("sandbox").is_some(),
+            "the pinned providers"
+        );
+    })
+    .await;
+    assert!(
+        host.providers().get("sandbox").is_none(),
+        "the swapped ones after it"
+    );
+}

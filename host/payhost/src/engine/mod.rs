@@ -369,6 +369,22 @@ pub struct Host {
     events: std::sync::RwLock<Arc<crate::events::EventSettings>>,
     /// Woken when a reload swapped the event settings (the deliverer follows).
     events_swapped: Arc<tokio::sync::Notify>,
+    /// Held for writing while a reload swaps a generation, for reading while a request pins
+    /// one: a request never sees half of two.
+    generations: std::sync::RwLock<()>,
+}
+
+/// One generation of what a reload swaps (the providers, the event settings), pinned for a
+/// request: everything the request does uses it, whatever a reload swaps meanwhile.
+#[derive(Clone)]
+pub struct Pinned {
+    providers: Arc<Providers>,
+    events: Arc<crate::events::EventSettings>,
+}
+
+tokio::task_local! {
+    /// The generation the running request pinned, if it pinned one.
+    static PINNED: Pinned;
 }
 
 impl Drop for Host {
@@ -607,6 +623,7 @@ impl Host {
             owed: owed::OwedWrites::default(),
             events: std::sync::RwLock::default(),
             events_swapped: Arc::default(),
+            generations: std::sync::RwLock::new(()),
         }
     }
 
@@ -638,12 +655,46 @@ impl Host {
         self
     }
 
-    /// The providers now (one whole generation: a reload may swap them).
+    /// The providers: the running request's pinned generation, else the current one.
     pub fn providers(&self) -> Arc<Providers> {
-        self.providers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        PINNED
+            .try_with(|p| p.providers.clone())
+            .unwrap_or_else(|_| {
+                self.providers
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+            })
+    }
+
+    /// The current generation, and `also` (the caller's part of it: the API keys) read with it,
+    /// never across a reload's swap.
+    pub fn pin<T>(&self, also: impl FnOnce() -> T) -> (Pinned, T) {
+        let _reading = self.generations.read().unwrap_or_else(|e| e.into_inner());
+        let pinned = Pinned {
+            providers: self
+                .providers
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            events: self
+                .events
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        };
+        (pinned, also())
+    }
+
+    /// Runs `f` with `pinned` as its generation (what a request does runs so).
+    pub async fn with_pinned<F: Future>(pinned: Pinned, f: F) -> F::Output {
+        PINNED.scope(pinned, f).await
+    }
+
+    /// Runs `swap` (a reload's swaps) while no request pins a generation.
+    pub fn swapping<T>(&self, swap: impl FnOnce() -> T) -> T {
+        let _writing = self.generations.write().unwrap_or_else(|e| e.into_inner());
+        swap()
     }
 
     /// Swaps the providers (a reload): operations from now on take theirs from `providers`;

@@ -25,12 +25,16 @@ impl Host {
         self
     }
 
-    /// The event settings now (a reload may swap them; this is one whole generation).
+    /// The event settings: the running request's pinned generation, else the current one.
     pub fn event_settings(&self) -> Arc<EventSettings> {
-        self.events
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        super::PINNED
+            .try_with(|p| p.events.clone())
+            .unwrap_or_else(|_| {
+                self.events
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+            })
     }
 
     /// Swaps the event settings (a reload): writes from now on deliver to the new endpoints,

@@ -160,9 +160,12 @@ async fn admit(
     }
     let route = request.uri().path().to_owned();
     let peer = peer(request.extensions());
-    let (Some(keys), Access::Scope(scope)) = (s.keys(), access) else {
+    // One config generation for the whole request: the keys checked here, the providers and
+    // the event settings it uses, whatever a reload swaps meanwhile.
+    let (pinned, keys) = s.host.pin(|| s.keys());
+    let (Some(keys), Access::Scope(scope)) = (keys, access) else {
         request.extensions_mut().insert(Admission { caller: None });
-        let response = next.run(request).await;
+        let response = crate::Host::with_pinned(pinned, next.run(request)).await;
         if mutating && access != Access::Open {
             tracing::info!(
                 peer = %peer,
@@ -200,7 +203,11 @@ async fn admit(
     request.extensions_mut().insert(Admission {
         caller: Some(caller),
     });
-    let response = crate::engine::acting_as(key_id.clone(), next.run(request)).await;
+    let response = crate::Host::with_pinned(
+        pinned,
+        crate::engine::acting_as(key_id.clone(), next.run(request)),
+    )
+    .await;
     if mutating {
         tracing::info!(
             peer = %peer,
