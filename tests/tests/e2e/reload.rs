@@ -112,6 +112,17 @@ async fn a_reload_revokes_a_key_adds_an_endpoint_and_an_invalid_or_restart_needi
     let (_, ready) = r.call(reqwest::Method::GET, "/ready", &ops, None).await;
     assert_eq!(ready["config_generation"], 0, "{ready}");
     let started_digest = ready["config_digest"].as_str().unwrap().to_owned();
+    // `check` names the same file by the same digest.
+    let checked = payhost(
+        &["check", "--json", "--config", path.to_str().unwrap()],
+        &[],
+    );
+    let checked: Value = serde_json::from_slice(&checked.stdout).unwrap();
+    assert_eq!(
+        checked["config_sha256"],
+        started_digest.as_str(),
+        "{checked}"
+    );
 
     // Revoke `shop`, add an endpoint: applied from the next request on.
     let receiver = Receiver::start(SECRET).await;

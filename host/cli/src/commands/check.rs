@@ -189,7 +189,11 @@ fn events_summary(e: &payhost::events::EventSettings) -> serde_json::Value {
 }
 
 fn print_check(config: &Config, report: &LoadReport, disabled: &[&str]) {
-    say!("config {}", config.path.display());
+    say!(
+        "config {} (sha256 {})",
+        config.path.display(),
+        config.digest()
+    );
     let s = server_summary(config);
     say!(
         "server  listen {}{}{}",
@@ -340,6 +344,7 @@ fn check_json(config: &Config, report: &LoadReport, disabled: &[&str]) -> serde_
         .collect();
     serde_json::json!({
         "config": config.path,
+        "config_sha256": config.digest(),
         "server": server_summary(config),
         "loaded": loaded,
         "failed": failed,
