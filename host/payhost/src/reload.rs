@@ -205,12 +205,17 @@ impl Reloader {
             if let Some((providers, old, names, loaded_now)) = plan {
                 self.host.swap_providers(providers);
                 replaced = old;
+                changed.extend(names);
                 self.failed
                     .write()
                     .unwrap_or_else(|e| e.into_inner())
                     .retain(|(id, _)| !loaded_now.contains(id));
-                changed.extend(names);
             }
+            // A provider that failed at start and is no longer enabled is no longer failing.
+            self.failed
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|(id, _)| new.enabled_providers().any(|p| &p.id == id));
             if events_changed {
                 self.host.swap_event_settings(events);
                 changed.push("events".to_owned());

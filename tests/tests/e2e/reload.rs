@@ -318,7 +318,10 @@ async fn providers_reload_with_new_options_a_new_library_and_disabled_keep_their
     let scratch = Scratch::new();
     let dir = scratch.dir.path().display().to_string();
     let iso = "[providers.sandbox_iso]\nlibrary = \"payhost_provider_sandbox\"\nisolation = \"process\"\ntimeout_ms = 2000\n[providers.sandbox_iso.options]\nstate_dir = \"{dir}/iso\"\nwebhook_secret = \"whsec_iso\"\n";
-    let first = format!("{HOST}\n{iso}\n{ops_table}").replace("{dir}", &dir);
+    // A provider whose options it refuses: failed at start, it keeps `/ready` false until a
+    // reload drops it.
+    let broken = "[providers.broken]\nlibrary = \"payhost_provider_sandbox\"\n";
+    let first = format!("{HOST}\n{iso}\n{broken}\n{ops_table}").replace("{dir}", &dir);
     let path = scratch.config(&first);
     let r = Running {
         server: Server::start(&path),
@@ -339,6 +342,8 @@ async fn providers_reload_with_new_options_a_new_library_and_disabled_keep_their
             })
             .unwrap()
     };
+    let (_, ready) = r.call(reqwest::Method::GET, "/ready", &ops, None).await;
+    assert_eq!(ready["providers_failed"], json!(["broken"]), "{ready}");
     let (_, before) = r
         .call(reqwest::Method::GET, "/v1/providers", &ops, None)
         .await;
@@ -416,6 +421,12 @@ async fn providers_reload_with_new_options_a_new_library_and_disabled_keep_their
         );
     }
     assert_ne!(old_sha, digest);
+    let (status, ready) = r.call(reqwest::Method::GET, "/ready", &ops, None).await;
+    assert_eq!(
+        (status, &ready["providers_failed"]),
+        (StatusCode::OK, &json!([])),
+        "a failed provider the file no longer has is no longer failing: {ready}"
+    );
     // Both instances work; the rotated secret verifies webhooks, the old one no longer does.
     pay("sandbox").await;
     pay("sandbox_iso").await;
