@@ -122,7 +122,24 @@ impl Reloader {
     }
 
     /// Reads the file again and applies it, or changes nothing and says why.
-    pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+    pub async fn reload(self: &Arc<Self>) -> Result<ReloadReport, ReloadError> {
+        // On a task of its own: a caller inside a request has the generation it was admitted
+        // with pinned, and a reload starts from the current one (another may have applied since).
+        let me = self.clone();
+        tokio::spawn(async move { me.reload_now().await })
+            .await
+            .unwrap_or_else(|e| {
+                Err(ReloadError::Invalid(ConfigError {
+                    kind: crate::config::ConfigErrorKind::Io,
+                    file: self.path.clone(),
+                    location: None,
+                    key: None,
+                    message: format!("the reload stopped: {e}"),
+                }))
+            })
+    }
+
+    async fn reload_now(&self) -> Result<ReloadReport, ReloadError> {
         let _one = self.one_at_a_time.lock().await;
         let path = self.path.clone();
         let read = tokio::task::spawn_blocking(move || Config::from_file(&path)).await;

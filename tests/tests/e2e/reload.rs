@@ -1006,3 +1006,42 @@ async fn a_request_keeps_the_generation_it_pinned_across_a_swap() {
         "the swapped ones after it"
     );
 }
+
+/// A reload asked from inside a request (which pinned the generation it was admitted with)
+/// starts from the current generation: a provider instance another reload replaced meanwhile
+/// never comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_from_a_pinned_request_builds_on_the_current_generation() {
+    let s = Scratch::new();
+    let host = s.host(HOST).await;
+    let config = payhost::Config::from_file(s.config_path()).unwrap();
+    let state = payhost::http::AppState::new(host.clone(), vec![]).reloading(config);
+    let reloader = state.reloader().unwrap();
+    let (pinned, ()) = host.pin(|| ());
+    // Another reload replaces the sandbox (its timeout changed).
+    let text = std::fs::read_to_string(s.config_path()).unwrap();
+    std::fs::write(
+        s.config_path(),
+        text.replace("timeout_ms = 400", "timeout_ms = 450"),
+    )
+    .unwrap();
+    reloader.reload().await.unwrap();
+    let replaced = host.providers().get("sandbox").unwrap().clone();
+    assert_eq!(replaced.timeout(), Duration::from_millis(450));
+    // Then, from inside the old request, a reload that adds a provider.
+    let text = std::fs::read_to_string(s.config_path()).unwrap();
+    std::fs::write(
+        s.config_path(),
+        format!("{text}\n[providers.system2]\nlibrary = \"payhost_provider_system\"\n"),
+    )
+    .unwrap();
+    let report = payhost::Host::with_pinned(pinned, reloader.reload())
+        .await
+        .unwrap();
+    assert_eq!(report.changed, vec!["providers.system2".to_owned()]);
+    let now = host.providers();
+    assert!(
+        std::sync::Arc::ptr_eq(now.get("sandbox").unwrap(), &replaced),
+        "the sandbox is the instance the other reload made, not the pinned one"
+    );
+}
