@@ -515,8 +515,12 @@ state_dir = "{state}"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_too_large_is_an_unknown_outcome_not_a_failure() {
     let scratch = Scratch::new();
+    // The size decides here, not the clock: a 16 MiB answer on a loaded two-core machine can take
+    // longer than the isolated fixture's usual 1 s deadline to be written, and would then be
+    // unknown for another reason.
+    let isolated = ISOLATED.replacen("timeout_ms = 1000", "timeout_ms = 5000", 1);
     let text = format!(
-        "{HOST}{ISOLATED}\n[providers.faulty_in_process]\nlibrary = \"payhost_fixture_faulty\"\n[providers.faulty_in_process.options]\nstate_dir = \"{{state}}/in\"\n"
+        "{HOST}{isolated}\n[providers.faulty_in_process]\nlibrary = \"payhost_fixture_faulty\"\n[providers.faulty_in_process.options]\nstate_dir = \"{{state}}/in\"\n"
     )
     .replace("{dir}", &scratch.dir.path().display().to_string());
     let config = scratch.config(&text);
